@@ -1,0 +1,22 @@
+"""sdsprune: one-shot pruning of causal LMs and the Sparse-Dense-Sparse (SDS) method."""
+
+from sdsprune.api import evaluate_model
+from sdsprune.data import Corpus, load_corpus, sample_calibration
+from sdsprune.errors import SdspruneError
+from sdsprune.evaluate import PerplexityResult, perplexity
+from sdsprune.models import LoadedModel, decoder_blocks, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Corpus",
+    "LoadedModel",
+    "PerplexityResult",
+    "SdspruneError",
+    "decoder_blocks",
+    "evaluate_model",
+    "load_corpus",
+    "load_model",
+    "perplexity",
+    "sample_calibration",
+]

@@ -1,0 +1,3 @@
+from sdsprune.cli import main
+
+main()

@@ -1,0 +1,42 @@
+"""High-level functions behind the CLI commands, usable from a notebook."""
+
+from __future__ import annotations
+
+import time
+
+from sdsprune.data import load_corpus
+from sdsprune.evaluate import perplexity
+from sdsprune.models import LoadedModel, load_model
+from sdsprune.runinfo import library_versions
+
+
+def evaluate_model(
+    model: str | LoadedModel,
+    *,
+    datasets: list[str] | tuple[str, ...] = ("wiki",),
+    seqlen: int = 2048,
+    max_chunks: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Perplexity of ``model`` (a spec or an already loaded model) on each corpus."""
+    corpora = [load_corpus(name, "eval") for name in datasets]  # fail fast on a bad name
+    loaded = (
+        model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    )
+    results = []
+    for corpus in corpora:
+        start = time.perf_counter()
+        result = perplexity(
+            loaded.model,
+            loaded.tokenizer,
+            corpus,
+            seqlen=seqlen,
+            max_chunks=max_chunks,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        results.append({**result.to_dict(), "seconds": round(time.perf_counter() - start, 2)})
+    return {"model": loaded.spec, "results": results, "versions": library_versions()}

@@ -1,0 +1,162 @@
+"""Text corpora for calibration and evaluation, with the field's reference protocols."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdsprune.data.wiki import WIKI_SPLITS, wiki_split
+from sdsprune.errors import SdspruneError
+
+HUB_CORPORA = ("wikitext2", "ptb", "c4")
+SPLITS = ("calib", "eval")
+
+
+@dataclass
+class Corpus:
+    """Documents plus the rules the reference code applies to them.
+
+    ``joiner`` is how documents become one evaluation stream; ``sample_by_document`` selects
+    C4-style calibration (draw a long enough document, then a window inside it) instead of
+    windows of the joined stream; ``eval_chunk_cap`` reproduces C4's 256-chunk evaluation.
+    """
+
+    name: str
+    split: str
+    documents: list[str]
+    joiner: str = "\n\n"
+    sample_by_document: bool = False
+    eval_chunk_cap: int | None = None
+    _text: str | None = field(default=None, repr=False)
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self.joiner.join(self.documents)
+        return self._text
+
+
+def load_corpus(spec: str, split: str = "eval") -> Corpus:
+    """Load ``wiki``, ``wikitext2``, ``ptb``, ``c4`` or a local ``.txt``/``.jsonl`` file.
+
+    ``split`` is ``calib`` (training/calibration text) or ``eval`` (held-out text); a local
+    file is used whole for either.
+    """
+    if split not in SPLITS:
+        raise SdspruneError(f"unknown split '{split}' (use calib or eval)")
+    if spec == "wiki":
+        assert split in WIKI_SPLITS
+        corpus = Corpus("wiki", split, wiki_split(split))
+    elif spec in HUB_CORPORA:
+        corpus = _hub_corpus(spec, split)
+    else:
+        corpus = _file_corpus(Path(spec).expanduser(), split)
+    if not corpus.text.strip():
+        raise SdspruneError(f"corpus '{spec}' ({split}) is empty")
+    return corpus
+
+
+def _file_corpus(path: Path, split: str) -> Corpus:
+    if not path.exists():
+        known = ", ".join(("wiki", *HUB_CORPORA))
+        raise SdspruneError(f"unknown corpus '{path}': not {known} and no such file")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise SdspruneError(f"corpus file {path} must be .txt or .jsonl (with a 'text' field)")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SdspruneError(f"cannot read corpus file {path}: {exc}") from exc
+    if path.suffix == ".txt":
+        return Corpus(str(path), split, [raw])
+    return Corpus(str(path), split, _jsonl_texts(path, raw))
+
+
+def _jsonl_texts(path: Path, raw: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            texts.append(record["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise SdspruneError(f"{path}:{number}: not a JSON object with a 'text' field") from exc
+    return texts
+
+
+def _hub_corpus(name: str, split: str) -> Corpus:
+    """The reference loaders of SparseGPT/Wanda, through ``datasets``."""
+    try:
+        from datasets import load_dataset
+
+        from sdsprune.hub import go_offline_unless_reachable
+
+        go_offline_unless_reachable()
+
+        if name == "wikitext2":
+            data = load_dataset(
+                "wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test"
+            )
+            return Corpus(name, split, list(data["text"]), joiner="\n\n")
+        if name == "ptb":
+            data = load_dataset(
+                "ptb_text_only", "penn_treebank", split="train" if split == "calib" else "test"
+            )
+            return Corpus(name, split, list(data["sentence"]), joiner=" ")
+        shard = (
+            {"train": "en/c4-train.00000-of-01024.json.gz"}
+            if split == "calib"
+            else {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+        )
+        data = load_dataset("allenai/c4", data_files=shard, split=next(iter(shard)))
+        if split == "calib":
+            return Corpus(name, split, list(data["text"]), joiner=" ", sample_by_document=True)
+        return Corpus(name, split, list(data[:1100]["text"]), joiner=" ", eval_chunk_cap=256)
+    except SdspruneError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise SdspruneError(
+            f"could not load corpus '{name}' through datasets (needs the Hugging Face hub or a "
+            f"datasets cache; offline?): {first}"
+        ) from exc
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as one 1-D tensor, the way the reference code tokenizes."""
+    return tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+
+
+def sample_calibration(
+    corpus: Corpus, tokenizer, nsamples: int, seqlen: int, seed: int = 0
+) -> torch.Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens, seeded like the reference loaders."""
+    if nsamples < 1 or seqlen < 2:
+        raise SdspruneError("calibration needs nsamples >= 1 and seqlen >= 2")
+    rng = random.Random(seed)
+    if corpus.sample_by_document:
+        return torch.stack(
+            [_document_window(corpus, tokenizer, seqlen, rng) for _ in range(nsamples)]
+        )
+    ids = tokenize(tokenizer, corpus.text)
+    if ids.numel() < nsamples * seqlen:
+        raise SdspruneError(
+            f"calibration corpus '{corpus.name}' has {ids.numel()} tokens, fewer than "
+            f"nsamples x seqlen = {nsamples} x {seqlen} = {nsamples * seqlen}"
+        )
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[i : i + seqlen] for i in starts])
+
+
+def _document_window(corpus: Corpus, tokenizer, seqlen: int, rng: random.Random) -> torch.Tensor:
+    for _attempt in range(100_000):
+        doc = corpus.documents[rng.randint(0, len(corpus.documents) - 1)]
+        ids = tokenize(tokenizer, doc)
+        if ids.numel() > seqlen:
+            start = rng.randint(0, ids.numel() - seqlen - 1)
+            return ids[start : start + seqlen]
+    raise SdspruneError(f"no document in '{corpus.name}' is longer than {seqlen} tokens")

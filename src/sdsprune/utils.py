@@ -1,0 +1,76 @@
+"""Small helpers shared across the package: devices, dtypes, atomic output folders."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from sdsprune.errors import SdspruneError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn 'auto'/'cpu'/'cuda[:i]' into a device, failing clearly if CUDA is absent."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SdspruneError(f"device '{device}' requested but CUDA is not available here")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise SdspruneError(f"unknown device '{device}' (use cpu, cuda or auto)") from exc
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """float32 on CPU by default (half precision matmuls are slow there), bfloat16 on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise SdspruneError(f"unknown dtype '{dtype}' (choose from auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a scratch folder that becomes ``out`` only if the block finishes.
+
+    Writing into a sibling temporary folder and renaming it at the end means a crash,
+    a full disk or Ctrl-C never leaves a half-written checkpoint where the user expects one.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SdspruneError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise SdspruneError(f"cannot create output folder next to {out}: {exc.strerror}") from exc
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SdspruneError(f"could not write {out}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cache_dir() -> Path:
+    """Where fetched assets and converted checkpoints live (``SDSPRUNE_CACHE`` overrides)."""
+    root = os.environ.get("SDSPRUNE_CACHE") or Path.home() / ".cache" / "sdsprune"
+    return Path(root)

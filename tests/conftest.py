@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random models of several architectures, a byte-level tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_ARCHS = ("llama", "opt", "qwen2", "mistral", "gemma3_text")
+
+
+def tiny_config(arch: str):
+    """A 2-block model with every width divisible by 8 (so 2:4 and 4:8 apply)."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    extra = {
+        "llama": dict(intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256),
+        "qwen2": dict(intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256),
+        "mistral": dict(intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256),
+        "gemma3_text": dict(
+            intermediate_size=128,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=256,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "opt": dict(ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64),
+    }[arch]
+    return AutoConfig.for_model(arch, **common, **extra)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    return model.eval()
+
+
+def byte_tokenizer():
+    """A 256-token byte-level tokenizer built in memory (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: index for index, symbol in enumerate(alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=alphabet[0], eos_token=alphabet[1]
+    )
+
+
+@pytest.fixture(params=TINY_ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A saved tiny Llama checkpoint folder with its tokenizer, loadable by spec."""
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sdsprune", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_lists_every_command():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "eval" in result.stdout
+    sub = run_cli("eval", "--help")
+    for option in ("--dataset", "--seqlen", "--max-chunks", "--json", "--device", "--dtype"):
+        assert option in sub.stdout
+
+
+def test_eval_json_on_a_local_model(tiny_model_dir, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some evaluation text for the tiny model. " * 20)
+    result = run_cli(
+        "eval",
+        str(tiny_model_dir),
+        "--dataset",
+        str(corpus),
+        "--seqlen",
+        "64",
+        "--max-chunks",
+        "3",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("perplexity", "tokens", "chunks", "seqlen", "dataset", "model"):
+        assert key in report
+    assert report["chunks"] == 3 and report["tokens"] == 192
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "no-such-alias"], "unknown model"),
+        (["eval", "/no/such/path"], "unknown model"),
+        (["eval", "TINY", "--dataset", "EMPTY"], "is empty"),
+        (["eval", "TINY", "--seqlen", "100000"], "maximum context"),
+    ],
+)
+def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    args = [str(tiny_model_dir) if a == "TINY" else str(empty) if a == "EMPTY" else a for a in args]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
