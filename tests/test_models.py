@@ -60,7 +60,7 @@ def test_corrupt_weights_in_folder(tiny_model_dir: Path):
 
 
 def test_folder_without_config(tmp_path):
-    with pytest.raises(SdspruneError, match="no config.json"):
+    with pytest.raises(SdspruneError, match=r"no config\.json"):
         load_model(str(tmp_path))
 
 
