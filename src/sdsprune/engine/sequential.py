@@ -1,0 +1,215 @@
+"""The sequential block-wise driver shared by every pruning method.
+
+One block at a time: gather the statistics its linear layers need from the calibration
+activations (forward hooks), let a :class:`BlockProcessor` change the weights, then run the
+block again so that the next block sees the activations of the already processed model.
+Only the current block visits the compute device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sdsprune.engine.capture import ActivationStream
+from sdsprune.engine.stats import StatsCollector
+from sdsprune.errors import SdspruneError
+from sdsprune.models.blocks import block_linears, decoder_blocks
+
+
+@dataclass
+class BlockContext:
+    """Everything a processor may use for one block."""
+
+    index: int
+    block: nn.Module
+    linears: dict[str, nn.Linear]
+    dense_weights: dict[str, torch.Tensor]  # fp32 copies taken before the processor ran
+    stats: StatsCollector | None = None  # inputs of the current (sparse) model
+    dense_stats: StatsCollector | None = None  # inputs of the dense model (kd / dd modes)
+    records: dict[str, dict] = field(default_factory=dict)
+
+    def set_weight(self, name: str, weight: torch.Tensor) -> None:
+        layer = self.linears[name]
+        layer.weight.data.copy_(weight.to(layer.weight.dtype))
+
+
+class BlockProcessor:
+    """What a pass does to each block. Subclasses override :meth:`process`.
+
+    ``needs``: statistics level of the current model's inputs ("none", "sumsq", "gram");
+    ``dense_stream``: also run the dense model alongside (inputs for ``kd``/``dd``);
+    ``propagate``: feed the next block with outputs of the ``processed`` block (normal
+    sequential pruning) or of the ``original`` block (a pass that must not see its own edits).
+    """
+
+    needs: str = "none"
+    dense_stream: bool = False
+    propagate: str = "processed"
+
+    def process(self, ctx: BlockContext) -> None:
+        raise NotImplementedError
+
+    def dense_weights_for(self, index: int) -> dict[str, torch.Tensor] | None:
+        """Weights the dense stream should run with, when they are not the block's own."""
+        return None
+
+
+@torch.no_grad()
+def run_blocks(
+    model: nn.Module,
+    stream: ActivationStream,
+    processor: BlockProcessor,
+    device: torch.device,
+    *,
+    dense_stream: ActivationStream | None = None,
+    desc: str = "blocks",
+    progress: bool = True,
+    on_block_done=None,
+    start_block: int = 0,
+) -> dict[str, dict]:
+    """Process every decoder block in order; returns per-layer records ``"i.name" -> dict``."""
+    blocks = decoder_blocks(model)
+    records: dict[str, dict] = {}
+    bar = tqdm(
+        total=len(blocks), initial=start_block, desc=desc, unit="block", disable=not progress
+    )
+    for index in range(start_block, len(blocks)):
+        block = blocks[index]
+        home = next(block.parameters()).device
+        block.to(device)
+        ctx = _process_block(index, block, stream, dense_stream, processor, device)
+        block.to(home)
+        records.update({f"{index}.{name}": rec for name, rec in ctx.records.items()})
+        if on_block_done is not None:
+            on_block_done(index, stream, dense_stream, records)
+        bar.update(1)
+    bar.close()
+    return records
+
+
+def _process_block(index, block, stream, dense_stream, processor, device) -> BlockContext:
+    linears = block_linears(block)
+    ctx = BlockContext(
+        index=index,
+        block=block,
+        linears=linears,
+        dense_weights={
+            name: layer.weight.detach().float().clone() for name, layer in linears.items()
+        },
+    )
+    use_dense = processor.dense_stream and dense_stream is not None
+    if processor.needs != "none" or use_dense:
+        ctx.stats = StatsCollector(linears, processor.needs or "gram")
+        if use_dense:
+            ctx.dense_stats = StatsCollector(linears, "gram", keep_inputs=True)
+            ctx.stats.cross_source = ctx.dense_stats
+        outputs, dense_outputs = _stats_pass(
+            ctx, stream, dense_stream if use_dense else None, processor
+        )
+        ctx.stats.finalize()
+        if ctx.dense_stats is not None:
+            ctx.dense_stats.finalize()
+    else:
+        outputs = dense_outputs = None
+    if use_dense and dense_outputs is None:
+        raise AssertionError("dense stream requested without a stats pass")
+    processor.process(ctx)
+    if processor.propagate == "processed" or outputs is None:
+        outputs = _output_pass(ctx, stream)
+    stream.hidden = outputs
+    if use_dense:
+        dense_stream.hidden = dense_outputs
+    return ctx
+
+
+def _stats_pass(ctx, stream, dense_stream, processor):
+    """One forward over the windows with hooks; returns the (unmodified) block's outputs."""
+    outputs = torch.empty_like(stream.hidden)
+    dense_outputs = torch.empty_like(dense_stream.hidden) if dense_stream is not None else None
+    swap = processor.dense_weights_for(ctx.index) if dense_stream is not None else None
+    for start in stream.batches():
+        if dense_stream is not None:
+            with ctx.dense_stats.hooks(), swapped_weights(ctx.linears, swap):
+                dense_outputs[start : start + stream.batch_size] = _forward(
+                    ctx.index, ctx.block, dense_stream, start
+                )
+        with ctx.stats.hooks():
+            outputs[start : start + stream.batch_size] = _forward(
+                ctx.index, ctx.block, stream, start
+            )
+    return outputs, dense_outputs
+
+
+def _output_pass(ctx: BlockContext, stream: ActivationStream) -> torch.Tensor:
+    """Recompute the block's outputs with its new weights; measure the relative output error
+    of layers whose processor did not report one (it had no Gram matrix to compute it)."""
+    pending = {name: rec for name, rec in ctx.records.items() if "rel_error" not in rec}
+    probes = {name: _ErrorProbe(ctx.dense_weights[name]) for name in pending}
+    handles = [ctx.linears[name].register_forward_hook(probe) for name, probe in probes.items()]
+    try:
+        outputs = torch.empty_like(stream.hidden)
+        for start in stream.batches():
+            outputs[start : start + stream.batch_size] = _forward(
+                ctx.index, ctx.block, stream, start
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, probe in probes.items():
+        pending[name]["rel_error"] = probe.relative_error()
+    return outputs
+
+
+class _ErrorProbe:
+    """‖x W_dᵀ − x Wᵀ‖² / ‖x W_dᵀ‖² over the calibration tokens, measured in the output pass."""
+
+    def __init__(self, dense_weight: torch.Tensor):
+        self.dense_weight = dense_weight
+        self.error = 0.0
+        self.reference = 0.0
+
+    def __call__(self, module, inputs, output):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+        y = output.reshape(-1, output.shape[-1]).float()
+        if module.bias is not None:
+            y = y - module.bias.float()
+        dense = x @ self.dense_weight.to(x.device).T
+        self.error += (dense - y).square().sum().item()
+        self.reference += dense.square().sum().item()
+
+    def relative_error(self) -> float:
+        return self.error / max(self.reference, 1e-30)
+
+
+def _forward(index: int, block: nn.Module, stream: ActivationStream, start: int) -> torch.Tensor:
+    hidden = stream.hidden[start : start + stream.batch_size]
+    out = block(hidden, *stream.block_args[index], **stream.block_kwargs[index])
+    if isinstance(out, tuple | list):
+        out = out[0]
+    if not torch.isfinite(out).all():
+        raise SdspruneError(f"NaN/Inf activations after decoder block {index}")
+    return out
+
+
+@contextlib.contextmanager
+def swapped_weights(
+    linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor] | None
+) -> Iterator[None]:
+    """Temporarily run the block with other weights (e.g. the dense ones for the dense stream)."""
+    if not weights:
+        yield
+        return
+    saved = {name: layer.weight.data for name, layer in linears.items()}
+    try:
+        for name, layer in linears.items():
+            layer.weight.data = weights[name].to(layer.weight.device, layer.weight.dtype)
+        yield
+    finally:
+        for name, layer in linears.items():
+            layer.weight.data = saved[name]

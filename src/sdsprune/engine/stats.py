@@ -1,0 +1,102 @@
+"""Calibration statistics of a block's linear layers, gathered with forward hooks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from sdsprune.pruners.base import InputStats
+
+
+class StatsCollector:
+    """Accumulates, per distinct input tensor, what the pruners need.
+
+    Layers called on the same tensor object in one forward (q/k/v, gate/up) form one group
+    and share one statistic, computed once. Levels: ``sumsq`` (Wanda's feature norms) or
+    ``gram`` (XᵀX, which SparseGPT and SDS need; it also gives sumsq on its diagonal).
+    With ``cross_source`` set, the collector additionally accumulates X_srcᵀ X with the
+    inputs recorded by another collector on the same windows (SDS's ``kd`` mode).
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], level: str, keep_inputs: bool = False):
+        self.linears = linears
+        self.level = level
+        self.keep_inputs = keep_inputs
+        self.group_of: dict[str, str] = {}
+        self.stats: dict[str, InputStats] = {}
+        self.cross: dict[str, torch.Tensor] = {}
+        self.last_inputs: dict[str, torch.Tensor] = {}
+        self.cross_source: StatsCollector | None = None
+        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        handles = [
+            layer.register_forward_hook(self._hook(name)) for name, layer in self.linears.items()
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._seen.clear()
+
+    def for_layer(self, name: str) -> InputStats:
+        return self.stats[self.group_of[name]]
+
+    def cross_for_layer(self, name: str) -> torch.Tensor:
+        return self.cross[self.group_of[name]]
+
+    def _hook(self, name: str):
+        def hook(_module, inputs, _output):
+            x = inputs[0]
+            leader = self._leader(name, x)
+            if leader != name:
+                return
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            self._accumulate(name, flat)
+
+        return hook
+
+    def _leader(self, name: str, x: torch.Tensor) -> str:
+        if name in self.group_of:
+            return name if self.group_of[name] == name else self.group_of[name]
+        seen = self._seen.get(id(x))
+        if seen is not None and seen[1] is x:
+            self.group_of[name] = seen[0]
+            return seen[0]
+        self._seen[id(x)] = (name, x)  # the reference keeps ids unique during this forward
+        self.group_of[name] = name
+        return name
+
+    def _accumulate(self, group: str, flat: torch.Tensor) -> None:
+        stats = self.stats.get(group)
+        if stats is None:
+            stats = self.stats[group] = InputStats(count=0)
+        stats.count += flat.shape[0]
+        if self.level == "gram":
+            gram = flat.T @ flat
+            stats.gram = gram if stats.gram is None else stats.gram.add_(gram)
+        elif self.level == "sumsq":
+            sumsq = flat.square().sum(0)
+            stats.sumsq = sumsq if stats.sumsq is None else stats.sumsq.add_(sumsq)
+        if self.keep_inputs:
+            self.last_inputs[group] = flat
+        if self.cross_source is not None:
+            source = self.cross_source.last_inputs[group]
+            product = source.T @ flat
+            self.cross[group] = (
+                product if group not in self.cross else self.cross[group].add_(product)
+            )
+
+    def finalize(self) -> None:
+        """Turn sums into means (G = XᵀX / N) so that scales do not depend on N."""
+        for group, stats in self.stats.items():
+            if stats.gram is not None:
+                stats.gram /= stats.count
+            if group in self.cross:
+                self.cross[group] /= stats.count
+        self.last_inputs.clear()

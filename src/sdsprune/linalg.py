@@ -1,0 +1,24 @@
+"""Quadratic forms of the layer-wise objectives, evaluated on second-moment matrices.
+
+‖A X − W X‖²_F / N = tr((A − W) G (A − W)ᵀ) with G = XᵀX / N, so every reconstruction error
+needs the (in x in) Gram matrix only, never the (N x in) activations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def output_energy(weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """Mean squared output of ``weight`` on the calibration inputs: tr(W G Wᵀ)."""
+    return float(((weight @ gram) * weight).sum())
+
+
+def relative_error(dense: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """‖(W_d − W) X‖² / ‖W_d X‖²: the fraction of the layer's output energy lost."""
+    return output_energy(dense - weight, gram) / max(output_energy(dense, gram), 1e-30)
+
+
+def largest_eigenvalue(gram: torch.Tensor) -> float:
+    """λmax of a symmetric PSD matrix: the Lipschitz scale of the quadratic's gradient."""
+    return float(torch.linalg.eigvalsh(gram.double())[-1])

@@ -1,0 +1,236 @@
+"""``prune()``: the public entry point that runs a method over a whole model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdsprune.data import load_corpus, sample_calibration
+from sdsprune.engine import (
+    BlockContext,
+    BlockProcessor,
+    capture_block_inputs,
+    pick_batch_size,
+    run_blocks,
+)
+from sdsprune.errors import SdspruneError
+from sdsprune.evaluate.perplexity import check_seqlen, perplexity, with_bos
+from sdsprune.linalg import relative_error
+from sdsprune.models import LoadedModel, load_model, model_linears
+from sdsprune.pruners import BASE_PRUNERS, Pruner, SparsityPattern, get_pruner
+from sdsprune.runinfo import Timer, library_versions, peak_memory
+from sdsprune.utils import atomic_output_dir, resolve_device
+
+log = logging.getLogger(__name__)
+
+METHODS = (*BASE_PRUNERS, "sds")
+REPORT_NAME = "sdsprune_report.json"
+
+
+class PruneProcessor(BlockProcessor):
+    """One-shot pruning of every linear layer of a block with a base pruner."""
+
+    def __init__(self, pruner: Pruner, pattern: SparsityPattern):
+        self.pruner = pruner
+        self.pattern = pattern
+        self.needs = pruner.needs
+
+    def process(self, ctx: BlockContext) -> None:
+        for name, dense in ctx.dense_weights.items():
+            stats = ctx.stats.for_layer(name) if ctx.stats is not None else None
+            outcome = self.pruner.prune(dense, stats, self.pattern)
+            ctx.set_weight(name, outcome.weight)
+            record = {"sparsity": float(outcome.mask.float().mean())}
+            if stats is not None and stats.gram is not None:
+                record["rel_error"] = relative_error(dense, outcome.weight, stats.gram)
+            ctx.records[name] = record
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (in memory) and the report written next to a saved checkpoint."""
+
+    model: LoadedModel
+    report: dict = field(default_factory=dict)
+    out: Path | None = None
+
+
+def prune(
+    model: str | LoadedModel,
+    *,
+    method: str = "sparsegpt",
+    sparsity: str | float | SparsityPattern = "0.5",
+    base: str = "sparsegpt",
+    calib: str = "wiki",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+    calibration: torch.Tensor | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    evaluate: list[str] | tuple[str, ...] = (),
+    eval_seqlen: int | None = None,
+    max_chunks: int | None = None,
+    sds=None,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``model`` with ``method`` at ``sparsity`` and optionally save and evaluate it.
+
+    ``calibration`` (windows x seqlen token ids) overrides sampling from ``calib``, so that
+    several methods can be compared on exactly the same windows. ``sds`` is an
+    :class:`sdsprune.sds.SDSConfig` for ``method="sds"`` (``base`` then names its pruner).
+    """
+    timer = Timer()
+    pattern = SparsityPattern.parse(sparsity)
+    if method not in METHODS:
+        raise SdspruneError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    if method == "sds" and base not in BASE_PRUNERS:
+        raise SdspruneError(
+            f"unknown SDS base pruner '{base}' (choose from {', '.join(BASE_PRUNERS)})"
+        )
+    if out is not None and Path(out).exists() and not overwrite:
+        raise SdspruneError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    compute = resolve_device(device)
+    eval_corpora = [load_corpus(name, "eval") for name in evaluate]
+    with timer.stage("load"):
+        loaded = (
+            model
+            if isinstance(model, LoadedModel)
+            else load_model(model, device="cpu", dtype=_dtype_for(dtype, compute))
+        )
+    net = loaded.model
+    linears = model_linears(net)
+    pattern.check_layers(linears)
+    check_seqlen(net, seqlen if calibration is None else calibration.shape[1])
+    _check_finite_weights(linears)
+    given_windows = calibration
+    with timer.stage("calibration"):
+        if calibration is None:
+            calibration = sample_calibration(
+                load_corpus(calib, "calib"), loaded.tokenizer, nsamples, seqlen, seed
+            )
+        windows = with_bos(calibration, net, loaded.tokenizer)
+    config = {
+        "model": loaded.spec,
+        "method": method,
+        "base": base if method == "sds" else None,
+        "sparsity": str(pattern),
+        "calib": calib if given_windows is None else "given",
+        "nsamples": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "seed": seed,
+        "device": str(compute),
+        "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
+    }
+    start = time.perf_counter()
+    if method == "sds":
+        from sdsprune.sds import SDSConfig, run_sds
+
+        sds_config = sds or SDSConfig()
+        config["sds"] = asdict(sds_config)
+        layers, extras = run_sds(net, windows, base, pattern, sds_config, compute, timer, progress)
+    else:
+        layers = _run_one_shot(net, windows, get_pruner(method), pattern, compute, timer, progress)
+        extras = {}
+    prune_seconds = time.perf_counter() - start
+    report = {
+        "config": config,
+        "versions": library_versions(),
+        "timings": {**timer.rounded(), "prune_total": round(prune_seconds, 3)},
+        "memory": peak_memory(),
+        "summary": _summary(net, layers),
+        "layers": layers,
+        **extras,
+    }
+    if eval_corpora:
+        report["evaluation"] = _evaluate(
+            loaded, eval_corpora, eval_seqlen or seqlen, max_chunks, compute, timer, progress
+        )
+        report["timings"] = {**timer.rounded(), "prune_total": round(prune_seconds, 3)}
+    saved = save_pruned(loaded, report, out, overwrite) if out is not None else None
+    return PruneResult(model=loaded, report=report, out=saved)
+
+
+def _dtype_for(dtype: str, compute: torch.device) -> str:
+    """Default precision follows the compute device, even though the model loads on CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if compute.type == "cuda" else "float32"
+
+
+def _run_one_shot(net, windows, pruner, pattern, compute, timer, progress) -> dict:
+    with timer.stage("capture"):
+        stream = capture_block_inputs(net, windows, compute, pick_batch_size(*windows.shape))
+    with timer.stage("prune"):
+        return run_blocks(
+            net,
+            stream,
+            PruneProcessor(pruner, pattern),
+            compute,
+            desc=f"{pruner.name} {pattern}",
+            progress=progress,
+        )
+
+
+def _check_finite_weights(linears: dict[str, nn.Linear]) -> None:
+    for name, layer in linears.items():
+        if not torch.isfinite(layer.weight).all():
+            raise SdspruneError(f"layer {name} has NaN/Inf weights (corrupt checkpoint?)")
+
+
+def _summary(net: nn.Module, layers: dict[str, dict]) -> dict:
+    linears = model_linears(net)
+    zeros = sum(int((layer.weight == 0).sum()) for layer in linears.values())
+    total = sum(layer.weight.numel() for layer in linears.values())
+    errors = [rec["rel_error"] for rec in layers.values() if "rel_error" in rec]
+    for name, rec in layers.items():
+        rec["sparsity"] = float((linears[name].weight == 0).float().mean())
+    return {
+        "pruned_layers": len(linears),
+        "pruned_params": total,
+        "sparsity": zeros / max(total, 1),
+        "mean_rel_error": sum(errors) / len(errors) if errors else None,
+    }
+
+
+def _evaluate(loaded, corpora, seqlen, max_chunks, compute, timer, progress) -> list[dict]:
+    loaded.model.to(compute)
+    results = []
+    for corpus in corpora:
+        with timer.stage(f"eval_{corpus.name}"):
+            result = perplexity(
+                loaded.model,
+                loaded.tokenizer,
+                corpus,
+                seqlen=seqlen,
+                max_chunks=max_chunks,
+                progress=progress,
+            )
+        results.append(result.to_dict())
+    loaded.model.to("cpu")
+    return results
+
+
+def save_pruned(
+    loaded: LoadedModel, report: dict, out: str | Path, overwrite: bool = False
+) -> Path:
+    """Write a normal Hugging Face checkpoint plus the report; the folder appears only when
+    complete."""
+    out = Path(out)
+    figures = report.pop("_figures", {})
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        for filename, figure in figures.items():
+            figure.savefig(tmp / filename, dpi=120, bbox_inches="tight")
+            report.setdefault("figures", []).append(filename)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return out
