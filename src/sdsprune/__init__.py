@@ -4,6 +4,8 @@ from sdsprune.api import evaluate_model
 from sdsprune.data import Corpus, load_corpus, sample_calibration
 from sdsprune.errors import SdspruneError
 from sdsprune.evaluate import PerplexityResult, perplexity
+from sdsprune.export import export_checkpoint
+from sdsprune.inference import load
 from sdsprune.models import LoadedModel, decoder_blocks, load_model
 
 __version__ = "0.1.0"
@@ -15,6 +17,8 @@ __all__ = [
     "SdspruneError",
     "decoder_blocks",
     "evaluate_model",
+    "export_checkpoint",
+    "load",
     "load_corpus",
     "load_model",
     "perplexity",

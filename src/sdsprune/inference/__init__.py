@@ -1,0 +1,21 @@
+"""Sparse inference: load any checkpoint and run its pruned layers with sparse kernels."""
+
+from sdsprune.inference.backends import (
+    BACKENDS,
+    BackendReport,
+    LayerChoice,
+    apply_backend,
+    available_kernels,
+    backend_report,
+)
+from sdsprune.inference.loader import load
+
+__all__ = [
+    "BACKENDS",
+    "BackendReport",
+    "LayerChoice",
+    "apply_backend",
+    "available_kernels",
+    "backend_report",
+    "load",
+]

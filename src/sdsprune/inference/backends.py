@@ -1,0 +1,258 @@
+"""Swap the pruned linear layers of a loaded model for sparse kernels, per layer.
+
+Backends:
+
+- ``dense``: leave the model alone (the default, and the baseline of every comparison);
+- ``csr`` / ``bsr``: torch sparse CSR / BSR matmul on every pruned layer that can use it;
+- ``semi-structured``: torch's 2:4 kernels on CUDA GPUs of compute capability >= 8.0;
+- ``auto``: per layer, time dense against each kernel available on the model's device at a
+  few token counts and keep a sparse kernel only where it wins at *every* count by a margin.
+  Where sparse is slower, the layer stays dense: sparse is never chosen on faith.
+
+Every swapped layer is checked against the dense layer on a random input before it is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdsprune.errors import SdspruneError
+from sdsprune.inference.kernels import KERNELS, PROBLEMS, semi_structured_device_problem
+from sdsprune.models import model_linears
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("dense", "auto", "csr", "bsr", "semi-structured")
+MIN_SPARSITY = 0.3
+AUTO_MARGIN = 1.05  # a sparse kernel must be >= 5% faster than dense to be chosen
+PROBE_TOKENS = (1, 16)
+REPORT_ATTR = "sdsprune_backend"
+
+Timer = Callable[[str, Callable[[], object]], float]
+
+
+@dataclass
+class LayerChoice:
+    """What one prunable layer runs with, and why."""
+
+    name: str
+    kernel: str
+    sparsity: float
+    reason: str = ""
+    timings_us: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+@dataclass
+class BackendReport:
+    """The outcome of :func:`apply_backend`, also stored on the model as ``sdsprune_backend``."""
+
+    backend: str
+    device: str
+    layers: list[LayerChoice]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            counts[layer.kernel] = counts.get(layer.kernel, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict:
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "kernels": self.counts(),
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+def available_kernels(device: torch.device) -> list[str]:
+    """Sparse kernels worth trying on ``device`` (what ``auto`` measures)."""
+    if device.type == "cuda":
+        return ["semi-structured"] if semi_structured_device_problem(device) is None else []
+    return ["csr", "bsr"]
+
+
+def apply_backend(
+    model: nn.Module,
+    backend: str = "dense",
+    *,
+    min_sparsity: float = MIN_SPARSITY,
+    probe_tokens: Sequence[int] = PROBE_TOKENS,
+    margin: float = AUTO_MARGIN,
+    timer: Timer | None = None,
+    verify: bool = True,
+    converters: dict[str, Callable[[nn.Linear], nn.Module]] | None = None,
+) -> BackendReport:
+    """Replace pruned decoder-block linears of ``model`` in place; return what was chosen.
+
+    ``timer(kernel, fn) -> seconds`` and ``converters`` (kernel -> module factory) are
+    injectable so that the choice logic can be tested deterministically on a CPU.
+    """
+    if backend not in BACKENDS:
+        raise SdspruneError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    device = _model_device(model)
+    if backend == "semi-structured" and converters is None:
+        problem = semi_structured_device_problem(device)
+        if problem:
+            raise SdspruneError(f"backend 'semi-structured' unavailable: {problem}")
+    factories = {**KERNELS, **(converters or {})}
+    timer = timer or _default_timer(device)
+    choices = []
+    for name, linear, parent, attr in _prunable_layers(model):
+        choice, module = _choose(
+            name, linear, backend, device, factories, min_sparsity, probe_tokens, margin, timer
+        )
+        if module is not None and verify and not _matches_dense(linear, module):
+            choice.kernel, choice.reason = "dense", f"{choice.kernel} output did not match dense"
+            module = None
+        if module is not None:
+            setattr(parent, attr, module)
+        choices.append(choice)
+    report = BackendReport(backend=backend, device=str(device), layers=choices)
+    setattr(model, REPORT_ATTR, report)
+    log.info("backend %s on %s: %s", backend, device, report.counts())
+    return report
+
+
+def backend_report(model: nn.Module) -> BackendReport | None:
+    """The report of the last :func:`apply_backend` on ``model`` (None if never applied)."""
+    return getattr(model, REPORT_ATTR, None)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _prunable_layers(model: nn.Module):
+    """(name, linear, parent module, attribute) for every decoder-block linear."""
+    parents = {
+        id(child): (module, attr)
+        for module in model.modules()
+        for attr, child in module.named_children()
+    }
+    for name, linear in model_linears(model).items():
+        parent, attr = parents[id(linear)]
+        yield name, linear, parent, attr
+
+
+def _sparsity(linear: nn.Linear) -> float:
+    weight = linear.weight.detach()
+    return 1.0 - weight.count_nonzero().item() / max(weight.numel(), 1)
+
+
+def _choose(
+    name: str,
+    linear: nn.Linear,
+    backend: str,
+    device: torch.device,
+    factories: dict,
+    min_sparsity: float,
+    probe_tokens: Sequence[int],
+    margin: float,
+    timer: Timer,
+) -> tuple[LayerChoice, nn.Module | None]:
+    sparsity = _sparsity(linear)
+    choice = LayerChoice(name=name, kernel="dense", sparsity=round(sparsity, 4))
+    if backend == "dense":
+        return choice, None
+    if sparsity < min_sparsity:
+        choice.reason = f"sparsity {sparsity:.0%} below {min_sparsity:.0%}"
+        return choice, None
+    kernels = available_kernels(device) if backend == "auto" else [backend]
+    candidates, reasons = {}, []
+    for kernel in kernels:
+        problem = PROBLEMS[kernel](linear)
+        if problem:
+            reasons.append(f"{kernel}: {problem}")
+            continue
+        try:
+            candidates[kernel] = factories[kernel](linear)
+        except (RuntimeError, ValueError) as exc:  # torch rejects some shapes/dtypes late
+            reasons.append(f"{kernel}: {str(exc).splitlines()[0][:120]}")
+    if not candidates:
+        choice.reason = "; ".join(reasons) or "no sparse kernel on this device"
+        return choice, None
+    if backend != "auto":
+        kernel, module = next(iter(candidates.items()))
+        choice.kernel, choice.reason = kernel, "forced by backend"
+        return choice, module
+    return _race(choice, linear, candidates, probe_tokens, margin, timer, reasons)
+
+
+def _race(
+    choice: LayerChoice,
+    linear: nn.Linear,
+    candidates: dict[str, nn.Module],
+    probe_tokens: Sequence[int],
+    margin: float,
+    timer: Timer,
+    reasons: list[str],
+) -> tuple[LayerChoice, nn.Module | None]:
+    """Time dense and each candidate; keep the fastest sparse one only if it wins everywhere."""
+    weight = linear.weight
+    inputs = {
+        tokens: torch.randn(tokens, linear.in_features, dtype=weight.dtype, device=weight.device)
+        for tokens in probe_tokens
+    }
+    with torch.inference_mode():
+        dense = {t: timer("dense", lambda x=x: linear(x)) for t, x in inputs.items()}
+        choice.timings_us["dense"] = {t: round(s * 1e6, 1) for t, s in dense.items()}
+        winners = []
+        for kernel, module in candidates.items():
+            times = {t: timer(kernel, lambda x=x, m=module: m(x)) for t, x in inputs.items()}
+            choice.timings_us[kernel] = {t: round(s * 1e6, 1) for t, s in times.items()}
+            if all(times[t] * margin < dense[t] for t in inputs):
+                winners.append((sum(times[t] / dense[t] for t in inputs), kernel))
+            else:
+                reasons.append(f"{kernel} not faster than dense at every probe size")
+    if not winners:
+        choice.reason = "; ".join(reasons)
+        return choice, None
+    _, kernel = min(winners)
+    choice.kernel, choice.reason = kernel, "measured faster than dense"
+    return choice, candidates[kernel]
+
+
+def _default_timer(device: torch.device, repeats: int = 5, inner: int = 3) -> Timer:
+    """Median over ``repeats`` of the mean of ``inner`` calls, after one warm-up call."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timer(_kernel: str, fn: Callable[[], object]) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync()
+            samples.append((time.perf_counter() - start) / inner)
+        return statistics.median(samples)
+
+    return timer
+
+
+def _matches_dense(linear: nn.Linear, module: nn.Module, tokens: int = 4) -> bool:
+    """Whether ``module`` reproduces ``linear`` on a random input, within dtype tolerance."""
+    weight = linear.weight
+    x = torch.randn(1, tokens, linear.in_features, dtype=weight.dtype, device=weight.device)
+    with torch.inference_mode():
+        expected = F.linear(x, weight, linear.bias).float()
+        actual = module(x).float()
+    if actual.shape != expected.shape:
+        return False
+    rtol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 1e-2
+    scale = expected.abs().max().item() + 1e-6
+    return (actual - expected).abs().max().item() <= rtol * scale

@@ -1,0 +1,108 @@
+"""``sdsprune.load``: any checkpoint (dense or sparse) plus an inference backend."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdsprune.errors import SdspruneError
+from sdsprune.export import is_sparse_checkpoint, load_state_dict
+from sdsprune.inference.backends import apply_backend
+from sdsprune.models import LoadedModel, load_model
+from sdsprune.utils import resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def load(
+    spec: str | Path,
+    *,
+    backend: str = "dense",
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    **backend_options,
+) -> LoadedModel:
+    """Load a model folder (dense, or written by ``sdsprune export --format sparse``).
+
+    ``dtype`` None keeps a sparse checkpoint's stored dtype, so its weights come back
+    bit-identical; dense specs (aliases, folders, hub ids) go through ``load_model`` with
+    its ``auto`` dtype. ``backend`` (dense, auto, csr, bsr, semi-structured) then swaps the
+    pruned layers for sparse kernels; see :func:`sdsprune.inference.apply_backend`. The
+    choice per layer is in ``sdsprune.inference.backend_report(loaded.model)``.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir() and is_sparse_checkpoint(path):
+        dev = resolve_device(device)
+        loaded = _load_sparse(path, dev, None if dtype is None else resolve_dtype(dtype, dev))
+    else:
+        loaded = load_model(str(spec), device=device, dtype=dtype or "auto")
+    apply_backend(loaded.model, backend, **backend_options)
+    return loaded
+
+
+def _load_sparse(folder: Path, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    from transformers import AutoConfig
+
+    tensors = load_state_dict(folder, dtype)
+    model_dtype = dtype or _dominant_dtype(tensors)
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:
+        raise SdspruneError(f"cannot read {folder}/config.json: {exc}") from exc
+    model = _empty_model(config, model_dtype)
+    _fill(model, tensors, folder)
+    model.eval().to(device)
+    return LoadedModel(model=model, tokenizer=_tokenizer(folder), spec=str(folder), path=folder)
+
+
+def _dominant_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype holding most parameters (what the model is built in)."""
+    sizes: collections.Counter = collections.Counter()
+    for tensor in tensors.values():
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] += tensor.numel()
+    return sizes.most_common(1)[0][0] if sizes else torch.float32
+
+
+def _empty_model(config, dtype: torch.dtype) -> nn.Module:
+    """The architecture without random initialisation (every weight is overwritten)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    try:
+        with no_init_weights():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:
+        raise SdspruneError(f"cannot build the model from its config: {exc}") from exc
+
+
+def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Copy the checkpoint in; only weights tied to a loaded one may be absent."""
+    result = model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    state = model.state_dict()
+    loaded = {state[name].data_ptr() for name in tensors if name in state}
+    missing = [name for name in result.missing_keys if state[name].data_ptr() not in loaded]
+    if missing or result.unexpected_keys:
+        problems = missing[:3] + result.unexpected_keys[:3]
+        raise SdspruneError(
+            f"{folder} does not match its config (missing or unexpected: {', '.join(problems)})"
+        )
+
+
+def _tokenizer(folder: Path):
+    """The tokenizer when the folder has one; benchmarks and kernels do not need it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # a folder without tokenizer files is still a usable model
+        log.warning("no tokenizer loaded from %s: %s", folder, str(exc).splitlines()[0][:200])
+        return None

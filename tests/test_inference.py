@@ -1,0 +1,224 @@
+"""Sparse inference backends: correctness against dense, and the auto choice logic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_export import prune_weight, pruned_dir
+
+import sdsprune
+from sdsprune.errors import SdspruneError
+from sdsprune.export import export_checkpoint
+from sdsprune.inference import apply_backend, backend_report
+from sdsprune.inference.kernels import (
+    BsrLinear,
+    CsrLinear,
+    SemiStructuredLinear,
+    semi_structured_device_problem,
+    semi_structured_problem,
+)
+from sdsprune.models import model_linears
+
+IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def pruned_model(pattern: str = "2:4", arch: str = "llama", dtype=torch.float32):
+    model = tiny_model(arch)
+    with torch.no_grad():
+        for layer in model_linears(model).values():
+            layer.weight.copy_(prune_weight(layer.weight, pattern))
+    return model.to(dtype)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def kernels_used(model) -> set[type]:
+    return {type(m) for m in model.modules() if m.__class__.__name__.endswith("Linear")}
+
+
+def fixed_timer(speeds: dict[str, float]):
+    """A timer that reports fixed times per kernel (what a real measurement might say)."""
+
+    def timer(kernel, fn):
+        fn()  # still run it: the module must work
+        return speeds[kernel]
+
+    return timer
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gemma3_text"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_csr_matches_dense(arch, pattern):
+    model = pruned_model(pattern, arch)
+    expected = logits(model)
+    report = apply_backend(model, "csr")
+    assert report.counts() == {"csr": len(report.layers)}
+    assert CsrLinear in kernels_used(model)
+    torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_backend_changes_nothing():
+    model = pruned_model()
+    before = logits(model)
+    report = apply_backend(model, "dense")
+    assert set(report.counts()) == {"dense"}
+    assert torch.equal(logits(model), before)
+    assert backend_report(model) is report
+
+
+def test_unpruned_layers_stay_dense():
+    model = tiny_model("llama")
+    report = apply_backend(model, "csr")
+    assert report.counts() == {"dense": 14}
+    assert "below" in report.layers[0].reason
+
+
+def test_bsr_only_where_whole_blocks_are_zero():
+    model = pruned_model("unstructured")
+    report = apply_backend(model, "bsr")
+    assert report.counts() == {"dense": 14} and "blocks" in report.layers[0].reason
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model_linears(model).values():
+            layer.weight[:, : layer.in_features // 2] = 0.0  # half the 16x16 blocks empty
+    expected = logits(model)
+    report = apply_backend(model, "bsr")
+    assert report.counts() == {"bsr": 14} and BsrLinear in kernels_used(model)
+    torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_keeps_dense_where_sparse_is_slower():
+    model = pruned_model("unstructured")
+    before = logits(model)
+    timer = fixed_timer({"dense": 1.0, "csr": 1.5, "bsr": 0.1})
+    report = apply_backend(model, "auto", timer=timer)
+    assert report.counts() == {"dense": 14}
+    assert all("not faster" in layer.reason for layer in report.layers)
+    assert report.layers[0].timings_us["csr"][1] > report.layers[0].timings_us["dense"][1]
+    assert torch.equal(logits(model), before)
+
+
+def test_auto_picks_sparse_only_when_faster_at_every_probe_size():
+    timings = iter([])
+
+    def timer(kernel, fn):
+        fn()
+        return next(timings)
+
+    model = pruned_model("unstructured")
+    # per layer: dense @1, dense @16, csr @1, csr @16 (bsr is ineligible, never timed)
+    timings = iter([1.0, 1.0, 0.5, 2.0] * 14)
+    assert apply_backend(model, "auto", timer=timer).counts() == {"dense": 14}
+    model = pruned_model("unstructured")
+    expected = logits(model)
+    timings = iter([1.0, 1.0, 0.5, 0.5] * 14)
+    report = apply_backend(model, "auto", timer=timer)
+    assert report.counts() == {"csr": 14}
+    assert report.layers[0].reason == "measured faster than dense"
+    torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_margin_rejects_marginal_wins():
+    model = pruned_model("unstructured")
+    timer = fixed_timer({"dense": 1.0, "csr": 0.98, "bsr": 1.0})
+    assert apply_backend(model, "auto", timer=timer).counts() == {"dense": 14}
+
+
+def test_auto_with_real_timings_is_correct_whatever_it_picks():
+    model = pruned_model("unstructured")
+    expected = logits(model)
+    report = apply_backend(model, "auto", probe_tokens=(1,))
+    assert sum(report.counts().values()) == 14
+    torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_kernel_that_disagrees_with_dense_is_rejected():
+    class Wrong(CsrLinear):
+        def _matmul(self, x2d):
+            return super()._matmul(x2d) + 1.0
+
+    model = pruned_model()
+    before = logits(model)
+    report = apply_backend(model, "csr", converters={"csr": Wrong})
+    assert report.counts() == {"dense": 14}
+    assert "did not match" in report.layers[0].reason
+    assert torch.equal(logits(model), before)
+
+
+def test_unknown_backend_is_a_user_error():
+    with pytest.raises(SdspruneError, match="unknown backend"):
+        apply_backend(pruned_model(), "onnx")
+
+
+# --- 2:4 semi-structured (CUDA only; the checks and the plumbing are tested here) ---------
+
+
+def test_semi_structured_is_refused_without_a_capable_gpu():
+    if semi_structured_device_problem(torch.device("cuda")) is None:
+        pytest.skip("this machine has a GPU that supports 2:4 kernels")
+    with pytest.raises(SdspruneError, match="semi-structured"):
+        apply_backend(pruned_model(dtype=torch.float16), "semi-structured")
+    assert "CUDA" in semi_structured_device_problem(torch.device("cpu"))
+
+
+def test_semi_structured_eligibility_rules():
+    linear = torch.nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(prune_weight(linear.weight, "2:4"))
+    assert "float16" in semi_structured_problem(linear)
+    linear.half()
+    assert semi_structured_problem(linear) is None
+    with torch.no_grad():
+        linear.weight.copy_(prune_weight(torch.randn(64, 64), "unstructured"))
+    assert "2:4" in semi_structured_problem(linear)
+    narrow = torch.nn.Linear(64, 48).half()
+    with torch.no_grad():
+        narrow.weight.copy_(prune_weight(narrow.weight.float(), "2:4"))
+    assert "multiple" in semi_structured_problem(narrow)
+
+
+def test_semi_structured_plumbing_with_a_stand_in_converter():
+    """Swapping, bias, reshaping and verification, with the dense weight standing in."""
+    model = pruned_model("2:4", dtype=torch.float16)
+    expected = logits(model)
+
+    def factory(linear):
+        return SemiStructuredLinear(linear, converter=lambda w: w.clone())
+
+    report = apply_backend(model, "semi-structured", converters={"semi-structured": factory})
+    assert report.counts() == {"semi-structured": 14}
+    assert SemiStructuredLinear in kernels_used(model)
+    torch.testing.assert_close(logits(model), expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(
+    semi_structured_device_problem(torch.device("cuda")) is not None,
+    reason="needs a CUDA GPU with compute capability >= 8.0",
+)
+def test_semi_structured_on_gpu_matches_dense():
+    model = pruned_model("2:4", dtype=torch.float16).cuda()
+    with torch.no_grad():
+        expected = model(IDS.cuda()).logits.float()
+    report = apply_backend(model, "semi-structured")
+    assert report.counts().get("semi-structured", 0) > 0
+    with torch.no_grad():
+        actual = model(IDS.cuda()).logits.float()
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
+
+
+# --- sdsprune.load ---------------------------------------------------------------------
+
+
+def test_load_sparse_checkpoint_with_a_backend(tmp_path):
+    source = pruned_dir(tmp_path, "unstructured")
+    export_checkpoint(source, tmp_path / "sparse", format="sparse")
+    dense = sdsprune.load(source)
+    sparse = sdsprune.load(tmp_path / "sparse", backend="csr")
+    assert backend_report(sparse.model).counts() == {"csr": 14}
+    torch.testing.assert_close(logits(sparse.model), logits(dense.model), rtol=1e-4, atol=1e-4)
+    fp32 = sdsprune.load(tmp_path / "sparse", dtype="float32")
+    assert next(fp32.model.parameters()).dtype == torch.float32
