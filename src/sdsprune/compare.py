@@ -1,0 +1,465 @@
+"""``compare()``: dense and several pruning methods at several sparsities, side by side.
+
+Every method prunes a fresh copy of the model on the *same* calibration windows (sampled
+once), then each result is evaluated with the same corpora and tasks. Each finished run is
+written to ``<out>/runs/<run>.json`` atomically, so an interrupted comparison resumes where it
+stopped: runs whose file exists with the same settings are not recomputed. At the end the
+folder gets ``results.json``, ``results.md`` (a table laid out like the papers') and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sdsprune.errors import SdspruneError
+from sdsprune.models import LoadedModel, load_model
+from sdsprune.runinfo import library_versions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("dense", "wanda", "sparsegpt", "sds:wanda", "sds:sparsegpt")
+RUNS_DIR = "runs"
+FIGURES_DIR = "figures"
+# Bump when a run file's content changes meaning, so old files are recomputed.
+RUN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of the comparison: a method (``sds`` with its base) at one sparsity."""
+
+    method: str  # dense, magnitude, wanda, sparsegpt or sds
+    base: str | None = None  # the SDS base pruner
+    sparsity: str | None = None  # canonical "0.5" / "2:4"; None for dense
+
+    @property
+    def label(self) -> str:
+        return f"sds:{self.base}" if self.method == "sds" else self.method
+
+    @property
+    def key(self) -> str:
+        """File-name-safe identifier, e.g. ``sds-wanda_2-4``."""
+        name = self.label.replace(":", "-")
+        return name if self.sparsity is None else f"{name}_{self.sparsity.replace(':', '-')}"
+
+
+def parse_runs(methods: Sequence[str], sparsities: Sequence[str | float]) -> list[Run]:
+    """``dense`` once, then every pruning method at every sparsity (sparsity-major order)."""
+    from sdsprune.pruners import BASE_PRUNERS, SparsityPattern
+
+    if not methods:
+        raise SdspruneError("no methods given (e.g. --methods dense,wanda,sparsegpt)")
+    pruned = []
+    for spec in methods:
+        method, _, base = spec.strip().partition(":")
+        if method == "dense":
+            continue
+        if method == "sds":
+            base = base or "sparsegpt"
+            if base not in BASE_PRUNERS:
+                raise SdspruneError(
+                    f"unknown SDS base '{base}' in '{spec}' (use sds:{', sds:'.join(BASE_PRUNERS)})"
+                )
+        elif method not in BASE_PRUNERS or base:
+            known = ", ".join(["dense", *BASE_PRUNERS, "sds:<base>"])
+            raise SdspruneError(f"unknown method '{spec}' (choose from {known})")
+        pruned.append((method, base or None))
+    patterns = [str(SparsityPattern.parse(s)) for s in sparsities] if pruned else []
+    if pruned and not patterns:
+        raise SdspruneError("no sparsity given (e.g. --sparsity 2:4,0.5)")
+    runs = [Run("dense")] if any(m.strip() == "dense" for m in methods) else []
+    for sparsity in dict.fromkeys(patterns):
+        for method, base in dict.fromkeys(pruned):
+            runs.append(Run(method, base, sparsity))
+    return runs
+
+
+def compare(
+    model: str = "smollm2-135m",
+    *,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    sparsities: Sequence[str | float] = ("2:4", "0.5"),
+    calib: str = "wiki",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    datasets: Sequence[str] = ("wiki",),
+    tasks: Sequence[str] = (),
+    eval_seqlen: int | None = None,
+    max_chunks: int | None = None,
+    limit: int | None = None,
+    task_seed: int = 42,
+    out: str | Path = "runs/compare",
+    device: str = "auto",
+    dtype: str = "auto",
+    sds=None,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) a comparison in ``out`` and return the aggregated results.
+
+    ``sds`` is an :class:`sdsprune.sds.SDSConfig` applied to every ``sds:<base>`` run.
+    """
+    from sdsprune.data import load_corpus
+    from sdsprune.evaluate.zeroshot import check_task_names
+
+    runs = parse_runs(methods, sparsities)
+    for name in datasets:  # fail on a bad corpus or task name before any pruning
+        load_corpus(name, "eval")
+    check_task_names(list(tasks))
+    settings = {
+        "format": RUN_FORMAT,
+        "model": model,
+        "calib": calib,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "datasets": list(datasets),
+        "tasks": list(tasks),
+        "eval_seqlen": eval_seqlen or seqlen,
+        "max_chunks": max_chunks,
+        "limit": limit,
+        "task_seed": task_seed,
+        "dtype": dtype,
+        "sds": asdict(sds) if sds is not None else None,
+    }
+    folder = Path(out)
+    (folder / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    done = {run.key: result for run in runs if (result := _finished(folder, run, settings))}
+    pending = [run for run in runs if run.key not in done]
+    if done:
+        log.info(
+            "resuming in %s: %d run(s) already finished (%s)", folder, len(done), ", ".join(done)
+        )
+    windows = (
+        _calibration(model, calib, nsamples, seqlen, seed) if _needs_calibration(pending) else None
+    )
+    started = time.perf_counter()
+    for number, run in enumerate(pending, start=1):
+        _log_progress(number, len(pending), run, started)
+        done[run.key] = _execute(run, folder, settings, windows, device, dtype, sds, progress)
+    results = {
+        "settings": settings,
+        "runs": [done[run.key] for run in runs],
+        "versions": library_versions(),
+    }
+    write_outputs(folder, results)
+    return results
+
+
+# ----------------------------------------------------------------------------- resume
+def run_file(folder: Path, run: Run) -> Path:
+    return folder / RUNS_DIR / f"{run.key}.json"
+
+
+def _finished(folder: Path, run: Run, settings: dict) -> dict | None:
+    """The stored result of ``run`` if it was computed with exactly these settings."""
+    path = run_file(folder, run)
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("ignoring unreadable %s (recomputing it)", path)
+        return None
+    if stored.get("settings") != _run_settings(run, settings):
+        log.info("%s was computed with other settings: recomputing it", path.name)
+        return None
+    return stored
+
+
+def _run_settings(run: Run, settings: dict) -> dict:
+    """What a run's result depends on: dense results ignore the calibration settings."""
+    if run.method != "dense":
+        return settings
+    calibration_only = ("calib", "nsamples", "seqlen", "seed", "sds")
+    return {k: v for k, v in settings.items() if k not in calibration_only}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- running
+def _needs_calibration(runs: list[Run]) -> bool:
+    return any(run.method != "dense" for run in runs)
+
+
+def _calibration(model: str, calib: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The windows every method prunes with (sampled once; a run only needs the tokenizer)."""
+    from sdsprune.data import load_corpus, sample_calibration
+    from sdsprune.models.loading import _load_tokenizer, resolve_model_folder
+
+    folder = resolve_model_folder(model)
+    tokenizer = _load_tokenizer(str(folder) if folder is not None else model)
+    return sample_calibration(load_corpus(calib, "calib"), tokenizer, nsamples, seqlen, seed)
+
+
+def _log_progress(number: int, total: int, run: Run, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    eta = ""
+    if number > 1:
+        left = elapsed / (number - 1) * (total - number + 1)
+        eta = f" (elapsed {_duration(elapsed)}, about {_duration(left)} left)"
+    sparsity = f" at {run.sparsity}" if run.sparsity else ""
+    log.info("run %d/%d: %s%s%s", number, total, run.label, sparsity, eta)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _execute(run: Run, folder: Path, settings: dict, windows, device, dtype, sds, progress) -> dict:
+    """Prune (unless dense), evaluate, save figures, then write the run's file atomically."""
+    from sdsprune.utils import resolve_device
+
+    start = time.perf_counter()
+    prune_report: dict = {}
+    if run.method == "dense":
+        loaded = load_model(settings["model"], device="cpu", dtype=_load_dtype(dtype, device))
+    else:
+        from sdsprune.prune import prune
+
+        result = prune(
+            settings["model"],
+            method=run.method,
+            sparsity=run.sparsity,
+            base=run.base or "sparsegpt",
+            calibration=windows,
+            seed=settings["seed"],
+            device=device,
+            dtype=dtype,
+            sds=sds,
+            progress=progress,
+        )
+        loaded, prune_report = result.model, result.report
+    prune_seconds = time.perf_counter() - start
+    loaded.model.to(resolve_device(device))
+    evaluation = _evaluate(loaded, settings, progress)
+    figures = _save_figures(folder, run, prune_report.pop("_figures", {}))
+    record = {
+        "run": {"method": run.method, "base": run.base, "sparsity": run.sparsity},
+        "label": run.label,
+        "key": run.key,
+        "settings": _run_settings(run, settings),
+        **evaluation,
+        "prune": {
+            k: prune_report[k] for k in ("summary", "timings", "memory") if k in prune_report
+        },
+        "figures": figures,
+        "seconds": {
+            "prune": round(prune_seconds, 2),
+            "total": round(time.perf_counter() - start, 2),
+        },
+    }
+    _write_json_atomic(run_file(folder, run), record)
+    del loaded
+    return record
+
+
+def _load_dtype(dtype: str, device: str) -> str:
+    from sdsprune.utils import resolve_device
+
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if resolve_device(device).type == "cuda" else "float32"
+
+
+def _evaluate(loaded: LoadedModel, settings: dict, progress: bool) -> dict:
+    from sdsprune.api import evaluate_model
+    from sdsprune.evaluate.zeroshot import evaluate_tasks
+
+    perplexity: dict[str, float] = {}
+    if settings["datasets"]:
+        report = evaluate_model(
+            loaded,
+            datasets=settings["datasets"],
+            seqlen=settings["eval_seqlen"],
+            max_chunks=settings["max_chunks"],
+            progress=progress,
+        )
+        perplexity = {row["dataset"]: row["perplexity"] for row in report["results"]}
+    tasks: list[dict] = []
+    if settings["tasks"]:
+        tasks = evaluate_tasks(
+            loaded,
+            settings["tasks"],
+            limit=settings["limit"],
+            seed=settings["task_seed"],
+            progress=progress,
+        )["tasks"]
+    return {"perplexity": perplexity, "tasks": tasks}
+
+
+def _save_figures(folder: Path, run: Run, figures: dict) -> list[str]:
+    """Figures a method produced (SDS: weight distributions), named after the run."""
+    saved = []
+    for filename, figure in figures.items():
+        target = folder / FIGURES_DIR / f"{run.key}-{filename}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.stem}.tmp.png")
+        figure.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, target)
+        saved.append(str(target.relative_to(folder)))
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+    return saved
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_outputs(folder: Path, results: dict) -> None:
+    """results.json, results.md and the plots, each replaced atomically."""
+    from sdsprune.compare_plots import accuracy_plot, perplexity_plot
+
+    _write_json_atomic(folder / "results.json", results)
+    plots = [perplexity_plot(folder, results)]
+    if results["settings"]["tasks"]:
+        plots.append(accuracy_plot(folder, results))
+    markdown = results_markdown(results, [p for p in plots if p is not None])
+    tmp = folder / ".results.md.tmp"
+    tmp.write_text(markdown)
+    os.replace(tmp, folder / "results.md")
+
+
+def task_columns(results: dict) -> list[str]:
+    """Task rows shown as columns: leaves and composite means, in the order first seen."""
+    names: dict[str, None] = {}
+    for run in results["runs"]:
+        for row in run["tasks"]:
+            names.setdefault(row["task"], None)
+    return list(names)
+
+
+def mean_accuracy(run: dict) -> float | None:
+    """Mean acc over the requested tasks (a composite counts once, as its mean)."""
+    requested = set(run["settings"]["tasks"])
+    rows = [row for row in run["tasks"] if row["task"] in requested]
+    return sum(row["acc"] for row in rows) / len(rows) if rows else None
+
+
+def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
+    """A table laid out like the pruning papers': method x sparsity, perplexity then accuracy."""
+    settings = results["settings"]
+    datasets = settings["datasets"]
+    tasks = [t for t in task_columns(results) if t in settings["tasks"]]
+    header = ["Method", "Sparsity", *(f"{d} PPL ↓" for d in datasets)]
+    header += [_short_task(t) + " ↑" for t in tasks]
+    if tasks:
+        header.append("Mean acc ↑")
+    lines = [f"# Pruning comparison: {settings['model']}", "", _protocol_line(settings), ""]
+    lines += [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+    ]
+    best = _best_per_sparsity(results["runs"], datasets)
+    for run in results["runs"]:
+        cells = [_method_name(run), run["run"]["sparsity"] or "0%"]
+        for dataset in datasets:
+            value = run["perplexity"].get(dataset)
+            text = "—" if value is None else f"{value:.2f}"
+            cells.append(f"**{text}**" if (run["key"], dataset) in best else text)
+        by_task = {row["task"]: row for row in run["tasks"]}
+        cells += [f"{100 * by_task[t]['acc']:.1f}" if t in by_task else "—" for t in tasks]
+        if tasks:
+            mean = mean_accuracy(run)
+            cells.append("—" if mean is None else f"{100 * mean:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Bold: lowest perplexity at that sparsity. Accuracies in % (lm-evaluation-harness acc).",
+    ]
+    if tasks:
+        lines.append(_task_note(results, tasks))
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "| Method | Sparsity | prune s | total s | achieved sparsity |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for run in results["runs"]:
+        achieved = run["prune"].get("summary", {}).get("sparsity")
+        lines.append(
+            f"| {_method_name(run)} | {run['run']['sparsity'] or '0%'} | "
+            f"{run['seconds']['prune']:.0f} | {run['seconds']['total']:.0f} | "
+            + ("—" if achieved is None else f"{100 * achieved:.1f}%")
+            + " |"
+        )
+    figures = [f for run in results["runs"] for f in run["figures"]]
+    if plots or figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{Path(p).stem}]({p})" for p in [*plots, *figures]]
+    return "\n".join(lines) + "\n"
+
+
+def _method_name(run: dict) -> str:
+    method, base = run["run"]["method"], run["run"]["base"]
+    names = {"dense": "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+    return f"SDS ({names.get(base, base)})" if method == "sds" else names.get(method, method)
+
+
+def _short_task(task: str) -> str:
+    return task.removeprefix("bigbench:")
+
+
+def _protocol_line(settings: dict) -> str:
+    chunks = "all" if settings["max_chunks"] is None else f"first {settings['max_chunks']}"
+    text = (
+        f"Calibration: {settings['nsamples']} x {settings['seqlen']} tokens of `{settings['calib']}` "
+        f"(seed {settings['seed']}), the same windows for every method. Perplexity: "
+        f"{settings['eval_seqlen']}-token chunks ({chunks})."
+    )
+    if settings["tasks"]:
+        limit = (
+            "all examples"
+            if settings["limit"] is None
+            else f"at most {settings['limit']} examples per task"
+        )
+        text += f" Zero-shot: {limit} (seed {settings['task_seed']})."
+    return text
+
+
+def _task_note(results: dict, tasks: list[str]) -> str:
+    dense = next((run for run in results["runs"] if run["run"]["method"] == "dense"), None)
+    rows = {row["task"]: row for row in (dense or results["runs"][0])["tasks"]}
+    parts = [
+        f"{_short_task(t)} {100 * rows[t]['chance']:.1f}"
+        for t in tasks
+        if t in rows and rows[t].get("chance") is not None
+    ]
+    return f"Chance level: {', '.join(parts)}." if parts else ""
+
+
+def _best_per_sparsity(runs: list[dict], datasets: Sequence[str]) -> set[tuple[str, str]]:
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+    for run in runs:
+        sparsity = run["run"]["sparsity"]
+        if sparsity is None:
+            continue
+        for dataset in datasets:
+            value = run["perplexity"].get(dataset)
+            key = (sparsity, dataset)
+            if value is not None and (key not in best or value < best[key][0]):
+                best[key] = (value, run["key"])
+    return {(key, dataset) for (_sparsity, dataset), (_value, key) in best.items()}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
+
+
+def default_out(model: str) -> Path:
+    """``runs/compare-<model>``: one folder per model, so resuming finds its own runs."""
+    return Path("runs") / f"compare-{slug(Path(model).name or model)}"

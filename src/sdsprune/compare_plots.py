@@ -1,0 +1,120 @@
+"""The plots of a comparison: perplexity (and accuracy) per method and sparsity."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# One colour per method across every plot, so a reader matches bars at a glance.
+_COLORS = {
+    "dense": "#555555",
+    "magnitude": "#bbbbbb",
+    "wanda": "#6baed6",
+    "sparsegpt": "#fd8d3c",
+    "sds:magnitude": "#888888",
+    "sds:wanda": "#08519c",
+    "sds:sparsegpt": "#a63603",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def perplexity_plot(folder: Path, results: dict) -> str | None:
+    """Grouped bars: one group per sparsity, one bar per method, one panel per corpus; dense
+    is a dashed line. Log scale, because magnitude pruning can be 100x worse than the rest."""
+    datasets = results["settings"]["datasets"]
+    if not datasets:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.4 * len(datasets), 4.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        _bars(ax, results, lambda run, d=dataset: run["perplexity"].get(d), "{:.1f}")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{dataset} perplexity (log scale, lower is better)")
+        ax.set_title(f"Perplexity on {dataset}")
+    return _save(fig, folder / "perplexity.png", folder)
+
+
+def accuracy_plot(folder: Path, results: dict) -> str | None:
+    """Mean zero-shot accuracy per method and sparsity, with the mean chance level."""
+    from sdsprune.compare import mean_accuracy
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    _bars(ax, results, lambda run: _percent(mean_accuracy(run)), "{:.1f}")
+    chance = _mean_chance(results)
+    if chance is not None:
+        ax.axhline(100 * chance, color="black", linestyle=":", linewidth=1, label="chance")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylabel("mean accuracy, % (higher is better)")
+    ax.set_title("Zero-shot accuracy: " + ", ".join(results["settings"]["tasks"]), fontsize=9)
+    return _save(fig, folder / "accuracy.png", folder)
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def _mean_chance(results: dict) -> float | None:
+    requested = set(results["settings"]["tasks"])
+    runs = results["runs"]
+    if not runs:
+        return None
+    chances = [row.get("chance") for row in runs[0]["tasks"] if row["task"] in requested]
+    if not chances or None in chances:
+        return None
+    return sum(chances) / len(chances)
+
+
+def _bars(ax, results: dict, value_of, fmt: str) -> None:
+    runs = results["runs"]
+    dense = next((run for run in runs if run["run"]["method"] == "dense"), None)
+    pruned = [run for run in runs if run["run"]["method"] != "dense"]
+    sparsities = list(dict.fromkeys(run["run"]["sparsity"] for run in pruned))
+    labels = list(dict.fromkeys(run["label"] for run in pruned))
+    width = 0.8 / max(len(labels), 1)
+    for i, label in enumerate(labels):
+        xs, heights = [], []
+        for j, sparsity in enumerate(sparsities):
+            run = next(
+                (r for r in pruned if r["label"] == label and r["run"]["sparsity"] == sparsity),
+                None,
+            )
+            value = value_of(run) if run is not None else None
+            if value is not None:
+                xs.append(j + (i - (len(labels) - 1) / 2) * width)
+                heights.append(value)
+        bars = ax.bar(xs, heights, width, label=label, color=_COLORS.get(label))
+        ax.bar_label(bars, labels=[fmt.format(h) for h in heights], fontsize=7, padding=1)
+    if dense is not None and value_of(dense) is not None:
+        ax.axhline(value_of(dense), color=_COLORS["dense"], linestyle="--", linewidth=1.2)
+        ax.annotate(
+            f"dense {fmt.format(value_of(dense))}",
+            (1.0, value_of(dense)),
+            xycoords=("axes fraction", "data"),
+            ha="right",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_xticks(range(len(sparsities)), [f"sparsity {s}" for s in sparsities])
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.set_axisbelow(True)
+    if labels:
+        ax.legend(fontsize=8, loc="upper left")
+
+
+def _save(fig, target: Path, folder: Path) -> str:
+    plt = _pyplot()
+    tmp = target.with_name(f".{target.stem}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, target)
+    return str(target.relative_to(folder))

@@ -1,0 +1,385 @@
+"""Zero-shot accuracy through lm-evaluation-harness (the ``eval`` extra).
+
+Two kinds of task names, both scored by the harness with its ``acc`` and ``acc_norm``:
+
+* ``bigbench:NAME`` tasks are built from the BIG-bench JSON files (see :mod:`.bigbench`) and
+  work offline; ``--limit`` takes a seeded random subset of each task.
+* any other name (piqa, arc_easy, hellaswag, ...) is a standard harness task, passed on as it
+  is; those download their data from the Hugging Face hub, so offline they fail at once with
+  the name of the missing dataset. ``--limit`` there is the harness's own (first N examples).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from sdsprune.errors import SdspruneError
+from sdsprune.evaluate import bigbench
+from sdsprune.models import LoadedModel, load_model
+from sdsprune.runinfo import library_versions
+
+log = logging.getLogger(__name__)
+
+HARNESS_REQUIREMENT = "lm-eval==0.4.13"
+DEFAULT_SEED = bigbench.BIGBENCH_FORMAT_SEED
+
+
+@dataclass
+class TaskResult:
+    """Accuracy on one task. ``subtasks`` is set on a BIG-bench composite (their mean)."""
+
+    task: str
+    acc: float
+    acc_norm: float
+    examples: int  # examples scored
+    total: int  # examples in the task
+    acc_stderr: float | None = None
+    acc_norm_stderr: float | None = None
+    chance: float | None = None  # accuracy of a uniform random guess, when known
+    seconds: float = 0.0
+    subtasks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Prepared:
+    """A task ready for the harness: its config or Task object and the docs to score."""
+
+    name: str
+    spec: object  # harness config dict (BIG-bench) or Task object (standard task)
+    total: int
+    indices: list[int] | None = None  # BIG-bench subsample; None = harness limit
+    chance: float | None = None
+
+
+def evaluate_tasks(
+    model: str | LoadedModel | nn.Module,
+    tasks: Sequence[str],
+    *,
+    tokenizer=None,
+    limit: int | None = None,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = 16,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Zero-shot accuracy of ``model`` on ``tasks``; returns ``{"model", "tasks", ...}``.
+
+    ``model`` is a spec for :func:`load_model`, a :class:`LoadedModel`, or a bare module with
+    ``tokenizer`` given (e.g. a model pruned in memory). Every task is checked and its data
+    fetched before the model is loaded, so a typo or a missing dataset fails in seconds.
+    """
+    if not tasks:
+        raise SdspruneError("no tasks given (e.g. --tasks bigbench:social_iqa,bigbench:winowhy)")
+    if limit is not None and limit < 1:
+        raise SdspruneError(f"--limit must be at least 1 (got {limit})")
+    _require_harness()
+    prepared, groups = _prepare(list(tasks), limit, seed)
+    loaded = _as_loaded(model, tokenizer, device, dtype)
+    lm = _harness_model(loaded, batch_size)
+    results: dict[str, TaskResult] = {}
+    for number, task in enumerate(prepared, start=1):
+        scored = task.total if task.indices is None else len(task.indices)
+        if limit is not None and task.indices is None:
+            scored = min(limit, task.total)
+        log.info(
+            "task %d/%d: %s (%d of %d examples)",
+            number,
+            len(prepared),
+            task.name,
+            scored,
+            task.total,
+        )
+        results[task.name] = _run_one(lm, task, limit, seed, progress)
+    rows = _with_groups(results, groups)
+    return {
+        "model": loaded.spec,
+        "tasks": [row.to_dict() for row in rows],
+        "limit": limit,
+        "seed": seed,
+        "versions": library_versions(),
+    }
+
+
+# ----------------------------------------------------------------------------- preparation
+def check_task_names(tasks: Sequence[str]) -> None:
+    """Fail on an unknown ``bigbench:`` name or a missing harness, without any download.
+
+    Lets a caller that does other work first (perplexity, pruning) fail in a second on a typo
+    in its task list; standard harness names are checked later, by the harness's index.
+    """
+    if not tasks:
+        return
+    _require_harness()
+    for name in tasks:
+        if bigbench.is_bigbench(name):
+            bigbench.resolve(name)
+
+
+def _require_harness() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as exc:
+        raise SdspruneError(
+            "zero-shot tasks need lm-evaluation-harness: pip install 'sdsprune[eval]' "
+            f"(or pip install '{HARNESS_REQUIREMENT}')"
+        ) from exc
+
+
+def _prepare(
+    tasks: list[str], limit: int | None, seed: int
+) -> tuple[list[_Prepared], dict[str, list[str]]]:
+    """Resolve names, fetch BIG-bench files and load standard tasks' data, in that order."""
+    groups: dict[str, list[str]] = {}
+    prepared: list[_Prepared] = []
+    standard = [name for name in tasks if not bigbench.is_bigbench(name)]
+    leaves = {name: bigbench.resolve(name) for name in tasks if bigbench.is_bigbench(name)}
+    for name, leaf_tasks in leaves.items():
+        if len(leaf_tasks) > 1 or leaf_tasks[0].name != name.rstrip("/"):
+            groups[name] = [leaf.name for leaf in leaf_tasks]
+        for leaf in leaf_tasks:
+            if any(p.name == leaf.name for p in prepared):
+                continue
+            docs, docs_file = bigbench.load_docs(leaf)
+            indices = bigbench.subsample(len(docs), limit, seed)
+            prepared.append(
+                _Prepared(
+                    name=leaf.name,
+                    spec=bigbench.harness_config(leaf, docs_file),
+                    total=len(docs),
+                    indices=indices,
+                    chance=bigbench.chance_accuracy([docs[i] for i in indices]),
+                )
+            )
+    prepared += _standard_tasks(standard)
+    order = {name: i for i, name in enumerate(tasks)}
+    prepared.sort(key=lambda p: order.get(p.name, _group_position(p.name, groups, order)))
+    return prepared, groups
+
+
+def _group_position(name: str, groups: dict[str, list[str]], order: dict[str, int]) -> float:
+    for group, members in groups.items():
+        if name in members:
+            return order[group] + members.index(name) / (len(members) + 1)
+    return len(order)
+
+
+def _standard_tasks(names: list[str]) -> list[_Prepared]:
+    """Load standard harness tasks (this downloads their datasets, or fails offline)."""
+    if not names:
+        return []
+    from lm_eval.tasks import TaskManager
+
+    from sdsprune.hub import go_offline_unless_reachable, hub_reachable
+
+    manager = TaskManager()
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        raise SdspruneError(
+            f"unknown task(s) {', '.join(unknown)}: neither a harness task (see `lm-eval ls "
+            "tasks`) nor bigbench:NAME"
+        )
+    go_offline_unless_reachable()
+    prepared = []
+    for name in names:
+        try:
+            loaded = manager.load([name])["tasks"]
+        except Exception as exc:
+            raise SdspruneError(_missing_data_message(manager, name, exc, hub_reachable())) from exc
+        for task_name, task in loaded.items():
+            task.set_config(key="num_fewshot", value=0)
+            total = len(task.eval_docs)
+            prepared.append(
+                _Prepared(name=task_name if len(loaded) > 1 else name, spec=task, total=total)
+            )
+    return prepared
+
+
+def _missing_data_message(manager, name: str, exc: Exception, online: bool) -> str:
+    entry = manager.task_index.get(name)
+    config = (entry.cfg or {}) if entry is not None else {}
+    dataset = config.get("dataset_path") or "its dataset"
+    if config.get("dataset_name"):
+        dataset += f" ({config['dataset_name']})"
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if not online:
+        return (
+            f"task '{name}' needs the dataset {dataset} from the Hugging Face hub, which is "
+            "unreachable, and it is not in the local datasets cache; offline, use BIG-bench "
+            "tasks instead (e.g. bigbench:social_iqa)"
+        )
+    return f"task '{name}': could not load the dataset {dataset}: {first}"
+
+
+# ----------------------------------------------------------------------------- model
+def _as_loaded(model, tokenizer, device: str, dtype: str) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str):
+        return load_model(model, device=device, dtype=dtype)
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise SdspruneError("evaluating an in-memory model needs its tokenizer as well")
+        return LoadedModel(model=model, tokenizer=tokenizer, spec=type(model).__name__, path=None)
+    raise SdspruneError(f"cannot evaluate a {type(model).__name__}: give a spec or a model")
+
+
+def _harness_model(loaded: LoadedModel, batch_size: int):
+    from lm_eval.models.huggingface import HFLM
+
+    model = loaded.model
+    device = next(model.parameters()).device
+    model.eval()
+    with _quiet_harness():
+        return HFLM(
+            pretrained=model,
+            tokenizer=loaded.tokenizer,
+            batch_size=batch_size,
+            device=str(device),
+            # Gemma produces garbage without BOS; the harness otherwise follows the tokenizer.
+            add_bos_token=True if _needs_bos(model) else None,
+        )
+
+
+def _needs_bos(model: nn.Module) -> bool:
+    from sdsprune.evaluate.perplexity import needs_bos_per_window
+
+    return needs_bos_per_window(model)
+
+
+# ----------------------------------------------------------------------------- scoring
+def _run_one(lm, task: _Prepared, limit: int | None, seed: int, progress: bool) -> TaskResult:
+    from lm_eval.evaluator import evaluate
+    from lm_eval.tasks import TaskManager
+
+    _seed_everything(seed)
+    start = time.perf_counter()
+    with _quiet_harness(progress):
+        if isinstance(task.spec, dict):
+            loaded = TaskManager(include_defaults=False).load([task.spec])
+            harness_name = task.spec["task"]
+            output = evaluate(
+                lm=lm,
+                task_dict=loaded,
+                samples={harness_name: task.indices},
+                bootstrap_iters=1000,
+                log_samples=False,
+            )
+        else:
+            harness_name = task.spec.config.task
+            output = evaluate(
+                lm=lm,
+                task_dict={"tasks": {harness_name: task.spec}, "groups": {}},
+                limit=limit,
+                bootstrap_iters=1000,
+                log_samples=False,
+            )
+    metrics = output["results"][harness_name]
+    examples = int(output["n-samples"][harness_name]["effective"])
+    return TaskResult(
+        task=task.name,
+        acc=float(metrics["acc,none"]),
+        acc_norm=float(metrics.get("acc_norm,none", metrics["acc,none"])),
+        acc_stderr=_number(metrics.get("acc_stderr,none")),
+        acc_norm_stderr=_number(metrics.get("acc_norm_stderr,none")),
+        examples=examples,
+        total=task.total,
+        chance=task.chance,
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def _with_groups(results: dict[str, TaskResult], groups: dict[str, list[str]]) -> list[TaskResult]:
+    """Each composite BIG-bench task after its subtasks, as their unweighted mean (BIG-bench's
+    convention for a task's score)."""
+    rows = []
+    emitted = set()
+    for name, result in results.items():
+        rows.append(result)
+        emitted.add(name)
+        for group, members in groups.items():
+            if name == members[-1] and group not in emitted:
+                rows.append(_mean_row(group, [results[m] for m in members]))
+                emitted.add(group)
+    return rows
+
+
+def _mean_row(group: str, members: list[TaskResult]) -> TaskResult:
+    chances = [m.chance for m in members]
+    return TaskResult(
+        task=group,
+        acc=float(np.mean([m.acc for m in members])),
+        acc_norm=float(np.mean([m.acc_norm for m in members])),
+        examples=sum(m.examples for m in members),
+        total=sum(m.total for m in members),
+        chance=None if None in chances else float(np.mean(chances)),
+        seconds=round(sum(m.seconds for m in members), 2),
+        subtasks=[m.task for m in members],
+    )
+
+
+def _number(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _quiet_harness(progress: bool = True) -> Iterator[None]:
+    """Keep the harness's per-task INFO/WARNING chatter out of the terminal; its tqdm bar over
+    the log-likelihood requests (with ETA) stays unless ``progress`` is off."""
+    import datasets
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    bars_were_on = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        if progress:
+            yield
+        else:
+            with _no_tqdm():
+                yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if bars_were_on:
+            datasets.utils.logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _no_tqdm() -> Iterator[None]:
+    """tqdm reads ``TQDM_DISABLE`` whenever a bar is created (the harness makes its own)."""
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous

@@ -1,0 +1,242 @@
+"""compare(): run list, shared calibration, resume, and the three outputs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+from sdsprune import compare as compare_module
+from sdsprune.compare import Run, compare, parse_runs
+from sdsprune.errors import SdspruneError
+from sdsprune.models import load_model
+
+prune_module = importlib.import_module("sdsprune.prune")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a", "cat", "sleeps", "in", "the", "sun"]
+    path.write_text(" ".join(words[i * 7 % len(words)] for i in range(3000)))
+    return path
+
+
+def _settings(model, corpus, out, **overrides) -> dict:
+    settings = dict(
+        methods=["dense", "wanda", "sds:wanda"],
+        sparsities=["2:4", "0.5"],
+        calib=str(corpus),
+        nsamples=2,
+        seqlen=32,
+        datasets=[str(corpus)],
+        max_chunks=2,
+        out=out,
+        device="cpu",
+        progress=False,
+    )
+    settings.update(overrides)
+    return {"model": str(model), **settings}
+
+
+@pytest.fixture
+def fake_prune(monkeypatch):
+    """Record every prune call; 'prune' by zeroing nothing, and give SDS runs a figure."""
+    calls = []
+
+    def prune(model, *, method, sparsity, base, calibration, **kwargs):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        calls.append((method, base if method == "sds" else None, sparsity, calibration.clone()))
+        report = {"summary": {"sparsity": 0.5}, "timings": {}, "memory": {}}
+        if method == "sds":
+            fig, ax = plt.subplots()
+            ax.hist([0.0, 1.0])
+            report["_figures"] = {"weight_distribution.png": fig}
+        return prune_module.PruneResult(model=load_model(model), report=report)
+
+    monkeypatch.setattr(prune_module, "prune", prune)
+    return calls
+
+
+def test_runs_are_dense_once_then_each_method_at_each_sparsity():
+    runs = parse_runs(["dense", "wanda", "sds:wanda", "sds"], ["2:4", "0.50", "2:4"])
+    assert [(r.label, r.sparsity) for r in runs] == [
+        ("dense", None),
+        ("wanda", "2:4"),
+        ("sds:wanda", "2:4"),
+        ("sds:sparsegpt", "2:4"),
+        ("wanda", "0.5"),
+        ("sds:wanda", "0.5"),
+        ("sds:sparsegpt", "0.5"),
+    ]
+    assert Run("sds", "wanda", "2:4").key == "sds-wanda_2-4"
+    assert parse_runs(["dense"], []) == [Run("dense")]
+
+
+@pytest.mark.parametrize(
+    "methods, sparsities, message",
+    [
+        (["lasso"], ["0.5"], "unknown method 'lasso'"),
+        (["sds:lasso"], ["0.5"], "unknown SDS base"),
+        (["wanda:x"], ["0.5"], "unknown method"),
+        (["wanda"], ["1.5"], "between 0 and 1"),
+        (["wanda"], [], "no sparsity"),
+        ([], ["0.5"], "no methods"),
+    ],
+)
+def test_bad_run_lists_are_refused(methods, sparsities, message):
+    with pytest.raises(SdspruneError, match=message):
+        parse_runs(methods, sparsities)
+
+
+def test_compare_resumes_finished_runs(tiny_model_dir, corpus, tmp_path, fake_prune):
+    out = tmp_path / "cmp"
+    first = compare(**_settings(tiny_model_dir, corpus, out))
+    assert [(m, b, s) for m, b, s, _ in fake_prune] == [
+        ("wanda", None, "2:4"),
+        ("sds", "wanda", "2:4"),
+        ("wanda", None, "0.5"),
+        ("sds", "wanda", "0.5"),
+    ]
+    windows = [call[3] for call in fake_prune]
+    assert all(w.shape == (2, 32) and (w == windows[0]).all() for w in windows)  # shared
+    assert [run["key"] for run in first["runs"]] == [
+        "dense",
+        "wanda_2-4",
+        "sds-wanda_2-4",
+        "wanda_0.5",
+        "sds-wanda_0.5",
+    ]
+    assert (out / "figures" / "sds-wanda_2-4-weight_distribution.png").exists()
+
+    fake_prune.clear()
+    again = compare(**_settings(tiny_model_dir, corpus, out))
+    assert fake_prune == []  # nothing recomputed
+    assert again["runs"] == first["runs"]
+
+    (out / "runs" / "wanda_0.5.json").unlink()
+    compare(**_settings(tiny_model_dir, corpus, out))
+    assert [(m, s) for m, _, s, _ in fake_prune] == [("wanda", "0.5")]
+
+    fake_prune.clear()  # a new method is added; the others are reused
+    compare(**_settings(tiny_model_dir, corpus, out, methods=["dense", "wanda", "magnitude"]))
+    assert [(m, s) for m, _, s, _ in fake_prune] == [("magnitude", "2:4"), ("magnitude", "0.5")]
+
+
+def test_changed_settings_recompute_only_what_depends_on_them(
+    tiny_model_dir, corpus, tmp_path, fake_prune
+):
+    out = tmp_path / "cmp"
+    compare(
+        **_settings(tiny_model_dir, corpus, out, methods=["dense", "wanda"], sparsities=["0.5"])
+    )
+    dense_file = out / "runs" / "dense.json"
+    stamp = dense_file.stat().st_mtime_ns
+    fake_prune.clear()
+    # More calibration windows: the pruned run is redone, dense (no calibration) is not.
+    compare(
+        **_settings(
+            tiny_model_dir, corpus, out, methods=["dense", "wanda"], sparsities=["0.5"], nsamples=3
+        )
+    )
+    assert [(m, s) for m, _, s, _ in fake_prune] == [("wanda", "0.5")]
+    assert dense_file.stat().st_mtime_ns == stamp
+    # Another evaluation length changes every result.
+    fake_prune.clear()
+    compare(
+        **_settings(
+            tiny_model_dir,
+            corpus,
+            out,
+            methods=["dense", "wanda"],
+            sparsities=["0.5"],
+            nsamples=3,
+            eval_seqlen=16,
+        )
+    )
+    assert [(m, s) for m, _, s, _ in fake_prune] == [("wanda", "0.5")]
+    assert dense_file.stat().st_mtime_ns != stamp
+
+
+def test_unreadable_run_file_is_recomputed(tiny_model_dir, corpus, tmp_path, fake_prune):
+    out = tmp_path / "cmp"
+    kwargs = _settings(tiny_model_dir, corpus, out, methods=["wanda"], sparsities=["0.5"])
+    compare(**kwargs)
+    (out / "runs" / "wanda_0.5.json").write_text("{truncated")
+    fake_prune.clear()
+    compare(**kwargs)
+    assert len(fake_prune) == 1
+    assert json.loads((out / "runs" / "wanda_0.5.json").read_text())["key"] == "wanda_0.5"
+
+
+def test_real_pruning_writes_the_three_outputs(tiny_model_dir, corpus, tmp_path):
+    out = tmp_path / "cmp"
+    results = compare(
+        **_settings(
+            tiny_model_dir, corpus, out, methods=["dense", "magnitude", "wanda"], sparsities=["2:4"]
+        )
+    )
+    assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "perplexity.png"}
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["runs"] == results["runs"]
+    dense, _magnitude, wanda = results["runs"]
+    assert wanda["prune"]["summary"]["sparsity"] == pytest.approx(0.5)
+    assert dense["prune"] == {}
+    ppl = {run["key"]: run["perplexity"][str(corpus)] for run in results["runs"]}
+    assert all(value > 1 for value in ppl.values())
+    table = (out / "results.md").read_text()
+    assert "| Method | Sparsity |" in table
+    assert "| Dense | 0% |" in table and "| Wanda | 2:4 |" in table
+    assert "![perplexity](perplexity.png)" in table
+
+
+def test_tasks_are_validated_before_any_pruning(tiny_model_dir, corpus, tmp_path, fake_prune):
+    with pytest.raises(SdspruneError, match="unknown BIG-bench"):
+        compare(**_settings(tiny_model_dir, corpus, tmp_path / "cmp", tasks=["bigbench:nope"]))
+    assert fake_prune == []
+
+
+def test_markdown_table_with_tasks_marks_best_and_chance():
+    runs = []
+    for method, sparsity, ppl, acc in [
+        ("dense", None, 10.0, 0.6),
+        ("wanda", "0.5", 20.0, 0.5),
+        ("sparsegpt", "0.5", 15.0, 0.55),
+    ]:
+        run = Run(method, None, sparsity)
+        runs.append(
+            {
+                "run": {"method": method, "base": None, "sparsity": sparsity},
+                "label": run.label,
+                "key": run.key,
+                "settings": {"tasks": ["bigbench:winowhy"]},
+                "perplexity": {"wiki": ppl},
+                "tasks": [{"task": "bigbench:winowhy", "acc": acc, "chance": 0.5}],
+                "prune": {},
+                "figures": [],
+                "seconds": {"prune": 1.0, "total": 2.0},
+            }
+        )
+    settings = {
+        "model": "m",
+        "calib": "wiki",
+        "nsamples": 4,
+        "seqlen": 8,
+        "seed": 0,
+        "datasets": ["wiki"],
+        "tasks": ["bigbench:winowhy"],
+        "eval_seqlen": 8,
+        "max_chunks": None,
+        "limit": 10,
+        "task_seed": 42,
+    }
+    table = compare_module.results_markdown({"settings": settings, "runs": runs})
+    assert "| Method | Sparsity | wiki PPL ↓ | winowhy ↑ | Mean acc ↑ |" in table
+    assert "| SparseGPT | 0.5 | **15.00** | 55.0 | 55.0 |" in table
+    assert "| Wanda | 0.5 | 20.00 | 50.0 | 50.0 |" in table
+    assert "Chance level: winowhy 50.0." in table

@@ -1,0 +1,176 @@
+"""Zero-shot scoring through lm-evaluation-harness, checked by hand on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import byte_tokenizer, tiny_model
+
+from sdsprune.errors import SdspruneError
+from sdsprune.evaluate import bigbench
+from sdsprune.evaluate.zeroshot import evaluate_tasks
+from sdsprune.models import LoadedModel
+
+pytest.importorskip("lm_eval")
+
+TASK = {
+    "name": "toy",
+    "examples": [
+        {"input": f"Is {word} a fruit?", "target_scores": {"yes": int(fruit), "no": int(not fruit)}}
+        for word, fruit in [
+            ("apple", True),
+            ("stone", False),
+            ("pear", True),
+            ("chair", False),
+            ("plum", True),
+            ("cloud", False),
+        ]
+    ]
+    + [
+        {
+            "input": "Pick the longest answer.",
+            "target_scores": {"a": 0, "bbbbbbbb": 1, "ccc": 0},
+        }
+    ],
+}
+
+
+@pytest.fixture
+def toy_cache(tmp_path, monkeypatch):
+    """Put a small task where bigbench:winowhy is looked up, so nothing is downloaded."""
+    monkeypatch.setenv("SDSPRUNE_CACHE", str(tmp_path))
+    source = bigbench.task_cache() / "winowhy" / "task.json"
+    source.parent.mkdir(parents=True)
+    source.write_text(json.dumps(TASK))
+    return source
+
+
+def _choice_logprob(model, tokenizer, context: str, choice: str) -> float:
+    """Sum of log p(choice tokens | context): the harness's loglikelihood, by hand.
+
+    The harness moves the context's trailing whitespace into the continuation before
+    tokenizing; with a byte-level tokenizer each byte is one token.
+    """
+    stripped = context.rstrip()
+    continuation = context[len(stripped) :] + choice
+    ctx = tokenizer(stripped, add_special_tokens=False).input_ids
+    cont = tokenizer(continuation, add_special_tokens=False).input_ids
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    positions = range(len(ctx) - 1, len(ctx) + len(cont) - 1)
+    return sum(logprobs[p, token].item() for p, token in zip(positions, cont, strict=True))
+
+
+def _hand_scores(model, tokenizer, docs: list[dict]) -> tuple[float, float]:
+    acc = acc_norm = 0.0
+    for doc in docs:
+        lls = [_choice_logprob(model, tokenizer, doc["query"], c) for c in doc["choices"]]
+        normed = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]
+        acc += max(range(len(lls)), key=lls.__getitem__) in doc["gold"]
+        acc_norm += max(range(len(normed)), key=normed.__getitem__) in doc["gold"]
+    return acc / len(docs), acc_norm / len(docs)
+
+
+def test_harness_scores_match_a_hand_computation(toy_cache):
+    model, tokenizer = tiny_model("llama", seed=3), byte_tokenizer()
+    report = evaluate_tasks(
+        LoadedModel(model, tokenizer, "tiny", None),
+        ["bigbench:winowhy"],
+        batch_size=4,
+        progress=False,
+    )
+    (row,) = report["tasks"]
+    docs = bigbench.convert_task(TASK)
+    acc, acc_norm = _hand_scores(model, tokenizer, docs)
+    assert row["task"] == "bigbench:winowhy"
+    assert row["examples"] == row["total"] == len(docs)
+    assert row["acc"] == pytest.approx(acc)
+    assert row["acc_norm"] == pytest.approx(acc_norm)
+    assert row["chance"] == pytest.approx((6 * 0.5 + 1 / 3) / 7)
+    assert row["acc_stderr"] is not None
+
+
+def test_limit_scores_a_seeded_subset(toy_cache):
+    model, tokenizer = tiny_model("llama", seed=3), byte_tokenizer()
+    report = evaluate_tasks(
+        model, ["bigbench:winowhy"], tokenizer=tokenizer, limit=3, seed=5, progress=False
+    )
+    (row,) = report["tasks"]
+    docs = bigbench.convert_task(TASK)
+    subset = [docs[i] for i in bigbench.subsample(len(docs), 3, seed=5)]
+    acc, acc_norm = _hand_scores(model, tokenizer, subset)
+    assert (row["examples"], row["total"]) == (3, 7)
+    assert (row["acc"], row["acc_norm"]) == (pytest.approx(acc), pytest.approx(acc_norm))
+    assert report["limit"] == 3 and report["seed"] == 5
+
+
+def test_composite_task_reports_subtasks_and_their_mean(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDSPRUNE_CACHE", str(tmp_path))
+    for leaf in ("one_sentence", "one_sentence_no_prompt", "two_sentences"):
+        path = bigbench.task_cache() / "cause_and_effect" / leaf / "task.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(TASK))
+    report = evaluate_tasks(
+        tiny_model("llama"),
+        ["bigbench:cause_and_effect"],
+        tokenizer=byte_tokenizer(),
+        limit=2,
+        progress=False,
+    )
+    names = [row["task"] for row in report["tasks"]]
+    assert names == [
+        "bigbench:cause_and_effect/one_sentence",
+        "bigbench:cause_and_effect/one_sentence_no_prompt",
+        "bigbench:cause_and_effect/two_sentences",
+        "bigbench:cause_and_effect",
+    ]
+    mean = report["tasks"][-1]
+    assert mean["acc"] == pytest.approx(sum(r["acc"] for r in report["tasks"][:3]) / 3)
+    assert mean["examples"] == 6 and len(mean["subtasks"]) == 3
+
+
+def test_in_memory_model_needs_its_tokenizer():
+    with pytest.raises(SdspruneError, match="tokenizer"):
+        evaluate_tasks(tiny_model("llama"), ["bigbench:winowhy"], progress=False)
+
+
+def test_bad_names_fail_before_any_work():
+    with pytest.raises(SdspruneError, match="unknown BIG-bench"):
+        evaluate_tasks("no-such-model", ["bigbench:nonsense"])
+    with pytest.raises(SdspruneError, match="no tasks"):
+        evaluate_tasks("no-such-model", [])
+    with pytest.raises(SdspruneError, match="--limit"):
+        evaluate_tasks("no-such-model", ["bigbench:winowhy"], limit=0)
+
+
+def test_standard_task_offline_names_the_missing_dataset(monkeypatch):
+    """Standard harness tasks need the hub; offline that is one clear error, before loading.
+
+    The harness's task index (6 s to build) is replaced by one entry shaped like its own.
+    """
+    import lm_eval.tasks
+    from lm_eval.tasks._index import Entry, Kind
+
+    from sdsprune import hub
+
+    class OfflineManager:
+        def __init__(self):
+            self.all_tasks = ["piqa"]
+            entry = Entry("piqa", Kind.TASK, None, cfg={"dataset_path": "baber/piqa"})
+            self.task_index = {"piqa": entry}
+
+        def load(self, names):
+            raise ConnectionError("Couldn't reach 'baber/piqa' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", OfflineManager)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "go_offline_unless_reachable", lambda: None)
+    with pytest.raises(
+        SdspruneError, match=r"task 'piqa' needs the dataset baber/piqa.*unreachable"
+    ):
+        evaluate_tasks("no-such-model", ["piqa"])
+    with pytest.raises(SdspruneError, match="unknown task"):
+        evaluate_tasks("no-such-model", ["no_such_task"])
