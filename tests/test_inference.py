@@ -43,9 +43,8 @@ def kernels_used(model) -> set[type]:
 def fixed_timer(speeds: dict[str, float]):
     """A timer that reports fixed times per kernel (what a real measurement might say)."""
 
-    def timer(kernel, fn):
-        fn()  # still run it: the module must work
-        return speeds[kernel]
+    def timer(contenders, _tokens):
+        return {name: (fn(), speeds[name])[1] for name, fn in contenders.items()}
 
     return timer
 
@@ -103,22 +102,21 @@ def test_auto_keeps_dense_where_sparse_is_slower():
 
 
 def test_auto_picks_sparse_only_when_faster_at_every_probe_size():
-    timings = iter([])
+    def timer_from(csr_by_tokens):
+        def timer(contenders, tokens):
+            return {"dense": 1.0, "csr": csr_by_tokens[tokens]}
 
-    def timer(kernel, fn):
-        fn()
-        return next(timings)
+        return timer
 
     model = pruned_model("unstructured")
-    # per layer: dense @1, dense @16, csr @1, csr @16 (bsr is ineligible, never timed)
-    timings = iter([1.0, 1.0, 0.5, 2.0] * 14)
-    assert apply_backend(model, "auto", timer=timer).counts() == {"dense": 14}
+    slow_prefill = timer_from({1: 0.5, 16: 2.0})
+    assert apply_backend(model, "auto", timer=slow_prefill).counts() == {"dense": 14}
     model = pruned_model("unstructured")
     expected = logits(model)
-    timings = iter([1.0, 1.0, 0.5, 0.5] * 14)
-    report = apply_backend(model, "auto", timer=timer)
+    report = apply_backend(model, "auto", timer=timer_from({1: 0.5, 16: 0.5}))
     assert report.counts() == {"csr": 14}
     assert report.layers[0].reason == "measured faster than dense"
+    assert report.layers[0].timings_us["csr"] == {1: 500000.0, 16: 500000.0}
     torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
 
 

@@ -36,7 +36,9 @@ AUTO_MARGIN = 1.05  # a sparse kernel must be >= 5% faster than dense to be chos
 PROBE_TOKENS = (1, 16)
 REPORT_ATTR = "sdsprune_backend"
 
-Timer = Callable[[str, Callable[[], object]], float]
+# Given {kernel: fn} (all run on a ``tokens``-row input), return {kernel: seconds per call}. Interleaving the calls matters on a
+# shared machine: a burst of load from elsewhere then slows every contender, not just one.
+Timer = Callable[[dict[str, Callable[[], object]], int], dict[str, float]]
 
 
 @dataclass
@@ -93,7 +95,7 @@ def apply_backend(
 ) -> BackendReport:
     """Replace pruned decoder-block linears of ``model`` in place; return what was chosen.
 
-    ``timer(kernel, fn) -> seconds`` and ``converters`` (kernel -> module factory) are
+    ``timer({kernel: fn}, tokens) -> {kernel: seconds}`` and ``converters`` (kernel -> module factory) are
     injectable so that the choice logic can be tested deterministically on a CPU.
     """
     if backend not in BACKENDS:
@@ -203,17 +205,20 @@ def _race(
         tokens: torch.randn(tokens, linear.in_features, dtype=weight.dtype, device=weight.device)
         for tokens in probe_tokens
     }
+    times: dict[int, dict[str, float]] = {}
     with torch.inference_mode():
-        dense = {t: timer("dense", lambda x=x: linear(x)) for t, x in inputs.items()}
-        choice.timings_us["dense"] = {t: round(s * 1e6, 1) for t, s in dense.items()}
-        winners = []
-        for kernel, module in candidates.items():
-            times = {t: timer(kernel, lambda x=x, m=module: m(x)) for t, x in inputs.items()}
-            choice.timings_us[kernel] = {t: round(s * 1e6, 1) for t, s in times.items()}
-            if all(times[t] * margin < dense[t] for t in inputs):
-                winners.append((sum(times[t] / dense[t] for t in inputs), kernel))
-            else:
-                reasons.append(f"{kernel} not faster than dense at every probe size")
+        for tokens, x in inputs.items():
+            contenders = {"dense": lambda x=x: linear(x)}
+            contenders.update({k: (lambda x=x, m=m: m(x)) for k, m in candidates.items()})
+            times[tokens] = timer(contenders, tokens)
+    for kernel in ["dense", *candidates]:
+        choice.timings_us[kernel] = {t: round(times[t][kernel] * 1e6, 1) for t in inputs}
+    winners = []
+    for kernel in candidates:
+        if all(times[t][kernel] * margin < times[t]["dense"] for t in inputs):
+            winners.append((sum(times[t][kernel] / times[t]["dense"] for t in inputs), kernel))
+        else:
+            reasons.append(f"{kernel} not faster than dense at every probe size")
     if not winners:
         choice.reason = "; ".join(reasons)
         return choice, None
@@ -223,23 +228,28 @@ def _race(
 
 
 def _default_timer(device: torch.device, repeats: int = 5, inner: int = 3) -> Timer:
-    """Median over ``repeats`` of the mean of ``inner`` calls, after one warm-up call."""
+    """Per contender, the median over ``repeats`` rounds of the mean of ``inner`` calls.
+
+    Each round times every contender once, in turn, after one warm-up call each.
+    """
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def timer(_kernel: str, fn: Callable[[], object]) -> float:
-        fn()
-        samples = []
+    def timer(contenders: dict[str, Callable[[], object]], _tokens: int) -> dict[str, float]:
+        samples: dict[str, list[float]] = {name: [] for name in contenders}
+        for fn in contenders.values():
+            fn()
         for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            sync()
-            samples.append((time.perf_counter() - start) / inner)
-        return statistics.median(samples)
+            for name, fn in contenders.items():
+                sync()
+                start = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                sync()
+                samples[name].append((time.perf_counter() - start) / inner)
+        return {name: statistics.median(values) for name, values in samples.items()}
 
     return timer
 
