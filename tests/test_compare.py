@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from sdsprune import compare as compare_module
 from sdsprune.compare import Run, compare, parse_runs
 from sdsprune.errors import SdspruneError
 from sdsprune.models import load_model
 
 prune_module = importlib.import_module("sdsprune.prune")
+compare_module = importlib.import_module("sdsprune.compare")
 
 
 @pytest.fixture

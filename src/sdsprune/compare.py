@@ -259,7 +259,7 @@ def _execute(run: Run, folder: Path, settings: dict, windows, device, dtype, sds
         },
         "figures": figures,
         "seconds": {
-            "prune": round(prune_seconds, 2),
+            "prune": None if run.method == "dense" else round(prune_seconds, 2),
             "total": round(time.perf_counter() - start, 2),
         },
     }
@@ -393,7 +393,7 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
         achieved = run["prune"].get("summary", {}).get("sparsity")
         lines.append(
             f"| {_method_name(run)} | {run['run']['sparsity'] or '0%'} | "
-            f"{run['seconds']['prune']:.0f} | {run['seconds']['total']:.0f} | "
+            f"{_seconds(run['seconds']['prune'])} | {run['seconds']['total']:.0f} | "
             + ("—" if achieved is None else f"{100 * achieved:.1f}%")
             + " |"
         )
@@ -402,6 +402,10 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
         lines += ["", "## Figures", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in [*plots, *figures]]
     return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
 
 
 def _method_name(run: dict) -> str:

@@ -33,13 +33,27 @@ def perplexity_plot(folder: Path, results: dict) -> str | None:
     if not datasets:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.4 * len(datasets), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7.6 * len(datasets), 4.4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        _bars(ax, results, lambda run, d=dataset: run["perplexity"].get(d), "{:.1f}")
+        values = _bars(ax, results, lambda run, d=dataset: run["perplexity"].get(d), "{:.1f}")
         ax.set_yscale("log")
+        _plain_log_ticks(ax)
+        if values:  # room above the tallest bar for its label, in log space
+            low, high = min(values), max(values)
+            ax.set_ylim(low / (high / low) ** 0.08 / 1.02, high * (high / low) ** 0.12 * 1.02)
         ax.set_ylabel(f"{dataset} perplexity (log scale, lower is better)")
         ax.set_title(f"Perplexity on {dataset}")
     return _save(fig, folder / "perplexity.png", folder)
+
+
+def _plain_log_ticks(ax) -> None:
+    """Tick labels such as 20, 50, 100 instead of 2x10^1 on a log axis."""
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda y, _pos: f"{y:.4g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
 def accuracy_plot(folder: Path, results: dict) -> str | None:
@@ -47,12 +61,12 @@ def accuracy_plot(folder: Path, results: dict) -> str | None:
     from sdsprune.compare import mean_accuracy
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
     _bars(ax, results, lambda run: _percent(mean_accuracy(run)), "{:.1f}")
     chance = _mean_chance(results)
     if chance is not None:
         ax.axhline(100 * chance, color="black", linestyle=":", linewidth=1, label="chance")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_ylabel("mean accuracy, % (higher is better)")
     ax.set_title("Zero-shot accuracy: " + ", ".join(results["settings"]["tasks"]), fontsize=9)
     return _save(fig, folder / "accuracy.png", folder)
@@ -73,13 +87,15 @@ def _mean_chance(results: dict) -> float | None:
     return sum(chances) / len(chances)
 
 
-def _bars(ax, results: dict, value_of, fmt: str) -> None:
+def _bars(ax, results: dict, value_of, fmt: str) -> list[float]:
+    """Draw the grouped bars and the dense line; return every plotted value."""
     runs = results["runs"]
     dense = next((run for run in runs if run["run"]["method"] == "dense"), None)
     pruned = [run for run in runs if run["run"]["method"] != "dense"]
     sparsities = list(dict.fromkeys(run["run"]["sparsity"] for run in pruned))
     labels = list(dict.fromkeys(run["label"] for run in pruned))
     width = 0.8 / max(len(labels), 1)
+    plotted: list[float] = []
     for i, label in enumerate(labels):
         xs, heights = [], []
         for j, sparsity in enumerate(sparsities):
@@ -91,9 +107,11 @@ def _bars(ax, results: dict, value_of, fmt: str) -> None:
             if value is not None:
                 xs.append(j + (i - (len(labels) - 1) / 2) * width)
                 heights.append(value)
+        plotted += heights
         bars = ax.bar(xs, heights, width, label=label, color=_COLORS.get(label))
         ax.bar_label(bars, labels=[fmt.format(h) for h in heights], fontsize=7, padding=1)
     if dense is not None and value_of(dense) is not None:
+        plotted.append(value_of(dense))
         ax.axhline(value_of(dense), color=_COLORS["dense"], linestyle="--", linewidth=1.2)
         ax.annotate(
             f"dense {fmt.format(value_of(dense))}",
@@ -106,8 +124,9 @@ def _bars(ax, results: dict, value_of, fmt: str) -> None:
     ax.set_xticks(range(len(sparsities)), [f"sparsity {s}" for s in sparsities])
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.set_axisbelow(True)
-    if labels:
-        ax.legend(fontsize=8, loc="upper left")
+    if labels:  # outside the axes, so it never hides a bar
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return plotted
 
 
 def _save(fig, target: Path, folder: Path) -> str:
