@@ -1,0 +1,403 @@
+"""Inference benchmark: dense versus sparse backends, measured side by side in one run.
+
+Every backend loads its own copy of the model; then each repeat runs every workload on
+every backend in turn (the order rotates each repeat), so that load from other processes
+on a shared machine hits all backends alike. Speedups are ratios of medians measured in
+this run only, and a verdict says "faster"/"slower" only when the interquartile ranges of
+the two sample sets do not overlap.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdsprune.errors import SdspruneError
+from sdsprune.export import check_model_folder, is_sparse_checkpoint, read_manifest
+from sdsprune.inference import available_kernels, backend_report, load
+from sdsprune.models import model_linears
+from sdsprune.runinfo import library_versions, peak_memory
+from sdsprune.utils import resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+MIN_SAMPLES_FOR_VERDICT = 3
+
+
+@dataclass
+class BenchSettings:
+    """What is measured; the defaults take a few minutes for a 135M model on 2 CPU cores."""
+
+    repeats: int = 5
+    warmup: int = 1
+    prompt_tokens: int = 128
+    decode_tokens: int = 16
+    batch_sizes: tuple[int, ...] = (1, 8)
+    seed: int = 0
+
+
+@dataclass
+class _Contender:
+    name: str
+    model: nn.Module
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+
+def default_backends(device: torch.device) -> list[str]:
+    """dense, every sparse kernel usable on ``device``, and auto."""
+    return ["dense", *available_kernels(device), "auto"]
+
+
+def run_bench(
+    model_dir: str | Path,
+    *,
+    backends: Sequence[str] | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    settings: BenchSettings | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Prefill throughput and per-token decode latency of ``model_dir`` under each backend.
+
+    ``dtype`` auto means float32 on CPU (torch's CPU sparse kernels need it) and bfloat16 on
+    GPU. A sparse backend that leaves every layer dense is reported as skipped rather than
+    timed, unless it is ``auto`` (whose "all dense" is itself the answer).
+    """
+    settings = settings or BenchSettings()
+    _check_settings(settings)
+    folder = check_model_folder(model_dir)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    requested = list(backends) if backends else default_backends(dev)
+    # dense is always measured, first: it is the baseline of every speedup.
+    names = ["dense", *dict.fromkeys(n for n in requested if n != "dense")]
+    say = progress or (lambda _msg: None)
+    contenders, loads, skipped = _load_all(folder, names, dev, torch_dtype, say)
+    checks = _check_outputs(contenders, settings, dev)
+    _measure(contenders, settings, dev, say)
+    return {
+        "model": str(folder),
+        "checkpoint": _checkpoint_info(folder, contenders[0].model),
+        "device": str(dev),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "settings": settings.__dict__ | {"batch_sizes": list(settings.batch_sizes)},
+        "backends": {
+            c.name: loads[c.name] | {"max_abs_logit_diff_vs_dense": checks[c.name]}
+            for c in contenders
+        },
+        "skipped": skipped,
+        "results": _summarise(contenders, settings.prompt_tokens),
+        "memory": peak_memory(),
+        "versions": library_versions(),
+    }
+
+
+def _check_settings(settings: BenchSettings) -> None:
+    if settings.repeats < 1 or settings.prompt_tokens < 1 or settings.decode_tokens < 1:
+        raise SdspruneError("repeats, prompt tokens and decode tokens must be at least 1")
+    if not settings.batch_sizes or min(settings.batch_sizes) < 1:
+        raise SdspruneError("batch sizes must be positive integers, e.g. 1,8")
+
+
+def _load_all(folder: Path, names: list[str], dev, dtype, say) -> tuple[list, dict, dict]:
+    contenders, loads, skipped = [], {}, {}
+    for name in names:
+        say(f"loading {folder.name} with backend {name}")
+        before = _cuda_allocated(dev)
+        start = time.perf_counter()
+        loaded = load(folder, backend=name, device=dev, dtype=dtype)
+        seconds = time.perf_counter() - start
+        report = backend_report(loaded.model)
+        kernels = report.counts() if report else {"dense": 0}
+        if name not in ("dense", "auto") and set(kernels) == {"dense"}:
+            reason = report.layers[0].reason if report and report.layers else "no layers"
+            skipped[name] = f"no layer can use it ({reason})"
+            del loaded
+            gc.collect()
+            continue
+        loads[name] = {
+            "kernels": kernels,
+            "load_seconds": round(seconds, 2),
+            "weights_mib": round(_module_bytes(loaded.model) / 2**20, 1),
+        }
+        if dev.type == "cuda":
+            loads[name]["cuda_weights_mib"] = round((_cuda_allocated(dev) - before) / 2**20, 1)
+        contenders.append(_Contender(name, loaded.model))
+    return contenders, loads, skipped
+
+
+def _cuda_allocated(dev: torch.device) -> int:
+    return torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+
+
+def _module_bytes(model: nn.Module) -> int:
+    """Bytes held by parameters and buffers, counting sparse tensors' index arrays too."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        for part in _storage_parts(tensor):
+            key = (part.data_ptr(), part.numel())
+            if key not in seen:
+                seen.add(key)
+                total += part.numel() * part.element_size()
+    return total
+
+
+def _storage_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    if tensor.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [tensor.crow_indices(), tensor.col_indices(), tensor.values()]
+    if type(tensor).__name__.startswith("SparseSemiStructured"):  # CUDA 2:4 subclass
+        names, _ = tensor.__tensor_flatten__()
+        return [part for n in names if (part := getattr(tensor, n, None)) is not None]
+    return [tensor]
+
+
+def _checkpoint_info(folder: Path, model: nn.Module) -> dict:
+    """Format, and the measured sparsity of the prunable layers (whatever made the zeros)."""
+    total = zeros = 0
+    for layer in model_linears(model).values():
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.layout == torch.strided:
+            total += weight.numel()
+            zeros += weight.numel() - int(weight.count_nonzero())
+    info = {"format": "sparse" if is_sparse_checkpoint(folder) else "dense"}
+    if total:
+        info["prunable_sparsity"] = round(zeros / total, 4)
+    if info["format"] == "sparse":
+        info["patterns"] = read_manifest(folder)["sizes"].get("patterns", {})
+    return info
+
+
+def _inputs(settings: BenchSettings, batch: int, tokens: int, dev, vocab: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(settings.seed + batch)
+    return torch.randint(0, vocab, (batch, tokens), generator=generator).to(dev)
+
+
+def _vocab(model: nn.Module) -> int:
+    return int(getattr(model.config, "vocab_size", 256))
+
+
+def _check_outputs(contenders: list[_Contender], settings: BenchSettings, dev) -> dict:
+    """Largest logit difference of each backend from dense on one prompt (0 for dense)."""
+    ids = _inputs(settings, 1, min(settings.prompt_tokens, 32), dev, _vocab(contenders[0].model))
+    with torch.inference_mode():
+        reference = contenders[0].model(ids).logits.float()
+        return {
+            c.name: round((c.model(ids).logits.float() - reference).abs().max().item(), 6)
+            for c in contenders
+        }
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _prefill_seconds(model: nn.Module, ids: torch.Tensor, dev) -> float:
+    _sync(dev)
+    start = time.perf_counter()
+    model(ids, use_cache=True)
+    _sync(dev)
+    return time.perf_counter() - start
+
+
+def _decode_seconds_per_token(model: nn.Module, ids: torch.Tensor, steps: int, dev) -> float:
+    """Greedy decoding with the KV cache after an untimed prefill; mean seconds per step."""
+    cache_kw = _cache_keyword(model)
+    out = model(ids, use_cache=True)
+    token = out.logits[:, -1:].argmax(dim=-1)
+    _sync(dev)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(token, use_cache=True, **{cache_kw: _cache_of(out)})
+        token = out.logits[:, -1:].argmax(dim=-1)
+    _sync(dev)
+    return (time.perf_counter() - start) / steps
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache``; accept both."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out) -> object:
+    return out.get("cache", None) or out.get("past_key_values", None)
+
+
+def _measure(contenders: list[_Contender], settings: BenchSettings, dev, say) -> None:
+    vocab = _vocab(contenders[0].model)
+    inputs = {
+        b: _inputs(settings, b, settings.prompt_tokens, dev, vocab) for b in settings.batch_sizes
+    }
+    rounds = settings.warmup + settings.repeats
+    for round_index in range(rounds):
+        label = "warm-up" if round_index < settings.warmup else "repeat"
+        say(f"{label} {round_index + 1}/{rounds}")
+        shift = round_index % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
+            times = _one_round(contender.model, inputs, settings, dev)
+            if round_index >= settings.warmup:
+                for key, seconds in times.items():
+                    contender.samples.setdefault(key, []).append(seconds)
+            if dev.type == "cuda":
+                contender.samples.setdefault("peak_cuda_mib", []).append(
+                    torch.cuda.max_memory_allocated(dev) / 2**20
+                )
+                torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _one_round(model: nn.Module, inputs: dict, settings: BenchSettings, dev) -> dict[str, float]:
+    times = {}
+    with torch.inference_mode():
+        for batch, ids in inputs.items():
+            times[f"prefill/{batch}"] = _prefill_seconds(model, ids, dev)
+            times[f"decode/{batch}"] = _decode_seconds_per_token(
+                model, ids, settings.decode_tokens, dev
+            )
+    return times
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    if len(ordered) >= 2:
+        p25, _, p75 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        p25 = p75 = ordered[0]
+    return {
+        "median": statistics.median(ordered),
+        "p25": p25,
+        "p75": p75,
+        "min": ordered[0],
+        "max": ordered[-1],
+    }
+
+
+def _verdict(backend: list[float], dense: list[float]) -> str:
+    """Faster/slower only when the interquartile ranges do not overlap, on >= 3 samples each."""
+    if min(len(backend), len(dense)) < MIN_SAMPLES_FOR_VERDICT:
+        return "too few repeats"
+    mine, base = _stats(backend), _stats(dense)
+    if mine["p75"] < base["p25"]:
+        return "faster"
+    if mine["p25"] > base["p75"]:
+        return "slower"
+    return "no clear difference"
+
+
+def _summarise(contenders: list[_Contender], prompt_tokens: int) -> list[dict]:
+    """One row per backend and workload; speedups against this run's dense samples only."""
+    dense = contenders[0]
+    rows = []
+    for contender in contenders:
+        peaks = contender.samples.get("peak_cuda_mib")
+        for key, samples in contender.samples.items():
+            if key == "peak_cuda_mib":
+                continue
+            workload, batch = key.split("/")
+            stats, base = _stats(samples), _stats(dense.samples[key])
+            row = {
+                "backend": contender.name,
+                "workload": workload,
+                "batch": int(batch),
+                "seconds": {k: round(v, 6) for k, v in stats.items()},
+                "samples": [round(s, 6) for s in samples],
+                "speedup_vs_dense": round(base["median"] / stats["median"], 3),
+                "verdict": (
+                    "baseline" if contender is dense else _verdict(samples, dense.samples[key])
+                ),
+                **_rates(workload, int(batch) * prompt_tokens, stats),
+            }
+            if peaks:
+                row["peak_cuda_mib"] = round(max(peaks), 1)
+            rows.append(row)
+    return rows
+
+
+def _rates(workload: str, prefill_tokens: int, stats: dict) -> dict:
+    """Human units: prefill tokens per second, decode milliseconds per token (with IQR)."""
+    if workload == "prefill":
+        rate = [prefill_tokens / stats[k] for k in ("median", "p75", "p25")]
+        return {
+            "unit": "tokens/s",
+            "value": round(rate[0], 1),
+            "iqr": [round(rate[1], 1), round(rate[2], 1)],
+        }
+    ms = [stats[k] * 1e3 for k in ("median", "p25", "p75")]
+    return {"unit": "ms/token", "value": round(ms[0], 3), "iqr": [round(ms[1], 3), round(ms[2], 3)]}
+
+
+def write_json(report: dict, path: str | Path) -> Path:
+    """Write the report atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def render_table(report: dict):
+    """A rich table of the report: one row per backend and workload."""
+    from rich.table import Table
+
+    settings = report["settings"]
+    title = (
+        f"{Path(report['model']).name}: {report['device']} {report['dtype']}, "
+        f"{report['threads']} threads, prompt {settings['prompt_tokens']} tokens, "
+        f"decode {settings['decode_tokens']} tokens, {settings['repeats']} repeats (medians)"
+    )
+    table = Table(title=title)
+    for column in (
+        "backend",
+        "kernels",
+        "workload",
+        "batch",
+        "median",
+        "IQR",
+        "vs dense",
+        "verdict",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("backend", "kernels", "workload") else "right"
+        )
+    for row in report["results"]:
+        kernels = report["backends"][row["backend"]]["kernels"]
+        low, high = row["iqr"]
+        table.add_row(
+            row["backend"],
+            ", ".join(f"{k} {v}" for k, v in kernels.items()),
+            row["workload"],
+            str(row["batch"]),
+            f"{row['value']:.1f} {row['unit']}"
+            if row["unit"] == "tokens/s"
+            else f"{row['value']:.2f} {row['unit']}",
+            f"{low:.1f}-{high:.1f}" if row["unit"] == "tokens/s" else f"{low:.2f}-{high:.2f}",
+            f"{row['speedup_vs_dense']:.2f}x",
+            row["verdict"],
+        )
+    return table
+
+
+def render_notes(report: dict) -> list[str]:
+    """Lines that belong under the table: skipped backends, memory, output agreement."""
+    notes = [f"skipped {name}: {why}" for name, why in report["skipped"].items()]
+    for name, info in report["backends"].items():
+        notes.append(
+            f"{name}: weights {info['weights_mib']} MiB, load {info['load_seconds']} s, "
+            f"max |logit - dense| {info['max_abs_logit_diff_vs_dense']}"
+        )
+    memory = ", ".join(f"{k} {v}" for k, v in report["memory"].items())
+    notes.append(f"process peak memory (all backends together): {memory}")
+    return notes
