@@ -48,37 +48,70 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 def eval_command(
     model: ModelArg = "smollm2-135m",
     dataset: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Comma-separated corpora: wiki, wikitext2, ptb, c4, or .txt/.jsonl files."
+            help="Comma-separated corpora: wiki, wikitext2, ptb, c4, or .txt/.jsonl files "
+            "(default: wiki, or none when --tasks is given)."
         ),
-    ] = "wiki",
+    ] = None,
     seqlen: Annotated[int, typer.Option(help="Tokens per evaluation chunk.")] = 2048,
     max_chunks: Annotated[
         int | None, typer.Option(help="Evaluate only the first K chunks (default: all).")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Chunks per forward pass (default: by memory).")
+        int | None,
+        typer.Option(help="Chunks (perplexity) or requests (tasks) per forward pass."),
     ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated zero-shot tasks: bigbench:NAME (offline; social_iqa, winowhy, "
+            "goal_step_wikihow, cause_and_effect, ...) or lm-eval tasks (piqa, arc_easy, "
+            "hellaswag, ...; these need the Hugging Face hub)."
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="Score at most N examples per task (bigbench: a seeded random subset)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bigbench --limit subset.")] = 42,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Perplexity of a model on one or more corpora (reference protocol)."""
+    """Perplexity on corpora and/or zero-shot accuracy on tasks (lm-evaluation-harness)."""
     from sdsprune.api import evaluate_model
+    from sdsprune.evaluate.zeroshot import check_task_names, evaluate_tasks
+    from sdsprune.models import load_model
 
-    report = evaluate_model(
-        model,
-        datasets=_split_list(dataset),
-        seqlen=seqlen,
-        max_chunks=max_chunks,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-    )
+    task_list = _split_list(tasks) if tasks else []
+    corpora = _split_list(dataset) if dataset else ([] if task_list else ["wiki"])
+    check_task_names(task_list)
+    loaded = load_model(model, device=device, dtype=dtype)
+    report = None
+    if corpora:
+        report = evaluate_model(
+            loaded, datasets=corpora, seqlen=seqlen, max_chunks=max_chunks, batch_size=batch_size
+        )
+    zeroshot = None
+    if task_list:
+        zeroshot = evaluate_tasks(
+            loaded, task_list, limit=limit, seed=seed, batch_size=batch_size or 16
+        )
     if as_json:
-        print(json.dumps(report if len(report["results"]) != 1 else _flatten(report)))
+        if zeroshot is None:
+            print(json.dumps(report if len(report["results"]) != 1 else _flatten(report)))
+        else:
+            combined = {**zeroshot, "perplexity": report["results"] if report else []}
+            print(json.dumps(combined))
         return
+    if report is not None:
+        _print_perplexity_table(report, model)
+    if zeroshot is not None:
+        _print_task_table(zeroshot, model)
+
+
+def _print_perplexity_table(report: dict, model: str) -> None:
     table = Table(title=f"perplexity of {model}")
     for column in ("dataset", "perplexity", "chunks", "seqlen", "tokens", "seconds"):
         table.add_column(column, justify="left" if column == "dataset" else "right")
@@ -94,104 +127,121 @@ def eval_command(
     Console().print(table)
 
 
-@app.command("export")
-def export_command(
-    source: Annotated[str, typer.Argument(help="Saved model folder (dense or sparse).")],
-    out: Annotated[str, typer.Option(help="Folder to write.")],
-    format: Annotated[
-        str, typer.Option("--format", help="sparse (compact: values + bitmask or N:M) or dense.")
-    ] = "sparse",
-    dtype: Annotated[
-        str, typer.Option(help="keep, float16, bfloat16 or float32 for the exported tensors.")
-    ] = "keep",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Write a checkpoint in the compact sparse format, or back to a plain dense one."""
-    from sdsprune.export import export_checkpoint
-
-    report = export_checkpoint(source, out, format=format, dtype=dtype, overwrite=overwrite)
-    if as_json:
-        print(json.dumps(report))
-        return
-    table = Table(title=f"export {source} -> {out} ({format}, dtype {report['dtype']})")
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    if format == "sparse":
-        patterns = ", ".join(f"{k} x{v}" for k, v in report["patterns"].items()) or "none"
+def _print_task_table(report: dict, model: str) -> None:
+    """Accuracies with their standard errors next to chance, so "above chance" is visible."""
+    table = Table(title=f"zero-shot accuracy of {model}")
+    for column in ("task", "acc", "acc_norm", "chance", "examples", "seconds"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for row in report["tasks"]:
         table.add_row(
-            "pruned tensors", f"{report['pruned_tensors']} of {report['prunable_tensors']}"
+            row["task"],
+            _percent(row["acc"], row["acc_stderr"]),
+            _percent(row["acc_norm"], row["acc_norm_stderr"]),
+            "" if row["chance"] is None else f"{100 * row['chance']:.1f}",
+            f"{row['examples']}/{row['total']}",
+            f"{row['seconds']:.1f}",
         )
-        table.add_row("patterns", patterns)
-        if report["pruned_ratio"] is not None:
-            table.add_row("pruned layers vs dense (same dtype)", f"{report['pruned_ratio']:.4f}x")
-        table.add_row("all tensors vs dense (same dtype)", f"{report['total_ratio']:.4f}x")
-    table.add_row("weights file", f"{report['weights_file_bytes'] / 2**20:.1f} MiB")
-    table.add_row("vs source weights file", f"{report['file_ratio_to_source']:.4f}x")
     Console().print(table)
+    seconds = sum(row["seconds"] for row in report["tasks"] if not row["subtasks"])
+    limit = f", at most {report['limit']} examples per task (seed {report['seed']})"
+    Console().print(
+        f"{len(report['tasks'])} task(s) in {seconds:.0f} s{limit if report['limit'] else ''}; "
+        "accuracies in %, ± one standard error"
+    )
 
 
-@app.command("bench")
-def bench_command(
-    model_dir: Annotated[str, typer.Argument(help="Saved model folder (dense or sparse).")],
-    backends: Annotated[
-        str | None,
+def _percent(value: float, stderr: float | None) -> str:
+    return f"{100 * value:.1f}" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
+
+
+@app.command("compare")
+def compare_command(
+    model: ModelArg = "smollm2-135m",
+    methods: Annotated[
+        str,
         typer.Option(
-            help="Comma-separated: dense, csr, bsr, semi-structured, auto (default: all usable here)."
+            help="Comma-separated: dense, magnitude, wanda, sparsegpt, sds:<base> (sds = "
+            "sds:sparsegpt)."
         ),
+    ] = "dense,wanda,sparsegpt,sds:wanda,sds:sparsegpt",
+    sparsity: Annotated[
+        str, typer.Option(help="Comma-separated sparsities: fractions (0.5) or N:M (2:4).")
+    ] = "2:4,0.5",
+    calib: Annotated[str, typer.Option(help="Calibration corpus (wiki, c4, wikitext2, ptb, file).")] = "wiki",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows (shared by all methods).")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sampling.")] = 0,
+    dataset: Annotated[
+        str, typer.Option(help="Comma-separated evaluation corpora (none: empty string).")
+    ] = "wiki",
+    eval_seqlen: Annotated[
+        int | None, typer.Option(help="Evaluation chunk length (default: --seqlen).")
     ] = None,
-    repeats: Annotated[int, typer.Option(help="Measured repeats (medians are reported).")] = 5,
-    warmup: Annotated[int, typer.Option(help="Unmeasured warm-up rounds.")] = 1,
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prefill.")] = 128,
-    decode_tokens: Annotated[int, typer.Option(help="Tokens decoded per measurement.")] = 16,
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
-    threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads (default: torch's).")
+    max_chunks: Annotated[int | None, typer.Option(help="Evaluate only the first K chunks.")] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="Comma-separated zero-shot tasks, as in `sdsprune eval`.")
     ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most N examples per task.")] = None,
+    task_seed: Annotated[int, typer.Option(help="Seed of the bigbench --limit subset.")] = 42,
     out: Annotated[
-        str | None, typer.Option(help="Also write the JSON report to this file.")
+        str | None,
+        typer.Option(help="Results folder; finished runs in it are reused (default: runs/compare-MODEL)."),
     ] = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Prefill throughput and decode latency: dense versus each sparse backend, one run."""
-    import torch
+    """Compare dense and pruning methods at several sparsities (resumable; table and plots).
 
-    from sdsprune.bench import BenchSettings, render_notes, render_table, run_bench, write_json
+    Every method prunes the same calibration windows; the folder gets results.json,
+    results.md (a paper-style table) and PNG plots. Finished runs in it are not recomputed.
+    """
+    from sdsprune.compare import compare, default_out
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    settings = BenchSettings(
-        repeats=repeats,
-        warmup=warmup,
-        prompt_tokens=prompt_tokens,
-        decode_tokens=decode_tokens,
-        batch_sizes=tuple(_split_ints(batch_sizes)),
-    )
-    report = run_bench(
-        model_dir,
-        backends=_split_list(backends) if backends else None,
+    folder = out or str(default_out(model))
+    results = compare(
+        model,
+        methods=_split_list(methods),
+        sparsities=_split_list(sparsity),
+        calib=calib,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        datasets=[d for d in dataset.split(",") if d.strip()],
+        tasks=_split_list(tasks) if tasks else [],
+        eval_seqlen=eval_seqlen,
+        max_chunks=max_chunks,
+        limit=limit,
+        task_seed=task_seed,
+        out=folder,
         device=device,
         dtype=dtype,
-        settings=settings,
-        progress=lambda message: console.print(f"[dim]{message}[/]", highlight=False),
     )
-    if out:
-        write_json(report, out)
     if as_json:
-        print(json.dumps(report))
+        print(json.dumps(results))
         return
-    Console().print(render_table(report))
-    for line in render_notes(report):
-        Console().print(line, highlight=False)
+    _print_compare_table(results, folder)
 
 
-def _split_ints(value: str) -> list[int]:
-    try:
-        return [int(item) for item in _split_list(value)]
-    except ValueError as exc:
-        raise SdspruneError(f"expected comma-separated integers, got '{value}'") from exc
+def _print_compare_table(results: dict, folder: str) -> None:
+    from sdsprune.compare import mean_accuracy
+
+    settings = results["settings"]
+    table = Table(title=f"comparison of {settings['model']} ({folder})")
+    columns = ["method", "sparsity", *(f"{d} ppl" for d in settings["datasets"])]
+    columns += ["mean acc %"] if settings["tasks"] else []
+    for column in [*columns, "prune s"]:
+        table.add_column(column, justify="left" if column in ("method", "sparsity") else "right")
+    for run in results["runs"]:
+        cells = [run["label"], run["run"]["sparsity"] or "-"]
+        cells += [f"{run['perplexity'][d]:.2f}" for d in settings["datasets"]]
+        if settings["tasks"]:
+            mean = mean_accuracy(run)
+            cells.append("-" if mean is None else f"{100 * mean:.1f}")
+        seconds = run["seconds"]["prune"]
+        table.add_row(*cells, "-" if seconds is None else f"{seconds:.0f}")
+    Console().print(table)
+    Console().print(f"wrote {folder}/results.json, results.md and plots (PNG)")
 
 
 def _flatten(report: dict) -> dict:
