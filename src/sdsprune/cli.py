@@ -244,6 +244,106 @@ def _print_compare_table(results: dict, folder: str) -> None:
     Console().print(f"wrote {folder}/results.json, results.md and plots (PNG)")
 
 
+@app.command("export")
+def export_command(
+    source: Annotated[str, typer.Argument(help="Saved model folder (dense or sparse).")],
+    out: Annotated[str, typer.Option(help="Folder to write.")],
+    format: Annotated[
+        str, typer.Option("--format", help="sparse (compact: values + bitmask or N:M) or dense.")
+    ] = "sparse",
+    dtype: Annotated[
+        str, typer.Option(help="keep, float16, bfloat16 or float32 for the exported tensors.")
+    ] = "keep",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a checkpoint in the compact sparse format, or back to a plain dense one."""
+    from sdsprune.export import export_checkpoint
+
+    report = export_checkpoint(source, out, format=format, dtype=dtype, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"export {source} -> {out} ({format}, dtype {report['dtype']})")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    if format == "sparse":
+        patterns = ", ".join(f"{k} x{v}" for k, v in report["patterns"].items()) or "none"
+        table.add_row(
+            "pruned tensors", f"{report['pruned_tensors']} of {report['prunable_tensors']}"
+        )
+        table.add_row("patterns", patterns)
+        if report["pruned_ratio"] is not None:
+            table.add_row("pruned layers vs dense (same dtype)", f"{report['pruned_ratio']:.4f}x")
+        table.add_row("all tensors vs dense (same dtype)", f"{report['total_ratio']:.4f}x")
+    table.add_row("weights file", f"{report['weights_file_bytes'] / 2**20:.1f} MiB")
+    table.add_row("vs source weights file", f"{report['file_ratio_to_source']:.4f}x")
+    Console().print(table)
+
+
+@app.command("bench")
+def bench_command(
+    model_dir: Annotated[str, typer.Argument(help="Saved model folder (dense or sparse).")],
+    backends: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: dense, csr, bsr, semi-structured, auto (default: all usable here)."
+        ),
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Measured repeats (medians are reported).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Unmeasured warm-up rounds.")] = 1,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prefill.")] = 128,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens decoded per measurement.")] = 16,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (default: torch's).")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Also write the JSON report to this file.")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Prefill throughput and decode latency: dense versus each sparse backend, one run."""
+    import torch
+
+    from sdsprune.bench import BenchSettings, render_notes, render_table, run_bench, write_json
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    settings = BenchSettings(
+        repeats=repeats,
+        warmup=warmup,
+        prompt_tokens=prompt_tokens,
+        decode_tokens=decode_tokens,
+        batch_sizes=tuple(_split_ints(batch_sizes)),
+    )
+    report = run_bench(
+        model_dir,
+        backends=_split_list(backends) if backends else None,
+        device=device,
+        dtype=dtype,
+        settings=settings,
+        progress=lambda message: console.print(f"[dim]{message}[/]", highlight=False),
+    )
+    if out:
+        write_json(report, out)
+    if as_json:
+        print(json.dumps(report))
+        return
+    Console().print(render_table(report))
+    for line in render_notes(report):
+        Console().print(line, highlight=False)
+
+
+def _split_ints(value: str) -> list[int]:
+    try:
+        return [int(item) for item in _split_list(value)]
+    except ValueError as exc:
+        raise SdspruneError(f"expected comma-separated integers, got '{value}'") from exc
+
+
 def _flatten(report: dict) -> dict:
     """With one corpus, put its numbers at the top level for easy scripting."""
     flat = {key: value for key, value in report.items() if key != "results"}
