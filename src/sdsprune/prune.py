@@ -177,6 +177,7 @@ def _run_one_shot(net, windows, pruner, pattern, compute, timer, progress) -> di
             compute,
             desc=f"{pruner.name} {pattern}",
             progress=progress,
+            timer=timer,
         )
 
 

@@ -74,3 +74,19 @@ def cache_dir() -> Path:
     """Where fetched assets and converted checkpoints live (``SDSPRUNE_CACHE`` overrides)."""
     root = os.environ.get("SDSPRUNE_CACHE") or Path.home() / ".cache" / "sdsprune"
     return Path(root)
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run a loop of many small tensor ops on one thread.
+
+    Measured here: SparseGPT's column loop on a 1536 x 576 layer takes 0.11 s on one
+    thread and 1-5 s on two threads of a busy 2-core machine (OpenMP synchronisation per
+    tiny op dominates). Big matmuls elsewhere keep all threads.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

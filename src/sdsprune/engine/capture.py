@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -90,10 +91,8 @@ def capture_block_inputs(
         model.to(device)
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size].to(device)
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
             for record in records[1:]:
                 record.pop("hidden", None)  # only block 0's inputs are kept
     finally:

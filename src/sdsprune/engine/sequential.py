@@ -20,6 +20,7 @@ from sdsprune.engine.capture import ActivationStream
 from sdsprune.engine.stats import StatsCollector
 from sdsprune.errors import SdspruneError
 from sdsprune.models.blocks import block_linears, decoder_blocks
+from sdsprune.runinfo import Timer
 
 
 @dataclass
@@ -72,6 +73,7 @@ def run_blocks(
     progress: bool = True,
     on_block_done=None,
     start_block: int = 0,
+    timer: Timer | None = None,
 ) -> dict[str, dict]:
     """Process every decoder block in order; returns per-layer records ``"i.name" -> dict``."""
     blocks = decoder_blocks(model)
@@ -83,7 +85,9 @@ def run_blocks(
         block = blocks[index]
         home = next(block.parameters()).device
         block.to(device)
-        ctx = _process_block(index, block, stream, dense_stream, processor, device)
+        ctx = _process_block(
+            index, block, stream, dense_stream, processor, device, timer or Timer()
+        )
         block.to(home)
         records.update({f"{index}.{name}": rec for name, rec in ctx.records.items()})
         if on_block_done is not None:
@@ -93,7 +97,7 @@ def run_blocks(
     return records
 
 
-def _process_block(index, block, stream, dense_stream, processor, device) -> BlockContext:
+def _process_block(index, block, stream, dense_stream, processor, device, timer) -> BlockContext:
     linears = block_linears(block)
     ctx = BlockContext(
         index=index,
@@ -109,9 +113,10 @@ def _process_block(index, block, stream, dense_stream, processor, device) -> Blo
         if use_dense:
             ctx.dense_stats = StatsCollector(linears, "gram", keep_inputs=True)
             ctx.stats.cross_source = ctx.dense_stats
-        outputs, dense_outputs = _stats_pass(
-            ctx, stream, dense_stream if use_dense else None, processor
-        )
+        with timer.stage("stats_pass"):
+            outputs, dense_outputs = _stats_pass(
+                ctx, stream, dense_stream if use_dense else None, processor
+            )
         ctx.stats.finalize()
         if ctx.dense_stats is not None:
             ctx.dense_stats.finalize()
@@ -119,9 +124,11 @@ def _process_block(index, block, stream, dense_stream, processor, device) -> Blo
         outputs = dense_outputs = None
     if use_dense and dense_outputs is None:
         raise AssertionError("dense stream requested without a stats pass")
-    processor.process(ctx)
+    with timer.stage("solve"):
+        processor.process(ctx)
     if processor.propagate == "processed" or outputs is None:
-        outputs = _output_pass(ctx, stream)
+        with timer.stage("output_pass"):
+            outputs = _output_pass(ctx, stream)
     stream.hidden = outputs
     if use_dense:
         dense_stream.hidden = dense_outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from sdsprune.errors import SdspruneError
 from sdsprune.pruners.base import InputStats, PruneOutcome, Pruner
 from sdsprune.pruners.patterns import SparsityPattern, lowest_k_mask, nm_mask
+from sdsprune.utils import single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,10 @@ class SparseGPTPruner(Pruner):
         hinv = inverse_hessian_cholesky(H, self.percdamp)
         mask = torch.zeros_like(W, dtype=torch.bool)
         columns = W.shape[1]
-        for start in range(0, columns, self.blocksize):
-            end = min(start + self.blocksize, columns)
-            self._prune_block(W, hinv, mask, start, end, pattern)
+        with single_threaded() if W.device.type == "cpu" else contextlib.nullcontext():
+            for start in range(0, columns, self.blocksize):
+                end = min(start + self.blocksize, columns)
+                self._prune_block(W, hinv, mask, start, end, pattern)
         W.masked_fill_(mask, 0.0)
         return PruneOutcome(W, mask)
 

@@ -1,0 +1,66 @@
+"""Every knob of the SDS pipeline, in one place, with the paper's names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sdsprune.errors import SdspruneError
+
+SCHEDULES = ("fused", "staged")
+DATA_MODES = ("sd", "dd", "kd")
+REDENSE_SOLVERS = ("closed", "fista", "gd")
+ADJUST_SOLVERS = ("accelerated", "gd")
+ADJUST_RULES = ("auto", "always", "never")
+EARLY_EXIT_PARAMS = 3_000_000_000  # the paper skips the adjustment above ~3B parameters
+
+
+@dataclass
+class SDSConfig:
+    """Sparse-Dense-Sparse settings.
+
+    Regularizer scaling [ours]: with c = mean(diag G_ii) (the typical output energy a unit
+    weight carries) and σ = RMS of the dense weights of the layer, re-dense minimises
+
+        tr((A−W) G (A−W)ᵀ) + λ2·c·‖W‖² + λ1·c·σ·‖W‖₁ + μ·c·‖W − W_start‖²
+
+    so every λ is dimensionless: invariant to the scale of the activations and of the weights.
+    ``mu`` is the explicit form of the implicit "few steps from the pruned start" effect.
+    """
+
+    schedule: str = "fused"
+    data_mode: str = "sd"
+    solver: str = "closed"
+    redense_iters: int = 200
+    lr: float = 0.1
+    lambda1: float = 0.0
+    lambda2: float = 0.0
+    mu: float = 1.0
+    residual_start: bool = True
+    adjust: str = "auto"
+    adjust_solver: str = "accelerated"
+    adjust_iters: int = 50
+    rounds: int = 1
+    figure_layer: str | None = None
+
+    def __post_init__(self) -> None:
+        for value, allowed, what in (
+            (self.schedule, SCHEDULES, "schedule"),
+            (self.data_mode, DATA_MODES, "data mode"),
+            (self.solver, REDENSE_SOLVERS, "re-dense solver"),
+            (self.adjust_solver, ADJUST_SOLVERS, "adjustment solver"),
+            (self.adjust, ADJUST_RULES, "adjustment rule"),
+        ):
+            if value not in allowed:
+                raise SdspruneError(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
+        if self.solver == "closed" and self.lambda1 > 0:
+            raise SdspruneError("the closed-form re-dense has no L1 term: use --solver fista or gd")
+        if min(self.lambda1, self.lambda2, self.mu, self.lr) < 0:
+            raise SdspruneError("lambdas, mu and lr must be non-negative")
+        if self.rounds < 1 or self.redense_iters < 1 or self.adjust_iters < 0:
+            raise SdspruneError("rounds and iterations must be positive")
+
+    def adjusts(self, parameters: int) -> bool:
+        """The early-exit rule: ``auto`` skips the adjustment on models above ~3B parameters."""
+        if self.adjust == "auto":
+            return parameters <= EARLY_EXIT_PARAMS
+        return self.adjust == "always"

@@ -1,0 +1,258 @@
+"""The SDS pipeline on top of the sequential engine: ``fused`` and ``staged`` schedules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sdsprune.engine import (
+    BlockContext,
+    BlockProcessor,
+    capture_block_inputs,
+    pick_batch_size,
+    run_blocks,
+)
+from sdsprune.linalg import relative_error
+from sdsprune.models.blocks import model_linears
+from sdsprune.pruners import Pruner, SparsityPattern, get_pruner
+from sdsprune.runinfo import Timer
+from sdsprune.sds.config import SDSConfig
+from sdsprune.sds.figures import StageRecorder
+from sdsprune.sds.solver import adjust, redense
+
+STAGES = ("first_prune", "redense", "second_prune", "final")
+
+
+class _SDSSteps:
+    """The per-layer steps, shared by both schedules."""
+
+    def __init__(
+        self,
+        pruner: Pruner,
+        pattern: SparsityPattern,
+        config: SDSConfig,
+        adjusting: bool,
+        recorder: StageRecorder,
+    ):
+        self.pruner = pruner
+        self.pattern = pattern
+        self.config = config
+        self.adjusting = adjusting
+        self.recorder = recorder
+
+    def data_grams(self, ctx: BlockContext, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G_ii, G_ti) for the configured data mode (sd, dd or kd)."""
+        sparse = ctx.stats.for_layer(name).gram
+        if self.config.data_mode == "sd":
+            return sparse, sparse
+        dense = ctx.dense_stats.for_layer(name).gram
+        if self.config.data_mode == "dd":
+            return dense, dense
+        return sparse, ctx.stats.cross_for_layer(name)
+
+    def first_prune(self, ctx, name, dense) -> torch.Tensor:
+        weight = self.pruner.prune(dense, ctx.stats.for_layer(name), self.pattern).weight
+        self._note(ctx, name, "first_prune", dense, weight)
+        return weight
+
+    def redense(self, ctx, name, dense, pruned) -> torch.Tensor:
+        gram_in, gram_cross = self.data_grams(ctx, name)
+        start = pruned if self.config.residual_start else dense
+        weight = redense(dense, start, gram_in, gram_cross, self.config)
+        self._note(ctx, name, "redense", dense, weight)
+        return weight
+
+    def second_prune_and_adjust(self, ctx, name, dense, redensed) -> torch.Tensor:
+        stats = ctx.stats.for_layer(name)
+        weight = self.pruner.prune(redensed, stats, self.pattern).weight
+        for _ in range(self.config.rounds - 1):
+            weight = self.pruner.prune(
+                self.redense(ctx, name, dense, weight), stats, self.pattern
+            ).weight
+        self._note(ctx, name, "second_prune", dense, weight)
+        if self.adjusting:
+            weight = adjust(
+                weight, dense, stats.gram, self.pattern, self.pruner.unstructured_group, self.config
+            )
+        self._note(ctx, name, "final", dense, weight)
+        return weight
+
+    def _note(self, ctx, name, stage, dense, weight) -> None:
+        record = ctx.records.setdefault(name, {})
+        error = relative_error(dense, weight, ctx.stats.for_layer(name).gram)
+        record[f"rel_error_{stage}"] = record["rel_error"] = error
+        self.recorder.offer(f"{ctx.index}.{name}", stage, dense, weight)
+
+
+class FusedSDS(BlockProcessor):
+    """S, D, S and adjustment inside each block, then propagate: one sequential pass."""
+
+    needs = "gram"
+
+    def __init__(self, steps: _SDSSteps):
+        self.steps = steps
+        self.dense_stream = steps.config.data_mode != "sd"
+
+    def process(self, ctx: BlockContext) -> None:
+        for name, dense in ctx.dense_weights.items():
+            pruned = self.steps.first_prune(ctx, name, dense)
+            redensed = self.steps.redense(ctx, name, dense, pruned)
+            ctx.set_weight(name, self.steps.second_prune_and_adjust(ctx, name, dense, redensed))
+
+
+class _StagedFirstPrune(BlockProcessor):
+    needs = "gram"
+
+    def __init__(self, steps: _SDSSteps, originals: dict[str, torch.Tensor]):
+        self.steps = steps
+        self.originals = originals
+
+    def process(self, ctx: BlockContext) -> None:
+        for name, dense in ctx.dense_weights.items():
+            self.originals[f"{ctx.index}.{name}"] = dense.to("cpu", copy=True)
+            ctx.set_weight(name, self.steps.first_prune(ctx, name, dense))
+
+
+class _StagedRedense(BlockProcessor):
+    """Re-dense every layer on inputs of the step-1 model; the stream stays the step-1 one."""
+
+    needs = "gram"
+    propagate = "original"
+
+    def __init__(self, steps: _SDSSteps, originals: dict[str, torch.Tensor]):
+        self.steps = steps
+        self.originals = originals
+        self.dense_stream = steps.config.data_mode != "sd"
+
+    def dense_weights_for(self, index: int) -> dict[str, torch.Tensor]:
+        prefix = f"{index}."
+        return {
+            k.removeprefix(prefix): v for k, v in self.originals.items() if k.startswith(prefix)
+        }
+
+    def process(self, ctx: BlockContext) -> None:
+        for name, pruned in ctx.dense_weights.items():  # the block holds step-1 weights now
+            dense = self.originals[f"{ctx.index}.{name}"].to(pruned.device)
+            ctx.set_weight(name, self.steps.redense(ctx, name, dense, pruned))
+
+
+class _StagedSecondPrune(BlockProcessor):
+    needs = "gram"
+
+    def __init__(self, steps: _SDSSteps, originals: dict[str, torch.Tensor]):
+        self.steps = steps
+        self.originals = originals
+
+    def process(self, ctx: BlockContext) -> None:
+        for name, redensed in ctx.dense_weights.items():
+            dense = self.originals[f"{ctx.index}.{name}"].to(redensed.device)
+            ctx.set_weight(name, self.steps.second_prune_and_adjust(ctx, name, dense, redensed))
+
+
+def run_sds(
+    net: nn.Module,
+    windows: torch.Tensor,
+    base: str,
+    pattern: SparsityPattern,
+    config: SDSConfig,
+    device: torch.device,
+    timer: Timer,
+    progress: bool = True,
+) -> tuple[dict[str, dict], dict]:
+    """Run SDS over the whole model; returns per-layer records and report extras."""
+    parameters = sum(p.numel() for p in net.parameters())
+    recorder = StageRecorder(config.figure_layer or default_figure_layer(net))
+    steps = _SDSSteps(get_pruner(base), pattern, config, config.adjusts(parameters), recorder)
+    batch = pick_batch_size(*windows.shape)
+    with timer.stage("capture"):
+        stream = capture_block_inputs(net, windows, device, batch)
+    label = f"sds-{base} {pattern}"
+    if config.schedule == "fused":
+        dense = stream.clone() if config.data_mode != "sd" else None
+        with timer.stage("sds_fused"):
+            records = run_blocks(
+                net,
+                stream,
+                FusedSDS(steps),
+                device,
+                dense_stream=dense,
+                desc=label,
+                progress=progress,
+                timer=timer,
+            )
+    else:
+        records = _run_staged(net, stream, steps, device, timer, label, progress)
+    extras = {
+        "sds": {"adjusted": steps.adjusting, "stage_mean_rel_error": _stage_means(records)},
+        "figure_layer": recorder.layer,
+        "_figures": recorder.figures(),
+    }
+    return records, extras
+
+
+def _run_staged(net, stream, steps, device, timer, label, progress) -> dict[str, dict]:
+    originals: dict[str, torch.Tensor] = {}
+    initial = stream.clone()
+    needs_dense = steps.config.data_mode != "sd"
+    with timer.stage("sds_step1_prune"):
+        records = run_blocks(
+            net,
+            stream,
+            _StagedFirstPrune(steps, originals),
+            device,
+            desc=f"{label} S",
+            progress=progress,
+            timer=timer,
+        )
+    stream = initial.clone()
+    with timer.stage("sds_step2_redense"):
+        _merge(
+            records,
+            run_blocks(
+                net,
+                stream,
+                _StagedRedense(steps, originals),
+                device,
+                dense_stream=initial.clone() if needs_dense else None,
+                desc=f"{label} D",
+                progress=progress,
+                timer=timer,
+            ),
+        )
+    with timer.stage("sds_step3_prune_adjust"):
+        _merge(
+            records,
+            run_blocks(
+                net,
+                initial,
+                _StagedSecondPrune(steps, originals),
+                device,
+                desc=f"{label} S",
+                progress=progress,
+                timer=timer,
+            ),
+        )
+    return records
+
+
+def _merge(records: dict[str, dict], more: dict[str, dict]) -> None:
+    for name, record in more.items():
+        records.setdefault(name, {}).update(record)
+
+
+def _stage_means(records: dict[str, dict]) -> dict[str, float]:
+    means = {}
+    for stage in STAGES:
+        values = [
+            rec[f"rel_error_{stage}"] for rec in records.values() if f"rel_error_{stage}" in rec
+        ]
+        if values:
+            means[stage] = sum(values) / len(values)
+    return means
+
+
+def default_figure_layer(net: nn.Module) -> str:
+    """The first linear layer of the middle block: representative and easy to find again."""
+    names = list(model_linears(net))
+    middle = len({name.split(".")[0] for name in names}) // 2
+    return next(name for name in names if name.startswith(f"{middle}."))

@@ -1,0 +1,135 @@
+"""Layer-wise SDS objectives solved in Gram space.
+
+All objectives are quadratic in W plus an L1 term, and touch the data only through
+G_ii = X_iᵀX_i / N and G_ti = X_tᵀX_i / N; one iteration costs one (out x in x in) matmul
+instead of a pass over all calibration tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sdsprune.linalg import largest_eigenvalue, output_energy
+from sdsprune.pruners.patterns import SparsityPattern, pattern_mask
+from sdsprune.sds.config import SDSConfig
+
+
+def redense(
+    dense: torch.Tensor,
+    start: torch.Tensor,
+    gram_in: torch.Tensor,
+    gram_cross: torch.Tensor,
+    config: SDSConfig,
+) -> torch.Tensor:
+    """Step 2: every weight free again, fit W X_i to W_d X_t from ``start``.
+
+    ``closed``: exact minimiser with the proximity term (no L1);
+    ``fista``: accelerated proximal gradient, soft-threshold for L1, step 1/L;
+    ``gd``: the paper's plain recipe, ``redense_iters`` steps of lr / λmax(G_ii).
+    """
+    scale = float(torch.diagonal(gram_in).mean())
+    sigma = float(dense.square().mean().sqrt())
+    mu, l2, l1 = config.mu * scale, config.lambda2 * scale, config.lambda1 * scale * sigma
+    target = dense @ gram_cross  # A G_ti
+    if config.solver == "closed":
+        return _redense_closed(target, start, gram_in, mu + l2, mu)
+    smooth_grad = _regularised_gradient(target, start, gram_in, l2, mu)
+    curvature = largest_eigenvalue(gram_in)
+    if config.solver == "fista":
+        step = 1.0 / (2 * (curvature + l2 + mu))
+        return _fista(start, smooth_grad, step, l1, config.redense_iters)
+    step = config.lr / curvature
+    weight = start.clone()
+    for _ in range(config.redense_iters):
+        weight -= step * (smooth_grad(weight) + l1 * weight.sign())
+    return weight
+
+
+def _redense_closed(target, start, gram_in, ridge, mu) -> torch.Tensor:
+    """W = (A G_ti + μ W_start)(G_ii + (μ + λ2) I)⁻¹, via one Cholesky factorisation."""
+    system = gram_in + ridge * torch.eye(
+        gram_in.shape[0], device=gram_in.device, dtype=gram_in.dtype
+    )
+    rhs = target + mu * start
+    factor = torch.linalg.cholesky(system.double())
+    return torch.cholesky_solve(rhs.double().T, factor).T.to(start.dtype)
+
+
+def _regularised_gradient(target, start, gram_in, l2, mu):
+    def gradient(weight: torch.Tensor) -> torch.Tensor:
+        grad = 2 * (weight @ gram_in - target)
+        if l2:
+            grad += 2 * l2 * weight
+        if mu:
+            grad += 2 * mu * (weight - start)
+        return grad
+
+    return gradient
+
+
+def _fista(start, gradient, step, l1, iterations) -> torch.Tensor:
+    current = start.clone()
+    momentum_point = current.clone()
+    t = 1.0
+    for _ in range(iterations):
+        moved = momentum_point - step * gradient(momentum_point)
+        updated = soft_threshold(moved, step * l1) if l1 else moved
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        momentum_point = updated + ((t - 1) / t_next) * (updated - current)
+        current, t = updated, t_next
+    return current
+
+
+def soft_threshold(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The proximal operator of threshold·‖·‖₁."""
+    return values.sign() * (values.abs() - threshold).clamp_min(0)
+
+
+def adjust(
+    start: torch.Tensor,
+    dense: torch.Tensor,
+    gram: torch.Tensor,
+    pattern: SparsityPattern,
+    group: str,
+    config: SDSConfig,
+    check_every: int = 10,
+) -> torch.Tensor:
+    """Step 3b: fit the surviving weights to the dense layer's outputs.
+
+    Projected gradient on ‖(W_d − W) X‖²; the projection keeps the largest |w| of each
+    sparsity group, so the mask is re-chosen at every iteration (the paper's soft mask).
+    Iterates are non-monotone, so the best one seen (checked every ``check_every`` steps,
+    the start included) is returned: the result is never worse than ``start``.
+    """
+    if config.adjust_iters == 0:
+        return start
+    curvature = largest_eigenvalue(gram)
+    accelerated = config.adjust_solver == "accelerated"
+    step = 1.0 / (2 * curvature) if accelerated else config.lr / curvature
+    target = dense @ gram
+
+    def project(weight: torch.Tensor) -> torch.Tensor:
+        return weight.masked_fill(pattern_mask(weight.abs(), pattern, group), 0.0)
+
+    def objective(weight: torch.Tensor) -> float:
+        return output_energy(dense - weight, gram)
+
+    best, best_value = start, objective(start)
+    current = momentum_point = start
+    t = 1.0
+    for iteration in range(1, config.adjust_iters + 1):
+        updated = project(momentum_point - step * 2 * (momentum_point @ gram - target))
+        if accelerated:
+            t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            momentum_point = updated + ((t - 1) / t_next) * (updated - current)
+            t = t_next
+        else:
+            momentum_point = updated
+        current = updated
+        if iteration % check_every == 0 or iteration == config.adjust_iters:
+            value = objective(current)
+            if value < best_value:
+                best, best_value = current, value
+    return best
