@@ -154,6 +154,138 @@ def _percent(value: float, stderr: float | None) -> str:
     return f"{100 * value:.1f}" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
 
 
+@app.command("prune")
+def prune_command(
+    model: ModelArg = "smollm2-135m",
+    method: Annotated[
+        str, typer.Option(help="magnitude, wanda, sparsegpt, or sds (with --base).")
+    ] = "sparsegpt",
+    sparsity: Annotated[
+        str, typer.Option(help="Fraction of zeros (0.5) or N:M, N zeros of every M inputs (2:4).")
+    ] = "0.5",
+    base: Annotated[
+        str, typer.Option(help="Base pruner of SDS: sparsegpt, wanda, magnitude.")
+    ] = "sparsegpt",
+    calib: Annotated[
+        str, typer.Option(help="Calibration corpus (wiki, c4, wikitext2, ptb, file).")
+    ] = "wiki",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sampling.")] = 0,
+    out: Annotated[
+        str | None, typer.Option(help="Save the pruned checkpoint and report into this folder.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    eval_dataset: Annotated[
+        str | None, typer.Option("--eval", help="Evaluate perplexity afterwards on these corpora.")
+    ] = None,
+    eval_seqlen: Annotated[
+        int | None, typer.Option(help="Evaluation chunk length (default: --seqlen).")
+    ] = None,
+    max_chunks: Annotated[
+        int | None, typer.Option(help="Evaluate only the first K chunks.")
+    ] = None,
+    schedule: Annotated[
+        str, typer.Option(help="SDS: fused (one pass) or staged (paper order).")
+    ] = "fused",
+    data_mode: Annotated[str, typer.Option(help="SDS re-dense data: sd, dd or kd.")] = "sd",
+    solver: Annotated[
+        str, typer.Option(help="SDS re-dense solver: closed, fista or gd (paper).")
+    ] = "closed",
+    redense_iters: Annotated[int, typer.Option(help="SDS re-dense iterations (fista, gd).")] = 200,
+    lr: Annotated[
+        float, typer.Option(help="SDS learning rate of the gd recipes, x 1/λmax(G).")
+    ] = 0.1,
+    lambda1: Annotated[float, typer.Option(help="SDS L1 weight (scaled, see README).")] = 0.0,
+    lambda2: Annotated[float, typer.Option(help="SDS L2 weight (scaled, see README).")] = 0.0,
+    mu: Annotated[float, typer.Option(help="SDS proximity to the pruned start (scaled).")] = 1.0,
+    residual_start: Annotated[
+        bool, typer.Option(help="SDS: start re-dense from the pruned weights (off: from dense).")
+    ] = True,
+    adjust: Annotated[
+        str, typer.Option(help="SDS weight adjustment: auto (skip > 3B), always, never.")
+    ] = "auto",
+    adjust_solver: Annotated[
+        str, typer.Option(help="SDS adjustment: accelerated or gd (paper).")
+    ] = "accelerated",
+    adjust_iters: Annotated[int, typer.Option(help="SDS adjustment iterations.")] = 50,
+    rounds: Annotated[int, typer.Option(help="SDS re-dense/prune rounds.")] = 1,
+    figure_layer: Annotated[
+        str | None, typer.Option(help="SDS: layer for the weight figure, e.g. 15.mlp.up_proj.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Prune a model in one shot (magnitude, Wanda, SparseGPT) or with SDS."""
+    from sdsprune.prune import prune
+    from sdsprune.sds import SDSConfig
+
+    sds = SDSConfig(
+        schedule=schedule,
+        data_mode=data_mode,
+        solver=solver,
+        redense_iters=redense_iters,
+        lr=lr,
+        lambda1=lambda1,
+        lambda2=lambda2,
+        mu=mu,
+        residual_start=residual_start,
+        adjust=adjust,
+        adjust_solver=adjust_solver,
+        adjust_iters=adjust_iters,
+        rounds=rounds,
+        figure_layer=figure_layer,
+    )
+    result = prune(
+        model,
+        method=method,
+        sparsity=sparsity,
+        base=base,
+        calib=calib,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        out=out,
+        overwrite=overwrite,
+        evaluate=_split_list(eval_dataset) if eval_dataset else (),
+        eval_seqlen=eval_seqlen,
+        max_chunks=max_chunks,
+        sds=sds if method == "sds" else None,
+    )
+    report = {k: v for k, v in result.report.items() if not k.startswith("_")}
+    if as_json:
+        print(json.dumps({key: report[key] for key in report if key != "layers"}))
+        return
+    _print_prune_summary(report, result.out)
+
+
+def _print_prune_summary(report: dict, out) -> None:
+    config, summary = report["config"], report["summary"]
+    label = config["method"] + (f" (base {config['base']})" if config.get("base") else "")
+    table = Table(title=f"{config['model']}: {label} at {config['sparsity']}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("layers pruned", str(summary["pruned_layers"]))
+    table.add_row("sparsity of pruned layers", f"{summary['sparsity']:.4f}")
+    if summary["mean_rel_error"] is not None:
+        table.add_row("mean relative output error", f"{summary['mean_rel_error']:.4f}")
+    for stage, value in report.get("sds", {}).get("stage_mean_rel_error", {}).items():
+        table.add_row(f"  after {stage.replace('_', ' ')}", f"{value:.4f}")
+    for result in report.get("evaluation", []):
+        table.add_row(
+            f"perplexity {result['dataset']} ({result['chunks']}x{result['seqlen']})",
+            f"{result['perplexity']:.3f}",
+        )
+    table.add_row("prune time (s)", f"{report['timings']['prune_total']:.1f}")
+    table.add_row("peak RSS (MiB)", f"{report['memory']['peak_rss_mib']:.0f}")
+    if out is not None:
+        table.add_row("saved to", str(out))
+    Console().print(table)
+
+
 @app.command("compare")
 def compare_command(
     model: ModelArg = "smollm2-135m",
@@ -167,8 +299,12 @@ def compare_command(
     sparsity: Annotated[
         str, typer.Option(help="Comma-separated sparsities: fractions (0.5) or N:M (2:4).")
     ] = "2:4,0.5",
-    calib: Annotated[str, typer.Option(help="Calibration corpus (wiki, c4, wikitext2, ptb, file).")] = "wiki",
-    nsamples: Annotated[int, typer.Option(help="Calibration windows (shared by all methods).")] = 128,
+    calib: Annotated[
+        str, typer.Option(help="Calibration corpus (wiki, c4, wikitext2, ptb, file).")
+    ] = "wiki",
+    nsamples: Annotated[
+        int, typer.Option(help="Calibration windows (shared by all methods).")
+    ] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sampling.")] = 0,
     dataset: Annotated[
@@ -177,7 +313,9 @@ def compare_command(
     eval_seqlen: Annotated[
         int | None, typer.Option(help="Evaluation chunk length (default: --seqlen).")
     ] = None,
-    max_chunks: Annotated[int | None, typer.Option(help="Evaluate only the first K chunks.")] = None,
+    max_chunks: Annotated[
+        int | None, typer.Option(help="Evaluate only the first K chunks.")
+    ] = None,
     tasks: Annotated[
         str | None, typer.Option(help="Comma-separated zero-shot tasks, as in `sdsprune eval`.")
     ] = None,
@@ -185,7 +323,9 @@ def compare_command(
     task_seed: Annotated[int, typer.Option(help="Seed of the bigbench --limit subset.")] = 42,
     out: Annotated[
         str | None,
-        typer.Option(help="Results folder; finished runs in it are reused (default: runs/compare-MODEL)."),
+        typer.Option(
+            help="Results folder; finished runs in it are reused (default: runs/compare-MODEL)."
+        ),
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
