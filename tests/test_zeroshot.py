@@ -174,3 +174,25 @@ def test_standard_task_offline_names_the_missing_dataset(monkeypatch):
         evaluate_tasks("no-such-model", ["piqa"])
     with pytest.raises(SdspruneError, match="unknown task"):
         evaluate_tasks("no-such-model", ["no_such_task"])
+
+
+TASK_ARGS = ("--tasks", "bigbench:winowhy", "--limit", "3", "--json")
+
+
+def test_cli_eval_tasks_prints_json(toy_cache, tiny_model_dir):
+    """`sdsprune eval MODEL --tasks ...` skips perplexity unless --dataset is given (the toy
+    task comes from the SDSPRUNE_CACHE the fixture set, which the subprocess inherits)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "sdsprune", "eval", str(tiny_model_dir), *TASK_ARGS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    (row,) = report["tasks"]
+    assert (row["task"], row["examples"], row["total"]) == ("bigbench:winowhy", 3, 7)
+    assert report["perplexity"] == []
