@@ -11,6 +11,7 @@ from sdsprune.compare import Run, compare, parse_runs
 from sdsprune.errors import SdspruneError
 from sdsprune.models import load_model
 
+WORDS = "the quick brown fox jumps over the lazy dog while a cat sleeps in the sun"
 prune_module = importlib.import_module("sdsprune.prune")
 compare_module = importlib.import_module("sdsprune.compare")
 
@@ -18,7 +19,7 @@ compare_module = importlib.import_module("sdsprune.compare")
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a", "cat", "sleeps", "in", "the", "sun"]
+    words = WORDS.split(" ")
     path.write_text(" ".join(words[i * 7 % len(words)] for i in range(3000)))
     return path
 
