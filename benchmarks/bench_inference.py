@@ -10,7 +10,7 @@ For each pruned checkpoint folder (any pruner; only the zeros matter):
 Writes ``OUT/results.json`` and ``OUT/results.md``. Example (about 15 minutes on 2 cores)::
 
     python benchmarks/bench_inference.py --pruned 50%=/tmp/pruned-50 \\
-        --pruned 2:4=/tmp/pruned-24 --out runs/deploy --repeats 5
+        --pruned 2:4=/tmp/pruned-24 --out runs/deploy --repeats 5 --threads 1
 """
 
 from __future__ import annotations
@@ -115,7 +115,12 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--skip-export", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        # On a shared, oversubscribed machine one thread is far steadier: with two, every
+        # parallel region waits whenever the other thread is descheduled.
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = BenchSettings(
@@ -130,7 +135,9 @@ def main() -> None:
         if not args.skip_export:
             sizes += export_and_verify(label, Path(folder), out)
         target = out / f"{label.replace(':', 'of').replace('%', '')}-keep"
-        benches[label] = run_bench(target if target.exists() else folder, settings=settings, progress=print)
+        benches[label] = run_bench(
+            target if target.exists() else folder, settings=settings, progress=print
+        )
         write_json({"sizes": sizes, "bench": benches}, out / "results.json")
     (out / "results.md").write_text(markdown(sizes, benches))
     print((out / "results.md").read_text())

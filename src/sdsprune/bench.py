@@ -146,7 +146,10 @@ def _module_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:
         for part in _storage_parts(tensor):
-            key = (part.data_ptr(), part.numel())
+            try:
+                key = (part.data_ptr(), part.numel())
+            except RuntimeError:  # a wrapper subclass without storage of its own
+                key = (id(part), part.numel())
             if key not in seen:
                 seen.add(key)
                 total += part.numel() * part.element_size()
