@@ -2,14 +2,19 @@
 
 from sdsprune.engine.capture import ActivationStream, capture_block_inputs, pick_batch_size
 from sdsprune.engine.sequential import BlockContext, BlockProcessor, run_blocks
+from sdsprune.engine.session import BlockStore, RunSession, current_session, use_session
 from sdsprune.engine.stats import StatsCollector
 
 __all__ = [
     "ActivationStream",
     "BlockContext",
     "BlockProcessor",
+    "BlockStore",
+    "RunSession",
     "StatsCollector",
     "capture_block_inputs",
+    "current_session",
     "pick_batch_size",
     "run_blocks",
+    "use_session",
 ]

@@ -17,6 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sdsprune.engine.capture import ActivationStream
+from sdsprune.engine.checkpoint import blocks_prefix, inject_fault
+from sdsprune.engine.distributed import Distributed, layer_owners, reduce_stats
+from sdsprune.engine.session import current_session
 from sdsprune.engine.stats import StatsCollector
 from sdsprune.errors import SdspruneError
 from sdsprune.models.blocks import block_linears, decoder_blocks
@@ -47,11 +50,15 @@ class BlockProcessor:
     ``dense_stream``: also run the dense model alongside (inputs for ``kd``/``dd``);
     ``propagate``: feed the next block with outputs of the ``processed`` block (normal
     sequential pruning) or of the ``original`` block (a pass that must not see its own edits).
+    ``layer_parallel``: with several ranks, each may process only the layers it owns
+    (``ctx.dense_weights`` then holds just those); set it only when process() treats
+    layers independently and keeps no per-layer state across blocks or passes.
     """
 
     needs: str = "none"
     dense_stream: bool = False
     propagate: str = "processed"
+    layer_parallel: bool = False
 
     def process(self, ctx: BlockContext) -> None:
         raise NotImplementedError
@@ -75,29 +82,59 @@ def run_blocks(
     start_block: int = 0,
     timer: Timer | None = None,
 ) -> dict[str, dict]:
-    """Process every decoder block in order; returns per-layer records ``"i.name" -> dict``."""
+    """Process every decoder block in order; returns per-layer records ``"i.name" -> dict``.
+
+    The installed :class:`~sdsprune.engine.session.RunSession` decides where blocks live
+    between turns (memory or disk), whether other ranks share the work, and whether the
+    state is saved after each block (and restored first, when resuming).
+    """
+    session = current_session()
+    pass_index = session.passes
+    session.passes += 1
     blocks = decoder_blocks(model)
+    prefix = blocks_prefix(model) if session.checkpoint is not None else ""
     records: dict[str, dict] = {}
+    if session.checkpoint is not None:
+        start_block, records = session.checkpoint.restore(
+            pass_index, blocks, prefix, stream, dense_stream, session.store.persists_blocks
+        )
     bar = tqdm(
-        total=len(blocks), initial=start_block, desc=desc, unit="block", disable=not progress
+        total=len(blocks),
+        initial=start_block,
+        desc=desc,
+        unit="block",
+        disable=not progress or not session.is_main,
     )
     for index in range(start_block, len(blocks)):
         block = blocks[index]
-        home = next(block.parameters()).device
-        block.to(device)
+        home = session.store.fetch(index, block, device)
         ctx = _process_block(
-            index, block, stream, dense_stream, processor, device, timer or Timer()
+            index, block, stream, dense_stream, processor, device, timer or Timer(), session.dist
         )
-        block.to(home)
+        session.store.release(index, block, home)
         records.update({f"{index}.{name}": rec for name, rec in ctx.records.items()})
+        if session.checkpoint is not None:
+            session.checkpoint.save(
+                pass_index,
+                index,
+                block,
+                prefix,
+                stream,
+                dense_stream,
+                records,
+                session.store.persists_blocks,
+            )
         if on_block_done is not None:
             on_block_done(index, stream, dense_stream, records)
+        inject_fault(index)
         bar.update(1)
     bar.close()
     return records
 
 
-def _process_block(index, block, stream, dense_stream, processor, device, timer) -> BlockContext:
+def _process_block(
+    index, block, stream, dense_stream, processor, device, timer, dist=None
+) -> BlockContext:
     linears = block_linears(block)
     ctx = BlockContext(
         index=index,
@@ -117,6 +154,10 @@ def _process_block(index, block, stream, dense_stream, processor, device, timer)
             outputs, dense_outputs = _stats_pass(
                 ctx, stream, dense_stream if use_dense else None, processor
             )
+        if dist is not None:
+            reduce_stats(dist, ctx.stats)
+            if ctx.dense_stats is not None:
+                reduce_stats(dist, ctx.dense_stats)
         ctx.stats.finalize()
         if ctx.dense_stats is not None:
             ctx.dense_stats.finalize()
@@ -125,10 +166,13 @@ def _process_block(index, block, stream, dense_stream, processor, device, timer)
     if use_dense and dense_outputs is None:
         raise AssertionError("dense stream requested without a stats pass")
     with timer.stage("solve"):
-        processor.process(ctx)
+        if dist is None:
+            processor.process(ctx)
+        else:
+            _process_shared(ctx, processor, dist)
     if processor.propagate == "processed" or outputs is None:
         with timer.stage("output_pass"):
-            outputs = _output_pass(ctx, stream)
+            outputs = _output_pass(ctx, stream, dist)
     stream.hidden = outputs
     if use_dense:
         dense_stream.hidden = dense_outputs
@@ -153,7 +197,38 @@ def _stats_pass(ctx, stream, dense_stream, processor):
     return outputs, dense_outputs
 
 
-def _output_pass(ctx: BlockContext, stream: ActivationStream) -> torch.Tensor:
+def _process_shared(ctx: BlockContext, processor: BlockProcessor, dist: Distributed) -> None:
+    """Prune each layer once and give every rank the result.
+
+    A processor that declares ``layer_parallel`` sees only the layers this rank owns (its
+    layers are independent given the statistics); otherwise every rank runs it on the same
+    reduced statistics and rank 0's weights are authoritative. Owners broadcast the new
+    weights and all ranks merge the records.
+    """
+    full = ctx.dense_weights
+    if getattr(processor, "layer_parallel", False):
+        sizes = {name: weight.numel() for name, weight in full.items()}
+        owners = layer_owners(list(full), sizes, dist.world)
+        ctx.dense_weights = {k: v for k, v in full.items() if owners[k] == dist.rank}
+    else:
+        owners = dict.fromkeys(full, 0)
+    try:
+        processor.process(ctx)
+    finally:
+        ctx.dense_weights = full
+    for name in full:  # module order: the same sequence of collectives on every rank
+        dist.broadcast_(ctx.linears[name].weight.data, src=owners[name])
+    merged: dict[str, dict] = {}
+    for rank, records in enumerate(dist.gather_objects(ctx.records)):
+        for name, record in records.items():
+            if owners.get(name, 0) == rank:
+                merged[name] = record
+    ctx.records = merged
+
+
+def _output_pass(
+    ctx: BlockContext, stream: ActivationStream, dist: Distributed | None = None
+) -> torch.Tensor:
     """Recompute the block's outputs with its new weights; measure the relative output error
     of layers whose processor did not report one (it had no Gram matrix to compute it)."""
     pending = {name: rec for name, rec in ctx.records.items() if "rel_error" not in rec}
@@ -168,6 +243,10 @@ def _output_pass(ctx: BlockContext, stream: ActivationStream) -> torch.Tensor:
     finally:
         for handle in handles:
             handle.remove()
+    if dist is not None:  # the probes hold sums over this rank's tokens only
+        sums = dist.sum_floats([v for p in probes.values() for v in (p.error, p.reference)])
+        for i, probe in enumerate(probes.values()):
+            probe.error, probe.reference = sums[2 * i], sums[2 * i + 1]
     for name, probe in probes.items():
         pending[name]["rel_error"] = probe.relative_error()
     return outputs

@@ -1,0 +1,129 @@
+"""Several processes (``torchrun``) sharing one pruning run through ``torch.distributed``.
+
+Each rank runs the blocks on its own slice of the calibration windows. Everything a pruner
+reads is a sum over calibration tokens (Gram matrices, squared feature norms, the kd
+cross-Grams, the output-error probes), so summing the ranks' partial sums with all-reduce
+*before* dividing by the (also summed) token count gives the same statistics as one
+process, up to floating-point summation order. Each layer is then pruned once, by its owner
+rank, and the new weights are broadcast, so every rank continues with identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from sdsprune.errors import SdspruneError
+
+
+@dataclass
+class Distributed:
+    """This process's place in the group."""
+
+    rank: int
+    world: int
+    device: torch.device  # where collective tensors must live (cuda for nccl, cpu for gloo)
+
+    def shard(self, windows: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of the windows (sizes differ by at most one)."""
+        if windows.shape[0] < self.world:
+            raise SdspruneError(
+                f"{windows.shape[0]} calibration windows cannot be split across {self.world} "
+                "processes (use --nsamples >= the number of processes)"
+            )
+        return torch.tensor_split(windows, self.world)[self.rank].contiguous()
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place (moved to the collective device if needed)."""
+        if tensor.device == self.device:
+            tdist.all_reduce(tensor)
+            return tensor
+        staged = tensor.to(self.device)
+        tdist.all_reduce(staged)
+        tensor.copy_(staged)
+        return tensor
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        packed = torch.tensor(values, dtype=torch.float64, device=self.device)
+        tdist.all_reduce(packed)
+        return packed.tolist()
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
+        if tensor.device == self.device:
+            tdist.broadcast(tensor, src=src)
+            return
+        staged = tensor.to(self.device)
+        tdist.broadcast(staged, src=src)
+        tensor.copy_(staged)
+
+    def gather_objects(self, value) -> list:
+        gathered = [None] * self.world
+        tdist.all_gather_object(gathered, value)
+        return gathered
+
+    def barrier(self) -> None:
+        tdist.barrier()
+
+
+def requested_world() -> int:
+    """How many processes the launcher (torchrun) started; 1 outside a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def distributed_from_env(compute: torch.device) -> Iterator[Distributed | None]:
+    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on
+    CUDA), and leave it at the end; yields None for a plain single-process run."""
+    world = requested_world()
+    if world <= 1:
+        yield None
+        return
+    created = not tdist.is_initialized()
+    if compute.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if created:
+        try:
+            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        except (RuntimeError, ValueError) as exc:
+            raise SdspruneError(f"could not join the torch.distributed group: {exc}") from exc
+    try:
+        yield Distributed(rank=tdist.get_rank(), world=tdist.get_world_size(), device=device)
+    finally:
+        if created:
+            tdist.destroy_process_group()
+
+
+def reduce_stats(dist: Distributed, collector) -> None:
+    """Sum a StatsCollector's raw sums and token counts over ranks (before ``finalize``).
+
+    Groups are visited in sorted order so every rank issues the same collectives.
+    """
+    for group in sorted(collector.stats):
+        stats = collector.stats[group]
+        count = torch.tensor([stats.count], dtype=torch.float64, device=dist.device)
+        dist.all_reduce_(count)
+        stats.count = int(count.item())
+        for tensor in (stats.gram, stats.sumsq, collector.cross.get(group)):
+            if tensor is not None:
+                dist.all_reduce_(tensor)
+
+
+def layer_owners(names: list[str], sizes: dict[str, int], world: int) -> dict[str, int]:
+    """Assign layers to ranks, largest first onto the least loaded rank: deterministic, so
+    every rank computes the same assignment without talking."""
+    load = [0] * world
+    owners = {}
+    for name in sorted(names, key=lambda n: (-sizes[n], n)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += sizes[name]
+    return owners
