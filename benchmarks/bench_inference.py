@@ -67,6 +67,10 @@ def export_and_verify(label: str, source: Path, out: Path) -> list[dict]:
     return rows
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} x{count}" for name, count in counts.items()) or "none"
+
+
 def markdown(sizes: list[dict], benches: dict[str, dict]) -> str:
     lines = [
         "## Export sizes (sparse format vs the dense checkpoint in the same dtype)",
@@ -78,7 +82,7 @@ def markdown(sizes: list[dict], benches: dict[str, dict]) -> str:
     for row in sizes:
         ok = row["load_bit_identical"] and row["from_pretrained_bit_identical"]
         lines.append(
-            f"| {row['label']} | {row['dtype']} | {row['patterns']} | {row['pruned_ratio']:.4f}x | "
+            f"| {row['label']} | {row['dtype']} | {_counts(row['patterns'])} | {row['pruned_ratio']:.4f}x | "
             f"{row['total_ratio']:.4f}x | {row['file_ratio_to_source']:.4f}x | "
             f"{'bit-identical' if ok else 'MISMATCH'} |"
         )
@@ -95,6 +99,7 @@ def markdown(sizes: list[dict], benches: dict[str, dict]) -> str:
         ]
         for row in report["results"]:
             kernels = report["backends"][row["backend"]]["kernels"]
+            kernels = ", ".join(f"{name} {count}" for name, count in kernels.items())
             low, high = row["iqr"]
             lines.append(
                 f"| {row['backend']} | {kernels} | {row['workload']} | {row['batch']} | "
@@ -108,7 +113,7 @@ def markdown(sizes: list[dict], benches: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pruned", action="append", required=True, help="LABEL=FOLDER")
+    parser.add_argument("--pruned", action="append", default=[], help="LABEL=FOLDER")
     parser.add_argument("--out", default="runs/deploy")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -116,7 +121,14 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--skip-export", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--render", help="only rewrite the markdown of this results.json")
     args = parser.parse_args()
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        md = Path(args.render).with_suffix(".md")
+        md.write_text(markdown(results["sizes"], results["bench"]))
+        print(md.read_text())
+        return
     if args.threads:
         # On a shared, oversubscribed machine one thread is far steadier: with two, every
         # parallel region waits whenever the other thread is descheduled.
