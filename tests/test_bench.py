@@ -110,3 +110,16 @@ def test_cli_export_and_bench(tmp_path, capsys):
     report = json.loads(json_file.read_text())
     assert report["dtype"] == "float32"
     assert {r["backend"] for r in report["results"]} == {"dense", "csr"}
+
+
+def test_layer_speedups_summarise_autos_timings():
+    from sdsprune.bench import _layer_speedups
+    from sdsprune.inference import BackendReport, LayerChoice
+
+    layers = [
+        LayerChoice("0.q", "dense", 0.5, timings_us={"dense": {1: 10.0}, "csr": {1: 20.0}}),
+        LayerChoice("0.k", "csr", 0.5, timings_us={"dense": {1: 10.0}, "csr": {1: 5.0}}),
+        LayerChoice("0.v", "dense", 0.5, timings_us={"dense": {1: 10.0}, "csr": {1: 40.0}}),
+    ]
+    report = BackendReport("auto", "cpu", layers)
+    assert _layer_speedups(report) == {"csr": {1: 0.5}}

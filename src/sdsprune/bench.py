@@ -131,10 +131,36 @@ def _load_all(folder: Path, names: list[str], dev, dtype, say) -> tuple[list, di
             "load_seconds": round(seconds, 2),
             "weights_mib": round(_module_bytes(loaded.model) / 2**20, 1),
         }
+        if report and any(layer.timings_us for layer in report.layers):
+            loads[name]["layer_speedups"] = _layer_speedups(report)
         if dev.type == "cuda":
             loads[name]["cuda_weights_mib"] = round((_cuda_allocated(dev) - before) / 2**20, 1)
         contenders.append(_Contender(name, loaded.model))
     return contenders, loads, skipped
+
+
+def _layer_speedups(report) -> dict[str, dict[int, float]]:
+    """Median over layers of dense time / kernel time at each probe size (auto's timings).
+
+    This is why ``auto`` chose what it chose: below 1.0 the kernel is slower than dense.
+    """
+    ratios: dict[str, dict[int, list[float]]] = {}
+    for layer in report.layers:
+        dense = layer.timings_us.get("dense", {})
+        for kernel, times in layer.timings_us.items():
+            if kernel == "dense":
+                continue
+            for tokens, micros in times.items():
+                if micros > 0 and tokens in dense:
+                    ratios.setdefault(kernel, {}).setdefault(tokens, []).append(
+                        dense[tokens] / micros
+                    )
+    return {
+        kernel: {
+            tokens: round(statistics.median(values), 3) for tokens, values in by_tokens.items()
+        }
+        for kernel, by_tokens in ratios.items()
+    }
 
 
 def _cuda_allocated(dev: torch.device) -> int:
@@ -413,6 +439,11 @@ def render_notes(report: dict) -> list[str]:
             f"{name}: weights {info['weights_mib']} MiB, load {info['load_seconds']} s, "
             f"max |logit - dense| {info['max_abs_logit_diff_vs_dense']}"
         )
+        for kernel, by_tokens in info.get("layer_speedups", {}).items():
+            probes = ", ".join(
+                f"{ratio}x at {tokens} tokens" for tokens, ratio in by_tokens.items()
+            )
+            notes.append(f"  {name}: per-layer {kernel} vs dense (median over layers): {probes}")
     memory = ", ".join(f"{k} {v}" for k, v in report["memory"].items())
     notes.append(f"process peak memory (all backends together): {memory}")
     return notes
