@@ -96,9 +96,9 @@ def capture_block_inputs(
             for record in records[1:]:
                 record.pop("hidden", None)  # only block 0's inputs are kept
     finally:
+        model.to(home)  # while the catchers stand in: blocks never move (they may be meta)
         for index, block in enumerate(originals):
             blocks[index] = block
-        model.to(home)
     hidden = torch.cat(records[0]["hidden"])
     if not torch.isfinite(hidden).all():
         raise SdspruneError("the embeddings produce NaN/Inf activations (corrupt weights?)")

@@ -196,6 +196,21 @@ class LowMemoryStore(BlockStore):
             if _persistent(block, name):
                 _to_meta(block, name, tensor)
 
+    def counts(self, blocks: nn.ModuleList) -> dict[str, tuple[int, int]]:
+        """(zeros, total) of every linear layer; blocks finished by an earlier, interrupted
+        run are counted from their files."""
+        for index in sorted(self.written):
+            names = list(block_linears(blocks[index]))
+            if names and f"{index}.{names[0]}" not in self.layer_counts:
+                tensors = load_file(str(block_file(self.work_dir, index)))
+                for name in names:
+                    weight = tensors[f"{self.prefix}{index}.{name}.weight"]
+                    self.layer_counts[f"{index}.{name}"] = (
+                        int((weight == 0).sum()),
+                        weight.numel(),
+                    )
+        return self.layer_counts
+
     def shard_files(self, count: int) -> list[Path]:
         return [block_file(self.work_dir, index) for index in range(count)]
 

@@ -1,0 +1,105 @@
+"""Interrupted runs: a run killed after a block continues with --resume to the same model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdsprune import SdspruneError
+from sdsprune.prune import prune
+
+CORPUS = "The quick brown fox jumps over the lazy dog while pruning sparse models. " * 40
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sdsprune", "prune", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})},
+    )
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+def common(model: Path, corpus: Path, method: str = "sparsegpt") -> list[str]:
+    return [str(model), "--method", method, "--calib", str(corpus), "--nsamples", "8",
+            "--seqlen", "32", "--device", "cpu"]  # fmt: skip
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_killed_run_resumes_to_the_uninterrupted_result(
+    tiny_model_dir, corpus, tmp_path, low_memory
+):
+    extra = ["--low-memory"] if low_memory else []
+    args = common(tiny_model_dir, corpus) + extra
+    prune(str(tiny_model_dir), method="sparsegpt", calib=str(corpus), nsamples=8, seqlen=32,
+          device="cpu", out=tmp_path / "full", progress=False)  # fmt: skip
+    state = tmp_path / "state"
+    marker = tmp_path / "fault"
+    killed = cli(
+        *args, "--out", str(tmp_path / "resumed"), "--state-dir", str(state),
+        env={"SDSPRUNE_FAULT": "kill@0", "SDSPRUNE_FAULT_FILE": str(marker)},
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr  # SIGKILL: nothing could clean up
+    assert marker.exists() and (state / "manifest.json").exists()
+    assert not (tmp_path / "resumed").exists()
+    with pytest.raises(SdspruneError, match="--resume"):  # refuses to silently start over
+        prune(str(tiny_model_dir), method="sparsegpt", calib=str(corpus), nsamples=8,
+              seqlen=32, device="cpu", state_dir=state, progress=False)  # fmt: skip
+    resumed = cli(*args, "--out", str(tmp_path / "resumed"), "--state-dir", str(state), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert not state.exists()  # a finished run leaves no state behind
+
+
+def test_resume_refuses_state_of_another_run(tiny_model_dir, tmp_path):
+    from conftest import byte_tokenizer, tiny_model
+
+    from sdsprune.models import LoadedModel
+
+    state = tmp_path / "state"
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def run(method, resume):
+        loaded = LoadedModel(tiny_model("llama"), byte_tokenizer(), "tiny", None)
+        return prune(loaded, method=method, calibration=windows, device="cpu", progress=False,
+                     state_dir=state, resume=resume)  # fmt: skip
+
+    with pytest.raises(SdspruneError, match="nothing to resume"):
+        run("wanda", resume=True)
+    os.environ["SDSPRUNE_FAULT"] = "pause@99"  # never triggers; just exercise the parser
+    try:
+        run("wanda", resume=False)
+    finally:
+        del os.environ["SDSPRUNE_FAULT"]
+    assert not state.exists()
+    # leave a manifest behind by hand, as a killed run would, then resume with other options
+    state.mkdir()
+    (state / "manifest.json").write_text(
+        '{"fingerprint": "x", "pass": 0, "done": 0, "records": {}}'
+    )
+    with pytest.raises(SdspruneError, match="other options"):
+        run("sparsegpt", resume=True)
