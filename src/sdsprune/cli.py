@@ -213,11 +213,29 @@ def prune_command(
     figure_layer: Annotated[
         str | None, typer.Option(help="SDS: layer for the weight figure, e.g. 15.mlp.up_proj.")
     ] = None,
+    low_memory: Annotated[
+        bool,
+        typer.Option(
+            help="Keep only one block's weights in memory: read each block from the "
+            "safetensors checkpoint when its turn comes, write it to --out, drop it."
+        ),
+    ] = False,
+    state_dir: Annotated[
+        str | None,
+        typer.Option(help="Save the run's state here after every block (for --resume)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run from its --state-dir.")
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Prune a model in one shot (magnitude, Wanda, SparseGPT) or with SDS."""
+    """Prune a model in one shot (magnitude, Wanda, SparseGPT) or with SDS.
+
+    Under torchrun (torchrun --nproc-per-node K -m sdsprune prune ...) the calibration
+    windows are split across the K processes; rank 0 saves and prints.
+    """
     from sdsprune.prune import prune
     from sdsprune.sds import SDSConfig
 
@@ -254,7 +272,12 @@ def prune_command(
         eval_seqlen=eval_seqlen,
         max_chunks=max_chunks,
         sds=sds if method == "sds" else None,
+        low_memory=low_memory,
+        state_dir=state_dir,
+        resume=resume,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun only rank 0 reports
     report = {k: v for k, v in result.report.items() if not k.startswith("_")}
     if as_json:
         print(json.dumps({key: report[key] for key in report if key != "layers"}))

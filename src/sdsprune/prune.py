@@ -18,14 +18,18 @@ from sdsprune.engine import (
     capture_block_inputs,
     pick_batch_size,
     run_blocks,
+    runs,
+    use_session,
 )
+from sdsprune.engine.distributed import distributed_from_env
+from sdsprune.engine.lowmem import LowMemoryStore
 from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.perplexity import check_seqlen, perplexity, with_bos
 from sdsprune.linalg import relative_error
-from sdsprune.models import LoadedModel, load_model, model_linears
+from sdsprune.models import LoadedModel, decoder_blocks, load_model, model_linears
 from sdsprune.pruners import BASE_PRUNERS, Pruner, SparsityPattern, get_pruner
 from sdsprune.runinfo import Timer, library_versions, peak_memory
-from sdsprune.utils import atomic_output_dir, resolve_device
+from sdsprune.utils import atomic_output_dir, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ REPORT_NAME = "sdsprune_report.json"
 
 class PruneProcessor(BlockProcessor):
     """One-shot pruning of every linear layer of a block with a base pruner."""
+
+    layer_parallel = True  # layers are pruned independently: ranks may split them
 
     def __init__(self, pruner: Pruner, pattern: SparsityPattern):
         self.pruner = pruner
@@ -81,12 +87,19 @@ def prune(
     max_chunks: int | None = None,
     sds=None,
     progress: bool = True,
+    low_memory: bool = False,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> PruneResult:
     """Prune ``model`` with ``method`` at ``sparsity`` and optionally save and evaluate it.
 
     ``calibration`` (windows x seqlen token ids) overrides sampling from ``calib``, so that
     several methods can be compared on exactly the same windows. ``sds`` is an
     :class:`sdsprune.sds.SDSConfig` for ``method="sds"`` (``base`` then names its pruner).
+
+    ``low_memory`` keeps only one block's weights in memory (needs ``out``); ``state_dir``
+    saves the state after every block and ``resume`` continues from it. Under ``torchrun``
+    the calibration windows are split across the processes (see sdsprune.engine).
     """
     timer = Timer()
     pattern = SparsityPattern.parse(sparsity)
@@ -98,19 +111,48 @@ def prune(
         )
     if out is not None and Path(out).exists() and not overwrite:
         raise SdspruneError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    staged = method == "sds" and getattr(sds, "schedule", "fused") == "staged"
+    runs.check_options(
+        model=model,
+        low_memory=low_memory,
+        out=out,
+        evaluate=evaluate,
+        state_dir=state_dir,
+        resume=resume,
+        staged=staged,
+    )
     compute = resolve_device(device)
+    with distributed_from_env(compute) as dist:
+        if dist is not None and compute.type == "cuda":
+            compute = dist.device
+        return _prune(
+            model, method, pattern, base, calib, nsamples, seqlen, seed, compute, dtype,
+            calibration, out, overwrite, evaluate, eval_seqlen, max_chunks, sds, progress,
+            low_memory, state_dir, resume, dist, timer,
+        )  # fmt: skip
+
+
+def _prune(
+    model, method, pattern, base, calib, nsamples, seqlen, seed, compute, dtype, calibration,
+    out, overwrite, evaluate, eval_seqlen, max_chunks, sds, progress, low_memory, state_dir,
+    resume, dist, timer,
+) -> PruneResult:  # fmt: skip
+    """The body of :func:`prune`, inside the distributed group (if any)."""
+    progress = progress and (dist is None or dist.rank == 0)
     eval_corpora = [load_corpus(name, "eval") for name in evaluate]
     with timer.stage("load"):
-        loaded = (
-            model
-            if isinstance(model, LoadedModel)
-            else load_model(model, device="cpu", dtype=_dtype_for(dtype, compute))
-        )
+        if low_memory:
+            loaded = runs.load_skeleton(model, resolve_dtype(_dtype_for(dtype, compute), compute))
+        elif isinstance(model, LoadedModel):
+            loaded = model
+        else:
+            loaded = load_model(model, device="cpu", dtype=_dtype_for(dtype, compute))
     net = loaded.model
     linears = model_linears(net)
     pattern.check_layers(linears)
     check_seqlen(net, seqlen if calibration is None else calibration.shape[1])
-    _check_finite_weights(linears)
+    if not low_memory:  # a low-memory run checks each block as it reads it
+        _check_finite_weights(linears)
     given_windows = calibration
     with timer.stage("calibration"):
         if calibration is None:
@@ -130,32 +172,69 @@ def prune(
         "device": str(compute),
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
     }
-    start = time.perf_counter()
     if method == "sds":
-        from sdsprune.sds import SDSConfig, run_sds
+        from sdsprune.sds import SDSConfig
 
-        sds_config = sds or SDSConfig()
-        config["sds"] = asdict(sds_config)
-        layers, extras = run_sds(net, windows, base, pattern, sds_config, compute, timer, progress)
-    else:
-        layers = _run_one_shot(net, windows, get_pruner(method), pattern, compute, timer, progress)
-        extras = {}
-    prune_seconds = time.perf_counter() - start
-    report = {
-        "config": config,
-        "versions": library_versions(),
-        "timings": {**timer.rounded(), "prune_total": round(prune_seconds, 3)},
-        "memory": peak_memory(),
-        "summary": _summary(net, layers),
-        "layers": layers,
-        **extras,
-    }
+        config["sds"] = asdict(sds or SDSConfig())
+    session_scope = runs.run_session(
+        net,
+        loaded,
+        config,
+        windows,
+        dist=dist,
+        low_memory=low_memory,
+        out=out,
+        state_dir=state_dir,
+        resume=resume,
+    )
+    with session_scope as session, use_session(session):
+        local = windows if dist is None else dist.shard(windows)
+        start = time.perf_counter()
+        if method == "sds":
+            from sdsprune.sds import SDSConfig, run_sds
+
+            layers, extras = run_sds(
+                net, local, base, pattern, sds or SDSConfig(), compute, timer, progress
+            )
+        else:
+            layers = _run_one_shot(
+                net, local, get_pruner(method), pattern, compute, timer, progress
+            )
+            extras = {}
+        prune_seconds = time.perf_counter() - start
+        if low_memory or dist is not None:
+            config.update(low_memory=low_memory, processes=1 if dist is None else dist.world)
+        report = {
+            "config": config,
+            "versions": library_versions(),
+            "timings": {**timer.rounded(), "prune_total": round(prune_seconds, 3)},
+            "memory": peak_memory(),
+            "summary": _summary(net, layers, session.store if low_memory else None),
+            "layers": layers,
+            **extras,
+        }
+        return _finish_run(
+            loaded, report, out, overwrite, session, state_dir, eval_corpora,
+            eval_seqlen or seqlen, max_chunks, compute, timer, progress, prune_seconds,
+        )  # fmt: skip
+
+
+def _finish_run(
+    loaded, report, out, overwrite, session, state_dir, eval_corpora, eval_seqlen, max_chunks,
+    compute, timer, progress, prune_seconds,
+) -> PruneResult:  # fmt: skip
+    """Evaluate and save on the main process only; then drop the run's saved state."""
+    if not session.is_main:
+        runs.finish(session, state_dir)
+        return PruneResult(model=loaded, report=report, out=None)
     if eval_corpora:
         report["evaluation"] = _evaluate(
-            loaded, eval_corpora, eval_seqlen or seqlen, max_chunks, compute, timer, progress
+            loaded, eval_corpora, eval_seqlen, max_chunks, compute, timer, progress
         )
         report["timings"] = {**timer.rounded(), "prune_total": round(prune_seconds, 3)}
-    saved = save_pruned(loaded, report, out, overwrite) if out is not None else None
+    store = session.store if isinstance(session.store, LowMemoryStore) else None
+    saved = save_pruned(loaded, report, out, overwrite, store) if out is not None else None
+    runs.finish(session, state_dir)
     return PruneResult(model=loaded, report=report, out=saved)
 
 
@@ -187,13 +266,17 @@ def _check_finite_weights(linears: dict[str, nn.Linear]) -> None:
             raise SdspruneError(f"layer {name} has NaN/Inf weights (corrupt checkpoint?)")
 
 
-def _summary(net: nn.Module, layers: dict[str, dict]) -> dict:
+def _summary(net: nn.Module, layers: dict[str, dict], store=None) -> dict:
     linears = model_linears(net)
-    zeros = sum(int((layer.weight == 0).sum()) for layer in linears.values())
+    if store is not None:  # low-memory: weights are on disk, the store counted their zeros
+        counts = store.counts(decoder_blocks(net))
+    else:
+        counts = {n: (int((la.weight == 0).sum()), la.weight.numel()) for n, la in linears.items()}
+    zeros = sum(c[0] for c in counts.values())
     total = sum(layer.weight.numel() for layer in linears.values())
     errors = [rec["rel_error"] for rec in layers.values() if "rel_error" in rec]
     for name, rec in layers.items():
-        rec["sparsity"] = float((linears[name].weight == 0).float().mean())
+        rec["sparsity"] = counts[name][0] / max(counts[name][1], 1)
     return {
         "pruned_layers": len(linears),
         "pruned_params": total,
@@ -221,14 +304,21 @@ def _evaluate(loaded, corpora, seqlen, max_chunks, compute, timer, progress) -> 
 
 
 def save_pruned(
-    loaded: LoadedModel, report: dict, out: str | Path, overwrite: bool = False
+    loaded: LoadedModel,
+    report: dict,
+    out: str | Path,
+    overwrite: bool = False,
+    store: LowMemoryStore | None = None,
 ) -> Path:
     """Write a normal Hugging Face checkpoint plus the report; the folder appears only when
-    complete."""
+    complete. ``store``: a low-memory run's blocks, already written to disk."""
     out = Path(out)
     figures = report.pop("_figures", {})
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        loaded.model.save_pretrained(tmp)
+        if store is not None:
+            runs.save_low_memory(tmp, loaded.model, store)
+        else:
+            loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         for filename, figure in figures.items():
             figure.savefig(tmp / filename, dpi=120, bbox_inches="tight")
