@@ -495,9 +495,11 @@ def bench_command(
     if as_json:
         print(json.dumps(report))
         return
-    Console().print(render_table(report))
+    # Redirected to a file, rich would squeeze the table into 80 columns.
+    out_console = Console(width=None if sys.stdout.isatty() else 140)
+    out_console.print(render_table(report))
     for line in render_notes(report):
-        Console().print(line, highlight=False)
+        out_console.print(line, highlight=False)
 
 
 def _split_ints(value: str) -> list[int]:
