@@ -444,6 +444,11 @@ def render_notes(report: dict) -> list[str]:
                 f"{ratio}x at {tokens} tokens" for tokens, ratio in by_tokens.items()
             )
             notes.append(f"  {name}: per-layer {kernel} vs dense (median over layers): {probes}")
+    for name, info in report["backends"].items():
+        if name != "dense" and set(info["kernels"]) == {"dense"}:
+            notes.append(
+                f"{name} runs dense everywhere: its 'vs dense' column is this run's noise floor"
+            )
     memory = ", ".join(f"{k} {v}" for k, v in report["memory"].items())
     notes.append(f"process peak memory (all backends together): {memory}")
     return notes
