@@ -233,3 +233,21 @@ def test_bin_checkpoints_and_bad_manifests_are_refused(tmp_path, tiny_model_dir)
     (out / MANIFEST).write_text(json.dumps({"format": "other", "version": 9}))
     with pytest.raises(SdspruneError, match="upgrade sdsprune"):
         sdsprune.load(out)
+
+
+def test_sharded_source_and_from_pretrained_refuses_a_sparse_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model_linears(model).values():
+            layer.weight.copy_(prune_weight(layer.weight, "2:4"))
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="50KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    out = tmp_path / "sparse"
+    report = export_checkpoint(sharded, out, format="sparse")
+    assert report["pruned_tensors"] == 14
+    assert_same_state(load_state_dict(sharded), load_state_dict(out))
+    with pytest.raises(OSError):  # no model.safetensors: a loud failure, not random weights
+        AutoModelForCausalLM.from_pretrained(out)
