@@ -64,6 +64,12 @@ class _Prepared:
     indices: list[int] | None = None  # BIG-bench subsample; None = harness limit
     chance: float | None = None
 
+    def scored(self, limit: int | None) -> int:
+        """How many examples will be scored: the subsample, or the harness's first N."""
+        if self.indices is not None:
+            return len(self.indices)
+        return self.total if limit is None else min(limit, self.total)
+
 
 def evaluate_tasks(
     model: str | LoadedModel | nn.Module,
@@ -93,15 +99,12 @@ def evaluate_tasks(
     lm = _harness_model(loaded, batch_size)
     results: dict[str, TaskResult] = {}
     for number, task in enumerate(prepared, start=1):
-        scored = task.total if task.indices is None else len(task.indices)
-        if limit is not None and task.indices is None:
-            scored = min(limit, task.total)
         log.info(
             "task %d/%d: %s (%d of %d examples)",
             number,
             len(prepared),
             task.name,
-            scored,
+            task.scored(limit),
             task.total,
         )
         results[task.name] = _run_one(lm, task, limit, seed, progress)
