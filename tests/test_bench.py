@@ -75,7 +75,7 @@ def test_verdicts_need_separated_samples():
 
 
 def test_default_backends_on_cpu():
-    assert default_backends(torch.device("cpu")) == ["dense", "csr", "bsr", "auto"]
+    assert default_backends(torch.device("cpu")) == ["dense", "csr", "bsr", "nm24", "auto"]
 
 
 def test_bad_settings_are_user_errors(sparse_dir, tmp_path):

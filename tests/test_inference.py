@@ -220,3 +220,50 @@ def test_load_sparse_checkpoint_with_a_backend(tmp_path):
     torch.testing.assert_close(logits(sparse.model), logits(dense.model), rtol=1e-4, atol=1e-4)
     fp32 = sdsprune.load(tmp_path / "sparse", dtype="float32")
     assert next(fp32.model.parameters()).dtype == torch.float32
+
+
+# --- nm24: the AVX-512 2:4 CPU kernel (compiled on first use) ---------------------------
+
+
+def test_nm24_eligibility_needs_float32_and_2_4():
+    from sdsprune.inference.nm24 import nm24_problem
+
+    linear = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        linear.weight.copy_(prune_weight(linear.weight, "unstructured"))
+    assert "2:4" in nm24_problem(linear)
+    assert "float32" in nm24_problem(linear.half())
+
+
+def test_nm24_packing_matches_the_weight():
+    from sdsprune.inference.nm24 import pack_nm24
+
+    weight = prune_weight(torch.randn(8, 16), "2:4")
+    weight[0, :4] = 0.0
+    values, positions = pack_nm24(weight)
+    rebuilt = torch.zeros(8, 4, 4)
+    rebuilt.scatter_(2, positions.view(8, 4, 2).long(), values.view(8, 4, 2))
+    assert torch.equal(rebuilt.view(8, 16), weight)
+
+
+@pytest.mark.slow
+def test_nm24_kernel_matches_dense_at_every_token_count():
+    from sdsprune.inference.nm24 import Nm24Linear, extension
+
+    if isinstance(extension(), str):
+        pytest.skip(extension())
+    linear = torch.nn.Linear(72, 40)  # 36 kept values per row: two 16-wide chunks + a tail
+    with torch.no_grad():
+        linear.weight.copy_(prune_weight(linear.weight, "2:4"))
+    module = Nm24Linear(linear)
+    with torch.no_grad():
+        for tokens in (1, 3, 4, 5, 8, 9, 33):
+            x = torch.randn(2, tokens, 72)
+            torch.testing.assert_close(module(x), linear(x), rtol=1e-5, atol=1e-5)
+    model = pruned_model("2:4")
+    expected = logits(model)
+    assert apply_backend(model, "nm24").counts() == {"nm24": 14}
+    torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # decode-sized inputs go through the kernel itself
+        step = model(IDS[:1, :1]).logits
+    torch.testing.assert_close(step, pruned_model("2:4")(IDS[:1, :1]).logits, rtol=1e-4, atol=1e-4)

@@ -4,6 +4,7 @@ Backends:
 
 - ``dense``: leave the model alone (the default, and the baseline of every comparison);
 - ``csr`` / ``bsr``: torch sparse CSR / BSR matmul on every pruned layer that can use it;
+- ``nm24``: this package's AVX-512 CPU kernel for 2:4 layers (float32, built on first use);
 - ``semi-structured``: torch's 2:4 kernels on CUDA GPUs of compute capability >= 8.0;
 - ``auto``: per layer, time dense against each kernel available on the model's device at a
   few token counts and keep a sparse kernel only where it wins at *every* count by a margin.
@@ -30,7 +31,7 @@ from sdsprune.models import model_linears
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("dense", "auto", "csr", "bsr", "semi-structured")
+BACKENDS = ("dense", "auto", "csr", "bsr", "nm24", "semi-structured")
 MIN_SPARSITY = 0.3
 AUTO_MARGIN = 1.05  # a sparse kernel must be >= 5% faster than dense to be chosen
 PROBE_TOKENS = (1, 16)
@@ -79,7 +80,7 @@ def available_kernels(device: torch.device) -> list[str]:
     """Sparse kernels worth trying on ``device`` (what ``auto`` measures)."""
     if device.type == "cuda":
         return ["semi-structured"] if semi_structured_device_problem(device) is None else []
-    return ["csr", "bsr"]
+    return ["csr", "bsr", "nm24"]
 
 
 def apply_backend(

@@ -177,5 +177,27 @@ def semi_structured_problem(linear: nn.Linear) -> str | None:
     return None
 
 
-KERNELS = {"csr": CsrLinear, "bsr": BsrLinear, "semi-structured": SemiStructuredLinear}
-PROBLEMS = {"csr": csr_problem, "bsr": bsr_problem, "semi-structured": semi_structured_problem}
+def _nm24_linear(linear: nn.Linear) -> nn.Module:
+    from sdsprune.inference.nm24 import Nm24Linear
+
+    return Nm24Linear(linear)
+
+
+def _nm24_problem(linear: nn.Linear) -> str | None:
+    from sdsprune.inference.nm24 import nm24_problem
+
+    return nm24_problem(linear)
+
+
+KERNELS = {
+    "csr": CsrLinear,
+    "bsr": BsrLinear,
+    "nm24": _nm24_linear,
+    "semi-structured": SemiStructuredLinear,
+}
+PROBLEMS = {
+    "csr": csr_problem,
+    "bsr": bsr_problem,
+    "nm24": _nm24_problem,
+    "semi-structured": semi_structured_problem,
+}
