@@ -1,0 +1,50 @@
+"""Run by tests/test_distributed.py under torchrun: prune a tiny model with several
+configurations on every rank; rank 0 saves the weights and records for comparison."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from sdsprune.models import LoadedModel
+from sdsprune.prune import prune
+from sdsprune.sds import SDSConfig
+
+CONFIGS = {
+    "wanda": dict(method="wanda"),
+    "sparsegpt-2of4": dict(method="sparsegpt", sparsity="2:4"),
+    "sds-kd": dict(method="sds", base="wanda", sds=SDSConfig(data_mode="kd")),
+}
+
+
+def windows() -> torch.Tensor:
+    return torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
+
+
+def run(name: str, **kwargs) -> tuple[dict, dict]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import byte_tokenizer, tiny_model
+
+    model = tiny_model("llama")
+    loaded = LoadedModel(model, byte_tokenizer(), "tiny", None)
+    result = prune(loaded, calibration=windows(), device="cpu", progress=False, **kwargs)
+    layers = {k: v for k, v in result.report["layers"].items()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, layers
+
+
+def main(out: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")  # once: prune() joins an existing group and keeps it
+    for name, kwargs in CONFIGS.items():
+        state, layers = run(name, **kwargs)
+        if int(os.environ.get("RANK", "0")) == 0:
+            torch.save({"state": state, "layers": layers}, out / f"{name}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
