@@ -546,6 +546,10 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/] (nothing was written)")
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C into a silent exit 130: say what happened
+            console.print("[bold red]interrupted[/] (nothing was written)")
+        raise
 
 
 if __name__ == "__main__":
