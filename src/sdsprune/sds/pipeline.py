@@ -100,28 +100,34 @@ class FusedSDS(BlockProcessor):
             ctx.set_weight(name, self.steps.second_prune_and_adjust(ctx, name, dense, redensed))
 
 
-class _StagedFirstPrune(BlockProcessor):
+class _StagedPass(BlockProcessor):
+    """One whole-model pass of the staged schedule; ``originals`` holds the dense weights
+    (saved by the first pass) because the block itself carries the previous stage's."""
+
     needs = "gram"
 
     def __init__(self, steps: _SDSSteps, originals: dict[str, torch.Tensor]):
         self.steps = steps
         self.originals = originals
 
+    def original(self, ctx: BlockContext, name: str, like: torch.Tensor) -> torch.Tensor:
+        return self.originals[f"{ctx.index}.{name}"].to(like.device)
+
+
+class _StagedFirstPrune(_StagedPass):
     def process(self, ctx: BlockContext) -> None:
         for name, dense in ctx.dense_weights.items():
             self.originals[f"{ctx.index}.{name}"] = dense.to("cpu", copy=True)
             ctx.set_weight(name, self.steps.first_prune(ctx, name, dense))
 
 
-class _StagedRedense(BlockProcessor):
+class _StagedRedense(_StagedPass):
     """Re-dense every layer on inputs of the step-1 model; the stream stays the step-1 one."""
 
-    needs = "gram"
     propagate = "original"
 
     def __init__(self, steps: _SDSSteps, originals: dict[str, torch.Tensor]):
-        self.steps = steps
-        self.originals = originals
+        super().__init__(steps, originals)
         self.dense_stream = steps.config.data_mode != "sd"
 
     def dense_weights_for(self, index: int) -> dict[str, torch.Tensor]:
@@ -132,20 +138,14 @@ class _StagedRedense(BlockProcessor):
 
     def process(self, ctx: BlockContext) -> None:
         for name, pruned in ctx.dense_weights.items():  # the block holds step-1 weights now
-            dense = self.originals[f"{ctx.index}.{name}"].to(pruned.device)
+            dense = self.original(ctx, name, pruned)
             ctx.set_weight(name, self.steps.redense(ctx, name, dense, pruned))
 
 
-class _StagedSecondPrune(BlockProcessor):
-    needs = "gram"
-
-    def __init__(self, steps: _SDSSteps, originals: dict[str, torch.Tensor]):
-        self.steps = steps
-        self.originals = originals
-
+class _StagedSecondPrune(_StagedPass):
     def process(self, ctx: BlockContext) -> None:
         for name, redensed in ctx.dense_weights.items():
-            dense = self.originals[f"{ctx.index}.{name}"].to(redensed.device)
+            dense = self.original(ctx, name, redensed)
             ctx.set_weight(name, self.steps.second_prune_and_adjust(ctx, name, dense, redensed))
 
 
