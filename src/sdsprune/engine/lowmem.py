@@ -10,12 +10,13 @@ one block plus the calibration activations and statistics.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from sdsprune.engine.checkpoint import block_file, block_tensors, blocks_prefix, save_block
@@ -49,8 +50,7 @@ class SafetensorsSource:
             )
         file_of = {}
         for path in files:
-            with _open(path) as handle:
-                file_of.update(dict.fromkeys(handle.keys(), path))
+            file_of.update(dict.fromkeys(tensor_names(path), path))
         return file_of
 
     def has(self, key: str) -> bool:
@@ -68,17 +68,62 @@ class SafetensorsSource:
             by_file.setdefault(self.file_of[key], []).append(key)
         tensors = {}
         for path, names in by_file.items():
-            with _open(path) as handle:
-                for name in names:
-                    tensors[name] = handle.get_tensor(name)
+            tensors.update(read_tensors(path, names))
         return tensors
 
 
-def _open(path: Path):
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def tensor_names(path: Path) -> list[str]:
     try:
-        return safe_open(str(path), framework="pt")
-    except Exception as exc:  # safetensors raises its own error types on corrupt files
+        with open(path, "rb") as handle:
+            return [name for name in _header(handle)[1] if name != "__metadata__"]
+    except (OSError, ValueError, struct.error) as exc:
         raise SdspruneError(f"could not read {path} (corrupt checkpoint?): {exc}") from exc
+
+
+def _header(handle) -> tuple[int, dict]:
+    (size,) = struct.unpack("<Q", handle.read(8))
+    if size > 100_000_000:
+        raise ValueError("implausible header size")
+    return size, json.loads(handle.read(size))
+
+
+def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read tensors straight from a safetensors file into fresh memory with ``readinto``.
+
+    Unlike ``safe_open`` (a memory map) this never counts file pages in the process's RSS
+    and makes no intermediate copy: measured on SmolLM2's 113 MB embedding matrix, loading
+    through safe_open raised peak RSS by about 270 MB.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size, header = _header(handle)
+            tensors = {}
+            for name in names:
+                entry = header[name]
+                tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+                begin, end = entry["data_offsets"]
+                handle.seek(8 + size + begin)
+                view = tensor.reshape(-1).view(torch.uint8).numpy()
+                if end - begin != view.nbytes or handle.readinto(view) != view.nbytes:
+                    raise ValueError(f"tensor {name} is truncated")
+                tensors[name] = tensor
+            return tensors
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        raise SdspruneError(f"could not read {path} (corrupt checkpoint?): {exc}") from exc
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise): without this a
+    low-memory run on SmolLM2 crept up ~50 MB per block; with it, it stays flat."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
@@ -174,12 +219,14 @@ class LowMemoryStore(BlockStore):
         names = [name for name, _ in _named_tensors(block)]
         own = f"{self.prefix}{index}."
         if index in self.written:
-            tensors = load_file(str(block_file(self.work_dir, index)))
+            path = block_file(self.work_dir, index)
+            tensors = read_tensors(path, [own + name for name in names if _persistent(block, name)])
         else:
             tensors = self.source.read([own + name for name in names if _persistent(block, name)])
         for key, tensor in tensors.items():
             _check_finite(tensor, key)
             _materialize(block, key.removeprefix(own), tensor, device, self.dtype)
+        del tensors
         if any(p.is_meta for p in block.parameters()):
             raise SdspruneError(f"block {index} has weights the checkpoint does not provide")
         return torch.device("meta")
@@ -195,6 +242,7 @@ class LowMemoryStore(BlockStore):
         for name, tensor in list(_named_tensors(block)):
             if _persistent(block, name):
                 _to_meta(block, name, tensor)
+        return_freed_memory()
 
     def counts(self, blocks: nn.ModuleList) -> dict[str, tuple[int, int]]:
         """(zeros, total) of every linear layer; blocks finished by an earlier, interrupted
@@ -202,7 +250,8 @@ class LowMemoryStore(BlockStore):
         for index in sorted(self.written):
             names = list(block_linears(blocks[index]))
             if names and f"{index}.{names[0]}" not in self.layer_counts:
-                tensors = load_file(str(block_file(self.work_dir, index)))
+                wanted = [f"{self.prefix}{index}.{name}.weight" for name in names]
+                tensors = read_tensors(block_file(self.work_dir, index), wanted)
                 for name in names:
                     weight = tensors[f"{self.prefix}{index}.{name}.weight"]
                     self.layer_counts[f"{index}.{name}"] = (
