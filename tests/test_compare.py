@@ -217,7 +217,9 @@ def test_markdown_table_with_tasks_marks_best_and_chance():
                 "key": run.key,
                 "settings": {"tasks": ["bigbench:winowhy"]},
                 "perplexity": {"wiki": ppl},
-                "tasks": [{"task": "bigbench:winowhy", "acc": acc, "chance": 0.5}],
+                "tasks": [
+                    {"task": "bigbench:winowhy", "acc": acc, "chance": 0.5, "acc_stderr": 0.049}
+                ],
                 "prune": {},
                 "figures": [],
                 "seconds": {"prune": 1.0, "total": 2.0},
@@ -237,7 +239,20 @@ def test_markdown_table_with_tasks_marks_best_and_chance():
         "task_seed": 42,
     }
     table = compare_module.results_markdown({"settings": settings, "runs": runs})
-    assert "| Method | Sparsity | wiki PPL ↓ | winowhy ↑ | Mean acc ↑ |" in table
-    assert "| SparseGPT | 0.5 | **15.00** | 55.0 | 55.0 |" in table
-    assert "| Wanda | 0.5 | 20.00 | 50.0 | 50.0 |" in table
-    assert "Chance level: winowhy 50.0." in table
+    assert "| Method | Sparsity | wiki PPL ↓ | winowhy ↑ |" in table
+    assert "Mean acc" not in table  # one task: no mean column repeating it
+    assert "| SparseGPT | 0.5 | **15.00** | 55.0 |" in table
+    assert "| Wanda | 0.5 | 20.00 | 50.0 |" in table
+    assert "Chance level: winowhy 50.0. One standard error: about 4.9 points." in table
+
+
+def test_mean_accuracy_counts_each_requested_task_once():
+    run = {
+        "settings": {"tasks": ["bigbench:winowhy", "bigbench:cause_and_effect"]},
+        "tasks": [
+            {"task": "bigbench:winowhy", "acc": 0.6},
+            {"task": "bigbench:cause_and_effect/one_sentence", "acc": 1.0},
+            {"task": "bigbench:cause_and_effect", "acc": 0.8},
+        ],
+    }
+    assert compare_module.mean_accuracy(run) == pytest.approx(0.7)

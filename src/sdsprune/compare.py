@@ -356,7 +356,8 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
     tasks = [t for t in task_columns(results) if t in settings["tasks"]]
     header = ["Method", "Sparsity", *(f"{d} PPL ↓" for d in datasets)]
     header += [_short_task(t) + " ↑" for t in tasks]
-    if tasks:
+    with_mean = len(tasks) > 1  # a mean over one task would repeat its column
+    if with_mean:
         header.append("Mean acc ↑")
     lines = [f"# Pruning comparison: {settings['model']}", "", _protocol_line(settings), ""]
     lines += [
@@ -372,7 +373,7 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
             cells.append(f"**{text}**" if (run["key"], dataset) in best else text)
         by_task = {row["task"]: row for row in run["tasks"]}
         cells += [f"{100 * by_task[t]['acc']:.1f}" if t in by_task else "—" for t in tasks]
-        if tasks:
+        if with_mean:
             mean = mean_accuracy(run)
             cells.append("—" if mean is None else f"{100 * mean:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -443,7 +444,11 @@ def _task_note(results: dict, tasks: list[str]) -> str:
         for t in tasks
         if t in rows and rows[t].get("chance") is not None
     ]
-    return f"Chance level: {', '.join(parts)}." if parts else ""
+    errors = [rows[t]["acc_stderr"] for t in tasks if t in rows and rows[t].get("acc_stderr")]
+    note = f"Chance level: {', '.join(parts)}." if parts else ""
+    if errors:  # small --limit values make accuracies noisy; say how noisy
+        note += f" One standard error: about {100 * max(errors):.1f} points."
+    return note.strip()
 
 
 def _best_per_sparsity(runs: list[dict], datasets: Sequence[str]) -> set[tuple[str, str]]:
