@@ -83,7 +83,8 @@ def run_session(
     if state_dir is not None:
         checkpoint = Checkpointer(
             Path(state_dir),
-            fingerprint({**config, "processes": world}, windows),
+            # not the device: ranks differ in it (cuda:0, cuda:1), and moving is allowed
+            fingerprint({**config, "device": None, "processes": world}, windows),
             resume=resume,
             rank=rank,
             world=world,
