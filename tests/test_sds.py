@@ -174,3 +174,14 @@ def test_sds_weight_figure(tmp_path):
 def test_bad_sds_config(kwargs, message):
     with pytest.raises(SdspruneError, match=message):
         SDSConfig(**kwargs)
+
+
+def test_power_iteration_bounds_the_largest_eigenvalue():
+    from sdsprune.linalg import largest_eigenvalue
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(500, 40, generator=g, dtype=torch.float64) + 3.0  # one dominant direction
+    gram = X.T @ X / 500
+    exact = float(torch.linalg.eigvalsh(gram)[-1])
+    estimate = largest_eigenvalue(gram)
+    assert exact <= estimate <= 1.05 * exact

@@ -131,7 +131,9 @@ def perplexity_of_chunks(
 
 
 def _mean_nll_per_sequence(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    shift_logits = logits[:, :-1].float()
-    shift_labels = ids[:, 1:]
-    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none")
-    return nll.mean(dim=1).cpu()
+    # Flattened (tokens x vocab) rows: cross_entropy over a transposed (B, V, L) view is
+    # several times slower on CPU, and this loss was a fifth of the evaluation time.
+    batch, length, vocab = logits.shape
+    shift_logits = logits[:, :-1].reshape(-1, vocab).float()
+    nll = F.cross_entropy(shift_logits, ids[:, 1:].reshape(-1), reduction="none")
+    return nll.view(batch, length - 1).mean(dim=1).cpu()
