@@ -232,7 +232,8 @@ def _output_pass(
     """Recompute the block's outputs with its new weights; measure the relative output error
     of layers whose processor did not report one (it had no Gram matrix to compute it)."""
     pending = {name: rec for name, rec in ctx.records.items() if "rel_error" not in rec}
-    probes = {name: _ErrorProbe(ctx.dense_weights[name]) for name in pending}
+    stride = max(1, stream.hidden.shape[0] * stream.hidden.shape[1] // PROBE_TOKENS)
+    probes = {name: _ErrorProbe(ctx.dense_weights[name], stride) for name in pending}
     handles = [ctx.linears[name].register_forward_hook(probe) for name, probe in probes.items()]
     try:
         outputs = torch.empty_like(stream.hidden)
@@ -252,17 +253,26 @@ def _output_pass(
     return outputs
 
 
-class _ErrorProbe:
-    """‖x W_dᵀ − x Wᵀ‖² / ‖x W_dᵀ‖² over the calibration tokens, measured in the output pass."""
+# Tokens the output-pass error probe looks at (every k-th token). Measured against the
+# reference Wanda code: probing every token doubled the output pass (the dense product is
+# the layer's whole matmul again); a 4096-token sample costs a few percent and estimates the
+# relative error to about a percent of its value.
+PROBE_TOKENS = 4096
 
-    def __init__(self, dense_weight: torch.Tensor):
+
+class _ErrorProbe:
+    """‖x W_dᵀ − x Wᵀ‖² / ‖x W_dᵀ‖² on every ``stride``-th calibration token of the output
+    pass, for methods that have no Gram matrix to compute it exactly."""
+
+    def __init__(self, dense_weight: torch.Tensor, stride: int = 1):
         self.dense_weight = dense_weight
+        self.stride = stride
         self.error = 0.0
         self.reference = 0.0
 
     def __call__(self, module, inputs, output):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-        y = output.reshape(-1, output.shape[-1]).float()
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])[:: self.stride].float()
+        y = output.reshape(-1, output.shape[-1])[:: self.stride].float()
         if module.bias is not None:
             y = y - module.bias.float()
         dense = x @ self.dense_weight.to(x.device).T
