@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 from sdsprune.data import load_corpus
-from sdsprune.evaluate import perplexity
+from sdsprune.evaluate.perplexity import evaluate_corpora
 from sdsprune.models import LoadedModel, load_model
 from sdsprune.runinfo import library_versions
 
@@ -26,17 +24,13 @@ def evaluate_model(
     loaded = (
         model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
     )
-    results = []
-    for corpus in corpora:
-        start = time.perf_counter()
-        result = perplexity(
-            loaded.model,
-            loaded.tokenizer,
-            corpus,
-            seqlen=seqlen,
-            max_chunks=max_chunks,
-            batch_size=batch_size,
-            progress=progress,
-        )
-        results.append({**result.to_dict(), "seconds": round(time.perf_counter() - start, 2)})
+    results = evaluate_corpora(
+        loaded.model,
+        loaded.tokenizer,
+        corpora,
+        seqlen=seqlen,
+        max_chunks=max_chunks,
+        batch_size=batch_size,
+        progress=progress,
+    )
     return {"model": loaded.spec, "results": results, "versions": library_versions()}

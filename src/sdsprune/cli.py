@@ -42,6 +42,14 @@ DtypeOpt = Annotated[
     str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+CalibOpt = Annotated[str, typer.Option(help="Calibration corpus (wiki, c4, wikitext2, ptb, file).")]
+NsamplesOpt = Annotated[int, typer.Option(help="Calibration windows.")]
+CalibSeqlenOpt = Annotated[int, typer.Option(help="Tokens per calibration window.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the calibration sampling.")]
+EvalSeqlenOpt = Annotated[
+    int | None, typer.Option(help="Evaluation chunk length (default: --seqlen).")
+]
+MaxChunksOpt = Annotated[int | None, typer.Option(help="Evaluate only the first K chunks.")]
 
 
 @app.command("eval")
@@ -166,12 +174,10 @@ def prune_command(
     base: Annotated[
         str, typer.Option(help="Base pruner of SDS: sparsegpt, wanda, magnitude.")
     ] = "sparsegpt",
-    calib: Annotated[
-        str, typer.Option(help="Calibration corpus (wiki, c4, wikitext2, ptb, file).")
-    ] = "wiki",
-    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
-    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
-    seed: Annotated[int, typer.Option(help="Seed of the calibration sampling.")] = 0,
+    calib: CalibOpt = "wiki",
+    nsamples: NsamplesOpt = 128,
+    seqlen: CalibSeqlenOpt = 2048,
+    seed: SeedOpt = 0,
     out: Annotated[
         str | None, typer.Option(help="Save the pruned checkpoint and report into this folder.")
     ] = None,
@@ -179,12 +185,8 @@ def prune_command(
     eval_dataset: Annotated[
         str | None, typer.Option("--eval", help="Evaluate perplexity afterwards on these corpora.")
     ] = None,
-    eval_seqlen: Annotated[
-        int | None, typer.Option(help="Evaluation chunk length (default: --seqlen).")
-    ] = None,
-    max_chunks: Annotated[
-        int | None, typer.Option(help="Evaluate only the first K chunks.")
-    ] = None,
+    eval_seqlen: EvalSeqlenOpt = None,
+    max_chunks: MaxChunksOpt = None,
     schedule: Annotated[
         str, typer.Option(help="SDS: fused (one pass) or staged (paper order).")
     ] = "fused",
@@ -322,23 +324,15 @@ def compare_command(
     sparsity: Annotated[
         str, typer.Option(help="Comma-separated sparsities: fractions (0.5) or N:M (2:4).")
     ] = "2:4,0.5",
-    calib: Annotated[
-        str, typer.Option(help="Calibration corpus (wiki, c4, wikitext2, ptb, file).")
-    ] = "wiki",
-    nsamples: Annotated[
-        int, typer.Option(help="Calibration windows (shared by all methods).")
-    ] = 128,
-    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
-    seed: Annotated[int, typer.Option(help="Seed of the calibration sampling.")] = 0,
+    calib: CalibOpt = "wiki",
+    nsamples: NsamplesOpt = 128,
+    seqlen: CalibSeqlenOpt = 2048,
+    seed: SeedOpt = 0,
     dataset: Annotated[
         str, typer.Option(help="Comma-separated evaluation corpora (none: empty string).")
     ] = "wiki",
-    eval_seqlen: Annotated[
-        int | None, typer.Option(help="Evaluation chunk length (default: --seqlen).")
-    ] = None,
-    max_chunks: Annotated[
-        int | None, typer.Option(help="Evaluate only the first K chunks.")
-    ] = None,
+    eval_seqlen: EvalSeqlenOpt = None,
+    max_chunks: MaxChunksOpt = None,
     tasks: Annotated[
         str | None, typer.Option(help="Comma-separated zero-shot tasks, as in `sdsprune eval`.")
     ] = None,

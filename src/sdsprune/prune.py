@@ -24,7 +24,7 @@ from sdsprune.engine import (
 from sdsprune.engine.distributed import distributed_from_env
 from sdsprune.engine.lowmem import LowMemoryStore
 from sdsprune.errors import SdspruneError
-from sdsprune.evaluate.perplexity import check_seqlen, perplexity, with_bos
+from sdsprune.evaluate.perplexity import check_seqlen, evaluate_corpora, with_bos
 from sdsprune.linalg import relative_error
 from sdsprune.models import LoadedModel, decoder_blocks, load_model, model_linears
 from sdsprune.pruners import BASE_PRUNERS, Pruner, SparsityPattern, get_pruner
@@ -287,19 +287,17 @@ def _summary(net: nn.Module, layers: dict[str, dict], store=None) -> dict:
 
 def _evaluate(loaded, corpora, seqlen, max_chunks, compute, timer, progress) -> list[dict]:
     loaded.model.to(compute)
-    results = []
-    for corpus in corpora:
-        with timer.stage(f"eval_{corpus.name}"):
-            result = perplexity(
-                loaded.model,
-                loaded.tokenizer,
-                corpus,
-                seqlen=seqlen,
-                max_chunks=max_chunks,
-                progress=progress,
-            )
-        results.append(result.to_dict())
+    results = evaluate_corpora(
+        loaded.model,
+        loaded.tokenizer,
+        corpora,
+        seqlen=seqlen,
+        max_chunks=max_chunks,
+        progress=progress,
+    )
     loaded.model.to("cpu")
+    for result in results:
+        timer.stages[f"eval_{result['dataset']}"] = result.pop("seconds")
     return results
 
 

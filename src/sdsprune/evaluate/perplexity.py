@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -93,6 +94,33 @@ def perplexity(
     return perplexity_of_chunks(
         model, chunks, corpus.name, batch_size=batch_size, progress=progress
     )
+
+
+def evaluate_corpora(
+    model: nn.Module,
+    tokenizer,
+    corpora: list[Corpus],
+    *,
+    seqlen: int,
+    max_chunks: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Perplexity on each corpus, as dicts with the wall time each took (``seconds``)."""
+    results = []
+    for corpus in corpora:
+        start = time.perf_counter()
+        result = perplexity(
+            model,
+            tokenizer,
+            corpus,
+            seqlen=seqlen,
+            max_chunks=max_chunks,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        results.append({**result.to_dict(), "seconds": round(time.perf_counter() - start, 2)})
+    return results
 
 
 @torch.no_grad()
