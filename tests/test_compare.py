@@ -52,12 +52,14 @@ def fake_prune(monkeypatch):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        from sdsprune.sds.figures import render_png
+
         calls.append((method, base if method == "sds" else None, sparsity, calibration.clone()))
         report = {"summary": {"sparsity": 0.5}, "timings": {}, "memory": {}}
         if method == "sds":
             fig, ax = plt.subplots()
             ax.hist([0.0, 1.0])
-            report["_figures"] = {"weight_distribution.png": fig}
+            report["_figures"] = {"weight_distribution.png": render_png(fig)}
         return prune_module.PruneResult(model=load_model(model), report=report)
 
     monkeypatch.setattr(prune_module, "prune", prune)

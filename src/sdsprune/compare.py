@@ -305,16 +305,13 @@ def _evaluate(loaded: LoadedModel, settings: dict, progress: bool) -> dict:
 def _save_figures(folder: Path, run: Run, figures: dict) -> list[str]:
     """Figures a method produced (SDS: weight distributions), named after the run."""
     saved = []
-    for filename, figure in figures.items():
+    for filename, png in figures.items():
         target = folder / FIGURES_DIR / f"{run.key}-{filename}"
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.stem}.tmp.png")
-        figure.savefig(tmp, dpi=120, bbox_inches="tight")
+        tmp.write_bytes(png)
         os.replace(tmp, target)
         saved.append(str(target.relative_to(folder)))
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
     return saved
 
 

@@ -318,8 +318,8 @@ def save_pruned(
         else:
             loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
-        for filename, figure in figures.items():
-            figure.savefig(tmp / filename, dpi=120, bbox_inches="tight")
+        for filename, png in figures.items():
+            (tmp / filename).write_bytes(png)
             report.setdefault("figures", []).append(filename)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return out

@@ -26,10 +26,15 @@ class StageRecorder:
         self.weights.setdefault("dense", dense.detach().cpu().clone())
         self.weights[stage] = weight.detach().cpu().clone()
 
-    def figures(self) -> dict:
+    def figures(self) -> dict[str, bytes]:
+        """Rendered PNGs by file name (rendered now, so no open figure outlives the run)."""
         if not self.weights:
             return {}
-        return {"weight_distribution.png": weight_distribution_figure(self.layer, self.weights)}
+        return {
+            "weight_distribution.png": render_png(
+                weight_distribution_figure(self.layer, self.weights)
+            )
+        }
 
 
 def weight_distribution_figure(layer: str, weights: dict[str, torch.Tensor]):
@@ -55,3 +60,14 @@ def weight_distribution_figure(layer: str, weights: dict[str, torch.Tensor]):
     fig.suptitle(f"Weight distribution of layer {layer} through SDS", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def render_png(figure) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
