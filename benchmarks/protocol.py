@@ -15,82 +15,26 @@ import sys
 import time
 from pathlib import Path
 
-PROTOCOLS = {
-    # SmolLM2-135M fp32, 64 x 512 calibration tokens from the wiki calib split, seed 0,
-    # perplexity on the wiki eval split, first 40 chunks of 1024 tokens.
-    "cpu-small": [
-        "--calib",
-        "wiki",
-        "--nsamples",
-        "64",
-        "--seqlen",
-        "512",
-        "--seed",
-        "0",
-        "--eval",
-        "wiki",
-        "--eval-seqlen",
-        "1024",
-        "--max-chunks",
-        "40",
-        "--dtype",
-        "float32",
-    ],
-    # A quicker protocol for ablations only: 32 x 256 calibration tokens, 20 eval chunks.
-    "cpu-tiny": [
-        "--calib",
-        "wiki",
-        "--nsamples",
-        "32",
-        "--seqlen",
-        "256",
-        "--seed",
-        "0",
-        "--eval",
-        "wiki",
-        "--eval-seqlen",
-        "1024",
-        "--max-chunks",
-        "20",
-        "--dtype",
-        "float32",
-    ],
-    "paper": [
-        "--calib",
-        "wiki",
-        "--nsamples",
-        "128",
-        "--seqlen",
-        "2048",
-        "--seed",
-        "0",
-        "--eval",
-        "wiki",
-    ],
-}
-DENSE_EVAL = {
-    "cpu-small": [
-        "--dataset",
-        "wiki",
-        "--seqlen",
-        "1024",
-        "--max-chunks",
-        "40",
-        "--dtype",
-        "float32",
-    ],
-    "cpu-tiny": [
-        "--dataset",
-        "wiki",
-        "--seqlen",
-        "1024",
-        "--max-chunks",
-        "20",
-        "--dtype",
-        "float32",
-    ],
-    "paper": ["--dataset", "wiki", "--seqlen", "2048"],
-}
+# name: (calibration windows, window tokens, evaluation chunks of 1024 tokens)
+#   cpu-small: the project's CPU protocol (protocol.md); cpu-tiny: quicker, ablations only;
+#   paper: 128 x 2048 calibration, every evaluation chunk.
+PROTOCOL_SIZES = {"cpu-small": (64, 512, 40), "cpu-tiny": (32, 256, 20), "paper": (128, 2048, None)}
+
+
+def eval_args(protocol: str) -> list[str]:
+    """Perplexity options: wiki eval split, 1024-token chunks (2048 for ``paper``), fp32."""
+    _, _, chunks = PROTOCOL_SIZES[protocol]
+    if chunks is None:
+        return ["--seqlen", "2048"]
+    return ["--seqlen", "1024", "--max-chunks", str(chunks), "--dtype", "float32"]
+
+
+def prune_args(protocol: str) -> list[str]:
+    nsamples, seqlen, _ = PROTOCOL_SIZES[protocol]
+    evaluation = eval_args(protocol)
+    evaluation[0] = "--eval-seqlen"
+    calibration = ["--nsamples", str(nsamples), "--seqlen", str(seqlen), "--seed", "0"]
+    return ["--calib", "wiki", *calibration, "--eval", "wiki", *evaluation]
 
 
 def suite(name: str) -> list[tuple[str, list[str]]]:
@@ -163,7 +107,17 @@ def suite(name: str) -> list[tuple[str, list[str]]]:
 
 def run_row(model: str, protocol: str, args: list[str] | None) -> dict:
     if args is None:
-        cmd = [sys.executable, "-m", "sdsprune", "eval", model, *DENSE_EVAL[protocol], "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sdsprune",
+            "eval",
+            model,
+            "--dataset",
+            "wiki",
+            *eval_args(protocol),
+            "--json",
+        ]
     else:
         cmd = [
             sys.executable,
@@ -171,7 +125,7 @@ def run_row(model: str, protocol: str, args: list[str] | None) -> dict:
             "sdsprune",
             "prune",
             model,
-            *PROTOCOLS[protocol],
+            *prune_args(protocol),
             *args,
             "--json",
         ]
@@ -221,7 +175,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--suite", default="pruners", choices=["pruners", "sds", "ablation", "all"])
-    parser.add_argument("--protocol", default="cpu-small", choices=list(PROTOCOLS))
+    parser.add_argument("--protocol", default="cpu-small", choices=list(PROTOCOL_SIZES))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", help="comma-separated labels to run (default: all)")
