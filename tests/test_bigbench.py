@@ -34,8 +34,8 @@ FRUIT_TASK = {
 }
 
 
-def test_default_format_lists_choices_in_bigbench_order():
-    docs = bigbench.convert_task(FRUIT_TASK)
+def test_bigbench_style_lists_choices_in_bigbench_order():
+    docs = bigbench.convert_task(FRUIT_TASK, style="bigbench")
     # BIG-bench: task_prefix + "\nQ: " + input + choices (RandomState(42) permutation of the
     # sorted choices, identical for every example) + "\nA: "; the duplicate is dropped.
     assert len(docs) == 2
@@ -50,7 +50,21 @@ def test_default_format_lists_choices_in_bigbench_order():
     assert bigbench.chance_accuracy(docs) == pytest.approx((1 / 4 + 2 / 4) / 2)
 
 
-def test_custom_prefixes_without_appended_choices():
+def test_cloze_style_scores_answers_without_listing_them():
+    listed = bigbench.convert_task(FRUIT_TASK, style="bigbench")
+    docs = bigbench.convert_task(FRUIT_TASK)
+    assert docs[0]["query"] == "Pick a fruit.\nQ: Which is yellow?\nA: "
+    for cloze, bigbench_doc in zip(docs, listed, strict=True):
+        assert {**cloze, "query": None} == {**bigbench_doc, "query": None}
+
+
+def test_unknown_prompt_style_is_rejected():
+    with pytest.raises(SdspruneError, match=r"prompt style 'mcq'.*cloze, bigbench"):
+        bigbench.convert_task(FRUIT_TASK, style="mcq")
+
+
+@pytest.mark.parametrize("style", bigbench.PROMPT_STYLES)
+def test_custom_prefixes_without_appended_choices(style):
     task = {
         "task_prefix": "About pronouns.\n",
         "example_input_prefix": "\n",
@@ -58,7 +72,7 @@ def test_custom_prefixes_without_appended_choices():
         "append_choices_to_input": False,
         "examples": [{"input": "It is so.", "target_scores": {"correct": 0, "incorrect": 1}}],
     }
-    (doc,) = bigbench.convert_task(task)
+    (doc,) = bigbench.convert_task(task, style=style)
     assert doc["query"] == "About pronouns.\n\nIt is so.\nThe above reasoning is "
     assert doc["choices"] == ["correct", "incorrect"]
     assert doc["gold"] == [1]
@@ -104,11 +118,12 @@ def test_docs_are_converted_once_from_the_cached_task_file(tmp_path, monkeypatch
     source.parent.mkdir(parents=True)
     source.write_text(json.dumps(FRUIT_TASK))
     docs, docs_file = bigbench.load_docs(task)
-    assert len(docs) == 2 and docs_file.exists()
+    listed, listed_file = bigbench.load_docs(task, "bigbench")
+    assert len(docs) == 2 and docs_file.exists() and listed_file != docs_file
     source.unlink()  # the JSON lines are reused without the task file
-    again, _ = bigbench.load_docs(task)
-    assert again == docs
-    config = bigbench.harness_config(task, docs_file)
+    assert bigbench.load_docs(task) == (docs, docs_file)
+    assert bigbench.load_docs(task, "bigbench") == (listed, listed_file)
+    config = bigbench.harness_config(task, docs_file, "cloze")
     assert config["dataset_kwargs"]["data_files"]["test"] == str(docs_file)
     assert config["target_delimiter"] == ""
 

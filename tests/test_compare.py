@@ -166,6 +166,35 @@ def test_changed_settings_recompute_only_what_depends_on_them(
     assert dense_file.stat().st_mtime_ns != stamp
 
 
+def test_changing_the_shown_metric_recomputes_nothing(tiny_model_dir, corpus, tmp_path, fake_prune):
+    out = tmp_path / "cmp"
+    kwargs = _settings(tiny_model_dir, corpus, out, methods=["dense", "wanda"], sparsities=["0.5"])
+    compare(**kwargs, metric="acc_norm")
+    fake_prune.clear()
+    results = compare(**kwargs, metric="acc")
+    assert fake_prune == [] and results["settings"]["metric"] == "acc"
+    with pytest.raises(SdspruneError, match="unknown metric 'f1'"):
+        compare(**kwargs, metric="f1")
+
+
+def test_run_files_from_before_prompt_styles_are_reused(
+    tiny_model_dir, corpus, tmp_path, fake_prune
+):
+    out = tmp_path / "cmp"
+    kwargs = _settings(tiny_model_dir, corpus, out, methods=["wanda"], sparsities=["0.5"])
+    compare(**kwargs)
+    path = out / "runs" / "wanda_0.5.json"
+    stored = json.loads(path.read_text())
+    del stored["settings"]["prompt_style"]
+    path.write_text(json.dumps(stored))
+    fake_prune.clear()
+    compare(**kwargs)
+    assert fake_prune == []
+    # Older files with tasks were scored with BIG-bench's listed-choices prompts.
+    old = {"tasks": ["bigbench:winowhy"], "limit": 100}
+    assert compare_module._upgraded(old) == {**old, "prompt_style": "bigbench"}
+
+
 def test_unreadable_run_file_is_recomputed(tiny_model_dir, corpus, tmp_path, fake_prune):
     out = tmp_path / "cmp"
     kwargs = _settings(tiny_model_dir, corpus, out, methods=["wanda"], sparsities=["0.5"])
@@ -220,7 +249,14 @@ def test_markdown_table_with_tasks_marks_best_and_chance():
                 "settings": {"tasks": ["bigbench:winowhy"]},
                 "perplexity": {"wiki": ppl},
                 "tasks": [
-                    {"task": "bigbench:winowhy", "acc": acc, "chance": 0.5, "acc_stderr": 0.049}
+                    {
+                        "task": "bigbench:winowhy",
+                        "acc": acc,
+                        "acc_norm": acc + 0.1,
+                        "chance": 0.5,
+                        "acc_stderr": 0.049,
+                        "acc_norm_stderr": 0.03,
+                    }
                 ],
                 "prune": {},
                 "figures": [],
@@ -239,6 +275,7 @@ def test_markdown_table_with_tasks_marks_best_and_chance():
         "max_chunks": None,
         "limit": 10,
         "task_seed": 42,
+        "prompt_style": "cloze",
     }
     table = compare_module.results_markdown({"settings": settings, "runs": runs})
     assert "| Method | Sparsity | wiki PPL ↓ | winowhy ↑ |" in table
@@ -246,6 +283,14 @@ def test_markdown_table_with_tasks_marks_best_and_chance():
     assert "| SparseGPT | 0.5 | **15.00** | 55.0 |" in table
     assert "| Wanda | 0.5 | 20.00 | 50.0 |" in table
     assert "Chance level: winowhy 50.0. One standard error: about 4.9 points." in table
+    assert "(lm-evaluation-harness acc: total answer log-likelihood)" in table
+
+    normed = compare_module.results_markdown(
+        {"settings": {**settings, "metric": "acc_norm"}, "runs": runs}
+    )
+    assert "| SparseGPT | 0.5 | **15.00** | 65.0 |" in normed
+    assert "acc_norm: answer log-likelihood per byte" in normed
+    assert "One standard error: about 3.0 points." in normed
 
 
 def test_mean_accuracy_counts_each_requested_task_once():
@@ -257,4 +302,4 @@ def test_mean_accuracy_counts_each_requested_task_once():
             {"task": "bigbench:cause_and_effect", "acc": 0.8},
         ],
     }
-    assert compare_module.mean_accuracy(run) == pytest.approx(0.7)
+    assert compare_module.mean_accuracy(run, "acc") == pytest.approx(0.7)

@@ -74,16 +74,19 @@ def _hand_scores(model, tokenizer, docs: list[dict]) -> tuple[float, float]:
     return acc / len(docs), acc_norm / len(docs)
 
 
-def test_harness_scores_match_a_hand_computation(toy_cache):
+@pytest.mark.parametrize("style", bigbench.PROMPT_STYLES)
+def test_harness_scores_match_a_hand_computation(toy_cache, style):
     model, tokenizer = tiny_model("llama", seed=3), byte_tokenizer()
     report = evaluate_tasks(
         LoadedModel(model, tokenizer, "tiny", None),
         ["bigbench:winowhy"],
+        prompt_style=style,
         batch_size=4,
         progress=False,
     )
     (row,) = report["tasks"]
-    docs = bigbench.convert_task(TASK)
+    assert report["prompt_style"] == style
+    docs = bigbench.convert_task(TASK, style=style)
     acc, acc_norm = _hand_scores(model, tokenizer, docs)
     assert row["task"] == "bigbench:winowhy"
     assert row["examples"] == row["total"] == len(docs)
@@ -144,6 +147,8 @@ def test_bad_names_fail_before_any_work():
         evaluate_tasks("no-such-model", [])
     with pytest.raises(SdspruneError, match="--limit"):
         evaluate_tasks("no-such-model", ["bigbench:winowhy"], limit=0)
+    with pytest.raises(SdspruneError, match="prompt style"):
+        evaluate_tasks("no-such-model", ["bigbench:winowhy"], prompt_style="listed")
 
 
 def test_standard_task_offline_names_the_missing_dataset(monkeypatch):

@@ -49,6 +49,13 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the calibration sampling.")]
 EvalSeqlenOpt = Annotated[
     int | None, typer.Option(help="Evaluation chunk length (default: --seqlen).")
 ]
+PromptStyleOpt = Annotated[
+    str,
+    typer.Option(
+        help="bigbench: prompts: cloze (answers not listed, as the harness scores base models) "
+        "or bigbench (BIG-bench's own format, choices listed in the prompt)."
+    ),
+]
 MaxChunksOpt = Annotated[int | None, typer.Option(help="Evaluate only the first K chunks.")]
 
 
@@ -83,6 +90,7 @@ def eval_command(
         typer.Option(help="Score at most N examples per task (bigbench: a seeded random subset)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the bigbench --limit subset.")] = 42,
+    prompt_style: PromptStyleOpt = "cloze",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -94,7 +102,7 @@ def eval_command(
 
     task_list = _split_list(tasks) if tasks else []
     corpora = _split_list(dataset) if dataset else ([] if task_list else ["wiki"])
-    check_task_names(task_list)
+    check_task_names(task_list, prompt_style)
     loaded = load_model(model, device=device, dtype=dtype)
     report = None
     if corpora:
@@ -104,7 +112,12 @@ def eval_command(
     zeroshot = None
     if task_list:
         zeroshot = evaluate_tasks(
-            loaded, task_list, limit=limit, seed=seed, batch_size=batch_size or 16
+            loaded,
+            task_list,
+            limit=limit,
+            seed=seed,
+            prompt_style=prompt_style,
+            batch_size=batch_size or 16,
         )
     if as_json:
         if zeroshot is None:
@@ -153,8 +166,8 @@ def _print_task_table(report: dict, model: str) -> None:
     seconds = sum(row["seconds"] for row in report["tasks"] if not row["subtasks"])
     limit = f", at most {report['limit']} examples per task (seed {report['seed']})"
     Console().print(
-        f"{len(report['tasks'])} task(s) in {seconds:.0f} s{limit if report['limit'] else ''}; "
-        "accuracies in %, ± one standard error"
+        f"{len(report['tasks'])} task(s) in {seconds:.0f} s{limit if report['limit'] else ''}, "
+        f"{report['prompt_style']} prompts; accuracies in %, ± one standard error"
     )
 
 
@@ -338,6 +351,14 @@ def compare_command(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="At most N examples per task.")] = None,
     task_seed: Annotated[int, typer.Option(help="Seed of the bigbench --limit subset.")] = 42,
+    prompt_style: PromptStyleOpt = "cloze",
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="Accuracy shown in the table and plots: acc_norm (per-byte log-likelihood, "
+            "fair to long answers) or acc. Both are stored; changing it recomputes nothing."
+        ),
+    ] = "acc_norm",
     out: Annotated[
         str | None,
         typer.Option(
@@ -370,6 +391,8 @@ def compare_command(
         max_chunks=max_chunks,
         limit=limit,
         task_seed=task_seed,
+        prompt_style=prompt_style,
+        metric=metric,
         out=folder,
         device=device,
         dtype=dtype,
@@ -381,19 +404,20 @@ def compare_command(
 
 
 def _print_compare_table(results: dict, folder: str) -> None:
-    from sdsprune.compare import mean_accuracy
+    from sdsprune.compare import mean_accuracy, shown_metric
 
     settings = results["settings"]
     table = Table(title=f"comparison of {settings['model']} ({folder})")
     columns = ["method", "sparsity", *(f"{d} ppl" for d in settings["datasets"])]
-    columns += ["mean acc %"] if settings["tasks"] else []
+    metric = shown_metric(settings)
+    columns += [f"mean {metric} %"] if settings["tasks"] else []
     for column in [*columns, "prune s"]:
         table.add_column(column, justify="left" if column in ("method", "sparsity") else "right")
     for run in results["runs"]:
         cells = [run["label"], run["run"]["sparsity"] or "-"]
         cells += [f"{run['perplexity'][d]:.2f}" for d in settings["datasets"]]
         if settings["tasks"]:
-            mean = mean_accuracy(run)
+            mean = mean_accuracy(run, metric)
             cells.append("-" if mean is None else f"{100 * mean:.1f}")
         seconds = run["seconds"]["prune"]
         table.add_row(*cells, "-" if seconds is None else f"{seconds:.0f}")

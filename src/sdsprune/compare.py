@@ -31,6 +31,14 @@ RUNS_DIR = "runs"
 FIGURES_DIR = "figures"
 # Bump when a run file's content changes meaning, so old files are recomputed.
 RUN_FORMAT = 1
+# The accuracies a table can show, as its caption names them.
+METRICS = {
+    "acc_norm": "lm-evaluation-harness acc_norm: answer log-likelihood per byte",
+    "acc": "lm-evaluation-harness acc: total answer log-likelihood",
+}
+# Settings that change only how results are shown, and settings a dense run does not use.
+DISPLAY_ONLY = ("metric",)
+CALIBRATION_ONLY = ("calib", "nsamples", "seqlen", "seed", "sds")
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,8 @@ def compare(
     max_chunks: int | None = None,
     limit: int | None = None,
     task_seed: int = 42,
+    prompt_style: str = "cloze",
+    metric: str = "acc_norm",
     out: str | Path = "runs/compare",
     device: str = "auto",
     dtype: str = "auto",
@@ -107,6 +117,8 @@ def compare(
     """Run (or resume) a comparison in ``out`` and return the aggregated results.
 
     ``sds`` is an :class:`sdsprune.sds.SDSConfig` applied to every ``sds:<base>`` run.
+    ``metric`` (``acc`` or ``acc_norm``) is the accuracy the table and plots show; both are
+    stored, so changing it re-uses every finished run.
     """
     from sdsprune.data import load_corpus
     from sdsprune.evaluate.zeroshot import check_task_names
@@ -114,7 +126,9 @@ def compare(
     runs = parse_runs(methods, sparsities)
     for name in datasets:  # fail on a bad corpus or task name before any pruning
         load_corpus(name, "eval")
-    check_task_names(list(tasks))
+    check_task_names(list(tasks), prompt_style)
+    if metric not in METRICS:
+        raise SdspruneError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
     settings = {
         "format": RUN_FORMAT,
         "model": model,
@@ -128,6 +142,8 @@ def compare(
         "max_chunks": max_chunks,
         "limit": limit,
         "task_seed": task_seed,
+        "prompt_style": prompt_style if tasks else None,
+        "metric": metric,
         "dtype": dtype,
         "sds": asdict(sds) if sds is not None else None,
     }
@@ -170,18 +186,27 @@ def _finished(folder: Path, run: Run, settings: dict) -> dict | None:
     except (OSError, json.JSONDecodeError):
         log.warning("ignoring unreadable %s (recomputing it)", path)
         return None
-    if stored.get("settings") != _run_settings(run, settings):
+    if _upgraded(stored.get("settings")) != _run_settings(run, settings):
         log.info("%s was computed with other settings: recomputing it", path.name)
         return None
     return stored
 
 
+def _upgraded(stored: dict | None) -> dict | None:
+    """Settings of a run file written before prompt styles existed, in today's terms.
+
+    Such files were scored with BIG-bench's own prompts (choices listed), which is what
+    ``prompt_style="bigbench"`` still produces, so their results stay reusable.
+    """
+    if stored is None or "prompt_style" in stored:
+        return stored
+    return {**stored, "prompt_style": "bigbench" if stored.get("tasks") else None}
+
+
 def _run_settings(run: Run, settings: dict) -> dict:
     """What a run's result depends on: dense results ignore the calibration settings."""
-    if run.method != "dense":
-        return settings
-    calibration_only = ("calib", "nsamples", "seqlen", "seed", "sds")
-    return {k: v for k, v in settings.items() if k not in calibration_only}
+    ignored = DISPLAY_ONLY + (CALIBRATION_ONLY if run.method == "dense" else ())
+    return {k: v for k, v in settings.items() if k not in ignored}
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -297,6 +322,7 @@ def _evaluate(loaded: LoadedModel, settings: dict, progress: bool) -> dict:
             settings["tasks"],
             limit=settings["limit"],
             seed=settings["task_seed"],
+            prompt_style=settings["prompt_style"],
             progress=progress,
         )["tasks"]
     return {"perplexity": perplexity, "tasks": tasks}
@@ -339,11 +365,16 @@ def task_columns(results: dict) -> list[str]:
     return list(names)
 
 
-def mean_accuracy(run: dict) -> float | None:
-    """Mean acc over the requested tasks (a composite counts once, as its mean)."""
+def mean_accuracy(run: dict, metric: str = "acc_norm") -> float | None:
+    """Mean ``metric`` over the requested tasks (a composite counts once, as its mean)."""
     requested = set(run["settings"]["tasks"])
     rows = [row for row in run["tasks"] if row["task"] in requested]
-    return sum(row["acc"] for row in rows) / len(rows) if rows else None
+    return sum(row[metric] for row in rows) / len(rows) if rows else None
+
+
+def shown_metric(settings: dict) -> str:
+    """The accuracy a table shows; results written before the choice existed showed acc."""
+    return settings.get("metric", "acc")
 
 
 def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
@@ -351,11 +382,12 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
     settings = results["settings"]
     datasets = settings["datasets"]
     tasks = [t for t in task_columns(results) if t in settings["tasks"]]
+    metric = shown_metric(settings)
     header = ["Method", "Sparsity", *(f"{d} PPL ↓" for d in datasets)]
     header += [_short_task(t) + " ↑" for t in tasks]
     with_mean = len(tasks) > 1  # a mean over one task would repeat its column
     if with_mean:
-        header.append("Mean acc ↑")
+        header.append(f"Mean {metric} ↑")
     lines = [f"# Pruning comparison: {settings['model']}", "", _protocol_line(settings), ""]
     lines += [
         "| " + " | ".join(header) + " |",
@@ -369,15 +401,12 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
             text = "—" if value is None else f"{value:.2f}"
             cells.append(f"**{text}**" if (run["key"], dataset) in best else text)
         by_task = {row["task"]: row for row in run["tasks"]}
-        cells += [f"{100 * by_task[t]['acc']:.1f}" if t in by_task else "—" for t in tasks]
+        cells += [f"{100 * by_task[t][metric]:.1f}" if t in by_task else "—" for t in tasks]
         if with_mean:
-            mean = mean_accuracy(run)
+            mean = mean_accuracy(run, metric)
             cells.append("—" if mean is None else f"{100 * mean:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Bold: lowest perplexity at that sparsity. Accuracies in % (lm-evaluation-harness acc).",
-    ]
+    lines += ["", f"Bold: lowest perplexity at that sparsity. Accuracies in % ({METRICS[metric]})."]
     if tasks:
         lines.append(_task_note(results, tasks))
     lines += [
@@ -429,7 +458,10 @@ def _protocol_line(settings: dict) -> str:
             if settings["limit"] is None
             else f"at most {settings['limit']} examples per task"
         )
-        text += f" Zero-shot: {limit} (seed {settings['task_seed']})."
+        text += (
+            f" Zero-shot: {limit} (seed {settings['task_seed']}), "
+            f"{settings['prompt_style']} prompts."
+        )
     return text
 
 
@@ -441,7 +473,8 @@ def _task_note(results: dict, tasks: list[str]) -> str:
         for t in tasks
         if t in rows and rows[t].get("chance") is not None
     ]
-    errors = [rows[t]["acc_stderr"] for t in tasks if t in rows and rows[t].get("acc_stderr")]
+    key = shown_metric(results["settings"]) + "_stderr"
+    errors = [rows[t][key] for t in tasks if t in rows and rows[t].get(key)]
     note = f"Chance level: {', '.join(parts)}." if parts else ""
     if errors:  # small --limit values make accuracies noisy; say how noisy
         note += f" One standard error: about {100 * max(errors):.1f} points."

@@ -58,16 +58,17 @@ def _plain_log_ticks(ax) -> None:
 
 def accuracy_plot(folder: Path, results: dict) -> str | None:
     """Mean zero-shot accuracy per method and sparsity, with the mean chance level."""
-    from sdsprune.compare import mean_accuracy
+    from sdsprune.compare import mean_accuracy, shown_metric
 
+    metric = shown_metric(results["settings"])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.6, 4.4))
-    _bars(ax, results, lambda run: _percent(mean_accuracy(run)), "{:.1f}")
+    _bars(ax, results, lambda run: _percent(mean_accuracy(run, metric)), "{:.1f}")
     chance = _mean_chance(results)
     if chance is not None:
         ax.axhline(100 * chance, color="black", linestyle=":", linewidth=1, label="chance")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_ylabel("mean accuracy, % (higher is better)")
+    ax.set_ylabel(f"mean {metric}, % (higher is better)")
     ax.set_title("Zero-shot accuracy: " + ", ".join(results["settings"]["tasks"]), fontsize=9)
     return _save(fig, folder / "accuracy.png", folder)
 

@@ -78,6 +78,7 @@ def evaluate_tasks(
     tokenizer=None,
     limit: int | None = None,
     seed: int = DEFAULT_SEED,
+    prompt_style: str = bigbench.DEFAULT_PROMPT_STYLE,
     batch_size: int = 16,
     device: str = "auto",
     dtype: str = "auto",
@@ -88,13 +89,15 @@ def evaluate_tasks(
     ``model`` is a spec for :func:`load_model`, a :class:`LoadedModel`, or a bare module with
     ``tokenizer`` given (e.g. a model pruned in memory). Every task is checked and its data
     fetched before the model is loaded, so a typo or a missing dataset fails in seconds.
+    ``prompt_style`` applies to ``bigbench:`` tasks (see :mod:`.bigbench`).
     """
     if not tasks:
         raise SdspruneError("no tasks given (e.g. --tasks bigbench:social_iqa,bigbench:winowhy)")
     if limit is not None and limit < 1:
         raise SdspruneError(f"--limit must be at least 1 (got {limit})")
     _require_harness()
-    prepared, groups = _prepare(list(tasks), limit, seed)
+    bigbench.check_prompt_style(prompt_style)
+    prepared, groups = _prepare(list(tasks), limit, seed, prompt_style)
     loaded = _as_loaded(model, tokenizer, device, dtype)
     lm = _harness_model(loaded, batch_size)
     results: dict[str, TaskResult] = {}
@@ -114,17 +117,21 @@ def evaluate_tasks(
         "tasks": [row.to_dict() for row in rows],
         "limit": limit,
         "seed": seed,
+        "prompt_style": prompt_style,
         "versions": library_versions(),
     }
 
 
 # ----------------------------------------------------------------------------- preparation
-def check_task_names(tasks: Sequence[str]) -> None:
-    """Fail on an unknown ``bigbench:`` name or a missing harness, without any download.
+def check_task_names(
+    tasks: Sequence[str], prompt_style: str = bigbench.DEFAULT_PROMPT_STYLE
+) -> None:
+    """Fail on an unknown ``bigbench:`` name, prompt style or a missing harness, offline.
 
     Lets a caller that does other work first (perplexity, pruning) fail in a second on a typo
     in its task list; standard harness names are checked later, by the harness's index.
     """
+    bigbench.check_prompt_style(prompt_style)
     if not tasks:
         return
     _require_harness()
@@ -144,7 +151,7 @@ def _require_harness() -> None:
 
 
 def _prepare(
-    tasks: list[str], limit: int | None, seed: int
+    tasks: list[str], limit: int | None, seed: int, prompt_style: str
 ) -> tuple[list[_Prepared], dict[str, list[str]]]:
     """Resolve names, fetch BIG-bench files and load standard tasks' data, in that order."""
     groups: dict[str, list[str]] = {}
@@ -157,12 +164,12 @@ def _prepare(
         for leaf in leaf_tasks:
             if any(p.name == leaf.name for p in prepared):
                 continue
-            docs, docs_file = bigbench.load_docs(leaf)
+            docs, docs_file = bigbench.load_docs(leaf, prompt_style)
             indices = bigbench.subsample(len(docs), limit, seed)
             prepared.append(
                 _Prepared(
                     name=leaf.name,
-                    spec=bigbench.harness_config(leaf, docs_file),
+                    spec=bigbench.harness_config(leaf, docs_file, prompt_style),
                     total=len(docs),
                     indices=indices,
                     chance=bigbench.chance_accuracy([docs[i] for i in indices]),
