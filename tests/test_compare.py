@@ -195,6 +195,19 @@ def test_run_files_from_before_prompt_styles_are_reused(
     assert compare_module._upgraded(old) == {**old, "prompt_style": "bigbench"}
 
 
+def test_sds_settings_recompute_only_the_sds_runs(tiny_model_dir, corpus, tmp_path, fake_prune):
+    from sdsprune.sds import SDSConfig
+
+    out = tmp_path / "cmp"
+    kwargs = _settings(tiny_model_dir, corpus, out, sparsities=["0.5"])
+    compare(**kwargs)
+    fake_prune.clear()
+    compare(**kwargs, sds=SDSConfig())  # the defaults spelled out: nothing to redo
+    assert fake_prune == []
+    compare(**kwargs, sds=SDSConfig.from_text("schedule=staged,adjust_iters=5"))
+    assert [(m, b, s) for m, b, s, _ in fake_prune] == [("sds", "wanda", "0.5")]
+
+
 def test_unreadable_run_file_is_recomputed(tiny_model_dir, corpus, tmp_path, fake_prune):
     out = tmp_path / "cmp"
     kwargs = _settings(tiny_model_dir, corpus, out, methods=["wanda"], sparsities=["0.5"])

@@ -185,3 +185,32 @@ def test_power_iteration_bounds_the_largest_eigenvalue():
     exact = float(torch.linalg.eigvalsh(gram)[-1])
     estimate = largest_eigenvalue(gram)
     assert exact <= estimate <= 1.05 * exact
+
+
+def test_config_from_text_parses_each_field_type():
+    config = SDSConfig.from_text(
+        "schedule=staged, mu=0.5,residual-start=false,rounds=2,figure_layer=none"
+    )
+    assert (config.schedule, config.mu, config.residual_start, config.rounds) == (
+        "staged",
+        0.5,
+        False,
+        2,
+    )
+    assert config.figure_layer is None
+    assert SDSConfig.from_text("") == SDSConfig()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("mu", "bad SDS setting 'mu'"),
+        ("temperature=1", "bad SDS setting"),
+        ("mu=high", "mu=high: expected a float"),
+        ("residual_start=maybe", "expected a bool"),
+        ("schedule=weekly", "unknown schedule"),
+    ],
+)
+def test_config_from_text_rejects_bad_settings(text, message):
+    with pytest.raises(SdspruneError, match=message):
+        SDSConfig.from_text(text)

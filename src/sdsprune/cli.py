@@ -352,6 +352,13 @@ def compare_command(
     limit: Annotated[int | None, typer.Option(help="At most N examples per task.")] = None,
     task_seed: Annotated[int, typer.Option(help="Seed of the bigbench --limit subset.")] = 42,
     prompt_style: PromptStyleOpt = "cloze",
+    sds: Annotated[
+        str | None,
+        typer.Option(
+            help="SDS settings for every sds:<base> run, as key=value pairs named like prune's "
+            "options: e.g. 'schedule=staged,solver=fista,lambda1=0.1,adjust_iters=100'."
+        ),
+    ] = None,
     metric: Annotated[
         str,
         typer.Option(
@@ -375,8 +382,10 @@ def compare_command(
     results.md (a paper-style table) and PNG plots. Finished runs in it are not recomputed.
     """
     from sdsprune.compare import compare, default_out
+    from sdsprune.sds import SDSConfig
 
     folder = out or str(default_out(model))
+    sds_config = SDSConfig.from_text(sds) if sds else None
     results = compare(
         model,
         methods=_split_list(methods),
@@ -393,6 +402,7 @@ def compare_command(
         task_seed=task_seed,
         prompt_style=prompt_style,
         metric=metric,
+        sds=sds_config,
         out=folder,
         device=device,
         dtype=dtype,

@@ -38,7 +38,7 @@ METRICS = {
 }
 # Settings that change only how results are shown, and settings a dense run does not use.
 DISPLAY_ONLY = ("metric",)
-CALIBRATION_ONLY = ("calib", "nsamples", "seqlen", "seed", "sds")
+CALIBRATION_ONLY = ("calib", "nsamples", "seqlen", "seed")
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def compare(
         "prompt_style": prompt_style if tasks else None,
         "metric": metric,
         "dtype": dtype,
-        "sds": asdict(sds) if sds is not None else None,
+        "sds": _sds_settings(sds),
     }
     folder = Path(out)
     (folder / RUNS_DIR).mkdir(parents=True, exist_ok=True)
@@ -171,6 +171,13 @@ def compare(
     return results
 
 
+def _sds_settings(sds) -> dict | None:
+    """None for the defaults, so results stay reusable whether or not they were spelled out."""
+    from sdsprune.sds import SDSConfig
+
+    return None if sds is None or sds == SDSConfig() else asdict(sds)
+
+
 # ----------------------------------------------------------------------------- resume
 def run_file(folder: Path, run: Run) -> Path:
     return folder / RUNS_DIR / f"{run.key}.json"
@@ -186,26 +193,28 @@ def _finished(folder: Path, run: Run, settings: dict) -> dict | None:
     except (OSError, json.JSONDecodeError):
         log.warning("ignoring unreadable %s (recomputing it)", path)
         return None
-    if _upgraded(stored.get("settings")) != _run_settings(run, settings):
+    previous, wanted = stored.get("settings"), _run_settings(run, settings)
+    if not isinstance(previous, dict) or _run_settings(run, _upgraded(previous)) != wanted:
         log.info("%s was computed with other settings: recomputing it", path.name)
         return None
     return stored
 
 
-def _upgraded(stored: dict | None) -> dict | None:
+def _upgraded(stored: dict) -> dict:
     """Settings of a run file written before prompt styles existed, in today's terms.
 
     Such files were scored with BIG-bench's own prompts (choices listed), which is what
     ``prompt_style="bigbench"`` still produces, so their results stay reusable.
     """
-    if stored is None or "prompt_style" in stored:
+    if "prompt_style" in stored:
         return stored
     return {**stored, "prompt_style": "bigbench" if stored.get("tasks") else None}
 
 
 def _run_settings(run: Run, settings: dict) -> dict:
-    """What a run's result depends on: dense results ignore the calibration settings."""
+    """What a run's result depends on: dense ignores calibration, only SDS runs use ``sds``."""
     ignored = DISPLAY_ONLY + (CALIBRATION_ONLY if run.method == "dense" else ())
+    ignored += ("sds",) if run.method != "sds" else ()
     return {k: v for k, v in settings.items() if k not in ignored}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from sdsprune.errors import SdspruneError
 
@@ -59,8 +59,43 @@ class SDSConfig:
         if self.rounds < 1 or self.redense_iters < 1 or self.adjust_iters < 0:
             raise SdspruneError("rounds and iterations must be positive")
 
+    @classmethod
+    def from_text(cls, text: str) -> SDSConfig:
+        """Settings from ``"key=value,key=value"`` (e.g. ``schedule=staged,mu=0.5``).
+
+        Lets commands that run several methods (``compare``) take every SDS knob through one
+        option instead of repeating each of ``prune``'s flags.
+        """
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, object] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, raw = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in types:
+                raise SdspruneError(
+                    f"bad SDS setting '{item}': use key=value with keys {', '.join(types)}"
+                )
+            values[key] = _parse_value(key, raw.strip(), types[key])
+        return cls(**values)
+
     def adjusts(self, parameters: int) -> bool:
         """The early-exit rule: ``auto`` skips the adjustment on models above ~3B parameters."""
         if self.adjust == "auto":
             return parameters <= EARLY_EXIT_PARAMS
         return self.adjust == "always"
+
+
+def _parse_value(key: str, raw: str, kind: str) -> object:
+    """``raw`` as the field's type (annotations are strings under postponed evaluation)."""
+    try:
+        if kind == "bool":
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise SdspruneError(f"SDS setting {key}={raw}: expected a {kind}") from None
+    return None if kind == "str | None" and raw.lower() in ("", "none") else raw
