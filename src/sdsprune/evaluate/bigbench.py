@@ -13,8 +13,8 @@ continuation of that prompt, with no extra delimiter. Two prompt styles:
 * ``cloze`` (default): the choices are not listed in the prompt. This is how the harness's own
   multiple-choice tasks (siqa, piqa, arc, hellaswag) score base models, and the only way a
   small model shows what it knows: a 135M model cannot use a list of options, so listing them
-  only adds noise (SmolLM2-135M on 200 social_iqa examples: acc_norm 44.5% cloze vs 37% listed,
-  chance 33.3%).
+  only adds noise (SmolLM2-135M, 200 social_iqa examples: acc_norm 45.5% cloze vs 36.0%
+  listed, chance 33.3%).
 * ``bigbench``: exactly BIG-bench's format, which appends the choices to the input (with
   ``choice_prefix``, permuted with BIG-bench's fixed seed 42) when the task asks for it; use it
   to compare with numbers reported by BIG-bench itself.
