@@ -166,12 +166,14 @@ def test_changed_settings_recompute_only_what_depends_on_them(
     assert dense_file.stat().st_mtime_ns != stamp
 
 
-def test_changing_the_shown_metric_recomputes_nothing(tiny_model_dir, corpus, tmp_path, fake_prune):
+def test_changing_the_shown_metric_or_spelling_out_dtype_recomputes_nothing(
+    tiny_model_dir, corpus, tmp_path, fake_prune
+):
     out = tmp_path / "cmp"
     kwargs = _settings(tiny_model_dir, corpus, out, methods=["dense", "wanda"], sparsities=["0.5"])
     compare(**kwargs, metric="acc_norm")
     fake_prune.clear()
-    results = compare(**kwargs, metric="acc")
+    results = compare(**kwargs, metric="acc", dtype="float32")  # what "auto" means on CPU
     assert fake_prune == [] and results["settings"]["metric"] == "acc"
     with pytest.raises(SdspruneError, match="unknown metric 'f1'"):
         compare(**kwargs, metric="f1")

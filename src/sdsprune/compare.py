@@ -144,7 +144,7 @@ def compare(
         "task_seed": task_seed,
         "prompt_style": prompt_style if tasks else None,
         "metric": metric,
-        "dtype": dtype,
+        "dtype": _load_dtype(dtype, device),  # resolved: "auto" and its meaning match
         "sds": _sds_settings(sds),
     }
     folder = Path(out)
