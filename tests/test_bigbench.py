@@ -58,6 +58,19 @@ def test_cloze_style_scores_answers_without_listing_them():
         assert {**cloze, "query": None} == {**bigbench_doc, "query": None}
 
 
+def test_majority_baseline_needs_one_answer_set():
+    def doc(gold: str) -> dict:
+        return {"choices": ["correct", "incorrect"], "gold": [["correct", "incorrect"].index(gold)]}
+
+    docs = [doc("incorrect")] * 3 + [doc("correct")]
+    assert bigbench.majority_accuracy(docs) == pytest.approx(0.75)
+    # Same answers in another order still form one answer set.
+    docs.append({"choices": ["incorrect", "correct"], "gold": [0]})
+    assert bigbench.majority_accuracy(docs) == pytest.approx(0.8)
+    # Answers that change from example to example have no constant guess.
+    assert bigbench.majority_accuracy(bigbench.convert_task(FRUIT_TASK)[:1] + docs) is None
+
+
 def test_unknown_prompt_style_is_rejected():
     with pytest.raises(SdspruneError, match=r"prompt style 'mcq'.*cloze, bigbench"):
         bigbench.convert_task(FRUIT_TASK, style="mcq")

@@ -269,6 +269,7 @@ def test_markdown_table_with_tasks_marks_best_and_chance():
                         "acc": acc,
                         "acc_norm": acc + 0.1,
                         "chance": 0.5,
+                        "majority": 0.69,
                         "acc_stderr": 0.049,
                         "acc_norm_stderr": 0.03,
                     }
@@ -297,7 +298,10 @@ def test_markdown_table_with_tasks_marks_best_and_chance():
     assert "Mean acc" not in table  # one task: no mean column repeating it
     assert "| SparseGPT | 0.5 | **15.00** | 55.0 |" in table
     assert "| Wanda | 0.5 | 20.00 | 50.0 |" in table
-    assert "Chance level: winowhy 50.0. One standard error: about 4.9 points." in table
+    assert (
+        "Chance level (uniform guess; constant answer where a task has one answer set): "
+        "winowhy 50.0 / 69.0. One standard error: about 4.9 points."
+    ) in table
     assert "(lm-evaluation-harness acc: total answer log-likelihood)" in table
 
     normed = compare_module.results_markdown(

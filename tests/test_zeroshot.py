@@ -93,6 +93,7 @@ def test_harness_scores_match_a_hand_computation(toy_cache, style):
     assert row["acc"] == pytest.approx(acc)
     assert row["acc_norm"] == pytest.approx(acc_norm)
     assert row["chance"] == pytest.approx((6 * 0.5 + 1 / 3) / 7)
+    assert row["majority"] is None  # the last example has other answers than yes/no
     assert row["acc_stderr"] is not None
 
 

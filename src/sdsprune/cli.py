@@ -149,16 +149,18 @@ def _print_perplexity_table(report: dict, model: str) -> None:
 
 
 def _print_task_table(report: dict, model: str) -> None:
-    """Accuracies with their standard errors next to chance, so "above chance" is visible."""
+    """Accuracies with their standard errors next to the blind baselines, so that "above
+    chance" is visible and a constant answer on an unbalanced task is not mistaken for skill."""
     table = Table(title=f"zero-shot accuracy of {model}")
-    for column in ("task", "acc", "acc_norm", "chance", "examples", "seconds"):
+    for column in ("task", "acc", "acc_norm", "chance", "majority", "examples", "seconds"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for row in report["tasks"]:
         table.add_row(
             row["task"],
             _percent(row["acc"], row["acc_stderr"]),
             _percent(row["acc_norm"], row["acc_norm_stderr"]),
-            "" if row["chance"] is None else f"{100 * row['chance']:.1f}",
+            _percent(row["chance"]),
+            _percent(row["majority"]),
             f"{row['examples']}/{row['total']}",
             f"{row['seconds']:.1f}",
         )
@@ -167,11 +169,14 @@ def _print_task_table(report: dict, model: str) -> None:
     limit = f", at most {report['limit']} examples per task (seed {report['seed']})"
     Console().print(
         f"{len(report['tasks'])} task(s) in {seconds:.0f} s{limit if report['limit'] else ''}, "
-        f"{report['prompt_style']} prompts; accuracies in %, ± one standard error"
+        f"{report['prompt_style']} prompts; accuracies in %, ± one standard error; chance: "
+        "uniform random guess, majority: always the most frequent correct answer"
     )
 
 
-def _percent(value: float, stderr: float | None) -> str:
+def _percent(value: float | None, stderr: float | None = None) -> str:
+    if value is None:
+        return ""
     return f"{100 * value:.1f}" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
 
 

@@ -477,17 +477,24 @@ def _protocol_line(settings: dict) -> str:
 def _task_note(results: dict, tasks: list[str]) -> str:
     dense = next((run for run in results["runs"] if run["run"]["method"] == "dense"), None)
     rows = {row["task"]: row for row in (dense or results["runs"][0])["tasks"]}
-    parts = [
-        f"{_short_task(t)} {100 * rows[t]['chance']:.1f}"
-        for t in tasks
-        if t in rows and rows[t].get("chance") is not None
-    ]
+    parts = [_baselines(_short_task(t), rows[t]) for t in tasks if t in rows]
+    parts = [part for part in parts if part]
     key = shown_metric(results["settings"]) + "_stderr"
     errors = [rows[t][key] for t in tasks if t in rows and rows[t].get(key)]
-    note = f"Chance level: {', '.join(parts)}." if parts else ""
+    note = (
+        "Chance level (uniform guess; constant answer where a task has one answer set): "
+        f"{', '.join(parts)}."
+        if parts
+        else ""
+    )
     if errors:  # small --limit values make accuracies noisy; say how noisy
         note += f" One standard error: about {100 * max(errors):.1f} points."
     return note.strip()
+
+
+def _baselines(task: str, row: dict) -> str:
+    values = [row.get(key) for key in ("chance", "majority") if row.get(key) is not None]
+    return f"{task} {' / '.join(f'{100 * v:.1f}' for v in values)}" if values else ""
 
 
 def _best_per_sparsity(runs: list[dict], datasets: Sequence[str]) -> set[tuple[str, str]]:

@@ -64,9 +64,10 @@ def accuracy_plot(folder: Path, results: dict) -> str | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.6, 4.4))
     _bars(ax, results, lambda run: _percent(mean_accuracy(run, metric)), "{:.1f}")
-    chance = _mean_chance(results)
+    chance = _mean_baseline(results)
     if chance is not None:
-        ax.axhline(100 * chance, color="black", linestyle=":", linewidth=1, label="chance")
+        label = "chance (best of uniform and constant guess)"
+        ax.axhline(100 * chance, color="black", linestyle=":", linewidth=1, label=label)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_ylabel(f"mean {metric}, % (higher is better)")
     ax.set_title("Zero-shot accuracy: " + ", ".join(results["settings"]["tasks"]), fontsize=9)
@@ -77,12 +78,14 @@ def _percent(value: float | None) -> float | None:
     return None if value is None else 100 * value
 
 
-def _mean_chance(results: dict) -> float | None:
+def _mean_baseline(results: dict) -> float | None:
+    from sdsprune.evaluate.zeroshot import blind_baseline
+
     requested = set(results["settings"]["tasks"])
     runs = results["runs"]
     if not runs:
         return None
-    chances = [row.get("chance") for row in runs[0]["tasks"] if row["task"] in requested]
+    chances = [blind_baseline(row) for row in runs[0]["tasks"] if row["task"] in requested]
     if not chances or None in chances:
         return None
     return sum(chances) / len(chances)

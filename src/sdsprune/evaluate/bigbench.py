@@ -175,6 +175,23 @@ def chance_accuracy(docs: list[dict]) -> float:
     return float(np.mean([len(doc["gold"]) / len(doc["choices"]) for doc in docs]))
 
 
+def majority_accuracy(docs: list[dict]) -> float | None:
+    """Accuracy of always giving the most frequent correct answer, on tasks whose examples all
+    share one answer set (winowhy: correct/incorrect); ``None`` when the answers vary.
+
+    Uniform chance understates what a model with a constant preference scores on an unbalanced
+    task: 63% of a 200-example winowhy subset is "incorrect", so 62% there means nothing.
+    """
+    answer_sets = {frozenset(doc["choices"]) for doc in docs}
+    if len(answer_sets) != 1:
+        return None
+    counts = {choice: 0 for choice in next(iter(answer_sets))}
+    for doc in docs:
+        for index in doc["gold"]:
+            counts[doc["choices"][index]] += 1
+    return max(counts.values()) / len(docs)
+
+
 def subsample(total: int, limit: int | None, seed: int) -> list[int]:
     """A fixed random subset of ``limit`` document indices (sorted), or all of them.
 

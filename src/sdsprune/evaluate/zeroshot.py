@@ -47,6 +47,7 @@ class TaskResult:
     acc_stderr: float | None = None
     acc_norm_stderr: float | None = None
     chance: float | None = None  # accuracy of a uniform random guess, when known
+    majority: float | None = None  # accuracy of always the most frequent answer, when defined
     seconds: float = 0.0
     subtasks: list[str] = field(default_factory=list)
 
@@ -63,6 +64,7 @@ class _Prepared:
     total: int
     indices: list[int] | None = None  # BIG-bench subsample; None = harness limit
     chance: float | None = None
+    majority: float | None = None
 
     def scored(self, limit: int | None) -> int:
         """How many examples will be scored: the subsample, or the harness's first N."""
@@ -166,13 +168,15 @@ def _prepare(
                 continue
             docs, docs_file = bigbench.load_docs(leaf, prompt_style)
             indices = bigbench.subsample(len(docs), limit, seed)
+            scored = [docs[i] for i in indices]
             prepared.append(
                 _Prepared(
                     name=leaf.name,
                     spec=bigbench.harness_config(leaf, docs_file, prompt_style),
                     total=len(docs),
                     indices=indices,
-                    chance=bigbench.chance_accuracy([docs[i] for i in indices]),
+                    chance=bigbench.chance_accuracy(scored),
+                    majority=bigbench.majority_accuracy(scored),
                 )
             )
     prepared += _standard_tasks(standard)
@@ -309,6 +313,7 @@ def _run_one(lm, task: _Prepared, limit: int | None, seed: int, progress: bool) 
         examples=examples,
         total=task.total,
         chance=task.chance,
+        majority=task.majority,
         seconds=round(time.perf_counter() - start, 2),
     )
 
@@ -329,17 +334,27 @@ def _with_groups(results: dict[str, TaskResult], groups: dict[str, list[str]]) -
 
 
 def _mean_row(group: str, members: list[TaskResult]) -> TaskResult:
-    chances = [m.chance for m in members]
     return TaskResult(
         task=group,
         acc=float(np.mean([m.acc for m in members])),
         acc_norm=float(np.mean([m.acc_norm for m in members])),
         examples=sum(m.examples for m in members),
         total=sum(m.total for m in members),
-        chance=None if None in chances else float(np.mean(chances)),
+        chance=_mean_or_none([m.chance for m in members]),
+        majority=_mean_or_none([m.majority for m in members]),
         seconds=round(sum(m.seconds for m in members), 2),
         subtasks=[m.task for m in members],
     )
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return None if None in values else float(np.mean(values))
+
+
+def blind_baseline(row: dict) -> float | None:
+    """The best accuracy reachable without reading the examples: uniform or constant guess."""
+    known = [row.get(key) for key in ("chance", "majority") if row.get(key) is not None]
+    return max(known) if known else None
 
 
 def _number(value) -> float | None:
