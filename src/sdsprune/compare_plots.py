@@ -63,12 +63,16 @@ def accuracy_plot(folder: Path, results: dict) -> str | None:
     metric = shown_metric(results["settings"])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.6, 4.4))
-    _bars(ax, results, lambda run: _percent(mean_accuracy(run, metric)), "{:.1f}")
+    values = _bars(ax, results, lambda run: _percent(mean_accuracy(run, metric)), "{:.1f}")
     chance = _mean_baseline(results)
     if chance is not None:
-        label = "chance (best of uniform and constant guess)"
+        label = f"chance {100 * chance:.1f}\n(uniform or\nconstant guess)"
         ax.axhline(100 * chance, color="black", linestyle=":", linewidth=1, label=label)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        values.append(100 * chance)
+    if values:  # zoom on the range that matters: differences of a few points must show
+        low, high = min(values), max(values)
+        ax.set_ylim(max(0.0, low - 10), min(100.0, high + 5))
     ax.set_ylabel(f"mean {metric}, % (higher is better)")
     ax.set_title("Zero-shot accuracy: " + ", ".join(results["settings"]["tasks"]), fontsize=9)
     return _save(fig, folder / "accuracy.png", folder)
@@ -116,14 +120,12 @@ def _bars(ax, results: dict, value_of, fmt: str) -> list[float]:
         ax.bar_label(bars, labels=[fmt.format(h) for h in heights], fontsize=7, padding=1)
     if dense is not None and value_of(dense) is not None:
         plotted.append(value_of(dense))
-        ax.axhline(value_of(dense), color=_COLORS["dense"], linestyle="--", linewidth=1.2)
-        ax.annotate(
-            f"dense {fmt.format(value_of(dense))}",
-            (1.0, value_of(dense)),
-            xycoords=("axes fraction", "data"),
-            ha="right",
-            va="bottom",
-            fontsize=8,
+        ax.axhline(
+            value_of(dense),
+            color=_COLORS["dense"],
+            linestyle="--",
+            linewidth=1.2,
+            label=f"dense {fmt.format(value_of(dense))}",
         )
     ax.set_xticks(range(len(sparsities)), [f"sparsity {s}" for s in sparsities])
     ax.grid(axis="y", alpha=0.3, which="both")
