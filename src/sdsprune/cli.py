@@ -59,6 +59,12 @@ PromptStyleOpt = Annotated[
 MaxChunksOpt = Annotated[int | None, typer.Option(help="Evaluate only the first K chunks.")]
 
 
+def _console() -> Console:
+    """Rich lays tables out for 80 columns when stdout is not a terminal, which truncates
+    task names in logs and CI output; a file or pipe has no width, so give it room."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 @app.command("eval")
 def eval_command(
     model: ModelArg = "smollm2-135m",
@@ -145,15 +151,16 @@ def _print_perplexity_table(report: dict, model: str) -> None:
             str(row["tokens"]),
             f"{row['seconds']:.1f}",
         )
-    Console().print(table)
+    _console().print(table)
 
 
 def _print_task_table(report: dict, model: str) -> None:
     """Accuracies with their standard errors next to the blind baselines, so that "above
     chance" is visible and a constant answer on an unbalanced task is not mistaken for skill."""
     table = Table(title=f"zero-shot accuracy of {model}")
-    for column in ("task", "acc", "acc_norm", "chance", "majority", "examples", "seconds"):
-        table.add_column(column, justify="left" if column == "task" else "right")
+    table.add_column("task", overflow="fold")  # in a narrow terminal: wrapped, never cut
+    for column in ("acc", "acc_norm", "chance", "majority", "examples", "seconds"):
+        table.add_column(column, justify="right")
     for row in report["tasks"]:
         table.add_row(
             row["task"],
@@ -164,10 +171,10 @@ def _print_task_table(report: dict, model: str) -> None:
             f"{row['examples']}/{row['total']}",
             f"{row['seconds']:.1f}",
         )
-    Console().print(table)
+    _console().print(table)
     seconds = sum(row["seconds"] for row in report["tasks"] if not row["subtasks"])
     limit = f", at most {report['limit']} examples per task (seed {report['seed']})"
-    Console().print(
+    _console().print(
         f"{len(report['tasks'])} task(s) in {seconds:.0f} s{limit if report['limit'] else ''}, "
         f"{report['prompt_style']} prompts; accuracies in %, ± one standard error; chance: "
         "uniform random guess, majority: always the most frequent correct answer"
@@ -326,7 +333,7 @@ def _print_prune_summary(report: dict, out) -> None:
     table.add_row("peak RSS (MiB)", f"{report['memory']['peak_rss_mib']:.0f}")
     if out is not None:
         table.add_row("saved to", str(out))
-    Console().print(table)
+    _console().print(table)
 
 
 @app.command("compare")
@@ -436,8 +443,8 @@ def _print_compare_table(results: dict, folder: str) -> None:
             cells.append("-" if mean is None else f"{100 * mean:.1f}")
         seconds = run["seconds"]["prune"]
         table.add_row(*cells, "-" if seconds is None else f"{seconds:.0f}")
-    Console().print(table)
-    Console().print(f"wrote {folder}/results.json, results.md and plots (PNG)")
+    _console().print(table)
+    _console().print(f"wrote {folder}/results.json, results.md and plots (PNG)")
 
 
 @app.command("export")
@@ -474,7 +481,7 @@ def export_command(
         table.add_row("all tensors vs dense (same dtype)", f"{report['total_ratio']:.4f}x")
     table.add_row("weights file", f"{report['weights_file_bytes'] / 2**20:.1f} MiB")
     table.add_row("vs source weights file", f"{report['file_ratio_to_source']:.4f}x")
-    Console().print(table)
+    _console().print(table)
 
 
 @app.command("bench")
