@@ -159,6 +159,10 @@ def test_permission_denied(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path
     assert_clean_failure(code, err, "Permission denied", out)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_ctrl_c_exits_130_and_writes_nothing(tiny_model_dir, corpus, tmp_path, low_memory):
     out = tmp_path / "out"
@@ -172,6 +176,9 @@ def test_ctrl_c_exits_130_and_writes_nothing(tiny_model_dir, corpus, tmp_path, l
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # A shell starts background jobs with SIGINT ignored and children inherit that (then
+        # Python installs no KeyboardInterrupt handler): give the child a terminal's default.
+        preexec_fn=_default_sigint,
     )
     deadline = time.monotonic() + 240
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
