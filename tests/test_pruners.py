@@ -150,3 +150,20 @@ def test_model_copy_is_not_needed_for_in_memory_use():
     )
     changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
     assert changed and all(".layers." in k for k in changed)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_error_report_can_be_skipped_without_changing_the_result(method):
+    measured, with_errors = run("llama", method, "2:4")
+    skipped, without = run("llama", method, "2:4", measure_errors=False)
+    for (name, a), b in zip(
+        model_linears(measured).items(), model_linears(skipped).values(), strict=True
+    ):
+        assert torch.equal(a.weight, b.weight), name
+    assert all(rec["rel_error"] >= 0 for rec in with_errors.report["layers"].values())
+    assert with_errors.report["summary"]["mean_rel_error"] is not None
+    if method == "sparsegpt":  # its Gram matrix gives the error for free: always reported
+        assert without.report["layers"] == with_errors.report["layers"]
+    else:
+        assert all("rel_error" not in rec for rec in without.report["layers"].values())
+        assert without.report["summary"]["mean_rel_error"] is None

@@ -53,12 +53,15 @@ class BlockProcessor:
     ``layer_parallel``: with several ranks, each may process only the layers it owns
     (``ctx.dense_weights`` then holds just those); set it only when process() treats
     layers independently and keeps no per-layer state across blocks or passes.
+    ``probe_errors``: measure in the output pass the relative output error of layers whose
+    record has none (methods without a Gram matrix); it costs part of a forward pass.
     """
 
     needs: str = "none"
     dense_stream: bool = False
     propagate: str = "processed"
     layer_parallel: bool = False
+    probe_errors: bool = True
 
     def process(self, ctx: BlockContext) -> None:
         raise NotImplementedError
@@ -172,7 +175,7 @@ def _process_block(
             _process_shared(ctx, processor, dist)
     if processor.propagate == "processed" or outputs is None:
         with timer.stage("output_pass"):
-            outputs = _output_pass(ctx, stream, dist)
+            outputs = _output_pass(ctx, stream, dist, processor.probe_errors)
     stream.hidden = outputs
     if use_dense:
         dense_stream.hidden = dense_outputs
@@ -227,11 +230,15 @@ def _process_shared(ctx: BlockContext, processor: BlockProcessor, dist: Distribu
 
 
 def _output_pass(
-    ctx: BlockContext, stream: ActivationStream, dist: Distributed | None = None
+    ctx: BlockContext,
+    stream: ActivationStream,
+    dist: Distributed | None = None,
+    probe_errors: bool = True,
 ) -> torch.Tensor:
     """Recompute the block's outputs with its new weights; measure the relative output error
     of layers whose processor did not report one (it had no Gram matrix to compute it)."""
     pending = {name: rec for name, rec in ctx.records.items() if "rel_error" not in rec}
+    pending = pending if probe_errors else {}
     stride = max(1, stream.hidden.shape[0] * stream.hidden.shape[1] // PROBE_TOKENS)
     probes = {name: _ErrorProbe(ctx.dense_weights[name], stride) for name in pending}
     handles = [ctx.linears[name].register_forward_hook(probe) for name, probe in probes.items()]
