@@ -493,7 +493,9 @@ def _task_note(results: dict, tasks: list[str]) -> str:
 
 
 def _baselines(task: str, row: dict) -> str:
-    values = [row.get(key) for key in ("chance", "majority") if row.get(key) is not None]
+    from sdsprune.evaluate.zeroshot import baselines
+
+    values = baselines(row)
     return f"{task} {' / '.join(f'{100 * v:.1f}' for v in values)}" if values else ""
 
 

@@ -351,9 +351,14 @@ def _mean_or_none(values: list[float | None]) -> float | None:
     return None if None in values else float(np.mean(values))
 
 
+def baselines(row: dict) -> list[float]:
+    """A result row's known blind baselines: uniform guess, then constant answer."""
+    return [row[key] for key in ("chance", "majority") if row.get(key) is not None]
+
+
 def blind_baseline(row: dict) -> float | None:
     """The best accuracy reachable without reading the examples: uniform or constant guess."""
-    known = [row.get(key) for key in ("chance", "majority") if row.get(key) is not None]
+    known = baselines(row)
     return max(known) if known else None
 
 
