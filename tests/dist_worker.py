@@ -17,6 +17,7 @@ CONFIGS = {
     "wanda": dict(method="wanda"),
     "sparsegpt-2of4": dict(method="sparsegpt", sparsity="2:4"),
     "sds-kd": dict(method="sds", base="wanda", sds=SDSConfig(data_mode="kd")),
+    "sds-block": dict(method="sds", sparsity="2:4", sds=SDSConfig(block_epochs=2, block_batch=4)),
 }
 
 

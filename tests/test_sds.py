@@ -214,3 +214,130 @@ def test_config_from_text_parses_each_field_type():
 def test_config_from_text_rejects_bad_settings(text, message):
     with pytest.raises(SdspruneError, match=message):
         SDSConfig.from_text(text)
+
+
+@pytest.mark.parametrize(
+    "arch, target", [("llama", "dense"), ("opt", "local"), ("gemma3_text", "dense")]
+)
+def test_block_refit_lowers_block_error_and_keeps_the_pattern(arch, target):
+    model, result = run_sds(arch=arch, block_epochs=2, block_batch=3, block_target=target)
+    for name, layer in model_linears(model).items():
+        zeros = (layer.weight == 0).view(layer.weight.shape[0], -1, 4).sum(-1)
+        assert (zeros == 2).all(), name
+    blocks = {
+        name.split(".")[0]: rec
+        for name, rec in result.report["layers"].items()
+        if "block_error_start" in rec
+    }
+    assert len(blocks) == 2
+    for record in blocks.values():
+        assert record["block_error_final"] < record["block_error_start"]
+        assert record["block_kept_epoch"] > 0
+    means = result.report["sds"]
+    assert means["mean_block_error_final"] < means["mean_block_error_start"]
+
+
+def test_block_refit_never_ends_worse_than_its_start():
+    """A step size that only diverges: every block keeps its layer-wise weights."""
+    plain, _ = run_sds()
+    refit, result = run_sds(block_epochs=2, block_lr=1e4)
+    for name, layer in model_linears(refit).items():
+        assert torch.equal(layer.weight, model_linears(plain)[name].weight), name
+    for record in result.report["layers"].values():
+        assert record["block_kept_epoch"] == 0
+        assert record["block_error_final"] == record["block_error_start"]
+
+
+def test_block_refit_in_bfloat16_trains_in_float32_and_keeps_the_dtype():
+    model = tiny_model("llama").to(torch.bfloat16)
+    loaded = LoadedModel(model, byte_tokenizer(), "llama", None)
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
+    result = prune(
+        loaded,
+        method="sds",
+        sparsity="2:4",
+        calibration=calib,
+        device="cpu",
+        dtype="bfloat16",
+        progress=False,
+        sds=SDSConfig(block_epochs=1, block_batch=2),
+    )
+    for name, layer in model_linears(model).items():
+        assert layer.weight.dtype == torch.bfloat16 and layer.weight.grad is None
+        zeros = (layer.weight == 0).view(layer.weight.shape[0], -1, 4).sum(-1)
+        assert (zeros == 2).all(), name
+    assert (
+        result.report["sds"]["mean_block_error_final"]
+        <= (result.report["sds"]["mean_block_error_start"])
+    )
+
+
+def test_block_refit_needs_the_fused_schedule():
+    with pytest.raises(SdspruneError, match="fused schedule"):
+        SDSConfig(block_epochs=1, schedule="staged")
+    with pytest.raises(SdspruneError, match="fused schedule"):
+        SDSConfig(adjust_data="kd", schedule="staged")
+
+
+def test_group_search_finds_the_optimal_two_of_four_pattern_of_a_group():
+    """Correlated inputs: keeping the two largest |w| is wrong; brute force over the six
+    patterns (each with its least-squares survivors) says what is right."""
+    import itertools
+
+    from sdsprune.sds.groups import refine_groups
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    X[:, 1] = X[:, 0] + 0.1 * X[:, 1]  # inputs 0 and 1 nearly equal
+    G = X.T @ X / 50
+    dense = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    start = dense.masked_fill(torch.tensor([False, False, True, True]), 0)
+    found = refine_groups(start, dense, G, SparsityPattern.parse("2:4"))
+    for row in range(3):
+        errors = {}
+        for keep in itertools.combinations(range(4), 2):
+            kept = list(keep)
+            values = torch.zeros(4, dtype=torch.float64)
+            values[kept] = torch.linalg.solve(G[kept][:, kept], (G @ dense[row])[kept])
+            errors[keep] = (output_energy((dense[row] - values)[None], G), values)
+        best = min(errors.values(), key=lambda item: item[0])[1]
+        torch.testing.assert_close(found[row], best)
+
+
+def test_group_search_never_increases_the_error_and_keeps_n_of_m():
+    from sdsprune.pruners.patterns import pattern_mask
+    from sdsprune.sds.groups import refine_groups
+
+    A, _, Xi = problem(out=8, inp=16, tokens=64, seed=4)
+    g = Xi.T @ Xi / Xi.shape[0]
+    pattern = SparsityPattern.parse("2:4")
+    start = A.masked_fill(pattern_mask(A.abs(), pattern, "row"), 0)
+    adjusted = adjust(start, A, g, pattern, "row", SDSConfig(adjust_iters=60))
+    errors = [output_energy(A - adjusted, g)]
+    for sweeps in (1, 2):
+        refined = refine_groups(adjusted, A, g, pattern, sweeps)
+        assert ((refined == 0).view(8, -1, 4).sum(-1) >= 2).all()
+        errors.append(output_energy(A - refined, g))
+    assert errors[2] <= errors[1] <= errors[0] + 1e-12
+    assert errors[1] < errors[0]  # the magnitude projection left something to gain
+
+
+def test_kd_adjustment_fits_dense_inputs_targets():
+    """With T = A G_ti the adjustment minimises ‖A X_t − W X_i‖², not ‖A X_i − W X_i‖²."""
+    from sdsprune.sds.solver import fit_objective
+
+    A, Xt, Xi = problem(out=6, inp=16, tokens=80, seed=2)
+    n = Xt.shape[0]
+    g_ii, g_ti = Xi.T @ Xi / n, Xt.T @ Xi / n
+    pattern = SparsityPattern.parse("2:4")
+    config = SDSConfig(adjust_iters=200)
+    start = A.masked_fill(torch.tensor([True, True, False, False]).repeat(4), 0)
+
+    def token_error(weight):
+        return float((Xt @ A.T - Xi @ weight.T).square().sum() / n)
+
+    plain = adjust(start, A, g_ii, pattern, "row", config)
+    cross = adjust(start, A, g_ii, pattern, "row", config, target=A @ g_ti)
+    assert token_error(cross) < token_error(plain)
+    shift = token_error(cross) - fit_objective(cross, g_ii, A @ g_ti)
+    assert token_error(plain) - fit_objective(plain, g_ii, A @ g_ti) == pytest.approx(shift)

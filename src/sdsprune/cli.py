@@ -13,6 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from sdsprune.errors import SdspruneError
+from sdsprune.sds.config import SDSConfig
+
+SDS_DEFAULTS = SDSConfig()
 
 app = typer.Typer(
     name="sdsprune",
@@ -42,7 +45,9 @@ DtypeOpt = Annotated[
     str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-CalibOpt = Annotated[str, typer.Option(help="Calibration corpus (wiki, c4, wikitext2, ptb, file).")]
+CalibOpt = Annotated[
+    str, typer.Option(help="Calibration corpus (wiki, news, c4, wikitext2, ptb, file).")
+]
 NsamplesOpt = Annotated[int, typer.Option(help="Calibration windows.")]
 CalibSeqlenOpt = Annotated[int, typer.Option(help="Tokens per calibration window.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the calibration sampling.")]
@@ -71,7 +76,7 @@ def eval_command(
     dataset: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated corpora: wiki, wikitext2, ptb, c4, or .txt/.jsonl files "
+            help="Comma-separated corpora: wiki, news, wikitext2, ptb, c4, or .txt/.jsonl files "
             "(default: wiki, or none when --tasks is given)."
         ),
     ] = None,
@@ -237,6 +242,19 @@ def prune_command(
     ] = "accelerated",
     adjust_iters: Annotated[int, typer.Option(help="SDS adjustment iterations.")] = 50,
     rounds: Annotated[int, typer.Option(help="SDS re-dense/prune rounds.")] = 1,
+    block_epochs: Annotated[
+        int, typer.Option(help="SDS block re-fit epochs over the calibration windows (0: off).")
+    ] = SDS_DEFAULTS.block_epochs,
+    block_lr: Annotated[
+        float, typer.Option(help="SDS block re-fit Adam step, x each layer's weight RMS.")
+    ] = SDS_DEFAULTS.block_lr,
+    block_batch: Annotated[
+        int, typer.Option(help="SDS block re-fit windows per optimiser step.")
+    ] = SDS_DEFAULTS.block_batch,
+    block_target: Annotated[
+        str,
+        typer.Option(help="SDS block re-fit target: dense (dense model) or local (dense block)."),
+    ] = SDS_DEFAULTS.block_target,
     figure_layer: Annotated[
         str | None, typer.Option(help="SDS: layer for the weight figure, e.g. 15.mlp.up_proj.")
     ] = None,
@@ -271,7 +289,6 @@ def prune_command(
     windows are split across the K processes; rank 0 saves and prints.
     """
     from sdsprune.prune import prune
-    from sdsprune.sds import SDSConfig
 
     sds = SDSConfig(
         schedule=schedule,
@@ -287,6 +304,10 @@ def prune_command(
         adjust_solver=adjust_solver,
         adjust_iters=adjust_iters,
         rounds=rounds,
+        block_epochs=block_epochs,
+        block_lr=block_lr,
+        block_batch=block_batch,
+        block_target=block_target,
         figure_layer=figure_layer,
     )
     result = prune(
@@ -402,7 +423,6 @@ def compare_command(
     results.md (a paper-style table) and PNG plots. Finished runs in it are not recomputed.
     """
     from sdsprune.compare import compare, default_out
-    from sdsprune.sds import SDSConfig
 
     folder = out or str(default_out(model))
     sds_config = SDSConfig.from_text(sds) if sds else None

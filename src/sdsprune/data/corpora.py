@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sdsprune.data.news import news_split
 from sdsprune.data.wiki import WIKI_SPLITS, wiki_split
 from sdsprune.errors import SdspruneError
 
@@ -41,7 +42,7 @@ class Corpus:
 
 
 def load_corpus(spec: str, split: str = "eval") -> Corpus:
-    """Load ``wiki``, ``wikitext2``, ``ptb``, ``c4`` or a local ``.txt``/``.jsonl`` file.
+    """Load ``wiki``, ``news``, ``wikitext2``, ``ptb``, ``c4`` or a local ``.txt``/``.jsonl`` file.
 
     ``split`` is ``calib`` (training/calibration text) or ``eval`` (held-out text); a local
     file is used whole for either.
@@ -51,6 +52,8 @@ def load_corpus(spec: str, split: str = "eval") -> Corpus:
     if spec == "wiki":
         assert split in WIKI_SPLITS
         corpus = Corpus("wiki", split, wiki_split(split))
+    elif spec == "news":
+        corpus = Corpus("news", split, news_split(split))
     elif spec in HUB_CORPORA:
         corpus = _hub_corpus(spec, split)
     else:
@@ -62,7 +65,7 @@ def load_corpus(spec: str, split: str = "eval") -> Corpus:
 
 def _file_corpus(path: Path, split: str) -> Corpus:
     if not path.exists():
-        known = ", ".join(("wiki", *HUB_CORPORA))
+        known = ", ".join(("wiki", "news", *HUB_CORPORA))
         raise SdspruneError(f"unknown corpus '{path}': not {known} and no such file")
     if path.suffix not in (".txt", ".jsonl"):
         raise SdspruneError(f"corpus file {path} must be .txt or .jsonl (with a 'text' field)")

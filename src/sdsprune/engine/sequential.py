@@ -37,6 +37,11 @@ class BlockContext:
     stats: StatsCollector | None = None  # inputs of the current (sparse) model
     dense_stats: StatsCollector | None = None  # inputs of the dense model (kd / dd modes)
     records: dict[str, dict] = field(default_factory=dict)
+    stream: ActivationStream | None = None  # the block's inputs (this rank's windows)
+    targets: torch.Tensor | None = None  # the unmodified block's outputs on ``stream``
+    dense_targets: torch.Tensor | None = None  # the dense model's outputs (dense stream)
+    dist: Distributed | None = None
+    outputs: torch.Tensor | None = None  # set by refine() when it already ran the new block
 
     def set_weight(self, name: str, weight: torch.Tensor) -> None:
         layer = self.linears[name]
@@ -55,6 +60,7 @@ class BlockProcessor:
     layers independently and keeps no per-layer state across blocks or passes.
     ``probe_errors``: measure in the output pass the relative output error of layers whose
     record has none (methods without a Gram matrix); it costs part of a forward pass.
+    :meth:`refine` runs after :meth:`process` (and after the ranks exchanged its weights).
     """
 
     needs: str = "none"
@@ -65,6 +71,11 @@ class BlockProcessor:
 
     def process(self, ctx: BlockContext) -> None:
         raise NotImplementedError
+
+    def refine(self, ctx: BlockContext) -> None:
+        """Work on the whole block after every rank holds the processed layers (e.g. a
+        block-level re-fit). It may set ``ctx.outputs`` to the new block's outputs on
+        ``ctx.stream`` to spare the output pass."""
 
     def dense_weights_for(self, index: int) -> dict[str, torch.Tensor] | None:
         """Weights the dense stream should run with, when they are not the block's own."""
@@ -146,6 +157,8 @@ def _process_block(
         dense_weights={
             name: layer.weight.detach().float().clone() for name, layer in linears.items()
         },
+        stream=stream,
+        dist=dist,
     )
     use_dense = processor.dense_stream and dense_stream is not None
     if processor.needs != "none" or use_dense:
@@ -168,12 +181,17 @@ def _process_block(
         outputs = dense_outputs = None
     if use_dense and dense_outputs is None:
         raise AssertionError("dense stream requested without a stats pass")
+    ctx.targets, ctx.dense_targets = outputs, dense_outputs
     with timer.stage("solve"):
         if dist is None:
             processor.process(ctx)
         else:
             _process_shared(ctx, processor, dist)
-    if processor.propagate == "processed" or outputs is None:
+    with timer.stage("refine"):
+        processor.refine(ctx)
+    if ctx.outputs is not None and processor.propagate == "processed":
+        outputs = ctx.outputs
+    elif processor.propagate == "processed" or outputs is None:
         with timer.stage("output_pass"):
             outputs = _output_pass(ctx, stream, dist, processor.probe_errors)
     stream.hidden = outputs

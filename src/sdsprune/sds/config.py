@@ -11,6 +11,8 @@ DATA_MODES = ("sd", "dd", "kd")
 REDENSE_SOLVERS = ("closed", "fista", "gd")
 ADJUST_SOLVERS = ("accelerated", "gd")
 ADJUST_RULES = ("auto", "always", "never")
+BLOCK_TARGETS = ("dense", "local")
+ADJUST_DATA = ("sd", "kd")
 EARLY_EXIT_PARAMS = 3_000_000_000  # the paper skips the adjustment above ~3B parameters
 
 
@@ -25,6 +27,15 @@ class SDSConfig:
 
     so every λ is dimensionless: invariant to the scale of the activations and of the weights.
     ``mu`` is the explicit form of the implicit "few steps from the pruned start" effect.
+
+    ``adjust_data`` [ours]: ``kd`` fits the adjustment to the dense model's layer outputs
+    (dense inputs) instead of the dense layer on the pruned model's inputs (``sd``), so it
+    also corrects the error earlier blocks left. ``group_sweeps`` [ours, N:M]: sweeps of the
+    exact per-group pattern choice after the adjustment (:mod:`sdsprune.sds.groups`).
+    ``block_*`` [ours]: after the layer-wise steps, re-fit each block's surviving weights so
+    that its output matches the ``dense`` model's block output (or the unpruned block's
+    output on the pruned model's inputs: ``local``); see :mod:`sdsprune.sds.block`.
+    ``block_lr`` is Adam's step as a fraction of each layer's weight RMS.
     """
 
     schedule: str = "fused"
@@ -39,7 +50,13 @@ class SDSConfig:
     adjust: str = "auto"
     adjust_solver: str = "accelerated"
     adjust_iters: int = 50
+    adjust_data: str = "sd"
+    group_sweeps: int = 0
     rounds: int = 1
+    block_epochs: int = 0
+    block_lr: float = 0.01
+    block_batch: int = 4
+    block_target: str = "dense"
     figure_layer: str | None = None
 
     def __post_init__(self) -> None:
@@ -49,6 +66,8 @@ class SDSConfig:
             (self.solver, REDENSE_SOLVERS, "re-dense solver"),
             (self.adjust_solver, ADJUST_SOLVERS, "adjustment solver"),
             (self.adjust, ADJUST_RULES, "adjustment rule"),
+            (self.block_target, BLOCK_TARGETS, "block target"),
+            (self.adjust_data, ADJUST_DATA, "adjustment data"),
         ):
             if value not in allowed:
                 raise SdspruneError(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
@@ -58,6 +77,18 @@ class SDSConfig:
             raise SdspruneError("lambdas, mu and lr must be non-negative")
         if self.rounds < 1 or self.redense_iters < 1 or self.adjust_iters < 0:
             raise SdspruneError("rounds and iterations must be positive")
+        if self.group_sweeps < 0:
+            raise SdspruneError("group sweeps must be >= 0")
+        if self.block_epochs < 0 or self.block_batch < 1 or self.block_lr <= 0:
+            raise SdspruneError("block epochs must be >= 0, block batch >= 1, block lr > 0")
+        if self.schedule != "fused" and (self.block_epochs or self.adjust_data == "kd"):
+            raise SdspruneError("block re-fit and kd adjustment need the fused schedule")
+
+    @property
+    def dense_stream(self) -> bool:
+        """Whether the dense model must run alongside (dense inputs or dense block targets)."""
+        dense_blocks = self.block_epochs > 0 and self.block_target == "dense"
+        return self.data_mode != "sd" or self.adjust_data == "kd" or dense_blocks
 
     @classmethod
     def from_text(cls, text: str) -> SDSConfig:

@@ -8,7 +8,7 @@ _TITLES = {
     "dense": "dense",
     "first_prune": "after first pruning",
     "redense": "after re-dense",
-    "final": "final (second pruning + adjustment)",
+    "final": "final (second pruning, adjustment, block re-fit)",
 }
 
 

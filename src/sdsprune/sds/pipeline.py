@@ -16,11 +16,13 @@ from sdsprune.linalg import relative_error
 from sdsprune.models.blocks import model_linears
 from sdsprune.pruners import Pruner, SparsityPattern, get_pruner
 from sdsprune.runinfo import Timer
+from sdsprune.sds.block import fit_block
 from sdsprune.sds.config import SDSConfig
 from sdsprune.sds.figures import StageRecorder
+from sdsprune.sds.groups import refine_groups
 from sdsprune.sds.solver import adjust, redense
 
-STAGES = ("first_prune", "redense", "second_prune", "final")
+STAGES = ("first_prune", "redense", "second_prune", "adjusted", "final")
 
 
 class _SDSSteps:
@@ -70,12 +72,42 @@ class _SDSSteps:
                 self.redense(ctx, name, dense, weight), stats, self.pattern
             ).weight
         self._note(ctx, name, "second_prune", dense, weight)
+        target = self.adjust_target(ctx, name, dense)
         if self.adjusting:
+            group = self.pruner.unstructured_group
             weight = adjust(
-                weight, dense, stats.gram, self.pattern, self.pruner.unstructured_group, self.config
+                weight, dense, stats.gram, self.pattern, group, self.config, target=target
             )
-        self._note(ctx, name, "final", dense, weight)
+        if self.config.group_sweeps:
+            sweeps = self.config.group_sweeps
+            weight = refine_groups(weight, dense, stats.gram, self.pattern, sweeps, target=target)
+        self._note(ctx, name, "adjusted" if self.config.block_epochs else "final", dense, weight)
         return weight
+
+    def adjust_target(self, ctx: BlockContext, name: str, dense: torch.Tensor) -> torch.Tensor:
+        """T = W_d G_ti of the adjustment: the dense layer on the pruned model's inputs
+        (``sd``) or on the dense model's inputs (``kd``, through the cross-Gram)."""
+        if self.config.adjust_data == "kd":
+            return dense @ ctx.stats.cross_for_layer(name)
+        return dense @ ctx.stats.for_layer(name).gram
+
+    def refit_block(self, ctx: BlockContext) -> None:
+        """Block-level re-fit of the block's surviving weights (``block_epochs`` > 0)."""
+        targets = ctx.dense_targets if self.config.block_target == "dense" else ctx.targets
+        fit = fit_block(
+            ctx.index, ctx.block, ctx.linears, ctx.stream, targets, self.config, ctx.dist
+        )
+        ctx.outputs = fit.outputs
+        block_record = {
+            "block_error_start": fit.start_error,
+            "block_error_final": fit.final_error,
+            "block_epoch_errors": fit.epoch_errors,
+            "block_kept_epoch": fit.kept_epoch,
+        }
+        for name, layer in ctx.linears.items():
+            ctx.records.setdefault(name, {}).update(block_record)
+            weight = layer.weight.detach().float()
+            self._note(ctx, name, "final", ctx.dense_weights[name], weight)
 
     def _note(self, ctx, name, stage, dense, weight) -> None:
         record = ctx.records.setdefault(name, {})
@@ -91,13 +123,17 @@ class FusedSDS(BlockProcessor):
 
     def __init__(self, steps: _SDSSteps):
         self.steps = steps
-        self.dense_stream = steps.config.data_mode != "sd"
+        self.dense_stream = steps.config.dense_stream
 
     def process(self, ctx: BlockContext) -> None:
         for name, dense in ctx.dense_weights.items():
             pruned = self.steps.first_prune(ctx, name, dense)
             redensed = self.steps.redense(ctx, name, dense, pruned)
             ctx.set_weight(name, self.steps.second_prune_and_adjust(ctx, name, dense, redensed))
+
+    def refine(self, ctx: BlockContext) -> None:
+        if self.steps.config.block_epochs:
+            self.steps.refit_block(ctx)
 
 
 class _StagedPass(BlockProcessor):
@@ -168,7 +204,7 @@ def run_sds(
         stream = capture_block_inputs(net, windows, device, batch)
     label = f"sds-{base} {pattern}"
     if config.schedule == "fused":
-        dense = stream.clone() if config.data_mode != "sd" else None
+        dense = stream.clone() if config.dense_stream else None
         with timer.stage("sds_fused"):
             records = run_blocks(
                 net,
@@ -183,7 +219,11 @@ def run_sds(
     else:
         records = _run_staged(net, stream, steps, device, timer, label, progress)
     extras = {
-        "sds": {"adjusted": steps.adjusting, "stage_mean_rel_error": _stage_means(records)},
+        "sds": {
+            "adjusted": steps.adjusting,
+            "stage_mean_rel_error": _stage_means(records),
+            **_block_means(records),
+        },
         "figure_layer": recorder.layer,
         "_figures": recorder.figures(),
     }
@@ -249,6 +289,19 @@ def _stage_means(records: dict[str, dict]) -> dict[str, float]:
         if values:
             means[stage] = sum(values) / len(values)
     return means
+
+
+def _block_means(records: dict[str, dict]) -> dict[str, float]:
+    """Mean block output error before and after the block re-fit (one value per block)."""
+    blocks = {
+        name.split(".")[0]: rec for name, rec in records.items() if "block_error_start" in rec
+    }
+    if not blocks:
+        return {}
+    return {
+        f"mean_{key}": sum(rec[key] for rec in blocks.values()) / len(blocks)
+        for key in ("block_error_start", "block_error_final")
+    }
 
 
 def default_figure_layer(net: nn.Module) -> str:

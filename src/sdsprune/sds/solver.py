@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from sdsprune.linalg import largest_eigenvalue, output_energy
+from sdsprune.linalg import largest_eigenvalue
 from sdsprune.pruners.patterns import SparsityPattern, pattern_mask
 from sdsprune.sds.config import SDSConfig
 
@@ -95,28 +95,28 @@ def adjust(
     group: str,
     config: SDSConfig,
     check_every: int = 10,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Step 3b: fit the surviving weights to the dense layer's outputs.
 
-    Projected gradient on ‖(W_d − W) X‖²; the projection keeps the largest |w| of each
-    sparsity group, so the mask is re-chosen at every iteration (the paper's soft mask).
-    Iterates are non-monotone, so the best one seen (checked every ``check_every`` steps,
-    the start included) is returned: the result is never worse than ``start``.
+    Projected gradient on ‖A X_t − W X‖² = tr(W G Wᵀ) − 2 tr(T Wᵀ) + const, with
+    T = A G_ti (``target``; default W_d G: the dense layer on the same inputs). The
+    projection keeps the largest |w| of each sparsity group, so the mask is re-chosen at
+    every iteration (the paper's soft mask). Iterates are non-monotone, so the best one seen
+    (checked every ``check_every`` steps, the start included) is returned: the result is
+    never worse than ``start``.
     """
     if config.adjust_iters == 0:
         return start
+    target = dense @ gram if target is None else target
     curvature = largest_eigenvalue(gram)
     accelerated = config.adjust_solver == "accelerated"
     step = 1.0 / (2 * curvature) if accelerated else config.lr / curvature
-    target = dense @ gram
 
     def project(weight: torch.Tensor) -> torch.Tensor:
         return weight.masked_fill(pattern_mask(weight.abs(), pattern, group), 0.0)
 
-    def objective(weight: torch.Tensor) -> float:
-        return output_energy(dense - weight, gram)
-
-    best, best_value = start, objective(start)
+    best, best_value = start, fit_objective(start, gram, target)
     current = momentum_point = start
     t = 1.0
     for iteration in range(1, config.adjust_iters + 1):
@@ -129,7 +129,12 @@ def adjust(
             momentum_point = updated
         current = updated
         if iteration % check_every == 0 or iteration == config.adjust_iters:
-            value = objective(current)
+            value = fit_objective(current, gram, target)
             if value < best_value:
                 best, best_value = current, value
     return best
+
+
+def fit_objective(weight: torch.Tensor, gram: torch.Tensor, target: torch.Tensor) -> float:
+    """tr(W G Wᵀ) − 2 tr(T Wᵀ): the layer's squared output error up to a constant."""
+    return float(((weight @ gram - 2 * target) * weight).sum())

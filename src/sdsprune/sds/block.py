@@ -1,0 +1,240 @@
+"""Block-level reconstruction: re-fit a pruned block's surviving weights to dense outputs.
+
+Layer-wise steps fit every linear layer to its own dense outputs; their errors add up inside a
+block (attention, the MLP's non-linearity) and across blocks. Here the whole block is
+optimised at once through its real forward, so that its output on the calibration windows
+matches the dense block's: the mask stays fixed (pruned weights never come back), only the
+surviving weights move. Adam on mini-batches of windows, a few epochs, cosine-decayed step
+size proportional to each layer's weight RMS (so one setting fits any model width).
+
+The block's output error on all windows is measured at the start and after each epoch and the
+best weights are kept, so the block never ends worse than it started. With several processes
+each rank holds a slice of the windows: gradients and errors are summed across ranks, so every
+rank takes the same steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sdsprune.engine import ActivationStream
+from sdsprune.engine.distributed import Distributed
+from sdsprune.errors import SdspruneError
+from sdsprune.sds.config import SDSConfig
+
+
+@dataclass
+class BlockFit:
+    """How a block re-fit went; errors are ‖out − target‖² / ‖target‖² over all windows."""
+
+    start_error: float
+    final_error: float
+    epoch_errors: list[float] = field(default_factory=list)
+    kept_epoch: int = 0  # 0: the start was best (weights unchanged)
+    outputs: torch.Tensor | None = None  # the kept weights' outputs on the stream
+
+
+def fit_block(
+    index: int,
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    stream: ActivationStream,
+    targets: torch.Tensor,
+    config: SDSConfig,
+    dist: Distributed | None = None,
+) -> BlockFit:
+    """Optimise the non-zero weights of ``linears`` so ``block(stream) ≈ targets``."""
+    masks = {name: layer.weight != 0 for name, layer in linears.items()}
+    weights = [layer.weight for layer in linears.values()]
+    with _trainable(block, weights):
+        reference = _sum_over_ranks(dist, targets.float().square().sum().item())
+        if reference <= 0:
+            raise SdspruneError(f"decoder block {index} has all-zero target outputs")
+        error, outputs = _block_error(index, block, stream, targets, dist)
+        fit = BlockFit(start_error=error / reference, final_error=error / reference)
+        kept = (error, _snapshot(weights), outputs)
+        epoch = _Epoch(index, block, linears, masks, stream, targets, config, dist, reference)
+        for number in range(1, config.block_epochs + 1):
+            epoch.run(number)
+            error, outputs = _block_error(index, block, stream, targets, dist)
+            fit.epoch_errors.append(error / reference)
+            if error < kept[0]:
+                kept = (error, _snapshot(weights), outputs)
+                fit.kept_epoch = number
+        with torch.no_grad():
+            for weight, value in zip(weights, kept[1], strict=True):
+                weight.copy_(value)
+    fit.final_error = kept[0] / reference
+    fit.outputs = kept[2]
+    return fit
+
+
+class _Epoch:
+    """One pass of Adam over the windows in mini-batches, with a cosine-decayed step size.
+
+    Mini-batches come from a global window order seeded by the block index, so the same
+    steps are taken by one process or several (see :class:`_OwnedWindows`).
+    """
+
+    def __init__(self, index, block, linears, masks, stream, targets, config, dist, reference):
+        self.index, self.block, self.linears, self.masks = index, block, linears, masks
+        self.stream, self.targets, self.config, self.dist = stream, targets, config, dist
+        self.owned = _owned_windows(stream, dist)
+        self.steps = max(1, math.ceil(self.owned.total / config.block_batch))
+        self.scale = reference / self.steps  # each step's loss is about the relative error
+        self.optimizer = torch.optim.Adam(
+            [{"params": [w], "lr": config.block_lr * _rms(w)} for w in self.weights]
+        )
+        self.base_rates = [group["lr"] for group in self.optimizer.param_groups]
+        self.generator = torch.Generator().manual_seed(index)
+
+    @property
+    def weights(self) -> list[nn.Parameter]:
+        return [layer.weight for layer in self.linears.values()]
+
+    def run(self, number: int) -> None:
+        order = torch.randperm(self.owned.total, generator=self.generator)
+        batch = self.config.block_batch
+        for step in range(self.steps):
+            done = ((number - 1) * self.steps + step) / (self.steps * self.config.block_epochs)
+            for group, rate in zip(self.optimizer.param_groups, self.base_rates, strict=True):
+                group["lr"] = rate * 0.5 * (1 + math.cos(math.pi * done))
+            picked = self.owned.local(order[step * batch : (step + 1) * batch])
+            self._accumulate_gradients(picked)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for name, layer in self.linears.items():
+                    layer.weight.mul_(self.masks[name])
+
+    def _accumulate_gradients(self, picked: torch.Tensor) -> None:
+        """This step's squared error over all ranks' windows, divided by ``scale``; pruned
+        entries get no gradient, so Adam never moves them. ``picked`` (this rank's share)
+        runs in batches of at most the capture's size."""
+        stream, targets = self.stream, self.targets
+        for rows in picked.split(stream.batch_size):
+            out = _forward(self.index, self.block, stream, rows)
+            ((out - targets[rows].float()).square().sum() / self.scale).backward()
+        for weight in self.weights:
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+        if self.dist is not None:
+            flat = torch.cat([w.grad.reshape(-1) for w in self.weights])
+            self.dist.all_reduce_(flat)
+            offset = 0
+            for weight in self.weights:
+                weight.grad.copy_(flat[offset : offset + weight.numel()].view_as(weight))
+                offset += weight.numel()
+        for name, layer in self.linears.items():
+            layer.weight.grad.mul_(self.masks[name])
+
+
+@contextlib.contextmanager
+def _trainable(block: nn.Module, weights: list[nn.Parameter]) -> Iterator[None]:
+    """Gradients for ``weights`` only, in fp32 (bf16 Adam steps would mostly round away)."""
+    dtype = next(block.parameters()).dtype
+    flags = {id(p): p.requires_grad for p in block.parameters()}
+    block.float()
+    for parameter in block.parameters():
+        parameter.requires_grad_(False)
+    for weight in weights:
+        weight.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for parameter in block.parameters():
+            parameter.requires_grad_(flags.get(id(parameter), False))
+            parameter.grad = None
+        block.to(dtype)
+
+
+def _forward(index: int, block: nn.Module, stream: ActivationStream, rows) -> torch.Tensor:
+    """The block's fp32 output on the windows ``rows``.
+
+    The captured extras (masks, rotary tables) were recorded for a batch of
+    ``stream.batch_size`` windows; windows carry no padding, so every row of them is the
+    same and a smaller batch takes their first rows.
+    """
+    hidden = stream.hidden[rows].float()
+    fit = _fitted_extras(hidden.shape[0], stream.batch_size)
+    args = fit(stream.block_args[index])
+    kwargs = fit(stream.block_kwargs[index])
+    out = block(hidden, *args, **kwargs)
+    out = out[0] if isinstance(out, tuple | list) else out
+    if not torch.isfinite(out).all():
+        raise SdspruneError(f"NaN/Inf activations in the re-fit of decoder block {index}")
+    return out
+
+
+def _fitted_extras(rows: int, captured: int):
+    """A converter of captured extras for a batch of ``rows`` windows, in fp32."""
+
+    def convert(value):
+        if isinstance(value, torch.Tensor):
+            if value.dim() and value.shape[0] == captured != rows:
+                value = value[:rows]
+            return value.float() if value.is_floating_point() else value
+        if isinstance(value, tuple | list):
+            return type(value)(convert(v) for v in value)
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert
+
+
+@torch.no_grad()
+def _block_error(index, block, stream, targets, dist) -> tuple[float, torch.Tensor]:
+    """Σ‖block(x) − target‖² over all windows (all ranks), and this rank's outputs."""
+    outputs = torch.empty_like(stream.hidden)
+    error = 0.0
+    for start in stream.batches():
+        rows = slice(start, start + stream.batch_size)
+        out = _forward(index, block, stream, rows)
+        outputs[rows] = out.to(outputs.dtype)
+        error += (out - targets[rows].float()).square().sum().item()
+    return _sum_over_ranks(dist, error), outputs
+
+
+@dataclass
+class _OwnedWindows:
+    """Which of all ranks' windows this rank holds (ranks hold contiguous slices in order).
+
+    Mini-batches are drawn from the global window order, so one and several processes take
+    the same steps; each rank contributes the gradient of its share of every batch.
+    """
+
+    total: int
+    first: int
+    count: int
+
+    def local(self, global_rows: torch.Tensor) -> torch.Tensor:
+        mine = global_rows[(global_rows >= self.first) & (global_rows < self.first + self.count)]
+        return mine - self.first
+
+
+def _owned_windows(stream: ActivationStream, dist: Distributed | None) -> _OwnedWindows:
+    count = stream.hidden.shape[0]
+    if dist is None:
+        return _OwnedWindows(total=count, first=0, count=count)
+    counts = dist.gather_objects(count)
+    return _OwnedWindows(total=sum(counts), first=sum(counts[: dist.rank]), count=count)
+
+
+def _rms(weight: torch.Tensor) -> float:
+    return float(weight.detach().float().square().mean().sqrt())
+
+
+def _snapshot(weights: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [w.detach().clone() for w in weights]
+
+
+def _sum_over_ranks(dist: Distributed | None, value: float) -> float:
+    return value if dist is None else dist.sum_floats([value])[0]
