@@ -29,12 +29,12 @@ def eval_args(protocol: str) -> list[str]:
     return ["--seqlen", "1024", "--max-chunks", str(chunks), "--dtype", "float32"]
 
 
-def prune_args(protocol: str) -> list[str]:
+def prune_args(protocol: str, corpora: str = "wiki") -> list[str]:
     nsamples, seqlen, _ = PROTOCOL_SIZES[protocol]
     evaluation = eval_args(protocol)
     evaluation[0] = "--eval-seqlen"
     calibration = ["--nsamples", str(nsamples), "--seqlen", str(seqlen), "--seed", "0"]
-    return ["--calib", "wiki", *calibration, "--eval", "wiki", *evaluation]
+    return ["--calib", "wiki", *calibration, "--eval", corpora, *evaluation]
 
 
 def suite(name: str) -> list[tuple[str, list[str]]]:
@@ -100,12 +100,33 @@ def suite(name: str) -> list[tuple[str, list[str]]]:
             ("- re-dense (adjust only)", [*sds, "--mu", "1e9"]),
             ("staged schedule", [*sds, "--schedule", "staged"]),
         ]
+    elif name == "beyond":  # issue 11: each option on top of the paper-parity SDS
+        paper = [
+            "--method",
+            "sds",
+            "--base",
+            "sparsegpt",
+            "--sparsity",
+            "2:4",
+            "--block-epochs",
+            "0",
+        ]
+        rows += [
+            ("sparsegpt 2:4", ["--method", "sparsegpt", "--sparsity", "2:4"]),
+            ("sds, layer-wise only (paper parity)", paper),
+            ("+ exact group pattern search (1 sweep)", [*paper, "--group-sweeps", "1"]),
+            ("+ kd adjustment (dense-input targets)", [*paper, "--adjust-data", "kd"]),
+            *(
+                (f"+ block re-fit, {epochs} epoch(s)", [*paper, "--block-epochs", str(epochs)])
+                for epochs in (1, 2, 3)
+            ),
+        ]
     else:
         raise SystemExit(f"unknown suite {name}")
     return rows
 
 
-def run_row(model: str, protocol: str, args: list[str] | None) -> dict:
+def run_row(model: str, protocol: str, args: list[str] | None, corpora: str = "wiki") -> dict:
     if args is None:
         cmd = [
             sys.executable,
@@ -114,7 +135,7 @@ def run_row(model: str, protocol: str, args: list[str] | None) -> dict:
             "eval",
             model,
             "--dataset",
-            "wiki",
+            corpora,
             *eval_args(protocol),
             "--json",
         ]
@@ -125,7 +146,7 @@ def run_row(model: str, protocol: str, args: list[str] | None) -> dict:
             "sdsprune",
             "prune",
             model,
-            *prune_args(protocol),
+            *prune_args(protocol, corpora),
             *args,
             "--json",
         ]
@@ -145,13 +166,16 @@ def summarise(label: str, report: dict) -> dict:
         return {
             "label": label,
             "perplexity": round(ppl, 2),
+            "others": {r["dataset"]: round(r["perplexity"], 2) for r in report["evaluation"][1:]},
             "prune_s": report["timings"]["prune_total"],
             "peak_rss_mib": report["memory"]["peak_rss_mib"],
             "mean_rel_error": report["summary"]["mean_rel_error"],
         }
+    results = report.get("results", [report])
     return {
         "label": label,
-        "perplexity": round(report["perplexity"], 2),
+        "perplexity": round(results[0]["perplexity"], 2),
+        "others": {r["dataset"]: round(r["perplexity"], 2) for r in results[1:]},
         "prune_s": None,
         "peak_rss_mib": None,
         "mean_rel_error": None,
@@ -159,22 +183,30 @@ def summarise(label: str, report: dict) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
+    others = sorted({name for row in rows for name in row["others"]})
+    extra_head = "".join(f" {name + ' PPL':>10} |" for name in others)
     print(
-        f"| {'configuration':<50} | {'PPL':>8} | {'prune s':>8} | {'peak RSS MiB':>12} | {'rel err':>8} |"
+        f"| {'configuration':<50} | {'PPL':>8} |{extra_head} {'prune s':>8} | {'peak RSS MiB':>12} | {'rel err':>8} |"
     )
-    print(f"|{'-' * 52}|{'-' * 10}|{'-' * 10}|{'-' * 14}|{'-' * 10}|")
+    print(
+        f"|{'-' * 52}|{'-' * 10}|{'-' * 12 * len(others)}{'|' if others else ''}{'-' * 10}|{'-' * 14}|{'-' * 10}|"
+    )
     for row in rows:
         prune_s = f"{row['prune_s']:.1f}" if row["prune_s"] is not None else "-"
         rss = f"{row['peak_rss_mib']:.0f}" if row["peak_rss_mib"] is not None else "-"
         err = f"{row['mean_rel_error']:.4f}" if row["mean_rel_error"] is not None else "-"
+        extra = "".join(f" {row['others'].get(name, float('nan')):>10.2f} |" for name in others)
         print(
-            f"| {row['label']:<50} | {row['perplexity']:>8.2f} | {prune_s:>8} | {rss:>12} | {err:>8} |"
+            f"| {row['label']:<50} | {row['perplexity']:>8.2f} |{extra} {prune_s:>8} | {rss:>12} | {err:>8} |"
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--suite", default="pruners", choices=["pruners", "sds", "ablation", "all"])
+    parser.add_argument(
+        "--suite", default="pruners", choices=["pruners", "sds", "ablation", "all", "beyond"]
+    )
+    parser.add_argument("--corpora", default="wiki", help="evaluation corpora (first: main)")
     parser.add_argument("--protocol", default="cpu-small", choices=list(PROTOCOL_SIZES))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, required=True)
@@ -186,7 +218,7 @@ def main() -> None:
         if label in done or (only and label not in only):
             continue
         print(f"running {label} ...", file=sys.stderr, flush=True)
-        done[label] = run_row(args.model, args.protocol, extra)
+        done[label] = run_row(args.model, args.protocol, extra, args.corpora)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(done, indent=1))
     print_table([summarise(label, done[label]) for label, _ in suite(args.suite) if label in done])

@@ -241,6 +241,12 @@ def prune_command(
         str, typer.Option(help="SDS adjustment: accelerated or gd (paper).")
     ] = "accelerated",
     adjust_iters: Annotated[int, typer.Option(help="SDS adjustment iterations.")] = 50,
+    adjust_data: Annotated[
+        str, typer.Option(help="SDS adjustment targets: sd (pruned inputs) or kd (dense inputs).")
+    ] = SDS_DEFAULTS.adjust_data,
+    group_sweeps: Annotated[
+        int, typer.Option(help="SDS, N:M only: sweeps of the exact per-group pattern search.")
+    ] = SDS_DEFAULTS.group_sweeps,
     rounds: Annotated[int, typer.Option(help="SDS re-dense/prune rounds.")] = 1,
     block_epochs: Annotated[
         int, typer.Option(help="SDS block re-fit epochs over the calibration windows (0: off).")
@@ -303,6 +309,8 @@ def prune_command(
         adjust=adjust,
         adjust_solver=adjust_solver,
         adjust_iters=adjust_iters,
+        adjust_data=adjust_data,
+        group_sweeps=group_sweeps,
         rounds=rounds,
         block_epochs=block_epochs,
         block_lr=block_lr,
