@@ -38,15 +38,33 @@ def refine_groups(
     residual = target - work @ gram64  # the negative half-gradient, kept up to date
     patterns = _Patterns.all(pattern, gram64.device)
     damping = 1e-9 * float(torch.diagonal(gram64).mean())
+    width = max(pattern.m, (BLOCK_COLUMNS // pattern.m) * pattern.m)
     for _ in range(sweeps):
-        for start in range(0, work.shape[1], pattern.m):
-            cols = slice(start, start + pattern.m)
-            new = patterns.best_values(
-                work[:, cols], residual[:, cols], gram64[cols, cols], damping
-            )
-            residual += (work[:, cols] - new) @ gram64[cols, :]
-            work[:, cols] = new
+        for first in range(0, work.shape[1], width):
+            block = slice(first, min(first + width, work.shape[1]))
+            _sweep_block(work, residual, gram64, block, pattern.m, patterns, damping)
     return work.to(weight.dtype)
+
+
+# Columns whose groups are updated before the rest of the residual is: each group's change
+# touches only the block's residual columns, and the other columns get the block's summed
+# change in one matmul (SparseGPT's lazy batch update); updating the whole residual after
+# every group made the search memory-bound (a 4096 x 4096 layer: 1024 full passes).
+BLOCK_COLUMNS = 128
+
+
+def _sweep_block(work, residual, gram, block: slice, m: int, patterns, damping) -> None:
+    """Re-choose every group inside the column ``block``, then bring the residual up to date."""
+    before = work[:, block].clone()
+    local = residual[:, block].clone()
+    gram_block = gram[block, block]
+    for offset in range(0, before.shape[1], m):
+        cols = slice(offset, offset + m)
+        current = work[:, block][:, cols]
+        new = patterns.best_values(current, local[:, cols], gram_block[cols, cols], damping)
+        local += (current - new) @ gram_block[cols, :]
+        work[:, block.start + offset : block.start + offset + m] = new
+    residual += (before - work[:, block]) @ gram[block, :]
 
 
 @dataclass
