@@ -51,7 +51,8 @@ class _SDSSteps:
         return sparse, ctx.stats.cross_for_layer(name)
 
     def first_prune(self, ctx, name, dense) -> torch.Tensor:
-        weight = self.pruner.prune(dense, ctx.stats.for_layer(name), self.pattern).weight
+        pattern = self.pattern.for_block(ctx.index)
+        weight = self.pruner.prune(dense, ctx.stats.for_layer(name), pattern).weight
         self._note(ctx, name, "first_prune", dense, weight)
         return weight
 
@@ -63,16 +64,16 @@ class _SDSSteps:
         return weight
 
     def second_prune_and_adjust(self, ctx, name, dense, redensed) -> torch.Tensor:
-        stats = ctx.stats.for_layer(name)
-        weight = self.pruner.prune(redensed, stats, self.pattern).weight
+        stats, pattern = ctx.stats.for_layer(name), self.pattern.for_block(ctx.index)
+        weight = self.pruner.prune(redensed, stats, pattern).weight
         for _ in range(self.config.rounds - 1):
             weight = self.pruner.prune(
-                self.redense(ctx, name, dense, weight), stats, self.pattern
+                self.redense(ctx, name, dense, weight), stats, pattern
             ).weight
         self._note(ctx, name, "second_prune", dense, weight)
         if self.adjusting:
             weight = adjust(
-                weight, dense, stats.gram, self.pattern, self.pruner.unstructured_group, self.config
+                weight, dense, stats.gram, pattern, self.pruner.unstructured_group, self.config
             )
         self._note(ctx, name, "final", dense, weight)
         return weight
