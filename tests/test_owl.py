@@ -158,3 +158,35 @@ def test_cli_prune_with_owl(tiny_model_dir, tmp_path):
     assert len(report["owl"]["blocks"]) == 2
     refused = cli("--method", "wanda", "--sparsity", "2:4")
     assert refused.returncode == 2 and "needs unstructured sparsity" in refused.stderr
+
+
+def test_owl_low_memory_run_equals_the_in_memory_one(tiny_model_dir, tmp_path):
+    """The statistics pass reads each block from the checkpoint like the pruning pass."""
+    from transformers import AutoModelForCausalLM
+
+    common = dict(
+        method="wanda", sparsity="0.7", calibration=windows(), device="cpu", progress=False
+    )
+    owl = OWLConfig(threshold=2.0)
+    prune(str(tiny_model_dir), out=tmp_path / "mem", owl=owl, **common)
+    prune(str(tiny_model_dir), out=tmp_path / "low", owl=owl, low_memory=True, **common)
+    reports = [
+        json.loads((tmp_path / n / "sdsprune_report.json").read_text()) for n in ("mem", "low")
+    ]
+    assert reports[0]["owl"] == reports[1]["owl"]
+    in_memory, low = (
+        model_linears(AutoModelForCausalLM.from_pretrained(tmp_path / name))
+        for name in ("mem", "low")
+    )
+    for name, layer in in_memory.items():
+        assert torch.equal(layer.weight, low[name].weight), name
+    with pytest.raises(SdspruneError, match="cannot resume a --low-memory run"):
+        prune(
+            str(tiny_model_dir),
+            out=tmp_path / "again",
+            owl=owl,
+            low_memory=True,
+            state_dir=tmp_path / "state",
+            resume=True,
+            **common,
+        )
