@@ -68,14 +68,6 @@ class BlockSparsity:
     target: SparsityPattern
     blocks: tuple[float, ...]
 
-    @property
-    def is_nm(self) -> bool:
-        return False
-
-    @property
-    def fraction(self) -> float:
-        return self.target.fraction
-
     def for_block(self, index: int) -> SparsityPattern:
         return SparsityPattern(fraction=self.blocks[index])
 
