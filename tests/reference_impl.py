@@ -62,6 +62,50 @@ def slow_wanda(W, X, fraction=None, nm=None):
     return W.masked_fill(mask, 0), mask
 
 
+def slow_admm(W, X, fraction, nm=None, iterations=20, growth=15, rho=1.0, percdamp=0.1):
+    """Boža's ADMM update as published, in float64 and the code's (in x out) orientation:
+    normalise by ‖X_j‖, then Z = P(W + U), U += W − Z, W = (XX + ρI)⁻¹(XY + ρ(Z − U)) with a
+    fresh linear solve per step and masks from a stable full sort (no top-k, no Cholesky)."""
+    X = X.double()
+    gram = X.T @ X
+    norm = torch.diagonal(gram).sqrt() + 1e-8
+    gram = gram / norm[:, None] / norm[None, :]
+    W0 = (W.double() * norm[None, :]).T  # in x out
+    gram = gram + percdamp * torch.diagonal(gram).mean() * torch.eye(len(norm), dtype=X.dtype)
+    xy = gram @ W0
+    system = gram + rho * torch.eye(len(norm), dtype=X.dtype)
+    Wc, U = W0.clone(), torch.zeros_like(W0)
+    keep = torch.ones_like(W0, dtype=torch.bool)
+    for step in range(iterations):
+        if step < growth:
+            current = fraction * (1 - (1 - (step + 1) / growth) ** 3)
+            keep = ~_slow_growing_mask((Wc + U).abs(), current, fraction, nm)
+        Z = (Wc + U) * keep
+        U = U + Wc - Z
+        Wc = torch.linalg.solve(system, xy + rho * (Z - U))
+    out = ((Wc + U) * keep).T / norm[None, :]
+    return out.float(), ~keep.T
+
+
+def _slow_growing_mask(scores, current, final, nm):
+    """True at the ``current`` share of all weights with the lowest scores; for N:M only
+    among each group of M inputs' N lowest (groups run along the input axis, dim 0 here)."""
+    if nm is not None:
+        n, m = nm
+        groups = scores.T.reshape(scores.shape[1], -1, m)
+        low = torch.argsort(groups, dim=2, stable=True)[:, :, :n]
+        candidate = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, low, True)
+        candidate = candidate.reshape(scores.shape[1], -1).T
+        if current >= final:
+            return candidate
+        scores = torch.where(candidate, scores, torch.full_like(scores, float("inf")))
+    flat = scores.T.flatten()  # the fast code ranks in (out x in) order: ties alike
+    count = int(flat.numel() * (final if current >= final else current))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[torch.argsort(flat, stable=True)[:count]] = True
+    return mask.reshape(scores.shape[1], scores.shape[0]).T
+
+
 @torch.no_grad()
 def slow_sequential_prune(model: nn.Module, windows: torch.Tensor, prune_layer) -> None:
     """For each block: run the whole (partly pruned) model, record every linear's inputs in

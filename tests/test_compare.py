@@ -322,3 +322,65 @@ def test_mean_accuracy_counts_each_requested_task_once():
         ],
     }
     assert compare_module.mean_accuracy(run, "acc") == pytest.approx(0.7)
+
+
+def test_paper_grid_with_new_bases_and_owl_rows():
+    """The grid of the paper's tables: base vs SDS-base x sparsity, OWL rows only where
+    OWL applies (unstructured sparsities)."""
+    methods = ["dense", "admm", "sds:admm", "sparsegpt+owl", "sds:sparsegpt+owl"]
+    runs = parse_runs(methods, ["0.7", "2:4"])
+    assert [(r.label, r.sparsity) for r in runs] == [
+        ("dense", None),
+        ("admm", "0.7"),
+        ("sds:admm", "0.7"),
+        ("sparsegpt+owl", "0.7"),
+        ("sds:sparsegpt+owl", "0.7"),
+        ("admm", "2:4"),
+        ("sds:admm", "2:4"),
+    ]
+    assert runs[4].key == "sds-sparsegpt-owl_0.7"
+    options = parse_runs(["sds:dsnot[initial=sparsegpt;max_cycles=10]"], ["0.6"])[0]
+    assert options.base == "dsnot[initial=sparsegpt;max_cycles=10]"
+    assert options.key == "sds-dsnot-initial-sparsegpt-max_cycles-10_0.6"
+
+
+@pytest.mark.parametrize(
+    "methods, message",
+    [
+        (["dense+owl"], "unknown method 'dense\\+owl'"),
+        (["sds:dsnot[colour=red]"], "bad option"),
+        (["admm[rho=x]"], "expected a float"),
+    ],
+)
+def test_bad_grid_specs_are_refused(methods, message):
+    with pytest.raises(SdspruneError, match=message):
+        parse_runs(methods, ["0.5"])
+
+
+def test_owl_runs_get_owl_and_only_they_depend_on_its_knobs(
+    tiny_model_dir, corpus, tmp_path, monkeypatch
+):
+    from sdsprune.owl import OWLConfig
+
+    calls = []
+
+    def prune(model, *, method, sparsity, owl=None, **kwargs):
+        calls.append((method, owl))
+        report = {"summary": {"sparsity": 0.5}, "timings": {}, "memory": {}}
+        if owl is not None:
+            report["owl"] = {"blocks": [{"block": 0, "outlier_ratio": 0.1, "sparsity": 0.5}]}
+        return prune_module.PruneResult(model=load_model(model), report=report)
+
+    monkeypatch.setattr(prune_module, "prune", prune)
+    out = tmp_path / "cmp"
+    kwargs = _settings(
+        tiny_model_dir, corpus, out, methods=["wanda", "wanda+owl"], sparsities=["0.5", "2:4"]
+    )
+    results = compare(**kwargs)
+    assert calls == [("wanda", None), ("wanda", OWLConfig()), ("wanda", None)]
+    owl_run = results["runs"][1]
+    assert owl_run["prune"]["owl"]["blocks"][0]["sparsity"] == 0.5
+    assert "| Wanda + OWL | 0.5 |" in (out / "results.md").read_text()
+    calls.clear()
+    compare(**kwargs, owl=OWLConfig(lam=0.05))
+    assert calls == [("wanda", OWLConfig(lam=0.05))]

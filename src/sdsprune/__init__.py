@@ -16,6 +16,7 @@ from sdsprune.evaluate.zeroshot import evaluate_tasks
 from sdsprune.export import export_checkpoint
 from sdsprune.inference import load
 from sdsprune.models import LoadedModel, decoder_blocks, load_model
+from sdsprune.owl import OWLConfig
 from sdsprune.prune import PruneResult, prune
 from sdsprune.pruners import SparsityPattern
 from sdsprune.sds import SDSConfig
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Corpus",
     "LoadedModel",
+    "OWLConfig",
     "PerplexityResult",
     "PruneResult",
     "SDSConfig",

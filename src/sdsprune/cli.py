@@ -62,6 +62,12 @@ PromptStyleOpt = Annotated[
     ),
 ]
 MaxChunksOpt = Annotated[int | None, typer.Option(help="Evaluate only the first K chunks.")]
+OwlThresholdOpt = Annotated[
+    float, typer.Option(help="OWL's M: a score above M x its block's mean is an outlier.")
+]
+OwlLambdaOpt = Annotated[
+    float, typer.Option(help="OWL's lambda: spread of block sparsities around the target.")
+]
 
 
 def _console() -> Console:
@@ -196,13 +202,17 @@ def _percent(value: float | None, stderr: float | None = None) -> str:
 def prune_command(
     model: ModelArg = "smollm2-135m",
     method: Annotated[
-        str, typer.Option(help="magnitude, wanda, sparsegpt, or sds (with --base).")
+        str,
+        typer.Option(
+            help="magnitude, wanda, sparsegpt, admm, dsnot, pruner-zero, or sds (with --base); "
+            "options in brackets, e.g. 'dsnot[initial=sparsegpt]'."
+        ),
     ] = "sparsegpt",
     sparsity: Annotated[
         str, typer.Option(help="Fraction of zeros (0.5) or N:M, N zeros of every M inputs (2:4).")
     ] = "0.5",
     base: Annotated[
-        str, typer.Option(help="Base pruner of SDS: sparsegpt, wanda, magnitude.")
+        str, typer.Option(help="Base pruner of SDS: any --method except sds.")
     ] = "sparsegpt",
     calib: CalibOpt = "wiki",
     nsamples: NsamplesOpt = 128,
@@ -285,15 +295,26 @@ def prune_command(
             "magnitude: about 20% of their prune time; free for SparseGPT and SDS)."
         ),
     ] = True,
+    owl: Annotated[
+        bool,
+        typer.Option(
+            help="OWL: a sparsity per block from its outlier ratio, the total unchanged "
+            "(unstructured sparsity only)."
+        ),
+    ] = False,
+    owl_threshold: OwlThresholdOpt = 5.0,
+    owl_lambda: OwlLambdaOpt = 0.08,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Prune a model in one shot (magnitude, Wanda, SparseGPT) or with SDS.
+    """Prune a model in one shot (magnitude, Wanda, SparseGPT, ADMM, DSnoT, Pruner-Zero) or
+    with SDS.
 
     Under torchrun (torchrun --nproc-per-node K -m sdsprune prune ...) the calibration
     windows are split across the K processes; rank 0 saves and prints.
     """
+    from sdsprune.owl import OWLConfig
     from sdsprune.prune import prune
 
     sds = SDSConfig(
@@ -339,6 +360,7 @@ def prune_command(
         state_dir=state_dir,
         resume=resume,
         measure_errors=error_report,
+        owl=OWLConfig(threshold=owl_threshold, lam=owl_lambda) if owl else None,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun only rank 0 reports
@@ -359,6 +381,9 @@ def _print_prune_summary(report: dict, out) -> None:
     table.add_row("sparsity of pruned layers", f"{summary['sparsity']:.4f}")
     if summary["mean_rel_error"] is not None:
         table.add_row("mean relative output error", f"{summary['mean_rel_error']:.4f}")
+    if "owl" in report:  # every block's value is in the JSON report
+        values = [block["sparsity"] for block in report["owl"]["blocks"]]
+        table.add_row("OWL block sparsities", f"{min(values):.3f} .. {max(values):.3f}")
     for stage, value in report.get("sds", {}).get("stage_mean_rel_error", {}).items():
         table.add_row(f"  after {stage.replace('_', ' ')}", f"{value:.4f}")
     for result in report.get("evaluation", []):
@@ -379,8 +404,9 @@ def compare_command(
     methods: Annotated[
         str,
         typer.Option(
-            help="Comma-separated: dense, magnitude, wanda, sparsegpt, sds:<base> (sds = "
-            "sds:sparsegpt)."
+            help="Comma-separated: dense, magnitude, wanda, sparsegpt, admm, dsnot, pruner-zero, "
+            "sds:<base> (sds = sds:sparsegpt); a +owl suffix adds OWL rows (e.g. "
+            "sparsegpt+owl, sds:sparsegpt+owl; unstructured sparsities only)."
         ),
     ] = "dense,wanda,sparsegpt,sds:wanda,sds:sparsegpt",
     sparsity: Annotated[
@@ -415,6 +441,8 @@ def compare_command(
             "fair to long answers) or acc. Both are stored; changing it recomputes nothing."
         ),
     ] = "acc_norm",
+    owl_threshold: OwlThresholdOpt = 5.0,
+    owl_lambda: OwlLambdaOpt = 0.08,
     out: Annotated[
         str | None,
         typer.Option(
@@ -431,6 +459,7 @@ def compare_command(
     results.md (a paper-style table) and PNG plots. Finished runs in it are not recomputed.
     """
     from sdsprune.compare import compare, default_out
+    from sdsprune.owl import OWLConfig
 
     folder = out or str(default_out(model))
     sds_config = SDSConfig.from_text(sds) if sds else None
@@ -451,6 +480,7 @@ def compare_command(
         prompt_style=prompt_style,
         metric=metric,
         sds=sds_config,
+        owl=OWLConfig(threshold=owl_threshold, lam=owl_lambda),
         out=folder,
         device=device,
         dtype=dtype,

@@ -38,6 +38,7 @@ METRICS = {
 }
 # Settings that change only how results are shown, and settings a dense run does not use.
 DISPLAY_ONLY = ("metric",)
+OWL_SUFFIX = "+owl"  # a method spec ending in it prunes with OWL's per-block sparsities
 CALIBRATION_ONLY = ("calib", "nsamples", "seqlen", "seed")
 
 
@@ -45,49 +46,63 @@ CALIBRATION_ONLY = ("calib", "nsamples", "seqlen", "seed")
 class Run:
     """One row of the comparison: a method (``sds`` with its base) at one sparsity."""
 
-    method: str  # dense, magnitude, wanda, sparsegpt or sds
+    method: str  # dense, a pruner spec (wanda, dsnot[initial=sparsegpt], ...) or sds
     base: str | None = None  # the SDS base pruner
     sparsity: str | None = None  # canonical "0.5" / "2:4"; None for dense
+    owl: bool = False  # OWL's per-block sparsities (unstructured only)
 
     @property
     def label(self) -> str:
-        return f"sds:{self.base}" if self.method == "sds" else self.method
+        name = f"sds:{self.base}" if self.method == "sds" else self.method
+        return name + (OWL_SUFFIX if self.owl else "")
 
     @property
     def key(self) -> str:
         """File-name-safe identifier, e.g. ``sds-wanda_2-4``."""
-        name = self.label.replace(":", "-")
+        name = slug(self.label)
         return name if self.sparsity is None else f"{name}_{self.sparsity.replace(':', '-')}"
 
 
 def parse_runs(methods: Sequence[str], sparsities: Sequence[str | float]) -> list[Run]:
-    """``dense`` once, then every pruning method at every sparsity (sparsity-major order)."""
-    from sdsprune.pruners import BASE_PRUNERS, SparsityPattern
+    """``dense`` once, then every pruning method at every sparsity (sparsity-major order).
+
+    A spec ending in ``+owl`` (``sparsegpt+owl``, ``sds:wanda+owl``) prunes with OWL's
+    per-block sparsities; OWL is unstructured-only, so those runs skip N:M sparsities.
+    """
+    from sdsprune.pruners import BASE_PRUNERS, SparsityPattern, parse_pruner_spec
 
     if not methods:
         raise SdspruneError("no methods given (e.g. --methods dense,wanda,sparsegpt)")
     pruned = []
     for spec in methods:
-        method, _, base = spec.strip().partition(":")
-        if method == "dense":
+        text = spec.strip()
+        owl = text.endswith(OWL_SUFFIX)
+        method, _, base = text.removesuffix(OWL_SUFFIX).partition(":")
+        if method == "dense" and not owl:
             continue
         if method == "sds":
             base = base or "sparsegpt"
-            if base not in BASE_PRUNERS:
+            if base.partition("[")[0] not in BASE_PRUNERS:
                 raise SdspruneError(
                     f"unknown SDS base '{base}' in '{spec}' (use sds:{', sds:'.join(BASE_PRUNERS)})"
                 )
-        elif method not in BASE_PRUNERS or base:
-            known = ", ".join(["dense", *BASE_PRUNERS, "sds:<base>"])
+            parse_pruner_spec(base)
+        elif method.partition("[")[0] not in BASE_PRUNERS or base:
+            known = ", ".join(["dense", *BASE_PRUNERS, "sds:<base>", f"<method>{OWL_SUFFIX}"])
             raise SdspruneError(f"unknown method '{spec}' (choose from {known})")
-        pruned.append((method, base or None))
-    patterns = [str(SparsityPattern.parse(s)) for s in sparsities] if pruned else []
+        else:
+            parse_pruner_spec(method)
+        pruned.append((method, base or None, owl))
+    patterns = [SparsityPattern.parse(s) for s in sparsities] if pruned else []
     if pruned and not patterns:
         raise SdspruneError("no sparsity given (e.g. --sparsity 2:4,0.5)")
     runs = [Run("dense")] if any(m.strip() == "dense" for m in methods) else []
-    for sparsity in dict.fromkeys(patterns):
-        for method, base in dict.fromkeys(pruned):
-            runs.append(Run(method, base, sparsity))
+    for pattern in dict.fromkeys(patterns):
+        for method, base, owl in dict.fromkeys(pruned):
+            if owl and pattern.is_nm:
+                log.info("skipping %s at %s: OWL needs unstructured sparsity", method, pattern)
+                continue
+            runs.append(Run(method, base, str(pattern), owl))
     return runs
 
 
@@ -112,11 +127,13 @@ def compare(
     device: str = "auto",
     dtype: str = "auto",
     sds=None,
+    owl=None,
     progress: bool = True,
 ) -> dict:
     """Run (or resume) a comparison in ``out`` and return the aggregated results.
 
-    ``sds`` is an :class:`sdsprune.sds.SDSConfig` applied to every ``sds:<base>`` run.
+    ``sds`` is an :class:`sdsprune.sds.SDSConfig` applied to every ``sds:<base>`` run,
+    ``owl`` an :class:`sdsprune.owl.OWLConfig` (default: the paper's) for every ``+owl`` run.
     ``metric`` (``acc`` or ``acc_norm``) is the accuracy the table and plots show; both are
     stored, so changing it re-uses every finished run.
     """
@@ -146,6 +163,7 @@ def compare(
         "metric": metric,
         "dtype": _load_dtype(dtype, device),  # resolved: "auto" and its meaning match
         "sds": _sds_settings(sds),
+        "owl": _owl_settings(owl),
     }
     folder = Path(out)
     (folder / RUNS_DIR).mkdir(parents=True, exist_ok=True)
@@ -161,7 +179,7 @@ def compare(
     started = time.perf_counter()
     for number, run in enumerate(pending, start=1):
         _log_progress(number, len(pending), run, started)
-        done[run.key] = _execute(run, folder, settings, windows, device, dtype, sds, progress)
+        done[run.key] = _execute(run, folder, settings, windows, device, dtype, sds, owl, progress)
     results = {
         "settings": settings,
         "runs": [done[run.key] for run in runs],
@@ -176,6 +194,13 @@ def _sds_settings(sds) -> dict | None:
     from sdsprune.sds import SDSConfig
 
     return None if sds is None or sds == SDSConfig() else asdict(sds)
+
+
+def _owl_settings(owl) -> dict | None:
+    """None for the defaults, like :func:`_sds_settings`."""
+    from sdsprune.owl import OWLConfig
+
+    return None if owl is None or owl == OWLConfig() else asdict(owl)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -215,6 +240,7 @@ def _run_settings(run: Run, settings: dict) -> dict:
     """What a run's result depends on: dense ignores calibration, only SDS runs use ``sds``."""
     ignored = DISPLAY_ONLY + (CALIBRATION_ONLY if run.method == "dense" else ())
     ignored += ("sds",) if run.method != "sds" else ()
+    ignored += ("owl",) if not run.owl else ()
     return {k: v for k, v in settings.items() if k not in ignored}
 
 
@@ -254,8 +280,11 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _execute(run: Run, folder: Path, settings: dict, windows, device, dtype, sds, progress) -> dict:
+def _execute(
+    run: Run, folder: Path, settings: dict, windows, device, dtype, sds, owl, progress
+) -> dict:
     """Prune (unless dense), evaluate, save figures, then write the run's file atomically."""
+    from sdsprune.owl import OWLConfig
     from sdsprune.utils import resolve_device
 
     start = time.perf_counter()
@@ -275,6 +304,7 @@ def _execute(run: Run, folder: Path, settings: dict, windows, device, dtype, sds
             device=device,
             dtype=dtype,
             sds=sds,
+            owl=(owl or OWLConfig()) if run.owl else None,
             progress=progress,
         )
         loaded, prune_report = result.model, result.report
@@ -283,13 +313,13 @@ def _execute(run: Run, folder: Path, settings: dict, windows, device, dtype, sds
     evaluation = _evaluate(loaded, settings, progress)
     figures = _save_figures(folder, run, prune_report.pop("_figures", {}))
     record = {
-        "run": {"method": run.method, "base": run.base, "sparsity": run.sparsity},
+        "run": {"method": run.method, "base": run.base, "sparsity": run.sparsity, "owl": run.owl},
         "label": run.label,
         "key": run.key,
         "settings": _run_settings(run, settings),
         **evaluation,
         "prune": {
-            k: prune_report[k] for k in ("summary", "timings", "memory") if k in prune_report
+            k: prune_report[k] for k in ("summary", "timings", "memory", "owl") if k in prune_report
         },
         "figures": figures,
         "seconds": {
@@ -446,8 +476,17 @@ def _seconds(value: float | None) -> str:
 
 def _method_name(run: dict) -> str:
     method, base = run["run"]["method"], run["run"]["base"]
-    names = {"dense": "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
-    return f"SDS ({names.get(base, base)})" if method == "sds" else names.get(method, method)
+    names = {
+        "dense": "Dense",
+        "magnitude": "Magnitude",
+        "wanda": "Wanda",
+        "sparsegpt": "SparseGPT",
+        "admm": "ADMM",
+        "dsnot": "DSnoT",
+        "pruner-zero": "Pruner-Zero",
+    }
+    name = f"SDS ({names.get(base, base)})" if method == "sds" else names.get(method, method)
+    return name + (" + OWL" if run["run"].get("owl") else "")
 
 
 def _short_task(task: str) -> str:

@@ -14,6 +14,12 @@ _COLORS = {
     "sds:magnitude": "#888888",
     "sds:wanda": "#08519c",
     "sds:sparsegpt": "#a63603",
+    "admm": "#74c476",
+    "sds:admm": "#006d2c",
+    "dsnot": "#bcbddc",
+    "sds:dsnot": "#54278f",
+    "pruner-zero": "#fa9fb5",
+    "sds:pruner-zero": "#ae017e",
 }
 
 

@@ -27,7 +27,7 @@ from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.perplexity import check_seqlen, evaluate_corpora, with_bos
 from sdsprune.linalg import relative_error
 from sdsprune.models import LoadedModel, decoder_blocks, load_model, model_linears
-from sdsprune.pruners import BASE_PRUNERS, Pruner, SparsityPattern, get_pruner
+from sdsprune.pruners import BASE_PRUNERS, Pruner, SparsityPattern, get_pruner, parse_pruner_spec
 from sdsprune.runinfo import Timer, library_versions, peak_memory
 from sdsprune.utils import atomic_output_dir, resolve_device, resolve_dtype
 
@@ -51,7 +51,7 @@ class PruneProcessor(BlockProcessor):
     def process(self, ctx: BlockContext) -> None:
         for name, dense in ctx.dense_weights.items():
             stats = ctx.stats.for_layer(name) if ctx.stats is not None else None
-            outcome = self.pruner.prune(dense, stats, self.pattern)
+            outcome = self.pruner.prune(dense, stats, self.pattern.for_block(ctx.index))
             ctx.set_weight(name, outcome.weight)
             record = {"sparsity": float(outcome.mask.float().mean())}
             if stats is not None and stats.gram is not None:
@@ -92,6 +92,7 @@ def prune(
     state_dir: str | Path | None = None,
     resume: bool = False,
     measure_errors: bool = True,
+    owl=None,
 ) -> PruneResult:
     """Prune ``model`` with ``method`` at ``sparsity`` and optionally save and evaluate it.
 
@@ -105,15 +106,18 @@ def prune(
     ``measure_errors=False`` leaves Wanda's and magnitude's per-layer output errors out of
     the report: measuring them costs ~20% of those methods' time (methods with a Gram matrix
     get them almost free and always report them).
+
+    ``method`` (and ``base``) may carry pruner options, e.g. ``dsnot[initial=sparsegpt]``.
+    ``owl`` is an :class:`sdsprune.owl.OWLConfig`: a sparsity per block from its outlier
+    ratio, the model's total unchanged (unstructured sparsity only).
     """
     timer = Timer()
     pattern = SparsityPattern.parse(sparsity)
-    if method not in METHODS:
+    if method != "sds" and method.partition("[")[0] not in BASE_PRUNERS:
         raise SdspruneError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    if method == "sds" and base not in BASE_PRUNERS:
-        raise SdspruneError(
-            f"unknown SDS base pruner '{base}' (choose from {', '.join(BASE_PRUNERS)})"
-        )
+    parse_pruner_spec(base if method == "sds" else method)  # bad options: refused now
+    if owl is not None:
+        owl.check(pattern, low_memory=low_memory, resume=resume)
     if out is not None and Path(out).exists() and not overwrite:
         raise SdspruneError(f"output folder {out} already exists (pass --overwrite to replace it)")
     staged = method == "sds" and getattr(sds, "schedule", "fused") == "staged"
@@ -133,14 +137,14 @@ def prune(
         return _prune(
             model, method, pattern, base, calib, nsamples, seqlen, seed, compute, dtype,
             calibration, out, overwrite, evaluate, eval_seqlen, max_chunks, sds, progress,
-            low_memory, state_dir, resume, measure_errors, dist, timer,
+            low_memory, state_dir, resume, measure_errors, dist, timer, owl,
         )  # fmt: skip
 
 
 def _prune(
     model, method, pattern, base, calib, nsamples, seqlen, seed, compute, dtype, calibration,
     out, overwrite, evaluate, eval_seqlen, max_chunks, sds, progress, low_memory, state_dir,
-    resume, measure_errors, dist, timer,
+    resume, measure_errors, dist, timer, owl=None,
 ) -> PruneResult:  # fmt: skip
     """The body of :func:`prune`, inside the distributed group (if any)."""
     progress = progress and (dist is None or dist.rank == 0)
@@ -181,6 +185,8 @@ def _prune(
         from sdsprune.sds import SDSConfig
 
         config["sds"] = asdict(sds or SDSConfig())
+    if owl is not None:
+        config["owl"] = asdict(owl)
     session_scope = runs.run_session(
         net,
         loaded,
@@ -195,6 +201,11 @@ def _prune(
     with session_scope as session, use_session(session):
         local = windows if dist is None else dist.shard(windows)
         start = time.perf_counter()
+        owl_report = None
+        if owl is not None:
+            from sdsprune.owl import owl_sparsity
+
+            pattern, owl_report = owl_sparsity(net, local, pattern, owl, compute, timer, progress)
         if method == "sds":
             from sdsprune.sds import SDSConfig, run_sds
 
@@ -217,6 +228,8 @@ def _prune(
             "layers": layers,
             **extras,
         }
+        if owl_report is not None:
+            report["owl"] = owl_report
         return _finish_run(
             loaded, report, out, overwrite, session, state_dir, eval_corpora,
             eval_seqlen or seqlen, max_chunks, compute, timer, progress, prune_seconds,

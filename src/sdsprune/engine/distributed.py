@@ -112,7 +112,7 @@ def reduce_stats(dist: Distributed, collector) -> None:
         count = torch.tensor([stats.count], dtype=torch.float64, device=dist.device)
         dist.all_reduce_(count)
         stats.count = int(count.item())
-        for tensor in (stats.gram, stats.sumsq, collector.cross.get(group)):
+        for tensor in (stats.gram, stats.sumsq, stats.total, collector.cross.get(group)):
             if tensor is not None:
                 dist.all_reduce_(tensor)
 

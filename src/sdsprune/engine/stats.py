@@ -77,6 +77,8 @@ class StatsCollector:
         if stats is None:
             stats = self.stats[group] = InputStats(count=0)
         stats.count += flat.shape[0]
+        total = flat.sum(0)  # cheap next to either statistic; DSnoT needs the input means
+        stats.total = total if stats.total is None else stats.total.add_(total)
         if self.level == "gram":
             gram = flat.T @ flat
             stats.gram = gram if stats.gram is None else stats.gram.add_(gram)

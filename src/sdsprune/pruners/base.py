@@ -15,12 +15,14 @@ class InputStats:
     """What the calibration inputs of one linear layer tell a pruner.
 
     ``gram`` is the second moment G = XᵀX / N (in x in, fp32), ``sumsq`` the per-feature sum
-    of squares (Wanda's ‖X_j‖²); layers fed by the same tensor share one object.
+    of squares (Wanda's ‖X_j‖²), ``total`` the per-feature sum (DSnoT's mean input); layers
+    fed by the same tensor share one object.
     """
 
     count: int
     sumsq: torch.Tensor | None = None
     gram: torch.Tensor | None = None
+    total: torch.Tensor | None = None
 
     @property
     def feature_norms(self) -> torch.Tensor:
@@ -28,6 +30,18 @@ class InputStats:
             return self.sumsq.sqrt()
         assert self.gram is not None
         return (torch.diagonal(self.gram) * self.count).clamp_min(0).sqrt()
+
+    @property
+    def feature_means(self) -> torch.Tensor:
+        """E[x_j] over the calibration tokens."""
+        assert self.total is not None, "the engine collects input sums with any statistics"
+        return self.total / max(self.count, 1)
+
+    @property
+    def feature_variances(self) -> torch.Tensor:
+        """Var[x_j] = E[x_j²] − E[x_j]² over the calibration tokens."""
+        second = self.feature_norms.square() / max(self.count, 1)
+        return (second - self.feature_means.square()).clamp_min(0)
 
 
 @dataclass

@@ -29,6 +29,11 @@ class SparsityPattern:
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.fraction:g}"
 
+    def for_block(self, index: int) -> SparsityPattern:
+        """The pattern of decoder block ``index``: the same everywhere (see sdsprune.owl for
+        per-block sparsities)."""
+        return self
+
     @classmethod
     def parse(cls, spec: str | float | SparsityPattern) -> SparsityPattern:
         """Parse ``0.5`` (unstructured) or ``2:4`` / ``4:8`` (N zeros of every M)."""

@@ -53,7 +53,8 @@ class _SDSSteps:
         return sparse, ctx.stats.cross_for_layer(name)
 
     def first_prune(self, ctx, name, dense) -> torch.Tensor:
-        weight = self.pruner.prune(dense, ctx.stats.for_layer(name), self.pattern).weight
+        pattern = self.pattern.for_block(ctx.index)
+        weight = self.pruner.prune(dense, ctx.stats.for_layer(name), pattern).weight
         self._note(ctx, name, "first_prune", dense, weight)
         return weight
 
@@ -65,22 +66,20 @@ class _SDSSteps:
         return weight
 
     def second_prune_and_adjust(self, ctx, name, dense, redensed) -> torch.Tensor:
-        stats = ctx.stats.for_layer(name)
-        weight = self.pruner.prune(redensed, stats, self.pattern).weight
+        stats, pattern = ctx.stats.for_layer(name), self.pattern.for_block(ctx.index)
+        weight = self.pruner.prune(redensed, stats, pattern).weight
         for _ in range(self.config.rounds - 1):
             weight = self.pruner.prune(
-                self.redense(ctx, name, dense, weight), stats, self.pattern
+                self.redense(ctx, name, dense, weight), stats, pattern
             ).weight
         self._note(ctx, name, "second_prune", dense, weight)
         target = self.adjust_target(ctx, name, dense)
         if self.adjusting:
             group = self.pruner.unstructured_group
-            weight = adjust(
-                weight, dense, stats.gram, self.pattern, group, self.config, target=target
-            )
+            weight = adjust(weight, dense, stats.gram, pattern, group, self.config, target=target)
         if self.config.group_sweeps:
             sweeps = self.config.group_sweeps
-            weight = refine_groups(weight, dense, stats.gram, self.pattern, sweeps, target=target)
+            weight = refine_groups(weight, dense, stats.gram, pattern, sweeps, target=target)
         self._note(ctx, name, "adjusted" if self.config.block_epochs else "final", dense, weight)
         return weight
 
