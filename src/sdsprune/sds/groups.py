@@ -12,7 +12,6 @@ increases, because a group only changes when a candidate lowers it.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 
@@ -36,13 +35,12 @@ def refine_groups(
     gram64 = gram.double()
     target = dense.double() @ gram64 if target is None else target.double()
     residual = target - work @ gram64  # the negative half-gradient, kept up to date
-    patterns = _Patterns.all(pattern, gram64.device)
-    damping = 1e-9 * float(torch.diagonal(gram64).mean())
+    solver = _GroupSolver(gram64, pattern)
     width = max(pattern.m, (BLOCK_COLUMNS // pattern.m) * pattern.m)
     for _ in range(sweeps):
         for first in range(0, work.shape[1], width):
             block = slice(first, min(first + width, work.shape[1]))
-            _sweep_block(work, residual, gram64, block, pattern.m, patterns, damping)
+            _sweep_block(work, residual, gram64, block, solver)
     return work.to(weight.dtype)
 
 
@@ -53,58 +51,57 @@ def refine_groups(
 BLOCK_COLUMNS = 128
 
 
-def _sweep_block(work, residual, gram, block: slice, m: int, patterns, damping) -> None:
+def _sweep_block(work, residual, gram, block: slice, solver: _GroupSolver) -> None:
     """Re-choose every group inside the column ``block``, then bring the residual up to date."""
+    m = solver.m
     before = work[:, block].clone()
     local = residual[:, block].clone()
     gram_block = gram[block, block]
     for offset in range(0, before.shape[1], m):
         cols = slice(offset, offset + m)
-        current = work[:, block][:, cols]
-        new = patterns.best_values(current, local[:, cols], gram_block[cols, cols], damping)
+        group = (block.start + offset) // m
+        current = work[:, block.start + offset : block.start + offset + m]
+        new = solver.best_values(group, current, local[:, cols])
         local += (current - new) @ gram_block[cols, :]
         work[:, block.start + offset : block.start + offset + m] = new
     residual += (before - work[:, block]) @ gram[block, :]
 
 
-@dataclass
-class _Patterns:
-    """Every way to keep M − N of a group's M positions: survivor and zero indices."""
+class _GroupSolver:
+    """Per group of M inputs and per pattern (which M − N positions survive), the pieces of
+    the closed-form optimum, computed for all groups at once before the sweep.
 
-    keep: torch.Tensor  # patterns x (M − N)
-    zero: torch.Tensor  # patterns x N
+    With g the group's part of T − W G (G d for d = a − w when T = a G), H = G_group,group
+    and δ = w − v the change of the group's values, the error changes by 2 δᵀg + δᵀHδ;
+    zeroing positions Z and keeping T, the optimum is v_T = w_T + H_TT⁻¹ (g_T + H_TZ w_Z).
+    """
 
-    @classmethod
-    def all(cls, pattern: SparsityPattern, device: torch.device) -> _Patterns:
-        keeps, zeros = [], []
-        for kept in itertools.combinations(range(pattern.m), pattern.m - pattern.n):
-            keeps.append(list(kept))
-            zeros.append([i for i in range(pattern.m) if i not in kept])
-        return cls(torch.tensor(keeps, device=device), torch.tensor(zeros, device=device))
+    def __init__(self, gram: torch.Tensor, pattern: SparsityPattern):
+        self.m = m = pattern.m
+        keeps = list(itertools.combinations(range(m), m - pattern.n))
+        zeros = [[i for i in range(m) if i not in kept] for kept in keeps]
+        self.keep = torch.tensor(keeps, device=gram.device)  # P x T
+        self.zero = torch.tensor(zeros, device=gram.device)  # P x Z
+        groups = gram.shape[0] // m
+        self.blocks = gram.reshape(groups, m, groups, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        h_tt = self.blocks[:, self.keep[:, :, None], self.keep[:, None, :]]  # groups x P x T x T
+        damping = 1e-9 * float(torch.diagonal(gram).mean())  # a dead input must not break it
+        eye = torch.eye(h_tt.shape[-1], dtype=gram.dtype, device=gram.device)
+        self.inverse = torch.linalg.inv(h_tt + damping * eye)
+        self.h_tz = self.blocks[:, self.keep[:, :, None], self.zero[:, None, :]]  # g x P x T x Z
 
-    def best_values(
-        self, current: torch.Tensor, residual: torch.Tensor, block: torch.Tensor, damping: float
-    ) -> torch.Tensor:
+    def best_values(self, group: int, current: torch.Tensor, residual: torch.Tensor):
         """The group's new values for every row (rows x M): the best pattern's optimum, or
-        the current values where no pattern lowers the error.
-
-        With g the group's part of T − W G (G d for d = a − w when T = a G), H = G_group,group and δ = w − v the change of
-        the group's values, the error changes by 2 δᵀg + δᵀHδ; zeroing positions Z and
-        keeping T, the optimum is v_T = w_T + H_TT⁻¹ (g_T + H_TZ w_Z).
-        """
-        h_tt = block[self.keep[:, :, None], self.keep[:, None, :]]  # P x T x T
-        h_tz = block[self.keep[:, :, None], self.zero[:, None, :]]  # P x T x Z
-        eye = torch.eye(h_tt.shape[-1], dtype=block.dtype, device=block.device)
-        rhs = residual[:, self.keep] + torch.einsum("rpz,ptz->rpt", current[:, self.zero], h_tz)
-        systems = (h_tt + damping * eye)[:, None]  # P x 1 x T x T, shared by every row
-        step = torch.linalg.solve(systems, rhs.transpose(0, 1).unsqueeze(-1))  # P x rows x T x 1
-        values = torch.zeros(current.shape[0], *self.keep.shape[:1], current.shape[1],
-                             dtype=current.dtype, device=current.device)  # fmt: skip
-        survivors = current[:, self.keep] + step.squeeze(-1).transpose(0, 1)  # rows x P x T
-        values.scatter_(2, self.keep.expand(current.shape[0], -1, -1), survivors)
+        the current values where no pattern lowers the error."""
+        rows = current.shape[0]
+        rhs = residual[:, self.keep] + torch.einsum(
+            "rpz,ptz->rpt", current[:, self.zero], self.h_tz[group]
+        )
+        survivors = current[:, self.keep] + torch.einsum("rpt,pst->rps", rhs, self.inverse[group])
+        values = current.new_zeros(rows, self.keep.shape[0], self.m)
+        values.scatter_(2, self.keep.expand(rows, -1, -1), survivors)
         delta = current[:, None, :] - values
-        change = 2 * (delta * residual[:, None, :]).sum(-1)
-        change += torch.einsum("rpi,ij,rpj->rp", delta, block, delta)
+        change = ((2 * residual[:, None, :] + delta @ self.blocks[group]) * delta).sum(-1)
         best = change.min(dim=1)
-        chosen = values[torch.arange(current.shape[0], device=current.device), best.indices]
+        chosen = values[torch.arange(rows, device=current.device), best.indices]
         return torch.where((best.values < 0)[:, None], chosen, current)
