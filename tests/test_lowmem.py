@@ -27,8 +27,9 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
         dict(method="sparsegpt", sparsity="2:4"),
         dict(method="sds", base="wanda", sds=SDSConfig(data_mode="kd")),
         dict(method="sds", base="sparsegpt", sds=SDSConfig(schedule="staged")),
+        dict(method="sds", sparsity="2:4", sds=SDSConfig(block_epochs=1, block_batch=2)),
     ],
-    ids=["wanda", "sparsegpt-2of4", "sds-fused-kd", "sds-staged"],
+    ids=["wanda", "sparsegpt-2of4", "sds-fused-kd", "sds-staged", "sds-block-refit"],
 )
 def test_low_memory_checkpoint_equals_the_in_memory_one(tiny_model_dir, tmp_path, options):
     windows = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))

@@ -75,6 +75,27 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
     assert not state.exists()  # a finished run leaves no state behind
 
 
+def test_killed_block_refit_run_resumes_to_the_uninterrupted_result(
+    tiny_model_dir, corpus, tmp_path
+):
+    """The block re-fit (Adam, seeded mini-batches) continues after a kill exactly."""
+    refit = ["--sparsity", "2:4", "--block-epochs", "2", "--block-batch", "3"]
+    args = common(tiny_model_dir, corpus, "sds") + refit
+    full = cli(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    state = tmp_path / "state"
+    killed = cli(
+        *args, "--out", str(tmp_path / "resumed"), "--state-dir", str(state),
+        env={"SDSPRUNE_FAULT": "kill@0", "SDSPRUNE_FAULT_FILE": str(tmp_path / "fault")},
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    resumed = cli(*args, "--out", str(tmp_path / "resumed"), "--state-dir", str(state), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
 def test_resume_refuses_state_of_another_run(tiny_model_dir, tmp_path):
     from conftest import byte_tokenizer, tiny_model
 
