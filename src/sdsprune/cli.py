@@ -267,10 +267,9 @@ def prune_command(
     block_batch: Annotated[
         int, typer.Option(help="SDS block re-fit windows per optimiser step.")
     ] = SDS_DEFAULTS.block_batch,
-    block_target: Annotated[
-        str,
-        typer.Option(help="SDS block re-fit target: dense (dense model) or local (dense block)."),
-    ] = SDS_DEFAULTS.block_target,
+    block_windows: Annotated[
+        int, typer.Option(help="SDS block re-fit on this many calibration windows (0: all).")
+    ] = SDS_DEFAULTS.block_windows,
     figure_layer: Annotated[
         str | None, typer.Option(help="SDS: layer for the weight figure, e.g. 15.mlp.up_proj.")
     ] = None,
@@ -336,7 +335,7 @@ def prune_command(
         block_epochs=block_epochs,
         block_lr=block_lr,
         block_batch=block_batch,
-        block_target=block_target,
+        block_windows=block_windows,
         figure_layer=figure_layer,
     )
     result = prune(

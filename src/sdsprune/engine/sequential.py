@@ -38,7 +38,6 @@ class BlockContext:
     dense_stats: StatsCollector | None = None  # inputs of the dense model (kd / dd modes)
     records: dict[str, dict] = field(default_factory=dict)
     stream: ActivationStream | None = None  # the block's inputs (this rank's windows)
-    targets: torch.Tensor | None = None  # the unmodified block's outputs on ``stream``
     dense_targets: torch.Tensor | None = None  # the dense model's outputs (dense stream)
     dist: Distributed | None = None
     outputs: torch.Tensor | None = None  # set by refine() when it already ran the new block
@@ -181,7 +180,7 @@ def _process_block(
         outputs = dense_outputs = None
     if use_dense and dense_outputs is None:
         raise AssertionError("dense stream requested without a stats pass")
-    ctx.targets, ctx.dense_targets = outputs, dense_outputs
+    ctx.dense_targets = dense_outputs
     with timer.stage("solve"):
         if dist is None:
             processor.process(ctx)

@@ -49,20 +49,33 @@ def fit_block(
     config: SDSConfig,
     dist: Distributed | None = None,
 ) -> BlockFit:
-    """Optimise the non-zero weights of ``linears`` so ``block(stream) ≈ targets``."""
+    """Optimise the non-zero weights of ``linears`` so ``block(stream) ≈ targets``.
+
+    With ``config.block_windows`` set, a seeded subset of the windows is used (and the error
+    is judged on it); otherwise all windows, and the kept weights' outputs come back in
+    ``BlockFit.outputs`` so the caller need not run the block again.
+    """
     masks = {name: layer.weight != 0 for name, layer in linears.items()}
     weights = [layer.weight for layer in linears.values()]
+    owned = _owned_windows(stream, dist)
+    chosen = owned.choose(config.block_windows, seed=index)
+    rows = owned.local(chosen)
+    keep_outputs = chosen.numel() == owned.total
     with _trainable(block, weights):
-        reference = _sum_over_ranks(dist, targets.float().square().sum().item())
+        reference = _sum_over_ranks(dist, targets[rows].float().square().sum().item())
         if reference <= 0:
             raise SdspruneError(f"decoder block {index} has all-zero target outputs")
-        error, outputs = _block_error(index, block, stream, targets, dist)
+
+        def evaluate() -> tuple[float, torch.Tensor | None]:
+            return _block_error(index, block, stream, targets, rows, dist, keep_outputs)
+
+        error, outputs = evaluate()
         fit = BlockFit(start_error=error / reference, final_error=error / reference)
         kept = (error, _snapshot(weights), outputs)
         epoch = _Epoch(index, block, linears, masks, stream, targets, config, dist, reference)
         for number in range(1, config.block_epochs + 1):
-            epoch.run(number)
-            error, outputs = _block_error(index, block, stream, targets, dist)
+            epoch.run(number, chosen, owned)
+            error, outputs = evaluate()
             fit.epoch_errors.append(error / reference)
             if error < kept[0]:
                 kept = (error, _snapshot(weights), outputs)
@@ -85,9 +98,7 @@ class _Epoch:
     def __init__(self, index, block, linears, masks, stream, targets, config, dist, reference):
         self.index, self.block, self.linears, self.masks = index, block, linears, masks
         self.stream, self.targets, self.config, self.dist = stream, targets, config, dist
-        self.owned = _owned_windows(stream, dist)
-        self.steps = max(1, math.ceil(self.owned.total / config.block_batch))
-        self.scale = reference / self.steps  # each step's loss is about the relative error
+        self.reference = reference
         self.optimizer = torch.optim.Adam(
             [{"params": [w], "lr": config.block_lr * _rms(w)} for w in self.weights]
         )
@@ -98,29 +109,32 @@ class _Epoch:
     def weights(self) -> list[nn.Parameter]:
         return [layer.weight for layer in self.linears.values()]
 
-    def run(self, number: int) -> None:
-        order = torch.randperm(self.owned.total, generator=self.generator)
+    def run(self, number: int, chosen: torch.Tensor, owned: _OwnedWindows) -> None:
+        """Epoch ``number`` over the global windows ``chosen`` (this rank's share of each
+        mini-batch runs here)."""
+        order = chosen[torch.randperm(chosen.numel(), generator=self.generator)]
         batch = self.config.block_batch
-        for step in range(self.steps):
-            done = ((number - 1) * self.steps + step) / (self.steps * self.config.block_epochs)
+        steps = max(1, math.ceil(chosen.numel() / batch))
+        scale = self.reference / steps  # each step's loss is about the relative error
+        for step in range(steps):
+            done = ((number - 1) * steps + step) / (steps * self.config.block_epochs)
             for group, rate in zip(self.optimizer.param_groups, self.base_rates, strict=True):
                 group["lr"] = rate * 0.5 * (1 + math.cos(math.pi * done))
-            picked = self.owned.local(order[step * batch : (step + 1) * batch])
-            self._accumulate_gradients(picked)
+            self._accumulate_gradients(owned.local(order[step * batch : (step + 1) * batch]), scale)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for name, layer in self.linears.items():
                     layer.weight.mul_(self.masks[name])
 
-    def _accumulate_gradients(self, picked: torch.Tensor) -> None:
+    def _accumulate_gradients(self, picked: torch.Tensor, scale: float) -> None:
         """This step's squared error over all ranks' windows, divided by ``scale``; pruned
         entries get no gradient, so Adam never moves them. ``picked`` (this rank's share)
         runs in batches of at most the capture's size."""
         stream, targets = self.stream, self.targets
         for rows in picked.split(stream.batch_size):
             out = _forward(self.index, self.block, stream, rows)
-            ((out - targets[rows].float()).square().sum() / self.scale).backward()
+            ((out - targets[rows].float()).square().sum() / scale).backward()
         for weight in self.weights:
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
@@ -191,15 +205,18 @@ def _fitted_extras(rows: int, captured: int):
 
 
 @torch.no_grad()
-def _block_error(index, block, stream, targets, dist) -> tuple[float, torch.Tensor]:
-    """Σ‖block(x) − target‖² over all windows (all ranks), and this rank's outputs."""
-    outputs = torch.empty_like(stream.hidden)
+def _block_error(
+    index, block, stream, targets, rows: torch.Tensor, dist, keep_outputs: bool
+) -> tuple[float, torch.Tensor | None]:
+    """Σ‖block(x) − target‖² over the windows ``rows`` of every rank, and (when asked, for
+    all windows) this rank's outputs."""
+    outputs = torch.empty_like(stream.hidden) if keep_outputs else None
     error = 0.0
-    for start in stream.batches():
-        rows = slice(start, start + stream.batch_size)
-        out = _forward(index, block, stream, rows)
-        outputs[rows] = out.to(outputs.dtype)
-        error += (out - targets[rows].float()).square().sum().item()
+    for batch in rows.split(stream.batch_size):
+        out = _forward(index, block, stream, batch)
+        if outputs is not None:
+            outputs[batch] = out.to(outputs.dtype)
+        error += (out - targets[batch].float()).square().sum().item()
     return _sum_over_ranks(dist, error), outputs
 
 
@@ -218,6 +235,13 @@ class _OwnedWindows:
     def local(self, global_rows: torch.Tensor) -> torch.Tensor:
         mine = global_rows[(global_rows >= self.first) & (global_rows < self.first + self.count)]
         return mine - self.first
+
+    def choose(self, count: int, seed: int) -> torch.Tensor:
+        """``count`` global windows (0 or more than there are: all), seeded, in order."""
+        if count <= 0 or count >= self.total:
+            return torch.arange(self.total)
+        generator = torch.Generator().manual_seed(10_000 + seed)
+        return torch.randperm(self.total, generator=generator)[:count].sort().values
 
 
 def _owned_windows(stream: ActivationStream, dist: Distributed | None) -> _OwnedWindows:

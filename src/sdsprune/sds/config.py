@@ -11,7 +11,6 @@ DATA_MODES = ("sd", "dd", "kd")
 REDENSE_SOLVERS = ("closed", "fista", "gd")
 ADJUST_SOLVERS = ("accelerated", "gd")
 ADJUST_RULES = ("auto", "always", "never")
-BLOCK_TARGETS = ("dense", "local")
 ADJUST_DATA = ("sd", "kd")
 EARLY_EXIT_PARAMS = 3_000_000_000  # the paper skips the adjustment above ~3B parameters
 
@@ -33,9 +32,10 @@ class SDSConfig:
     also corrects the error earlier blocks left. ``group_sweeps`` [ours, N:M]: sweeps of the
     exact per-group pattern choice after the adjustment (:mod:`sdsprune.sds.groups`).
     ``block_*`` [ours]: after the layer-wise steps, re-fit each block's surviving weights so
-    that its output matches the ``dense`` model's block output (or the unpruned block's
-    output on the pruned model's inputs: ``local``); see :mod:`sdsprune.sds.block`.
-    ``block_lr`` is Adam's step as a fraction of each layer's weight RMS.
+    that its output on the pruned model's inputs matches the dense model's block output
+    (see :mod:`sdsprune.sds.block`).
+    ``block_lr`` is Adam's step as a fraction of each layer's weight RMS; ``block_windows``
+    (0: all) re-fits on a seeded subset of the calibration windows, which bounds its cost.
     """
 
     schedule: str = "fused"
@@ -56,7 +56,7 @@ class SDSConfig:
     block_epochs: int = 0
     block_lr: float = 0.01
     block_batch: int = 4
-    block_target: str = "dense"
+    block_windows: int = 0
     figure_layer: str | None = None
 
     def __post_init__(self) -> None:
@@ -66,7 +66,6 @@ class SDSConfig:
             (self.solver, REDENSE_SOLVERS, "re-dense solver"),
             (self.adjust_solver, ADJUST_SOLVERS, "adjustment solver"),
             (self.adjust, ADJUST_RULES, "adjustment rule"),
-            (self.block_target, BLOCK_TARGETS, "block target"),
             (self.adjust_data, ADJUST_DATA, "adjustment data"),
         ):
             if value not in allowed:
@@ -79,16 +78,17 @@ class SDSConfig:
             raise SdspruneError("rounds and iterations must be positive")
         if self.group_sweeps < 0:
             raise SdspruneError("group sweeps must be >= 0")
-        if self.block_epochs < 0 or self.block_batch < 1 or self.block_lr <= 0:
-            raise SdspruneError("block epochs must be >= 0, block batch >= 1, block lr > 0")
+        if min(self.block_epochs, self.block_windows) < 0 or self.block_batch < 1:
+            raise SdspruneError("block epochs and windows must be >= 0, block batch >= 1")
+        if self.block_lr <= 0:
+            raise SdspruneError("the block re-fit learning rate must be > 0")
         if self.schedule != "fused" and (self.block_epochs or self.adjust_data == "kd"):
             raise SdspruneError("block re-fit and kd adjustment need the fused schedule")
 
     @property
     def dense_stream(self) -> bool:
         """Whether the dense model must run alongside (dense inputs or dense block targets)."""
-        dense_blocks = self.block_epochs > 0 and self.block_target == "dense"
-        return self.data_mode != "sd" or self.adjust_data == "kd" or dense_blocks
+        return self.data_mode != "sd" or self.adjust_data == "kd" or self.block_epochs > 0
 
     @classmethod
     def from_text(cls, text: str) -> SDSConfig:

@@ -92,9 +92,8 @@ class _SDSSteps:
 
     def refit_block(self, ctx: BlockContext) -> None:
         """Block-level re-fit of the block's surviving weights (``block_epochs`` > 0)."""
-        targets = ctx.dense_targets if self.config.block_target == "dense" else ctx.targets
         fit = fit_block(
-            ctx.index, ctx.block, ctx.linears, ctx.stream, targets, self.config, ctx.dist
+            ctx.index, ctx.block, ctx.linears, ctx.stream, ctx.dense_targets, self.config, ctx.dist
         )
         ctx.outputs = fit.outputs
         block_record = {
