@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from sdsprune.utils import atomic_output_dir, resolve_device, resolve_dtype
 log = logging.getLogger(__name__)
 
 METHODS = (*BASE_PRUNERS, "sds")
+OFFLOAD_CHOICES = ("auto", "on", "off")
 REPORT_NAME = "sdsprune_report.json"
 
 
@@ -68,6 +69,39 @@ class PruneResult:
     out: Path | None = None
 
 
+@dataclass(frozen=True)
+class PruneOptions:
+    """Every setting of one :func:`prune` call, checked once and passed on as one object
+    (instead of two dozen positional arguments that a reordering would silently swap)."""
+
+    method: str
+    pattern: SparsityPattern
+    base: str
+    calib: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    compute: torch.device
+    dtype: str
+    calibration: torch.Tensor | None
+    out: Path | None
+    overwrite: bool
+    evaluate: tuple[str, ...]
+    eval_seqlen: int | None
+    max_chunks: int | None
+    sds: object | None
+    progress: bool
+    low_memory: bool
+    state_dir: Path | None
+    resume: bool
+    measure_errors: bool
+    offload_activations: str
+
+    @property
+    def staged(self) -> bool:
+        return self.method == "sds" and getattr(self.sds, "schedule", "fused") == "staged"
+
+
 def prune(
     model: str | LoadedModel,
     *,
@@ -92,6 +126,7 @@ def prune(
     state_dir: str | Path | None = None,
     resume: bool = False,
     measure_errors: bool = True,
+    offload_activations: str = "auto",
 ) -> PruneResult:
     """Prune ``model`` with ``method`` at ``sparsity`` and optionally save and evaluate it.
 
@@ -104,7 +139,9 @@ def prune(
     the calibration windows are split across the processes (see sdsprune.engine).
     ``measure_errors=False`` leaves Wanda's and magnitude's per-layer output errors out of
     the report: measuring them costs ~20% of those methods' time (methods with a Gram matrix
-    get them almost free and always report them).
+    get them almost free and always report them). ``offload_activations`` (``auto``, ``on``,
+    ``off``) keeps the calibration activations in CPU memory and moves one batch at a time to
+    the device; ``auto`` does so when the memory plan says the device would not hold them.
     """
     timer = Timer()
     pattern = SparsityPattern.parse(sparsity)
@@ -114,9 +151,37 @@ def prune(
         raise SdspruneError(
             f"unknown SDS base pruner '{base}' (choose from {', '.join(BASE_PRUNERS)})"
         )
+    if offload_activations not in OFFLOAD_CHOICES:
+        raise SdspruneError(
+            f"unknown offload setting '{offload_activations}' "
+            f"(choose from {', '.join(OFFLOAD_CHOICES)})"
+        )
     if out is not None and Path(out).exists() and not overwrite:
         raise SdspruneError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    staged = method == "sds" and getattr(sds, "schedule", "fused") == "staged"
+    options = PruneOptions(
+        method=method,
+        pattern=pattern,
+        base=base,
+        calib=calib,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        compute=resolve_device(device),
+        dtype=dtype,
+        calibration=calibration,
+        out=Path(out) if out is not None else None,
+        overwrite=overwrite,
+        evaluate=tuple(evaluate),
+        eval_seqlen=eval_seqlen,
+        max_chunks=max_chunks,
+        sds=sds,
+        progress=progress,
+        low_memory=low_memory,
+        state_dir=Path(state_dir) if state_dir is not None else None,
+        resume=resume,
+        measure_errors=measure_errors,
+        offload_activations=offload_activations,
+    )
     runs.check_options(
         model=model,
         low_memory=low_memory,
@@ -124,121 +189,126 @@ def prune(
         evaluate=evaluate,
         state_dir=state_dir,
         resume=resume,
-        staged=staged,
+        staged=options.staged,
     )
-    compute = resolve_device(device)
-    with distributed_from_env(compute) as dist:
-        if dist is not None and compute.type == "cuda":
-            compute = dist.device
-        return _prune(
-            model, method, pattern, base, calib, nsamples, seqlen, seed, compute, dtype,
-            calibration, out, overwrite, evaluate, eval_seqlen, max_chunks, sds, progress,
-            low_memory, state_dir, resume, measure_errors, dist, timer,
-        )  # fmt: skip
+    with distributed_from_env(options.compute) as dist:
+        if dist is not None and options.compute.type == "cuda":
+            options = replace(options, compute=dist.device)
+        return _prune(model, options, dist, timer)
 
 
-def _prune(
-    model, method, pattern, base, calib, nsamples, seqlen, seed, compute, dtype, calibration,
-    out, overwrite, evaluate, eval_seqlen, max_chunks, sds, progress, low_memory, state_dir,
-    resume, measure_errors, dist, timer,
-) -> PruneResult:  # fmt: skip
+def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
     """The body of :func:`prune`, inside the distributed group (if any)."""
-    progress = progress and (dist is None or dist.rank == 0)
-    eval_corpora = [load_corpus(name, "eval") for name in evaluate]
+    opts = options
+    if dist is not None and dist.rank != 0:
+        opts = replace(opts, progress=False)
+    eval_corpora = [load_corpus(name, "eval") for name in opts.evaluate]
+    dtype = _dtype_for(opts.dtype, opts.compute)
     with timer.stage("load"):
-        if low_memory:
-            loaded = runs.load_skeleton(model, resolve_dtype(_dtype_for(dtype, compute), compute))
+        if opts.low_memory:
+            loaded = runs.load_skeleton(model, resolve_dtype(dtype, opts.compute))
         elif isinstance(model, LoadedModel):
             loaded = model
         else:
-            loaded = load_model(model, device="cpu", dtype=_dtype_for(dtype, compute))
+            loaded = load_model(model, device="cpu", dtype=dtype)
     net = loaded.model
     linears = model_linears(net)
-    pattern.check_layers(linears)
-    check_seqlen(net, seqlen if calibration is None else calibration.shape[1])
-    if not low_memory:  # a low-memory run checks each block as it reads it
+    opts.pattern.check_layers(linears)
+    calibration = opts.calibration
+    check_seqlen(net, opts.seqlen if calibration is None else calibration.shape[1])
+    if not opts.low_memory:  # a low-memory run checks each block as it reads it
         _check_finite_weights(linears)
-    given_windows = calibration
     with timer.stage("calibration"):
         if calibration is None:
             calibration = sample_calibration(
-                load_corpus(calib, "calib"), loaded.tokenizer, nsamples, seqlen, seed
+                load_corpus(opts.calib, "calib"),
+                loaded.tokenizer,
+                opts.nsamples,
+                opts.seqlen,
+                opts.seed,
             )
         windows = with_bos(calibration, net, loaded.tokenizer)
     config = {
         "model": loaded.spec,
-        "method": method,
-        "base": base if method == "sds" else None,
-        "sparsity": str(pattern),
-        "calib": calib if given_windows is None else "given",
+        "method": opts.method,
+        "base": opts.base if opts.method == "sds" else None,
+        "sparsity": str(opts.pattern),
+        "calib": opts.calib if opts.calibration is None else "given",
         "nsamples": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
-        "seed": seed,
-        "device": str(compute),
+        "seed": opts.seed,
+        "device": str(opts.compute),
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
     }
-    if method == "sds":
+    if opts.method == "sds":
         from sdsprune.sds import SDSConfig
 
-        config["sds"] = asdict(sds or SDSConfig())
+        opts = replace(opts, sds=opts.sds or SDSConfig())
+        config["sds"] = asdict(opts.sds)
     session_scope = runs.run_session(
         net,
         loaded,
         config,
         windows,
         dist=dist,
-        low_memory=low_memory,
-        out=out,
-        state_dir=state_dir,
-        resume=resume,
+        low_memory=opts.low_memory,
+        out=opts.out,
+        state_dir=opts.state_dir,
+        resume=opts.resume,
     )
     with session_scope as session, use_session(session):
         local = windows if dist is None else dist.shard(windows)
         start = time.perf_counter()
-        if method == "sds":
-            from sdsprune.sds import SDSConfig, run_sds
+        if opts.method == "sds":
+            from sdsprune.sds import run_sds
 
             layers, extras = run_sds(
-                net, local, base, pattern, sds or SDSConfig(), compute, timer, progress
+                net, local, opts.base, opts.pattern, opts.sds, opts.compute, timer, opts.progress
             )
         else:
-            processor = PruneProcessor(get_pruner(method), pattern, measure_errors)
-            layers = _run_one_shot(net, local, processor, compute, timer, progress)
+            processor = PruneProcessor(get_pruner(opts.method), opts.pattern, opts.measure_errors)
+            layers = _run_one_shot(net, local, processor, opts.compute, timer, opts.progress)
             extras = {}
         prune_seconds = time.perf_counter() - start
-        if low_memory or dist is not None:
-            config.update(low_memory=low_memory, processes=1 if dist is None else dist.world)
+        if opts.low_memory or dist is not None:
+            config.update(low_memory=opts.low_memory, processes=1 if dist is None else dist.world)
         report = {
             "config": config,
             "versions": library_versions(),
             "timings": {**timer.rounded(), "prune_total": round(prune_seconds, 3)},
             "memory": peak_memory(),
-            "summary": _summary(net, layers, session.store if low_memory else None),
+            "summary": _summary(net, layers, session.store if opts.low_memory else None),
             "layers": layers,
             **extras,
         }
-        return _finish_run(
-            loaded, report, out, overwrite, session, state_dir, eval_corpora,
-            eval_seqlen or seqlen, max_chunks, compute, timer, progress, prune_seconds,
-        )  # fmt: skip
+        return _finish_run(loaded, report, opts, session, eval_corpora, timer, prune_seconds)
 
 
 def _finish_run(
-    loaded, report, out, overwrite, session, state_dir, eval_corpora, eval_seqlen, max_chunks,
-    compute, timer, progress, prune_seconds,
-) -> PruneResult:  # fmt: skip
+    loaded, report, opts: PruneOptions, session, eval_corpora, timer, prune_seconds
+) -> PruneResult:
     """Evaluate and save on the main process only; then drop the run's saved state."""
     if not session.is_main:
-        runs.finish(session, state_dir)
+        runs.finish(session, opts.state_dir)
         return PruneResult(model=loaded, report=report, out=None)
     if eval_corpora:
         report["evaluation"] = _evaluate(
-            loaded, eval_corpora, eval_seqlen, max_chunks, compute, timer, progress
+            loaded,
+            eval_corpora,
+            opts.eval_seqlen or opts.seqlen,
+            opts.max_chunks,
+            opts.compute,
+            timer,
+            opts.progress,
         )
         report["timings"] = {**timer.rounded(), "prune_total": round(prune_seconds, 3)}
     store = session.store if isinstance(session.store, LowMemoryStore) else None
-    saved = save_pruned(loaded, report, out, overwrite, store) if out is not None else None
-    runs.finish(session, state_dir)
+    saved = (
+        save_pruned(loaded, report, opts.out, opts.overwrite, store)
+        if opts.out is not None
+        else None
+    )
+    runs.finish(session, opts.state_dir)
     return PruneResult(model=loaded, report=report, out=saved)
 
 
