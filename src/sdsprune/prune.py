@@ -39,9 +39,8 @@ REPORT_NAME = "sdsprune_report.json"
 
 
 class PruneProcessor(BlockProcessor):
-    """One-shot pruning of every linear layer of a block with a base pruner."""
-
-    layer_parallel = True  # layers are pruned independently: ranks may split them
+    """One-shot pruning of every linear layer of a block with a base pruner (layers are
+    independent given the statistics, so several ranks split them)."""
 
     def __init__(self, pruner: Pruner, pattern: SparsityPattern, probe_errors: bool = True):
         self.pruner = pruner
@@ -50,14 +49,16 @@ class PruneProcessor(BlockProcessor):
         self.probe_errors = probe_errors
 
     def process(self, ctx: BlockContext) -> None:
-        for name, dense in ctx.dense_weights.items():
-            stats = ctx.stats.for_layer(name) if ctx.stats is not None else None
-            outcome = self.pruner.prune(dense, stats, self.pattern)
-            ctx.set_weight(name, outcome.weight)
-            record = {"sparsity": float(outcome.mask.float().mean())}
-            if stats is not None and stats.gram is not None:
-                record["rel_error"] = relative_error(dense, outcome.weight, stats.gram)
-            ctx.records[name] = record
+        ctx.solve_layers(lambda name, dense: self._prune_layer(ctx, name, dense))
+
+    def _prune_layer(self, ctx: BlockContext, name: str, dense: torch.Tensor) -> torch.Tensor:
+        stats = ctx.stats.for_layer(name) if ctx.stats is not None else None
+        outcome = self.pruner.prune(dense, stats, self.pattern)
+        record = {"sparsity": float(outcome.mask.float().mean())}
+        if stats is not None and stats.gram is not None:
+            record["rel_error"] = relative_error(dense, outcome.weight, stats.gram)
+        ctx.records[name] = record
+        return outcome.weight
 
 
 @dataclass

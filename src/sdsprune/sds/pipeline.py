@@ -9,15 +9,17 @@ from sdsprune.engine import (
     BlockContext,
     BlockProcessor,
     capture_block_inputs,
+    current_session,
     pick_batch_size,
     run_blocks,
 )
-from sdsprune.linalg import relative_error
+from sdsprune.linalg import output_energy
 from sdsprune.models.blocks import model_linears
 from sdsprune.pruners import Pruner, SparsityPattern, get_pruner
 from sdsprune.runinfo import Timer
 from sdsprune.sds.config import SDSConfig
 from sdsprune.sds.figures import StageRecorder
+from sdsprune.sds.originals import DenseOriginals
 from sdsprune.sds.solver import adjust, redense
 
 STAGES = ("first_prune", "redense", "second_prune", "final")
@@ -58,7 +60,8 @@ class _SDSSteps:
     def redense(self, ctx, name, dense, pruned) -> torch.Tensor:
         gram_in, gram_cross = self.data_grams(ctx, name)
         start = pruned if self.config.residual_start else dense
-        weight = redense(dense, start, gram_in, gram_cross, self.config)
+        stats_in = (ctx.dense_stats if self.config.data_mode == "dd" else ctx.stats).for_layer(name)
+        weight = redense(dense, start, gram_in, gram_cross, self.config, stats_in.derived)
         self._note(ctx, name, "redense", dense, weight)
         return weight
 
@@ -72,14 +75,24 @@ class _SDSSteps:
         self._note(ctx, name, "second_prune", dense, weight)
         if self.adjusting:
             weight = adjust(
-                weight, dense, stats.gram, self.pattern, self.pruner.unstructured_group, self.config
+                weight,
+                dense,
+                stats.gram,
+                self.pattern,
+                self.pruner.unstructured_group,
+                self.config,
+                derived=stats.derived,
             )
         self._note(ctx, name, "final", dense, weight)
         return weight
 
     def _note(self, ctx, name, stage, dense, weight) -> None:
         record = ctx.records.setdefault(name, {})
-        error = relative_error(dense, weight, ctx.stats.for_layer(name).gram)
+        gram = ctx.stats.for_layer(name).gram
+        key = ("dense_energy", name)  # once per layer and pass, not once per stage
+        if key not in ctx.memo:
+            ctx.memo[key] = output_energy(dense, gram)
+        error = output_energy(dense - weight, gram) / max(ctx.memo[key], 1e-30)
         record[f"rel_error_{stage}"] = record["rel_error"] = error
         self.recorder.offer(f"{ctx.index}.{name}", stage, dense, weight)
 
@@ -94,30 +107,33 @@ class FusedSDS(BlockProcessor):
         self.dense_stream = steps.config.data_mode != "sd"
 
     def process(self, ctx: BlockContext) -> None:
-        for name, dense in ctx.dense_weights.items():
-            pruned = self.steps.first_prune(ctx, name, dense)
-            redensed = self.steps.redense(ctx, name, dense, pruned)
-            ctx.set_weight(name, self.steps.second_prune_and_adjust(ctx, name, dense, redensed))
+        figure = self.steps.recorder.layer.removeprefix(f"{ctx.index}.")
+        ctx.solve_layers(lambda name, dense: self._solve_layer(ctx, name, dense), [figure])
+
+    def _solve_layer(self, ctx: BlockContext, name: str, dense: torch.Tensor) -> torch.Tensor:
+        pruned = self.steps.first_prune(ctx, name, dense)
+        redensed = self.steps.redense(ctx, name, dense, pruned)
+        return self.steps.second_prune_and_adjust(ctx, name, dense, redensed)
 
 
 class _StagedPass(BlockProcessor):
     """One whole-model pass of the staged schedule; ``originals`` holds the dense weights
-    (saved by the first pass) because the block itself carries the previous stage's."""
+    (kept by the first pass) because the block itself carries the previous stage's."""
 
     needs = "gram"
 
-    def __init__(self, steps: _SDSSteps, originals: dict[str, torch.Tensor]):
+    def __init__(self, steps: _SDSSteps, originals: DenseOriginals):
         self.steps = steps
         self.originals = originals
 
     def original(self, ctx: BlockContext, name: str, like: torch.Tensor) -> torch.Tensor:
-        return self.originals[f"{ctx.index}.{name}"].to(like.device)
+        return self.originals.weight(ctx.index, name, like)
 
 
 class _StagedFirstPrune(_StagedPass):
     def process(self, ctx: BlockContext) -> None:
+        self.originals.keep(ctx.index, ctx.linears)
         for name, dense in ctx.dense_weights.items():
-            self.originals[f"{ctx.index}.{name}"] = dense.to("cpu", copy=True)
             ctx.set_weight(name, self.steps.first_prune(ctx, name, dense))
 
 
@@ -126,15 +142,12 @@ class _StagedRedense(_StagedPass):
 
     propagate = "original"
 
-    def __init__(self, steps: _SDSSteps, originals: dict[str, torch.Tensor]):
+    def __init__(self, steps: _SDSSteps, originals: DenseOriginals):
         super().__init__(steps, originals)
         self.dense_stream = steps.config.data_mode != "sd"
 
     def dense_weights_for(self, index: int) -> dict[str, torch.Tensor]:
-        prefix = f"{index}."
-        return {
-            k.removeprefix(prefix): v for k, v in self.originals.items() if k.startswith(prefix)
-        }
+        return self.originals.block(index)
 
     def process(self, ctx: BlockContext) -> None:
         for name, pruned in ctx.dense_weights.items():  # the block holds step-1 weights now
@@ -181,17 +194,20 @@ def run_sds(
                 timer=timer,
             )
     else:
-        records = _run_staged(net, stream, steps, device, timer, label, progress)
+        records, copies = _run_staged(net, stream, steps, device, timer, label, progress)
     extras = {
         "sds": {"adjusted": steps.adjusting, "stage_mean_rel_error": _stage_means(records)},
         "figure_layer": recorder.layer,
         "_figures": recorder.figures(),
     }
+    if config.schedule == "staged":
+        extras["sds"]["dense_copies_mib"] = round(copies / 2**20, 3)
     return records, extras
 
 
-def _run_staged(net, stream, steps, device, timer, label, progress) -> dict[str, dict]:
-    originals: dict[str, torch.Tensor] = {}
+def _run_staged(net, stream, steps, device, timer, label, progress) -> tuple[dict, int]:
+    """The three passes; returns the records and the bytes the dense copies held."""
+    originals = DenseOriginals(net, current_session().store)
     initial = stream.clone()
     needs_dense = steps.config.data_mode != "sd"
     with timer.stage("sds_step1_prune"):
@@ -232,7 +248,7 @@ def _run_staged(net, stream, steps, device, timer, label, progress) -> dict[str,
                 timer=timer,
             ),
         )
-    return records
+    return records, originals.nbytes
 
 
 def _merge(records: dict[str, dict], more: dict[str, dict]) -> None:
