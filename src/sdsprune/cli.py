@@ -225,7 +225,9 @@ def prune_command(
     ] = 0.1,
     lambda1: Annotated[float, typer.Option(help="SDS L1 weight (scaled, see README).")] = 0.0,
     lambda2: Annotated[float, typer.Option(help="SDS L2 weight (scaled, see README).")] = 0.0,
-    mu: Annotated[float, typer.Option(help="SDS proximity to the pruned start (scaled).")] = 1.0,
+    mu: Annotated[
+        float, typer.Option(help="SDS proximity to the pruned start (scaled; closed, fista).")
+    ] = 1.0,
     residual_start: Annotated[
         bool, typer.Option(help="SDS: start re-dense from the pruned weights (off: from dense).")
     ] = True,
@@ -261,6 +263,13 @@ def prune_command(
             "magnitude: about 20% of their prune time; free for SparseGPT and SDS)."
         ),
     ] = True,
+    offload_activations: Annotated[
+        str,
+        typer.Option(
+            help="Keep the calibration activations in CPU memory, one batch at a time on the "
+            "GPU: auto (when the memory plan says the GPU would not hold them), on, off."
+        ),
+    ] = "auto",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -310,6 +319,7 @@ def prune_command(
         state_dir=state_dir,
         resume=resume,
         measure_errors=error_report,
+        offload_activations=offload_activations,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun only rank 0 reports

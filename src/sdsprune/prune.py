@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from sdsprune.engine import (
 )
 from sdsprune.engine.distributed import distributed_from_env
 from sdsprune.engine.lowmem import LowMemoryStore
+from sdsprune.engine.memory_plan import MemoryPlan, PlanRequest, check_plan, plan_run
 from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.perplexity import check_seqlen, evaluate_corpora, with_bos
 from sdsprune.linalg import relative_error
@@ -246,6 +248,7 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
 
         opts = replace(opts, sds=opts.sds or SDSConfig())
         config["sds"] = asdict(opts.sds)
+    plan = _memory_plan(net, opts, windows, dist)
     session_scope = runs.run_session(
         net,
         loaded,
@@ -258,6 +261,7 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
         resume=opts.resume,
     )
     with session_scope as session, use_session(session):
+        session.offload_activations = plan.offload
         local = windows if dist is None else dist.shard(windows)
         start = time.perf_counter()
         if opts.method == "sds":
@@ -278,6 +282,7 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
             "versions": library_versions(),
             "timings": {**timer.rounded(), "prune_total": round(prune_seconds, 3)},
             "memory": peak_memory(),
+            "plan": plan.to_dict(),
             "summary": _summary(net, layers, session.store if opts.low_memory else None),
             "layers": layers,
             **extras,
@@ -311,6 +316,32 @@ def _finish_run(
     )
     runs.finish(session, opts.state_dir)
     return PruneResult(model=loaded, report=report, out=saved)
+
+
+def _memory_plan(net, opts: PruneOptions, windows: torch.Tensor, dist) -> MemoryPlan:
+    """The memory and time plan, printed before any block is touched; refuses a run that
+    would not fit (see sdsprune.engine.memory_plan)."""
+    world = 1 if dist is None else dist.world
+    local = -(-windows.shape[0] // world)
+    sds = opts.sds if opts.method == "sds" else None
+    request = PlanRequest(
+        windows=local,
+        seqlen=int(windows.shape[1]),
+        batch=pick_batch_size(local, int(windows.shape[1])),
+        method=opts.method,
+        base=opts.base if sds is not None else None,
+        data_mode=getattr(sds, "data_mode", "sd"),
+        schedule=getattr(sds, "schedule", "fused"),
+        adjust_iters=getattr(sds, "adjust_iters", 0),
+        solver=getattr(sds, "solver", "closed"),
+        low_memory=opts.low_memory,
+        offload=opts.offload_activations,
+    )
+    plan = plan_run(net, request, opts.compute)
+    if opts.progress:
+        print(plan.describe(), file=sys.stderr)
+    check_plan(plan, request)
+    return plan
 
 
 def _dtype_for(dtype: str, compute: torch.device) -> str:

@@ -99,7 +99,7 @@ def capture_block_inputs(
     When the run session offloads activations, each batch's hidden states go to CPU
     memory as soon as they are captured, so the device never holds all of them.
     """
-    offload = current_session().offload_activations and device.type != "cpu"
+    offload = current_session().offload_activations
     blocks = decoder_blocks(model)
     originals = list(blocks)
     records = [{} for _ in originals]
