@@ -233,8 +233,9 @@ def _block_flops(shapes: _Shapes, request: PlanRequest, tokens: int, dense: bool
     factor = sum(2 * w**3 for w in shapes.group_inputs)
     per_layer = sum(2 * o * i * i for _, o, i in shapes.layers)  # one (out x in x in) product
     if request.method == "sds":
-        solves = 2 * per_layer + 3 * per_layer + request.adjust_iters * per_layer
-        return forward + grams + 3 * factor + solves
+        # two base prunings, the re-dense target and solve, the stage errors, each adjust step
+        solves = (2 + 2 + 1 + request.adjust_iters) * per_layer
+        return forward + grams + 3 * factor + solves  # Hessian twice, re-dense system once
     return forward + grams + (factor + per_layer if request.method == "sparsegpt" else 0)
 
 
