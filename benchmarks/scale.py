@@ -191,8 +191,9 @@ def main(argv: list[str]) -> int:
             row["extrapolated"] = extrapolate(row)
             rows.append(row)
             print(f"{name} {dtype}: {row['seconds']} s", flush=True)
-    (out / "scale.json").write_text(json.dumps(rows, indent=2))
-    (out / "scale.md").write_text(table(rows) + "\n")
+            # written after every configuration: a long run killed late keeps what it measured
+            (out / "scale.json").write_text(json.dumps(rows, indent=2))
+            (out / "scale.md").write_text(table(rows) + "\n")
     print(table(rows))
     return 0
 
