@@ -102,22 +102,60 @@ def test_auto_keeps_dense_where_sparse_is_slower():
 
 
 def test_auto_picks_sparse_only_when_faster_at_every_probe_size():
+    """Decode (1), small batch (16) and prefill (512 tokens): a kernel that loses at any of
+    them stays out, and is not timed at larger sizes once it has lost."""
+    timed = []
+
     def timer_from(csr_by_tokens):
         def timer(contenders, tokens):
+            timed.append((tokens, set(contenders)))
             return {"dense": 1.0, "csr": csr_by_tokens[tokens]}
 
         return timer
 
     model = pruned_model("unstructured")
-    slow_prefill = timer_from({1: 0.5, 16: 2.0})
-    assert apply_backend(model, "auto", timer=slow_prefill).counts() == {"dense": 14}
+    slow_batch = timer_from({1: 0.5, 16: 2.0})
+    assert apply_backend(model, "auto", timer=slow_batch).counts() == {"dense": 14}
+    assert {tokens for tokens, _ in timed} == {1, 16}  # lost at 16: never timed at 512
+    model = pruned_model("unstructured")
+    report = apply_backend(model, "auto", timer=timer_from({1: 0.5, 16: 0.5, 512: 2.0}))
+    assert report.counts() == {"dense": 14}
+    assert "at 512 tokens" in report.layers[0].reason
     model = pruned_model("unstructured")
     expected = logits(model)
-    report = apply_backend(model, "auto", timer=timer_from({1: 0.5, 16: 0.5}))
+    report = apply_backend(model, "auto", timer=timer_from({1: 0.5, 16: 0.5, 512: 0.5}))
     assert report.counts() == {"csr": 14}
     assert report.layers[0].reason == "measured faster than dense"
-    assert report.layers[0].timings_us["csr"] == {1: 500000.0, 16: 500000.0}
+    assert report.layers[0].timings_us["csr"] == {1: 500000.0, 16: 500000.0, 512: 500000.0}
     torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
+
+
+class RefusesPrefill(CsrLinear):
+    """A kernel that converts fine and then refuses a shape when the product runs (as
+    torch's 2:4 kernels may for some token counts)."""
+
+    def _matmul(self, x2d):
+        if x2d.shape[0] > 8:
+            raise RuntimeError("kernel does not support this shape")
+        return super()._matmul(x2d)
+
+
+class RefusesEverything(CsrLinear):
+    def _matmul(self, x2d):
+        raise NotImplementedError("no kernel for this layout")
+
+
+@pytest.mark.parametrize("backend", ["auto", "csr"])
+@pytest.mark.parametrize("kernel", [RefusesPrefill, RefusesEverything])
+def test_a_kernel_that_refuses_after_conversion_leaves_the_layer_dense(backend, kernel):
+    model = pruned_model()
+    before = logits(model)
+    timer = fixed_timer({"dense": 1.0, "csr": 0.1, "bsr": 0.1})
+    report = apply_backend(model, backend, timer=timer, converters={"csr": kernel})
+    assert report.counts() == {"dense": 14}
+    reason = report.layers[0].reason
+    assert "csr" in reason and ("does not support" in reason or "no kernel" in reason)
+    assert torch.equal(logits(model), before)
 
 
 def test_auto_margin_rejects_marginal_wins():

@@ -62,3 +62,18 @@ def test_existing_output_is_refused_unless_overwrite(tiny_model_dir, tmp_path):
     replaced = run_cli(*prune_args(tiny_model_dir, corpus, out, "--overwrite"))
     assert replaced.returncode == 0, replaced.stderr
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_prune_hands_its_options_on_as_one_object():
+    """Every keyword of prune() travels in PruneOptions (model is the positional input;
+    sparsity and device arrive parsed, as pattern and compute)."""
+    import dataclasses
+    import inspect
+
+    from sdsprune.prune import PruneOptions, _prune, prune
+
+    keywords = set(inspect.signature(prune).parameters) - {"model"}
+    fields = {field.name for field in dataclasses.fields(PruneOptions)}
+    renamed = {"sparsity": "pattern", "device": "compute"}
+    assert {renamed.get(name, name) for name in keywords} == fields
+    assert list(inspect.signature(_prune).parameters) == ["model", "options", "dist", "timer"]

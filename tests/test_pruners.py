@@ -96,10 +96,100 @@ def test_whole_model_matches_slow_reference(method, spec):
         torch.testing.assert_close(layer.weight, expected, rtol=2e-3, atol=2e-4)
 
 
-def test_wanda_uses_shared_statistics_for_shared_inputs():
-    model, result = run("llama", "wanda", "0.5")
-    # q/k/v read the same normalised hidden state: one statistic, identical feature norms
-    assert result.report["summary"]["pruned_layers"] == len(model_linears(model))
+@pytest.mark.parametrize("level", ["sumsq", "gram"])
+def test_shared_inputs_share_one_statistic_equal_to_the_token_space_one(level):
+    """q/k/v read one normalised hidden state, gate/up another: each group gets one
+    statistic object, equal to what its recorded input gives; o_proj and down_proj their own."""
+    from sdsprune.engine.stats import StatsCollector
+    from sdsprune.models import block_linears, decoder_blocks
+
+    model = tiny_model("llama")
+    block = decoder_blocks(model)[0]
+    linears = block_linears(block)
+    inputs = {}
+
+    def record(name):
+        def hook(_module, args, _output):
+            inputs[name] = args[0].reshape(-1, 64)
+
+        return hook
+
+    handles = [
+        linears[name].register_forward_hook(record(name))
+        for name in ("self_attn.q_proj", "mlp.gate_proj")
+    ]
+    collector = StatsCollector(linears, level)
+    with collector.hooks(), torch.no_grad():
+        model(windows(2, 12))
+    for handle in handles:
+        handle.remove()
+    collector.finalize()
+    stats = collector.for_layer
+    assert stats("self_attn.q_proj") is stats("self_attn.k_proj") is stats("self_attn.v_proj")
+    assert stats("mlp.gate_proj") is stats("mlp.up_proj")
+    distinct = {id(stats(name)) for name in linears}
+    assert len(distinct) == 4  # qkv, o, gate/up, down
+    for leader in ("self_attn.q_proj", "mlp.gate_proj"):
+        x = inputs[leader].double()
+        if level == "gram":
+            expected = (x.T @ x / x.shape[0]).float()
+            torch.testing.assert_close(stats(leader).gram, expected, rtol=1e-4, atol=1e-6)
+        else:
+            torch.testing.assert_close(stats(leader).sumsq, x.square().sum(0).float())
+
+
+def test_sparsegpt_factorises_a_shared_hessian_once(monkeypatch):
+    from sdsprune.pruners import sparsegpt
+
+    calls = []
+    original = sparsegpt.inverse_hessian_cholesky
+    monkeypatch.setattr(
+        sparsegpt,
+        "inverse_hessian_cholesky",
+        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs),
+    )
+    model, _ = run("llama", "sparsegpt", "0.5")
+    assert len(model_linears(model)) == 14 and len(calls) == 2 * 4  # 4 distinct inputs a block
+
+
+@pytest.mark.parametrize("nm", [(1, 3), (2, 6)])
+def test_sparsegpt_nm_with_m_not_dividing_its_128_column_block(nm):
+    """Groups of 3 or 6 columns must not straddle a 128-column block: blocks shrink to 126."""
+    torch.manual_seed(4)
+    W, X = torch.randn(8, 192), torch.randn(400, 192)
+    pattern = SparsityPattern.parse(f"{nm[0]}:{nm[1]}")
+    out = SparseGPTPruner().prune(W, InputStats(count=400, gram=X.T @ X / 400), pattern)
+    per_group = out.mask.view(8, -1, nm[1]).sum(-1)
+    assert (per_group == nm[0]).all()
+    expected, mask = slow_sparsegpt(W, X, nm=nm, blocksize=126)
+    assert torch.equal(out.mask, mask)
+    torch.testing.assert_close(out.weight, expected, rtol=2e-3, atol=2e-4)
+
+
+def test_masks_break_ties_by_position_whatever_the_device():
+    from sdsprune.pruners.patterns import lowest_k_mask, nm_mask
+
+    flat = torch.zeros(3, 16)
+    assert lowest_k_mask(flat, 8)[:, :8].all() and not lowest_k_mask(flat, 8)[:, 8:].any()
+    scores = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0] * 4])
+    mask = lowest_k_mask(scores, 22)  # all 20 zeros, then the first two ones
+    expected = (scores == 0) | (torch.arange(32) < 4) & (scores == 1)
+    assert torch.equal(mask, expected)
+    assert torch.equal(nm_mask(torch.ones(2, 8), 2, 4), torch.tensor([[1, 1, 0, 0] * 2] * 2) == 1)
+
+
+def test_threshold_search_near_a_guess_gives_the_exact_mask():
+    from sdsprune.pruners.patterns import lowest_k_mask, lowest_k_near
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(5000, generator=g).abs().round(decimals=2)  # many ties
+    for k in (1, 37, 2500, 4999):
+        exact = lowest_k_mask(scores.reshape(1, -1), k).reshape(-1)
+        _, threshold = lowest_k_near(scores, k, None)
+        for guess in (threshold, threshold * 1.3, threshold * 0.2, 50.0):
+            mask, found = lowest_k_near(scores, k, guess)
+            assert torch.equal(mask, exact), (k, guess)
+            assert found == threshold
 
 
 @pytest.mark.parametrize(

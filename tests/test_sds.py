@@ -3,7 +3,7 @@ import torch
 from conftest import byte_tokenizer, tiny_model
 
 from sdsprune import SdspruneError
-from sdsprune.linalg import output_energy
+from sdsprune.linalg import largest_eigenvalue, output_energy
 from sdsprune.models import LoadedModel, model_linears
 from sdsprune.prune import prune
 from sdsprune.pruners import SparsityPattern
@@ -75,22 +75,56 @@ def test_soft_threshold():
     assert torch.equal(soft_threshold(values, 1.0), torch.tensor([-1.0, 0.0, 0.0, 0.0, 0.5]))
 
 
+@pytest.mark.parametrize("solver", ["accelerated", "gd"])
 @pytest.mark.parametrize("spec, group", [("2:4", "row"), ("0.5", "row"), ("0.5", "layer")])
-def test_adjustment_keeps_pattern_and_never_increases_error(spec, group):
+def test_adjustment_keeps_the_exact_pattern_and_lowers_the_error(spec, group, solver):
+    from sdsprune.pruners.patterns import pattern_mask
+
     A, _, Xi = problem(out=8, inp=16, tokens=64)
     g = Xi.T @ Xi / Xi.shape[0]
     pattern = SparsityPattern.parse(spec)
-    start = A.masked_fill(torch.rand_like(A) < 0.5, 0)
-    start = start.masked_fill(start.abs() < 0.3, 0) if not pattern.is_nm else A.clone()
-    from sdsprune.pruners.patterns import pattern_mask
+    start = A.masked_fill(pattern_mask(A.abs(), pattern, group), 0)  # magnitude pruning
+    config = SDSConfig(adjust_iters=60, adjust_solver=solver)
+    adjusted = adjust(start, A, g, pattern, group, config)
+    assert output_energy(A - adjusted, g) < 0.9 * output_energy(A - start, g)
+    zeros = adjusted == 0
+    if pattern.is_nm:
+        assert (zeros.view(8, -1, 4).sum(-1) == 2).all()
+    elif group == "row":
+        assert (zeros.sum(1) == 8).all()
+    else:
+        assert zeros.sum() == 64
 
-    start = start.masked_fill(pattern_mask(start.abs(), pattern, group), 0)
-    adjusted = adjust(start, A, g, pattern, group, SDSConfig(adjust_iters=60))
-    assert output_energy(A - adjusted, g) <= output_energy(A - start, g) + 1e-12
-    assert (
-        torch.equal(pattern_mask(adjusted.abs(), pattern, group), adjusted == 0)
-        or (adjusted == 0).sum() >= (start == 0).sum()
-    )
+
+def test_closed_form_with_mu_zero_is_the_exact_fit_and_survives_a_dead_feature():
+    A, _, Xi = problem(out=6, inp=12, tokens=40)
+    g = Xi.T @ Xi / Xi.shape[0]
+    start = A.masked_fill(torch.rand_like(A) < 0.5, 0)
+    exact = redense(A, start, g, g, SDSConfig(mu=0.0))
+    torch.testing.assert_close(exact, A)  # sd, no proximity: the dense weights themselves
+    Xi[:, 3] = 0  # a dead input feature: G + (mu + lambda2) I is singular
+    g = Xi.T @ Xi / Xi.shape[0]
+    fitted = redense(A, start, g, g, SDSConfig(mu=0.0))  # dampened and retried, no crash
+    assert torch.isfinite(fitted).all() and (fitted[:, 3] == 0).all()
+    error = output_energy(A - fitted, g) / output_energy(A, g)
+    assert error < 1e-3 < output_energy(A - start, g) / output_energy(A, g)
+
+
+def test_gd_is_the_papers_plain_recipe_without_a_proximity_term():
+    A, _, Xi = problem()
+    g = Xi.T @ Xi / Xi.shape[0]
+    start = A.masked_fill(torch.rand_like(A) < 0.5, 0)
+    runs = [
+        redense(A, start, g, g, SDSConfig(solver="gd", mu=mu, redense_iters=200))
+        for mu in (0.0, 1.0, 5.0)
+    ]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])  # mu is ignored
+    # plain steps of lr / λmax(G) from the start: reproduce them by hand
+    weight, step = start.clone(), 0.1 / largest_eigenvalue(g)
+    for _ in range(200):
+        weight -= step * 2 * (weight @ g - A @ g)
+    torch.testing.assert_close(runs[0], weight)
+    assert output_energy(A - runs[0], g) < output_energy(A - start, g)
 
 
 def run_sds(arch="llama", sparsity="2:4", **config):
@@ -132,6 +166,100 @@ def test_data_modes_and_unstructured(mode):
     model, _result = run_sds(arch="gemma3_text", sparsity="0.5", data_mode=mode, base="wanda")
     for name, layer in model_linears(model).items():
         assert ((layer.weight == 0).sum(1) == layer.weight.shape[1] // 2).all(), name
+
+
+def layer_inputs(model, windows, name):
+    """What layer ``name`` receives when ``model`` runs on ``windows`` (tokens x in)."""
+    seen = []
+    layer = model_linears(model)[name]
+    handle = layer.register_forward_hook(lambda _m, args, _o: seen.append(args[0]) and None)
+    with torch.no_grad():
+        model(windows)
+    handle.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
+
+
+@pytest.mark.parametrize("mode", ["sd", "dd", "kd"])
+def test_data_modes_feed_the_right_grams_to_the_redense(mode, monkeypatch):
+    """Block 1's q_proj: its input is the normalised hidden state, unchanged by block 1's own
+    pruning, so the grams re-dense receives must be, exactly, those of the final model's
+    inputs (X_s) and the dense model's (X_d): sd (X_sᵀX_s, X_sᵀX_s), dd (X_dᵀX_d, X_dᵀX_d),
+    kd (X_sᵀX_s, X_dᵀX_s). A transposed cross-Gram, or kd falling back to sd, fails here."""
+    from sdsprune.sds import pipeline
+
+    received = {}
+    original = pipeline.redense
+
+    def spy(dense, start, gram_in, gram_cross, config, *args, **kwargs):
+        received.setdefault(len(received), (gram_in.clone(), gram_cross.clone()))
+        return original(dense, start, gram_in, gram_cross, config, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "redense", spy)
+    model, _ = run_sds(data_mode=mode)
+    calib = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(0))
+    name = "1.self_attn.q_proj"
+    order = list(model_linears(model)).index(name)
+    gram_in, gram_cross = received[order]
+    x_s = layer_inputs(model, calib, name)
+    x_d = layer_inputs(tiny_model("llama"), calib, name)
+    n = x_s.shape[0]
+    sparse, dense, cross = x_s.T @ x_s / n, x_d.T @ x_d / n, x_d.T @ x_s / n
+    expected = {"sd": (sparse, sparse), "dd": (dense, dense), "kd": (sparse, cross)}[mode]
+    assert (cross - cross.T).abs().max() > 1e-3  # orientation matters on this data
+    for got, want in zip((gram_in, gram_cross), expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-5)
+
+
+def test_residual_start_off_redenses_from_the_dense_weights():
+    """From the dense start, the sd closed form's optimum is the dense layer itself: re-dense
+    error 0. From the pruned start (the default) the proximity term keeps it away."""
+    _, from_dense = run_sds(residual_start=False)
+    _, from_pruned = run_sds()
+    for name, record in from_dense.report["layers"].items():
+        assert record["rel_error_redense"] < 1e-9, name
+        assert from_pruned.report["layers"][name]["rel_error_redense"] > 1e-4, name
+
+
+def test_more_rounds_redense_and_prune_again(monkeypatch):
+    from sdsprune.sds import pipeline
+
+    calls = []
+    original = pipeline.redense
+    monkeypatch.setattr(pipeline, "redense", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model, one = run_sds()
+    layers = len(model_linears(model))
+    assert len(calls) == layers
+    calls.clear()
+    model, three = run_sds(rounds=3)
+    assert len(calls) == 3 * layers
+    for layer in model_linears(model).values():
+        assert ((layer.weight == 0).view(layer.weight.shape[0], -1, 4).sum(-1) == 2).all()
+    assert one.report["layers"] != three.report["layers"]
+
+
+def test_sds_factorises_each_shared_input_once_per_block(monkeypatch):
+    """q/k/v and gate/up share one Gram: its closed-form factor and λmax are computed once
+    per distinct input (4 a block), and the dense output energy once per layer."""
+    from sdsprune.sds import pipeline, solver
+
+    counts = {"factor": 0, "lambda": 0, "energy": 0}
+
+    def counting(module, name, key):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(solver, "_closed_factor", "factor")
+    counting(solver, "largest_eigenvalue", "lambda")
+    counting(pipeline, "output_energy", "energy")
+    model, _ = run_sds()
+    layers = len(model_linears(model))
+    assert counts["factor"] == counts["lambda"] == 2 * 4
+    assert counts["energy"] == layers * 5  # the dense energy, then one per stage
 
 
 def test_redense_in_sd_mode_lowers_error_and_adjust_rule():

@@ -240,7 +240,9 @@ def prune_command(
     ] = 0.1,
     lambda1: Annotated[float, typer.Option(help="SDS L1 weight (scaled, see README).")] = 0.0,
     lambda2: Annotated[float, typer.Option(help="SDS L2 weight (scaled, see README).")] = 0.0,
-    mu: Annotated[float, typer.Option(help="SDS proximity to the pruned start (scaled).")] = 1.0,
+    mu: Annotated[
+        float, typer.Option(help="SDS proximity to the pruned start (scaled; closed, fista).")
+    ] = 1.0,
     residual_start: Annotated[
         bool, typer.Option(help="SDS: start re-dense from the pruned weights (off: from dense).")
     ] = True,
@@ -303,6 +305,13 @@ def prune_command(
     ] = False,
     owl_threshold: OwlThresholdOpt = 5.0,
     owl_lambda: OwlLambdaOpt = 0.08,
+    offload_activations: Annotated[
+        str,
+        typer.Option(
+            help="Keep the calibration activations in CPU memory, one batch at a time on the "
+            "GPU: auto (when the memory plan says the GPU would not hold them), on, off."
+        ),
+    ] = "auto",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -360,6 +369,7 @@ def prune_command(
         resume=resume,
         measure_errors=error_report,
         owl=OWLConfig(threshold=owl_threshold, lam=owl_lambda) if owl else None,
+        offload_activations=offload_activations,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun only rank 0 reports

@@ -6,7 +6,14 @@ needs the (in x in) Gram matrix only, never the (N x in) activations.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
+
+from sdsprune.errors import SdspruneError
+
+log = logging.getLogger(__name__)
 
 
 def output_energy(weight: torch.Tensor, gram: torch.Tensor) -> float:
@@ -36,3 +43,35 @@ def largest_eigenvalue(gram: torch.Tensor, iterations: int = 60, margin: float =
             return 0.0
         vector /= norm
     return float(vector @ (matrix @ vector)) * margin
+
+
+def damped_factor(
+    matrix: torch.Tensor,
+    factorise: Callable[[torch.Tensor], torch.Tensor | None],
+    *,
+    first_damp: float = 0.0,
+    retry_damp: float = 0.01,
+    retries: int = 5,
+    what: str = "the Gram matrix",
+) -> torch.Tensor:
+    """``factorise(matrix + d·mean(diag)·I)``, raising d until it succeeds (SparseGPT's rule).
+
+    ``factorise`` returns None when the matrix is not positive definite enough (a dead input
+    feature, too few tokens, no ridge term). The first try uses ``first_damp`` (0: the
+    matrix as given); each failure multiplies the dampening by ten, starting from
+    ``retry_damp``, and says so in the log, instead of a raw linear-algebra error mid-run.
+    """
+    scale = float(torch.diagonal(matrix).mean())
+    scale = scale if scale > 0 else 1.0  # an all-zero Gram (a dead layer): damp to I
+    eye = torch.eye(matrix.shape[0], device=matrix.device, dtype=matrix.dtype)
+    damp = first_damp
+    for attempt in range(retries + 1):
+        factor = factorise(matrix + (damp * scale) * eye if damp else matrix)
+        if factor is not None:
+            if attempt:
+                log.warning("factorising %s needed dampening %.3g x mean(diag)", what, damp)
+            return factor
+        damp = damp * 10 if damp else retry_damp
+    raise SdspruneError(
+        f"{what} is not positive definite even with heavy dampening (NaN/Inf inputs?)"
+    )

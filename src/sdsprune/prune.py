@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from sdsprune.engine import (
 )
 from sdsprune.engine.distributed import distributed_from_env
 from sdsprune.engine.lowmem import LowMemoryStore
+from sdsprune.engine.memory_plan import MemoryPlan, PlanRequest, check_plan, plan_run
 from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.perplexity import check_seqlen, evaluate_corpora, with_bos
 from sdsprune.linalg import relative_error
@@ -34,13 +36,13 @@ from sdsprune.utils import atomic_output_dir, resolve_device, resolve_dtype
 log = logging.getLogger(__name__)
 
 METHODS = (*BASE_PRUNERS, "sds")
+OFFLOAD_CHOICES = ("auto", "on", "off")
 REPORT_NAME = "sdsprune_report.json"
 
 
 class PruneProcessor(BlockProcessor):
-    """One-shot pruning of every linear layer of a block with a base pruner."""
-
-    layer_parallel = True  # layers are pruned independently: ranks may split them
+    """One-shot pruning of every linear layer of a block with a base pruner (layers are
+    independent given the statistics, so several ranks split them)."""
 
     def __init__(self, pruner: Pruner, pattern: SparsityPattern, probe_errors: bool = True):
         self.pruner = pruner
@@ -49,14 +51,16 @@ class PruneProcessor(BlockProcessor):
         self.probe_errors = probe_errors
 
     def process(self, ctx: BlockContext) -> None:
-        for name, dense in ctx.dense_weights.items():
-            stats = ctx.stats.for_layer(name) if ctx.stats is not None else None
-            outcome = self.pruner.prune(dense, stats, self.pattern.for_block(ctx.index))
-            ctx.set_weight(name, outcome.weight)
-            record = {"sparsity": float(outcome.mask.float().mean())}
-            if stats is not None and stats.gram is not None:
-                record["rel_error"] = relative_error(dense, outcome.weight, stats.gram)
-            ctx.records[name] = record
+        ctx.solve_layers(lambda name, dense: self._prune_layer(ctx, name, dense))
+
+    def _prune_layer(self, ctx: BlockContext, name: str, dense: torch.Tensor) -> torch.Tensor:
+        stats = ctx.stats.for_layer(name) if ctx.stats is not None else None
+        outcome = self.pruner.prune(dense, stats, self.pattern.for_block(ctx.index))
+        record = {"sparsity": float(outcome.mask.float().mean())}
+        if stats is not None and stats.gram is not None:
+            record["rel_error"] = relative_error(dense, outcome.weight, stats.gram)
+        ctx.records[name] = record
+        return outcome.weight
 
 
 @dataclass
@@ -66,6 +70,40 @@ class PruneResult:
     model: LoadedModel
     report: dict = field(default_factory=dict)
     out: Path | None = None
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Every setting of one :func:`prune` call, checked once and passed on as one object
+    (instead of two dozen positional arguments that a reordering would silently swap)."""
+
+    method: str
+    pattern: SparsityPattern
+    base: str
+    calib: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    compute: torch.device
+    dtype: str
+    calibration: torch.Tensor | None
+    out: Path | None
+    overwrite: bool
+    evaluate: tuple[str, ...]
+    eval_seqlen: int | None
+    max_chunks: int | None
+    sds: object | None
+    progress: bool
+    low_memory: bool
+    state_dir: Path | None
+    resume: bool
+    measure_errors: bool
+    offload_activations: str
+    owl: object | None = None  # an sdsprune.owl.OWLConfig
+
+    @property
+    def staged(self) -> bool:
+        return self.method == "sds" and getattr(self.sds, "schedule", "fused") == "staged"
 
 
 def prune(
@@ -93,6 +131,7 @@ def prune(
     resume: bool = False,
     measure_errors: bool = True,
     owl=None,
+    offload_activations: str = "auto",
 ) -> PruneResult:
     """Prune ``model`` with ``method`` at ``sparsity`` and optionally save and evaluate it.
 
@@ -105,7 +144,9 @@ def prune(
     the calibration windows are split across the processes (see sdsprune.engine).
     ``measure_errors=False`` leaves Wanda's and magnitude's per-layer output errors out of
     the report: measuring them costs ~20% of those methods' time (methods with a Gram matrix
-    get them almost free and always report them).
+    get them almost free and always report them). ``offload_activations`` (``auto``, ``on``,
+    ``off``) keeps the calibration activations in CPU memory and moves one batch at a time to
+    the device; ``auto`` does so when the memory plan says the device would not hold them.
 
     ``method`` (and ``base``) may carry pruner options, e.g. ``dsnot[initial=sparsegpt]``.
     ``owl`` is an :class:`sdsprune.owl.OWLConfig`: a sparsity per block from its outlier
@@ -118,9 +159,38 @@ def prune(
     parse_pruner_spec(base if method == "sds" else method)  # bad options: refused now
     if owl is not None:
         owl.check(pattern, low_memory=low_memory, resume=resume)
+    if offload_activations not in OFFLOAD_CHOICES:
+        raise SdspruneError(
+            f"unknown offload setting '{offload_activations}' "
+            f"(choose from {', '.join(OFFLOAD_CHOICES)})"
+        )
     if out is not None and Path(out).exists() and not overwrite:
         raise SdspruneError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    staged = method == "sds" and getattr(sds, "schedule", "fused") == "staged"
+    options = PruneOptions(
+        method=method,
+        pattern=pattern,
+        base=base,
+        calib=calib,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        compute=resolve_device(device),
+        dtype=dtype,
+        calibration=calibration,
+        out=Path(out) if out is not None else None,
+        overwrite=overwrite,
+        evaluate=tuple(evaluate),
+        eval_seqlen=eval_seqlen,
+        max_chunks=max_chunks,
+        sds=sds,
+        progress=progress,
+        low_memory=low_memory,
+        state_dir=Path(state_dir) if state_dir is not None else None,
+        resume=resume,
+        measure_errors=measure_errors,
+        offload_activations=offload_activations,
+        owl=owl,
+    )
     runs.check_options(
         model=model,
         low_memory=low_memory,
@@ -128,131 +198,168 @@ def prune(
         evaluate=evaluate,
         state_dir=state_dir,
         resume=resume,
-        staged=staged,
+        staged=options.staged,
     )
-    compute = resolve_device(device)
-    with distributed_from_env(compute) as dist:
-        if dist is not None and compute.type == "cuda":
-            compute = dist.device
-        return _prune(
-            model, method, pattern, base, calib, nsamples, seqlen, seed, compute, dtype,
-            calibration, out, overwrite, evaluate, eval_seqlen, max_chunks, sds, progress,
-            low_memory, state_dir, resume, measure_errors, dist, timer, owl,
-        )  # fmt: skip
+    with distributed_from_env(options.compute) as dist:
+        if dist is not None and options.compute.type == "cuda":
+            options = replace(options, compute=dist.device)
+        return _prune(model, options, dist, timer)
 
 
-def _prune(
-    model, method, pattern, base, calib, nsamples, seqlen, seed, compute, dtype, calibration,
-    out, overwrite, evaluate, eval_seqlen, max_chunks, sds, progress, low_memory, state_dir,
-    resume, measure_errors, dist, timer, owl=None,
-) -> PruneResult:  # fmt: skip
+def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
     """The body of :func:`prune`, inside the distributed group (if any)."""
-    progress = progress and (dist is None or dist.rank == 0)
-    eval_corpora = [load_corpus(name, "eval") for name in evaluate]
+    opts = options
+    if dist is not None and dist.rank != 0:
+        opts = replace(opts, progress=False)
+    eval_corpora = [load_corpus(name, "eval") for name in opts.evaluate]
+    dtype = _dtype_for(opts.dtype, opts.compute)
     with timer.stage("load"):
-        if low_memory:
-            loaded = runs.load_skeleton(model, resolve_dtype(_dtype_for(dtype, compute), compute))
+        if opts.low_memory:
+            loaded = runs.load_skeleton(model, resolve_dtype(dtype, opts.compute))
         elif isinstance(model, LoadedModel):
             loaded = model
         else:
-            loaded = load_model(model, device="cpu", dtype=_dtype_for(dtype, compute))
+            loaded = load_model(model, device="cpu", dtype=dtype)
     net = loaded.model
     linears = model_linears(net)
-    pattern.check_layers(linears)
-    check_seqlen(net, seqlen if calibration is None else calibration.shape[1])
-    if not low_memory:  # a low-memory run checks each block as it reads it
+    opts.pattern.check_layers(linears)
+    calibration = opts.calibration
+    check_seqlen(net, opts.seqlen if calibration is None else calibration.shape[1])
+    if not opts.low_memory:  # a low-memory run checks each block as it reads it
         _check_finite_weights(linears)
-    given_windows = calibration
     with timer.stage("calibration"):
         if calibration is None:
             calibration = sample_calibration(
-                load_corpus(calib, "calib"), loaded.tokenizer, nsamples, seqlen, seed
+                load_corpus(opts.calib, "calib"),
+                loaded.tokenizer,
+                opts.nsamples,
+                opts.seqlen,
+                opts.seed,
             )
         windows = with_bos(calibration, net, loaded.tokenizer)
     config = {
         "model": loaded.spec,
-        "method": method,
-        "base": base if method == "sds" else None,
-        "sparsity": str(pattern),
-        "calib": calib if given_windows is None else "given",
+        "method": opts.method,
+        "base": opts.base if opts.method == "sds" else None,
+        "sparsity": str(opts.pattern),
+        "calib": opts.calib if opts.calibration is None else "given",
         "nsamples": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
-        "seed": seed,
-        "device": str(compute),
+        "seed": opts.seed,
+        "device": str(opts.compute),
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
     }
-    if method == "sds":
+    if opts.method == "sds":
         from sdsprune.sds import SDSConfig
 
-        config["sds"] = asdict(sds or SDSConfig())
-    if owl is not None:
-        config["owl"] = asdict(owl)
+        opts = replace(opts, sds=opts.sds or SDSConfig())
+        config["sds"] = asdict(opts.sds)
+    if opts.owl is not None:
+        config["owl"] = asdict(opts.owl)
+    plan = _memory_plan(net, opts, windows, dist)
     session_scope = runs.run_session(
         net,
         loaded,
         config,
         windows,
         dist=dist,
-        low_memory=low_memory,
-        out=out,
-        state_dir=state_dir,
-        resume=resume,
+        low_memory=opts.low_memory,
+        out=opts.out,
+        state_dir=opts.state_dir,
+        resume=opts.resume,
     )
     with session_scope as session, use_session(session):
+        session.offload_activations = plan.offload
         local = windows if dist is None else dist.shard(windows)
         start = time.perf_counter()
         owl_report = None
-        if owl is not None:
+        pattern = opts.pattern
+        if opts.owl is not None:
             from sdsprune.owl import owl_sparsity
 
-            pattern, owl_report = owl_sparsity(net, local, pattern, owl, compute, timer, progress)
-        if method == "sds":
-            from sdsprune.sds import SDSConfig, run_sds
+            pattern, owl_report = owl_sparsity(
+                net, local, pattern, opts.owl, opts.compute, timer, opts.progress
+            )
+        if opts.method == "sds":
+            from sdsprune.sds import run_sds
 
             layers, extras = run_sds(
-                net, local, base, pattern, sds or SDSConfig(), compute, timer, progress
+                net, local, opts.base, pattern, opts.sds, opts.compute, timer, opts.progress
             )
         else:
-            processor = PruneProcessor(get_pruner(method), pattern, measure_errors)
-            layers = _run_one_shot(net, local, processor, compute, timer, progress)
+            processor = PruneProcessor(get_pruner(opts.method), pattern, opts.measure_errors)
+            layers = _run_one_shot(net, local, processor, opts.compute, timer, opts.progress)
             extras = {}
         prune_seconds = time.perf_counter() - start
-        if low_memory or dist is not None:
-            config.update(low_memory=low_memory, processes=1 if dist is None else dist.world)
+        if opts.low_memory or dist is not None:
+            config.update(low_memory=opts.low_memory, processes=1 if dist is None else dist.world)
         report = {
             "config": config,
             "versions": library_versions(),
             "timings": {**timer.rounded(), "prune_total": round(prune_seconds, 3)},
             "memory": peak_memory(),
-            "summary": _summary(net, layers, session.store if low_memory else None),
+            "plan": plan.to_dict(),
+            "summary": _summary(net, layers, session.store if opts.low_memory else None),
             "layers": layers,
             **extras,
         }
         if owl_report is not None:
             report["owl"] = owl_report
-        return _finish_run(
-            loaded, report, out, overwrite, session, state_dir, eval_corpora,
-            eval_seqlen or seqlen, max_chunks, compute, timer, progress, prune_seconds,
-        )  # fmt: skip
+        return _finish_run(loaded, report, opts, session, eval_corpora, timer, prune_seconds)
 
 
 def _finish_run(
-    loaded, report, out, overwrite, session, state_dir, eval_corpora, eval_seqlen, max_chunks,
-    compute, timer, progress, prune_seconds,
-) -> PruneResult:  # fmt: skip
+    loaded, report, opts: PruneOptions, session, eval_corpora, timer, prune_seconds
+) -> PruneResult:
     """Evaluate and save on the main process only; then drop the run's saved state."""
     if not session.is_main:
-        runs.finish(session, state_dir)
+        runs.finish(session, opts.state_dir)
         return PruneResult(model=loaded, report=report, out=None)
     if eval_corpora:
         report["evaluation"] = _evaluate(
-            loaded, eval_corpora, eval_seqlen, max_chunks, compute, timer, progress
+            loaded,
+            eval_corpora,
+            opts.eval_seqlen or opts.seqlen,
+            opts.max_chunks,
+            opts.compute,
+            timer,
+            opts.progress,
         )
         report["timings"] = {**timer.rounded(), "prune_total": round(prune_seconds, 3)}
     store = session.store if isinstance(session.store, LowMemoryStore) else None
-    saved = save_pruned(loaded, report, out, overwrite, store) if out is not None else None
-    runs.finish(session, state_dir)
+    saved = (
+        save_pruned(loaded, report, opts.out, opts.overwrite, store)
+        if opts.out is not None
+        else None
+    )
+    runs.finish(session, opts.state_dir)
     return PruneResult(model=loaded, report=report, out=saved)
+
+
+def _memory_plan(net, opts: PruneOptions, windows: torch.Tensor, dist) -> MemoryPlan:
+    """The memory and time plan, printed before any block is touched; refuses a run that
+    would not fit (see sdsprune.engine.memory_plan)."""
+    world = 1 if dist is None else dist.world
+    local = -(-windows.shape[0] // world)
+    sds = opts.sds if opts.method == "sds" else None
+    request = PlanRequest(
+        windows=local,
+        seqlen=int(windows.shape[1]),
+        batch=pick_batch_size(local, int(windows.shape[1])),
+        method=opts.method,
+        base=opts.base if sds is not None else None,
+        data_mode=getattr(sds, "data_mode", "sd"),
+        schedule=getattr(sds, "schedule", "fused"),
+        adjust_iters=getattr(sds, "adjust_iters", 0),
+        solver=getattr(sds, "solver", "closed"),
+        low_memory=opts.low_memory,
+        offload=opts.offload_activations,
+    )
+    plan = plan_run(net, request, opts.compute)
+    if opts.progress:
+        print(plan.describe(), file=sys.stderr)
+    check_plan(plan, request)
+    return plan
 
 
 def _dtype_for(dtype: str, compute: torch.device) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sdsprune.engine.session import current_session
 from sdsprune.errors import SdspruneError
 from sdsprune.models.blocks import decoder_blocks
 
@@ -47,19 +48,34 @@ class _Catcher(nn.Module):
 @dataclass
 class ActivationStream:
     """Hidden states entering the current block, for every calibration window, and the
-    extra arguments (masks, rotary embeddings, positions) each block is called with."""
+    extra arguments (masks, rotary embeddings, positions) each block is called with.
+
+    ``hidden`` lives on the compute device, or in CPU memory when activations are
+    offloaded (``compute`` then names the device each batch is moved to for its forward).
+    """
 
     hidden: torch.Tensor  # windows x seqlen x hidden
     batch_size: int
     block_args: list[tuple] = field(default_factory=list)
     block_kwargs: list[dict] = field(default_factory=list)
+    compute: torch.device | None = None
 
     def batches(self) -> range:
         return range(0, self.hidden.shape[0], self.batch_size)
 
+    def batch(self, start: int) -> torch.Tensor:
+        """The hidden states of the batch at ``start``, on the compute device."""
+        hidden = self.hidden[start : start + self.batch_size]
+        return hidden if self.compute is None else hidden.to(self.compute)
+
+    def store(self, start: int, outputs: torch.Tensor) -> None:
+        """Overwrite the batch at ``start`` with ``outputs`` (the next block's inputs):
+        batches are independent, so one buffer per stream serves a whole pass."""
+        self.hidden[start : start + self.batch_size] = outputs
+
     def clone(self) -> ActivationStream:
         return ActivationStream(
-            self.hidden.clone(), self.batch_size, self.block_args, self.block_kwargs
+            self.hidden.clone(), self.batch_size, self.block_args, self.block_kwargs, self.compute
         )
 
 
@@ -80,26 +96,37 @@ def capture_block_inputs(
     entry points to learn each block's keyword arguments (they may differ per block).
 
     Only the modules outside the blocks visit ``device``; the blocks stay where they are.
+    When the run session offloads activations, each batch's hidden states go to CPU
+    memory as soon as they are captured, so the device never holds all of them.
     """
+    offload = current_session().offload_activations
     blocks = decoder_blocks(model)
     originals = list(blocks)
     records = [{} for _ in originals]
     for index, block in enumerate(originals):
         blocks[index] = _Catcher(block, records[index], last=index == len(originals) - 1)
     home = _module_device(model)
+    hidden = None
     try:
         model.to(device)
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size].to(device)
             with contextlib.suppress(_StopForward):
                 model(input_ids=batch, use_cache=False)
+            captured = records[0].pop("hidden")[0]
+            if hidden is None:  # one buffer for all windows: no list of batches to concatenate
+                hidden = torch.empty(
+                    (windows.shape[0], *captured.shape[1:]),
+                    dtype=captured.dtype,
+                    device="cpu" if offload else captured.device,
+                )
+            hidden[start : start + batch_size] = captured
             for record in records[1:]:
                 record.pop("hidden", None)  # only block 0's inputs are kept
     finally:
         model.to(home)  # while the catchers stand in: blocks never move (they may be meta)
         for index, block in enumerate(originals):
             blocks[index] = block
-    hidden = torch.cat(records[0]["hidden"])
     if not torch.isfinite(hidden).all():
         raise SdspruneError("the embeddings produce NaN/Inf activations (corrupt weights?)")
     return ActivationStream(
@@ -107,6 +134,7 @@ def capture_block_inputs(
         batch_size=batch_size,
         block_args=[_to(record["args"], device) for record in records],
         block_kwargs=[_to(record["kwargs"], device) for record in records],
+        compute=device if offload else None,
     )
 
 

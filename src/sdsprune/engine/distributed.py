@@ -117,13 +117,15 @@ def reduce_stats(dist: Distributed, collector) -> None:
                 dist.all_reduce_(tensor)
 
 
-def layer_owners(names: list[str], sizes: dict[str, int], world: int) -> dict[str, int]:
+def layer_owners(
+    names: list[str], sizes: dict[str, int], world: int, pinned: set[str] = frozenset()
+) -> dict[str, int]:
     """Assign layers to ranks, largest first onto the least loaded rank: deterministic, so
-    every rank computes the same assignment without talking."""
+    every rank computes the same assignment without talking. ``pinned`` layers go to rank 0."""
     load = [0] * world
     owners = {}
-    for name in sorted(names, key=lambda n: (-sizes[n], n)):
-        rank = min(range(world), key=lambda r: (load[r], r))
+    for name in sorted(names, key=lambda n: (n not in pinned, -sizes[n], n)):
+        rank = 0 if name in pinned else min(range(world), key=lambda r: (load[r], r))
         owners[name] = rank
         load[rank] += sizes[name]
     return owners

@@ -9,7 +9,7 @@ Only the current block visits the compute device.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,13 +38,41 @@ class BlockContext:
     dense_stats: StatsCollector | None = None  # inputs of the dense model (kd / dd modes)
     records: dict[str, dict] = field(default_factory=dict)
     stream: ActivationStream | None = None  # the block's inputs (this rank's windows)
-    dense_targets: torch.Tensor | None = None  # the dense model's outputs (dense stream)
-    dist: Distributed | None = None
+    dense_targets: torch.Tensor | None = None  # the dense model's block outputs (dense stream)
+    dist: Distributed | None = None  # the other ranks, when several processes share the run
+    memo: dict = field(default_factory=dict)  # per-block scratch of the processor
+    layers_shared: bool = False  # solve_layers() already gave every rank every layer
     outputs: torch.Tensor | None = None  # set by refine() when it already ran the new block
 
     def set_weight(self, name: str, weight: torch.Tensor) -> None:
         layer = self.linears[name]
         layer.weight.data.copy_(weight.to(layer.weight.dtype))
+
+    def solve_layers(
+        self,
+        solve: Callable[[str, torch.Tensor], torch.Tensor],
+        on_main: Iterable[str] = (),
+    ) -> None:
+        """Set every layer to ``solve(name, dense_weight)``: for processors whose layers are
+        independent given the statistics.
+
+        With several ranks each layer is solved once, by its owner (``on_main`` layers by
+        rank 0, e.g. the one whose figure rank 0 draws), then owners broadcast the new
+        weights and every rank merges the records, so all ranks continue identically.
+        """
+        owners = layer_owners(
+            list(self.dense_weights),
+            {name: weight.numel() for name, weight in self.dense_weights.items()},
+            1 if self.dist is None else self.dist.world,
+            pinned=set(on_main),
+        )
+        rank = 0 if self.dist is None else self.dist.rank
+        for name, dense in self.dense_weights.items():
+            if owners[name] == rank:
+                self.set_weight(name, solve(name, dense))
+        if self.dist is not None:
+            _share_results(self, owners, self.dist)
+        self.layers_shared = True
 
 
 class BlockProcessor:
@@ -54,9 +82,6 @@ class BlockProcessor:
     ``dense_stream``: also run the dense model alongside (inputs for ``kd``/``dd``);
     ``propagate``: feed the next block with outputs of the ``processed`` block (normal
     sequential pruning) or of the ``original`` block (a pass that must not see its own edits).
-    ``layer_parallel``: with several ranks, each may process only the layers it owns
-    (``ctx.dense_weights`` then holds just those); set it only when process() treats
-    layers independently and keeps no per-layer state across blocks or passes.
     ``probe_errors``: measure in the output pass the relative output error of layers whose
     record has none (methods without a Gram matrix); it costs part of a forward pass.
     :meth:`refine` runs after :meth:`process` (and after the ranks exchanged its weights).
@@ -65,7 +90,6 @@ class BlockProcessor:
     needs: str = "none"
     dense_stream: bool = False
     propagate: str = "processed"
-    layer_parallel: bool = False
     probe_errors: bool = True
 
     def process(self, ctx: BlockContext) -> None:
@@ -160,15 +184,15 @@ def _process_block(
         dist=dist,
     )
     use_dense = processor.dense_stream and dense_stream is not None
+    outputs_stored = False
     if processor.needs != "none" or use_dense:
         ctx.stats = StatsCollector(linears, processor.needs or "gram")
         if use_dense:
             ctx.dense_stats = StatsCollector(linears, "gram", keep_inputs=True)
             ctx.stats.cross_source = ctx.dense_stats
+        outputs_stored = processor.propagate != "processed"
         with timer.stage("stats_pass"):
-            outputs, dense_outputs = _stats_pass(
-                ctx, stream, dense_stream if use_dense else None, processor
-            )
+            _stats_pass(ctx, stream, dense_stream if use_dense else None, processor, outputs_stored)
         if dist is not None:
             reduce_stats(dist, ctx.stats)
             if ctx.dense_stats is not None:
@@ -176,11 +200,8 @@ def _process_block(
         ctx.stats.finalize()
         if ctx.dense_stats is not None:
             ctx.dense_stats.finalize()
-    else:
-        outputs = dense_outputs = None
-    if use_dense and dense_outputs is None:
-        raise AssertionError("dense stream requested without a stats pass")
-    ctx.dense_targets = dense_outputs
+    if use_dense:  # the stats pass left the dense block's outputs in the dense stream
+        ctx.dense_targets = dense_stream.hidden
     with timer.stage("solve"):
         if dist is None:
             processor.process(ctx)
@@ -188,55 +209,65 @@ def _process_block(
             _process_shared(ctx, processor, dist)
     with timer.stage("refine"):
         processor.refine(ctx)
-    if ctx.outputs is not None and processor.propagate == "processed":
-        outputs = ctx.outputs
-    elif processor.propagate == "processed" or outputs is None:
+    if ctx.outputs is not None and not outputs_stored:
+        stream.hidden.copy_(ctx.outputs)
+    elif not outputs_stored:
         with timer.stage("output_pass"):
-            outputs = _output_pass(ctx, stream, dist, processor.probe_errors)
-    stream.hidden = outputs
-    if use_dense:
-        dense_stream.hidden = dense_outputs
+            _output_pass(ctx, stream, dist, processor.probe_errors)
     return ctx
 
 
-def _stats_pass(ctx, stream, dense_stream, processor):
-    """One forward over the windows with hooks; returns the (unmodified) block's outputs."""
-    outputs = torch.empty_like(stream.hidden)
-    dense_outputs = torch.empty_like(dense_stream.hidden) if dense_stream is not None else None
+def _stats_pass(ctx, stream, dense_stream, processor, store_outputs: bool) -> None:
+    """One forward over the windows with hooks, batch by batch.
+
+    The dense stream's outputs (the next block's dense inputs) replace its inputs in place.
+    The current stream's outputs are kept only for a processor that propagates the
+    unmodified block (``propagate = "original"``); otherwise the output pass recomputes
+    them with the new weights, and nothing is allocated for them here. Both are written
+    after both forwards of a batch, because kd's cross-Gram reads the dense inputs then.
+    """
     swap = processor.dense_weights_for(ctx.index) if dense_stream is not None else None
+    swap = _like_layers(swap, ctx.linears)  # converted once per block, not once per batch
     for start in stream.batches():
+        dense_outputs = None
         if dense_stream is not None:
             with ctx.dense_stats.hooks(), swapped_weights(ctx.linears, swap):
-                dense_outputs[start : start + stream.batch_size] = _forward(
-                    ctx.index, ctx.block, dense_stream, start
-                )
+                dense_outputs = _forward(ctx.index, ctx.block, dense_stream, start)
         with ctx.stats.hooks():
-            outputs[start : start + stream.batch_size] = _forward(
-                ctx.index, ctx.block, stream, start
-            )
-    return outputs, dense_outputs
+            outputs = _forward(ctx.index, ctx.block, stream, start)
+        if dense_outputs is not None:
+            dense_stream.store(start, dense_outputs)
+        if store_outputs:
+            stream.store(start, outputs)
+
+
+def _like_layers(
+    weights: dict[str, torch.Tensor] | None, linears: dict[str, nn.Linear]
+) -> dict[str, torch.Tensor] | None:
+    """``weights`` on each layer's device and in its dtype (None stays None)."""
+    if not weights:
+        return weights
+    return {
+        name: weights[name].to(layer.weight.device, layer.weight.dtype)
+        for name, layer in linears.items()
+    }
 
 
 def _process_shared(ctx: BlockContext, processor: BlockProcessor, dist: Distributed) -> None:
     """Prune each layer once and give every rank the result.
 
-    A processor that declares ``layer_parallel`` sees only the layers this rank owns (its
-    layers are independent given the statistics); otherwise every rank runs it on the same
-    reduced statistics and rank 0's weights are authoritative. Owners broadcast the new
-    weights and all ranks merge the records.
+    A processor that solves its layers through :meth:`BlockContext.solve_layers` shares
+    them itself (each layer solved by its owner rank); any other processor runs on every
+    rank on the same reduced statistics, and rank 0's weights and records are kept.
     """
-    full = ctx.dense_weights
-    if getattr(processor, "layer_parallel", False):
-        sizes = {name: weight.numel() for name, weight in full.items()}
-        owners = layer_owners(list(full), sizes, dist.world)
-        ctx.dense_weights = {k: v for k, v in full.items() if owners[k] == dist.rank}
-    else:
-        owners = dict.fromkeys(full, 0)
-    try:
-        processor.process(ctx)
-    finally:
-        ctx.dense_weights = full
-    for name in full:  # module order: the same sequence of collectives on every rank
+    processor.process(ctx)
+    if not ctx.layers_shared:
+        _share_results(ctx, dict.fromkeys(ctx.dense_weights, 0), dist)
+
+
+def _share_results(ctx: BlockContext, owners: dict[str, int], dist: Distributed) -> None:
+    """Owners broadcast their layers' weights; every rank keeps each owner's records."""
+    for name in ctx.dense_weights:  # module order: the same collectives on every rank
         dist.broadcast_(ctx.linears[name].weight.data, src=owners[name])
     merged: dict[str, dict] = {}
     for rank, records in enumerate(dist.gather_objects(ctx.records)):
@@ -251,20 +282,18 @@ def _output_pass(
     stream: ActivationStream,
     dist: Distributed | None = None,
     probe_errors: bool = True,
-) -> torch.Tensor:
-    """Recompute the block's outputs with its new weights; measure the relative output error
-    of layers whose processor did not report one (it had no Gram matrix to compute it)."""
+) -> None:
+    """Recompute the block's outputs with its new weights, in place of its inputs; measure
+    the relative output error of layers whose processor did not report one (it had no Gram
+    matrix to compute it)."""
     pending = {name: rec for name, rec in ctx.records.items() if "rel_error" not in rec}
     pending = pending if probe_errors else {}
     stride = max(1, stream.hidden.shape[0] * stream.hidden.shape[1] // PROBE_TOKENS)
     probes = {name: _ErrorProbe(ctx.dense_weights[name], stride) for name in pending}
     handles = [ctx.linears[name].register_forward_hook(probe) for name, probe in probes.items()]
     try:
-        outputs = torch.empty_like(stream.hidden)
         for start in stream.batches():
-            outputs[start : start + stream.batch_size] = _forward(
-                ctx.index, ctx.block, stream, start
-            )
+            stream.store(start, _forward(ctx.index, ctx.block, stream, start))
     finally:
         for handle in handles:
             handle.remove()
@@ -274,7 +303,6 @@ def _output_pass(
             probe.error, probe.reference = sums[2 * i], sums[2 * i + 1]
     for name, probe in probes.items():
         pending[name]["rel_error"] = probe.relative_error()
-    return outputs
 
 
 # Tokens the output-pass error probe looks at (every k-th token). Measured against the
@@ -308,7 +336,7 @@ class _ErrorProbe:
 
 
 def _forward(index: int, block: nn.Module, stream: ActivationStream, start: int) -> torch.Tensor:
-    hidden = stream.hidden[start : start + stream.batch_size]
+    hidden = stream.batch(start)
     out = block(hidden, *stream.block_args[index], **stream.block_kwargs[index])
     if isinstance(out, tuple | list):
         out = out[0]

@@ -46,6 +46,7 @@ class RunSession:
     dist: Distributed | None = None
     checkpoint: Checkpointer | None = None
     passes: int = 0  # run_blocks calls so far in this run
+    offload_activations: bool = False  # keep calibration activations in CPU memory
 
     @property
     def is_main(self) -> bool:

@@ -7,10 +7,13 @@ Backends:
 - ``nm24``: this package's AVX-512 CPU kernel for 2:4 layers (float32, built on first use);
 - ``semi-structured``: torch's 2:4 kernels on CUDA GPUs of compute capability >= 8.0;
 - ``auto``: per layer, time dense against each kernel available on the model's device at a
-  few token counts and keep a sparse kernel only where it wins at *every* count by a margin.
-  Where sparse is slower, the layer stays dense: sparse is never chosen on faith.
+  few token counts (decode-sized and prefill-sized) and keep a sparse kernel only where it
+  wins at *every* count by a margin. Where sparse is slower, the layer stays dense: sparse
+  is never chosen on faith.
 
-Every swapped layer is checked against the dense layer on a random input before it is kept.
+Every swapped layer is checked against the dense layer on a random input before it is kept;
+a kernel that fails there or while it is timed (torch refuses some shapes only when the
+product runs) leaves the layer dense with the reason, never crashes the load.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("dense", "auto", "csr", "bsr", "nm24", "semi-structured")
 MIN_SPARSITY = 0.3
 AUTO_MARGIN = 1.05  # a sparse kernel must be >= 5% faster than dense to be chosen
-PROBE_TOKENS = (1, 16)
+PROBE_TOKENS = (1, 16, 512)  # decode, small batch, prefill; ascending: losers drop out early
 REPORT_ATTR = "sdsprune_backend"
 
 # Given {kernel: fn} (all run on a ``tokens``-row input), return {kernel: seconds per call}. Interleaving the calls matters on a
@@ -109,13 +112,9 @@ def apply_backend(
     factories = {**KERNELS, **(converters or {})}
     timer = timer or _default_timer(device)
     choices = []
+    probe = _Probe(sorted(probe_tokens), margin, timer, verify)
     for name, linear, parent, attr in _prunable_layers(model):
-        choice, module = _choose(
-            name, linear, backend, device, factories, min_sparsity, probe_tokens, margin, timer
-        )
-        if module is not None and verify and not _matches_dense(linear, module):
-            choice.kernel, choice.reason = "dense", f"{choice.kernel} output did not match dense"
-            module = None
+        choice, module = _choose(name, linear, backend, device, factories, min_sparsity, probe)
         if module is not None:
             setattr(parent, attr, module)
         choices.append(choice)
@@ -159,9 +158,7 @@ def _choose(
     device: torch.device,
     factories: dict,
     min_sparsity: float,
-    probe_tokens: Sequence[int],
-    margin: float,
-    timer: Timer,
+    probe: _Probe,
 ) -> tuple[LayerChoice, nn.Module | None]:
     sparsity = _sparsity(linear)
     choice = LayerChoice(name=name, kernel="dense", sparsity=round(sparsity, 4))
@@ -178,54 +175,115 @@ def _choose(
             reasons.append(f"{kernel}: {problem}")
             continue
         try:
-            candidates[kernel] = factories[kernel](linear)
+            module = factories[kernel](linear)
+            probe.verify_kernel(kernel, linear, module)
+            if backend != "auto":  # auto's race calls every size itself, guarded
+                probe.runs_at(kernel, linear, module, probe.tokens)
+            candidates[kernel] = module
+        except _Refused as exc:
+            reasons.append(str(exc))
         except (RuntimeError, ValueError) as exc:  # torch rejects some shapes/dtypes late
-            reasons.append(f"{kernel}: {str(exc).splitlines()[0][:120]}")
-    if not candidates:
-        choice.reason = "; ".join(reasons) or "no sparse kernel on this device"
-        return choice, None
-    if backend != "auto":
+            reasons.append(f"{kernel}: {_first_line(exc)}")
+    if backend != "auto" and candidates:
         kernel, module = next(iter(candidates.items()))
         choice.kernel, choice.reason = kernel, "forced by backend"
         return choice, module
-    return _race(choice, linear, candidates, probe_tokens, margin, timer, reasons)
+    if candidates:
+        return probe.race(choice, linear, candidates, reasons)
+    choice.reason = "; ".join(reasons) or "no sparse kernel on this device"
+    return choice, None
 
 
-def _race(
-    choice: LayerChoice,
-    linear: nn.Linear,
-    candidates: dict[str, nn.Module],
-    probe_tokens: Sequence[int],
-    margin: float,
-    timer: Timer,
-    reasons: list[str],
-) -> tuple[LayerChoice, nn.Module | None]:
-    """Time dense and each candidate; keep the fastest sparse one only if it wins everywhere."""
-    weight = linear.weight
-    inputs = {
-        tokens: torch.randn(tokens, linear.in_features, dtype=weight.dtype, device=weight.device)
-        for tokens in probe_tokens
-    }
-    times: dict[int, dict[str, float]] = {}
-    with torch.inference_mode():
-        for tokens, x in inputs.items():
+class _Refused(Exception):
+    """A kernel that failed verification or refused to run: the layer stays dense."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+
+
+@dataclass
+class _Probe:
+    """Verification and timing of candidate kernels, with every kernel call guarded."""
+
+    tokens: list[int]
+    margin: float
+    timer: Timer
+    verify: bool
+
+    def verify_kernel(self, kernel: str, linear: nn.Linear, module: nn.Module) -> None:
+        """Raise :class:`_Refused` unless ``module`` reproduces the dense layer (when asked)."""
+        if self.verify and not _guarded(kernel, lambda: _matches_dense(linear, module)):
+            raise _Refused(f"{kernel} output did not match dense")
+
+    def runs_at(self, kernel: str, linear: nn.Linear, module: nn.Module, sizes) -> None:
+        """Raise :class:`_Refused` if ``module`` refuses any of these token counts."""
+        with torch.inference_mode():
+            for tokens in sizes:
+                _guarded(
+                    f"{kernel} at {tokens} tokens",
+                    lambda t=tokens: module(_random_input(linear, t)),
+                )
+
+    def race(
+        self,
+        choice: LayerChoice,
+        linear: nn.Linear,
+        candidates: dict[str, nn.Module],
+        reasons: list[str],
+    ) -> tuple[LayerChoice, nn.Module | None]:
+        """Time dense and the candidates at each probe size, smallest first; a candidate not
+        faster by the margin drops out (larger sizes are not timed for it). Keep the fastest
+        survivor only if it won at every size."""
+        alive = dict(candidates)
+        ratios: dict[str, float] = dict.fromkeys(alive, 0.0)
+        for tokens in self.tokens:
+            if not alive:
+                break
+            x = _random_input(linear, tokens)
+            for kernel in list(alive):  # a kernel may refuse only some token counts
+                try:
+                    self.runs_at(kernel, linear, alive[kernel], [tokens])
+                except _Refused as exc:
+                    reasons.append(str(exc))
+                    del alive[kernel]
+            if not alive:
+                break
             contenders = {"dense": lambda x=x: linear(x)}
-            contenders.update({k: (lambda x=x, m=m: m(x)) for k, m in candidates.items()})
-            times[tokens] = timer(contenders, tokens)
-    for kernel in ["dense", *candidates]:
-        choice.timings_us[kernel] = {t: round(times[t][kernel] * 1e6, 1) for t in inputs}
-    winners = []
-    for kernel in candidates:
-        if all(times[t][kernel] * margin < times[t]["dense"] for t in inputs):
-            winners.append((sum(times[t][kernel] / times[t]["dense"] for t in inputs), kernel))
-        else:
-            reasons.append(f"{kernel} not faster than dense at every probe size")
-    if not winners:
-        choice.reason = "; ".join(reasons)
-        return choice, None
-    _, kernel = min(winners)
-    choice.kernel, choice.reason = kernel, "measured faster than dense"
-    return choice, candidates[kernel]
+            contenders.update({k: (lambda x=x, m=m: m(x)) for k, m in alive.items()})
+            try:
+                with torch.inference_mode():
+                    times = self.timer(contenders, tokens)
+            except (RuntimeError, ValueError, NotImplementedError) as exc:
+                reasons.append(f"timing at {tokens} tokens failed: {_first_line(exc)}")
+                alive.clear()
+                break
+            for kernel, seconds in times.items():
+                choice.timings_us.setdefault(kernel, {})[tokens] = round(seconds * 1e6, 1)
+            for kernel in list(alive):
+                ratios[kernel] += times[kernel] / times["dense"]
+                if times[kernel] * self.margin >= times["dense"]:
+                    reasons.append(f"{kernel} not faster than dense at {tokens} tokens")
+                    del alive[kernel]
+        if not alive:
+            choice.reason = "; ".join(reasons)
+            return choice, None
+        kernel = min(alive, key=lambda k: (ratios[k], k))
+        choice.kernel, choice.reason = kernel, "measured faster than dense"
+        return choice, alive[kernel]
+
+
+def _guarded(what: str, call):
+    """``call()``, with torch's late refusals turned into :class:`_Refused`."""
+    try:
+        return call()
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        raise _Refused(f"{what}: {_first_line(exc)}") from exc
+
+
+def _random_input(linear: nn.Linear, tokens: int) -> torch.Tensor:
+    weight = linear.weight
+    return torch.randn(tokens, linear.in_features, dtype=weight.dtype, device=weight.device)
 
 
 def _default_timer(device: torch.device, repeats: int = 5, inner: int = 3) -> Timer:

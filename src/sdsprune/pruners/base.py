@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,13 +16,16 @@ class InputStats:
 
     ``gram`` is the second moment G = XᵀX / N (in x in, fp32), ``sumsq`` the per-feature sum
     of squares (Wanda's ‖X_j‖²), ``total`` the per-feature sum (DSnoT's mean input); layers
-    fed by the same tensor share one object.
+    fed by the same tensor share one object. ``derived`` caches what solvers compute from the
+    final statistic alone (a factorised inverse Hessian, λmax), so the layers sharing it
+    (q/k/v, gate/up) compute it once.
     """
 
     count: int
     sumsq: torch.Tensor | None = None
     gram: torch.Tensor | None = None
     total: torch.Tensor | None = None
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def feature_norms(self) -> torch.Tensor:

@@ -69,11 +69,70 @@ class SparsityPattern:
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """True at the ``k`` lowest entries of each row of ``scores`` (exact count, ties by index)."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        mask.scatter_(-1, torch.topk(scores, k, dim=-1, largest=False).indices, True)
-    return mask
+    """True at the ``k`` lowest entries of each row of ``scores`` (exact count).
+
+    Ties at the threshold go to the lowest column index, so the mask is a function of the
+    scores alone: top-k implementations order equal values differently on CPU and GPU.
+    """
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= scores.shape[-1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = torch.topk(scores, k, dim=-1, largest=False, sorted=False).values.amax(-1)
+    return _below_then_first_ties(scores, threshold.unsqueeze(-1), k)
+
+
+def _below_then_first_ties(scores: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+    """Everything below the k-th lowest value ``threshold``, then as many of the entries equal
+    to it as make ``k``, first by position."""
+    below = scores < threshold
+    ties = scores == threshold
+    room = k - below.sum(-1, keepdim=True)
+    return below | (ties & (ties.cumsum(-1, dtype=torch.int32) <= room))
+
+
+def lowest_k_near(scores: torch.Tensor, k: int, guess: float | None) -> tuple[torch.Tensor, float]:
+    """:func:`lowest_k_mask` of a 1-D ``scores``, found from a nearby threshold ``guess``.
+
+    An iterative solver that re-selects the same layer-wide mask every step (SDS's
+    adjustment) moves the threshold only a little: a few counting passes find a narrow band
+    of values around ``guess`` that must contain the k-th lowest, and only that band is
+    searched, instead of a top-k over the whole matrix (on a GPU a full sort with int64
+    indices, about 12 bytes of scratch per weight). Same mask as :func:`lowest_k_mask`;
+    returns the threshold for the next call.
+    """
+    count = scores.numel()
+    if 0 < k < count and guess is not None and guess > 0:
+        width = guess / 64
+        for _ in range(8):
+            low, high = guess - width, guess + width
+            below = int((scores < low).sum())
+            if below < k <= int((scores <= high).sum()):
+                band = scores[(scores >= low) & (scores <= high)]
+                threshold = torch.kthvalue(band.cpu(), k - below).values.to(scores.device)
+                return _below_then_first_ties(scores, threshold, k), float(threshold)
+            width *= 4
+    mask = lowest_k_mask(scores.reshape(1, -1), k).reshape(scores.shape)
+    kept_low = scores[mask]
+    return mask, float(kept_low.max()) if kept_low.numel() else 0.0
+
+
+class PatternProjector:
+    """Projection onto a sparsity pattern (zero the lowest |w| of each group), remembering
+    the layer-wide threshold between calls so repeated projections stay cheap."""
+
+    def __init__(self, pattern: SparsityPattern, group: str):
+        self.pattern = pattern
+        self.group = group
+        self.threshold: float | None = None
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        scores = weight.abs()
+        if self.pattern.is_nm or self.group != "layer":
+            return weight.masked_fill(pattern_mask(scores, self.pattern, self.group), 0.0)
+        k = int(weight.numel() * self.pattern.fraction)
+        mask, self.threshold = lowest_k_near(scores.reshape(-1), k, self.threshold)
+        return weight.masked_fill(mask.view_as(weight), 0.0)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

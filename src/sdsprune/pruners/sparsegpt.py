@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from sdsprune.errors import SdspruneError
+from sdsprune.linalg import damped_factor
 from sdsprune.pruners.base import InputStats, PruneOutcome, Pruner
 from sdsprune.pruners.patterns import SparsityPattern, lowest_k_mask, nm_mask
 from sdsprune.utils import single_threaded
@@ -19,7 +19,8 @@ class SparseGPTPruner(Pruner):
     """Column-by-column pruning with the inverse-Hessian update of the remaining columns.
 
     Unstructured masks are chosen adaptively per block of ``blocksize`` columns (the same
-    fraction in every block, the lowest w²/[H⁻¹]²_jj first); N:M masks every M columns.
+    fraction in every block, the lowest w²/[H⁻¹]²_jj first); N:M masks every M columns, in
+    blocks of a multiple of M columns (126 for 1:3), so that no group straddles two blocks.
     """
 
     name = "sparsegpt"
@@ -35,19 +36,33 @@ class SparseGPTPruner(Pruner):
     ) -> PruneOutcome:
         assert stats is not None and stats.gram is not None, "SparseGPT needs the Hessian"
         W = weight.clone().float()
-        H = stats.gram.to(W.device, torch.float32).clone()
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1.0
+        key = ("sparsegpt_hinv", self.percdamp, str(W.device))
+        if key not in stats.derived:  # once per shared input (q/k/v, gate/up)
+            stats.derived[key] = self._dead_and_hinv(stats.gram.to(W.device, torch.float32))
+        dead, hinv = stats.derived[key]
         W[:, dead] = 0.0
-        hinv = inverse_hessian_cholesky(H, self.percdamp)
         mask = torch.zeros_like(W, dtype=torch.bool)
         columns = W.shape[1]
+        blocksize = self.block_columns(pattern)
         with single_threaded() if W.device.type == "cpu" else contextlib.nullcontext():
-            for start in range(0, columns, self.blocksize):
-                end = min(start + self.blocksize, columns)
+            for start in range(0, columns, blocksize):
+                end = min(start + blocksize, columns)
                 self._prune_block(W, hinv, mask, start, end, pattern)
         W.masked_fill_(mask, 0.0)
         return PruneOutcome(W, mask)
+
+    def _dead_and_hinv(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dead input features (zero diagonal) and the factor of the dampened inverse."""
+        H = gram.clone()
+        dead = torch.diagonal(H) == 0
+        H[dead, dead] = 1.0
+        return dead, inverse_hessian_cholesky(H, self.percdamp)
+
+    def block_columns(self, pattern: SparsityPattern) -> int:
+        """Columns per block: ``blocksize``, rounded down to whole N:M groups."""
+        if not pattern.is_nm:
+            return self.blocksize
+        return max(pattern.m, self.blocksize - self.blocksize % pattern.m)
 
     @staticmethod
     def _prune_block(W, hinv, mask, start, end, pattern) -> None:
@@ -78,25 +93,18 @@ class SparseGPTPruner(Pruner):
         W[:, end:] -= errors @ hinv[start:end, end:]
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, retries: int = 6) -> torch.Tensor:
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹, λ = percdamp x mean(diag H).
 
-    A rank-deficient Hessian (few tokens, dead features) can make Cholesky fail; we then
-    retry with ten times the dampening and say so, rather than crash mid-run.
+    A rank-deficient Hessian (few tokens, dead features) can make Cholesky fail; the
+    dampening is then raised tenfold and retried (see :func:`damped_factor`).
     """
-    mean_diag = torch.diagonal(H).mean()
-    damp = percdamp
-    for attempt in range(retries):
-        regularised = H + damp * mean_diag * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-        factor, info = torch.linalg.cholesky_ex(regularised)
-        if info == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0:
-                if attempt:
-                    log.warning("Cholesky needed dampening %.3g x mean(diag H)", damp)
-                return upper
-        damp *= 10
-    raise SdspruneError(
-        "the Hessian is not positive definite even with heavy dampening (NaN/Inf inputs?)"
-    )
+
+    def upper_inverse(matrix: torch.Tensor) -> torch.Tensor | None:
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if info != 0:
+            return None
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+        return upper if info == 0 else None
+
+    return damped_factor(H, upper_inverse, first_damp=percdamp, what="the Hessian")

@@ -62,7 +62,8 @@ def fit_block(
     rows = owned.local(chosen)
     keep_outputs = chosen.numel() == owned.total
     with _trainable(block, weights):
-        reference = _sum_over_ranks(dist, targets[rows].float().square().sum().item())
+        reference = sum(float(targets[b].float().square().sum()) for b in rows.split(64))
+        reference = _sum_over_ranks(dist, reference)
         if reference <= 0:
             raise SdspruneError(f"decoder block {index} has all-zero target outputs")
 
@@ -134,7 +135,7 @@ class _Epoch:
         stream, targets = self.stream, self.targets
         for rows in picked.split(stream.batch_size):
             out = _forward(self.index, self.block, stream, rows)
-            ((out - targets[rows].float()).square().sum() / scale).backward()
+            ((out - _on(targets[rows], out)).square().sum() / scale).backward()
         for weight in self.weights:
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
@@ -176,7 +177,7 @@ def _forward(index: int, block: nn.Module, stream: ActivationStream, rows) -> to
     ``stream.batch_size`` windows; windows carry no padding, so every row of them is the
     same and a smaller batch takes their first rows.
     """
-    hidden = stream.hidden[rows].float()
+    hidden = stream.hidden[rows].to(_compute_device(block), torch.float32)
     fit = _fitted_extras(hidden.shape[0], stream.batch_size)
     args = fit(stream.block_args[index])
     kwargs = fit(stream.block_kwargs[index])
@@ -215,8 +216,8 @@ def _block_error(
     for batch in rows.split(stream.batch_size):
         out = _forward(index, block, stream, batch)
         if outputs is not None:
-            outputs[batch] = out.to(outputs.dtype)
-        error += (out - targets[batch].float()).square().sum().item()
+            outputs[batch] = out.to(outputs.device, outputs.dtype)
+        error += (out - _on(targets[batch], out)).square().sum().item()
     return _sum_over_ranks(dist, error), outputs
 
 
@@ -250,6 +251,15 @@ def _owned_windows(stream: ActivationStream, dist: Distributed | None) -> _Owned
         return _OwnedWindows(total=count, first=0, count=count)
     counts = dist.gather_objects(count)
     return _OwnedWindows(total=sum(counts), first=sum(counts[: dist.rank]), count=count)
+
+
+def _compute_device(block: nn.Module) -> torch.device:
+    """Where the block computes (activations may be offloaded to CPU memory)."""
+    return next(block.parameters()).device
+
+
+def _on(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.device, torch.float32)
 
 
 def _rms(weight: torch.Tensor) -> float:

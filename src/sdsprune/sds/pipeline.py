@@ -9,10 +9,11 @@ from sdsprune.engine import (
     BlockContext,
     BlockProcessor,
     capture_block_inputs,
+    current_session,
     pick_batch_size,
     run_blocks,
 )
-from sdsprune.linalg import relative_error
+from sdsprune.linalg import output_energy
 from sdsprune.models.blocks import model_linears
 from sdsprune.pruners import Pruner, SparsityPattern, get_pruner
 from sdsprune.runinfo import Timer
@@ -20,6 +21,7 @@ from sdsprune.sds.block import fit_block
 from sdsprune.sds.config import SDSConfig
 from sdsprune.sds.figures import StageRecorder
 from sdsprune.sds.groups import refine_groups
+from sdsprune.sds.originals import DenseOriginals
 from sdsprune.sds.solver import adjust, redense
 
 STAGES = ("first_prune", "redense", "second_prune", "adjusted", "final")
@@ -61,7 +63,8 @@ class _SDSSteps:
     def redense(self, ctx, name, dense, pruned) -> torch.Tensor:
         gram_in, gram_cross = self.data_grams(ctx, name)
         start = pruned if self.config.residual_start else dense
-        weight = redense(dense, start, gram_in, gram_cross, self.config)
+        stats_in = (ctx.dense_stats if self.config.data_mode == "dd" else ctx.stats).for_layer(name)
+        weight = redense(dense, start, gram_in, gram_cross, self.config, stats_in.derived)
         self._note(ctx, name, "redense", dense, weight)
         return weight
 
@@ -76,7 +79,16 @@ class _SDSSteps:
         target = self.adjust_target(ctx, name, dense)
         if self.adjusting:
             group = self.pruner.unstructured_group
-            weight = adjust(weight, dense, stats.gram, pattern, group, self.config, target=target)
+            weight = adjust(
+                weight,
+                dense,
+                stats.gram,
+                pattern,
+                group,
+                self.config,
+                target=target,
+                derived=stats.derived,
+            )
         if self.config.group_sweeps:
             sweeps = self.config.group_sweeps
             weight = refine_groups(weight, dense, stats.gram, pattern, sweeps, target=target)
@@ -109,7 +121,11 @@ class _SDSSteps:
 
     def _note(self, ctx, name, stage, dense, weight) -> None:
         record = ctx.records.setdefault(name, {})
-        error = relative_error(dense, weight, ctx.stats.for_layer(name).gram)
+        gram = ctx.stats.for_layer(name).gram
+        key = ("dense_energy", name)  # once per layer and pass, not once per stage
+        if key not in ctx.memo:
+            ctx.memo[key] = output_energy(dense, gram)
+        error = output_energy(dense - weight, gram) / max(ctx.memo[key], 1e-30)
         record[f"rel_error_{stage}"] = record["rel_error"] = error
         self.recorder.offer(f"{ctx.index}.{name}", stage, dense, weight)
 
@@ -124,10 +140,13 @@ class FusedSDS(BlockProcessor):
         self.dense_stream = steps.config.dense_stream
 
     def process(self, ctx: BlockContext) -> None:
-        for name, dense in ctx.dense_weights.items():
-            pruned = self.steps.first_prune(ctx, name, dense)
-            redensed = self.steps.redense(ctx, name, dense, pruned)
-            ctx.set_weight(name, self.steps.second_prune_and_adjust(ctx, name, dense, redensed))
+        figure = self.steps.recorder.layer.removeprefix(f"{ctx.index}.")
+        ctx.solve_layers(lambda name, dense: self._solve_layer(ctx, name, dense), [figure])
+
+    def _solve_layer(self, ctx: BlockContext, name: str, dense: torch.Tensor) -> torch.Tensor:
+        pruned = self.steps.first_prune(ctx, name, dense)
+        redensed = self.steps.redense(ctx, name, dense, pruned)
+        return self.steps.second_prune_and_adjust(ctx, name, dense, redensed)
 
     def refine(self, ctx: BlockContext) -> None:
         if self.steps.config.block_epochs:
@@ -136,22 +155,22 @@ class FusedSDS(BlockProcessor):
 
 class _StagedPass(BlockProcessor):
     """One whole-model pass of the staged schedule; ``originals`` holds the dense weights
-    (saved by the first pass) because the block itself carries the previous stage's."""
+    (kept by the first pass) because the block itself carries the previous stage's."""
 
     needs = "gram"
 
-    def __init__(self, steps: _SDSSteps, originals: dict[str, torch.Tensor]):
+    def __init__(self, steps: _SDSSteps, originals: DenseOriginals):
         self.steps = steps
         self.originals = originals
 
     def original(self, ctx: BlockContext, name: str, like: torch.Tensor) -> torch.Tensor:
-        return self.originals[f"{ctx.index}.{name}"].to(like.device)
+        return self.originals.weight(ctx.index, name, like)
 
 
 class _StagedFirstPrune(_StagedPass):
     def process(self, ctx: BlockContext) -> None:
+        self.originals.keep(ctx.index, ctx.linears)
         for name, dense in ctx.dense_weights.items():
-            self.originals[f"{ctx.index}.{name}"] = dense.to("cpu", copy=True)
             ctx.set_weight(name, self.steps.first_prune(ctx, name, dense))
 
 
@@ -160,15 +179,12 @@ class _StagedRedense(_StagedPass):
 
     propagate = "original"
 
-    def __init__(self, steps: _SDSSteps, originals: dict[str, torch.Tensor]):
+    def __init__(self, steps: _SDSSteps, originals: DenseOriginals):
         super().__init__(steps, originals)
         self.dense_stream = steps.config.data_mode != "sd"
 
     def dense_weights_for(self, index: int) -> dict[str, torch.Tensor]:
-        prefix = f"{index}."
-        return {
-            k.removeprefix(prefix): v for k, v in self.originals.items() if k.startswith(prefix)
-        }
+        return self.originals.block(index)
 
     def process(self, ctx: BlockContext) -> None:
         for name, pruned in ctx.dense_weights.items():  # the block holds step-1 weights now
@@ -215,7 +231,7 @@ def run_sds(
                 timer=timer,
             )
     else:
-        records = _run_staged(net, stream, steps, device, timer, label, progress)
+        records, copies = _run_staged(net, stream, steps, device, timer, label, progress)
     extras = {
         "sds": {
             "adjusted": steps.adjusting,
@@ -225,11 +241,14 @@ def run_sds(
         "figure_layer": recorder.layer,
         "_figures": recorder.figures(),
     }
+    if config.schedule == "staged":
+        extras["sds"]["dense_copies_mib"] = round(copies / 2**20, 3)
     return records, extras
 
 
-def _run_staged(net, stream, steps, device, timer, label, progress) -> dict[str, dict]:
-    originals: dict[str, torch.Tensor] = {}
+def _run_staged(net, stream, steps, device, timer, label, progress) -> tuple[dict, int]:
+    """The three passes; returns the records and the bytes the dense copies held."""
+    originals = DenseOriginals(net, current_session().store)
     initial = stream.clone()
     needs_dense = steps.config.data_mode != "sd"
     with timer.stage("sds_step1_prune"):
@@ -270,7 +289,7 @@ def _run_staged(net, stream, steps, device, timer, label, progress) -> dict[str,
                 timer=timer,
             ),
         )
-    return records
+    return records, originals.nbytes
 
 
 def _merge(records: dict[str, dict], more: dict[str, dict]) -> None:

@@ -8,11 +8,12 @@ instead of a pass over all calibration tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from sdsprune.linalg import largest_eigenvalue
-from sdsprune.pruners.patterns import SparsityPattern, pattern_mask
+from sdsprune.linalg import damped_factor, largest_eigenvalue
+from sdsprune.pruners.patterns import PatternProjector, SparsityPattern
 from sdsprune.sds.config import SDSConfig
 
 
@@ -22,21 +23,29 @@ def redense(
     gram_in: torch.Tensor,
     gram_cross: torch.Tensor,
     config: SDSConfig,
+    derived: dict | None = None,
 ) -> torch.Tensor:
     """Step 2: every weight free again, fit W X_i to W_d X_t from ``start``.
 
     ``closed``: exact minimiser with the proximity term (no L1);
     ``fista``: accelerated proximal gradient, soft-threshold for L1, step 1/L;
-    ``gd``: the paper's plain recipe, ``redense_iters`` steps of lr / λmax(G_ii).
+    ``gd``: exactly the paper's plain recipe, ``redense_iters`` steps of lr / λmax(G_ii)
+    from ``start`` on the reconstruction loss plus the L1/L2 terms: no proximity term
+    (``mu`` is ignored), the few steps from the start are its only regularisation.
+
+    ``derived`` caches what depends on ``gram_in`` alone (its factorisation, λmax), so the
+    layers that share an input (q/k/v, gate/up) compute it once.
     """
     scale = float(torch.diagonal(gram_in).mean())
     sigma = float(dense.square().mean().sqrt())
-    mu, l2, l1 = config.mu * scale, config.lambda2 * scale, config.lambda1 * scale * sigma
+    mu = 0.0 if config.solver == "gd" else config.mu * scale
+    l2, l1 = config.lambda2 * scale, config.lambda1 * scale * sigma
     target = dense @ gram_cross  # A G_ti
     if config.solver == "closed":
-        return _redense_closed(target, start, gram_in, mu + l2, mu)
+        factor = _derive(derived, ("closed", mu + l2), lambda: _closed_factor(gram_in, mu + l2))
+        return _redense_closed(target, start, factor, mu)
     smooth_grad = _regularised_gradient(target, start, gram_in, l2, mu)
-    curvature = largest_eigenvalue(gram_in)
+    curvature = _derive(derived, "lambda_max", lambda: largest_eigenvalue(gram_in))
     if config.solver == "fista":
         step = 1.0 / (2 * (curvature + l2 + mu))
         return _fista(start, smooth_grad, step, l1, config.redense_iters)
@@ -47,13 +56,34 @@ def redense(
     return weight
 
 
-def _redense_closed(target, start, gram_in, ridge, mu) -> torch.Tensor:
-    """W = (A G_ti + μ W_start)(G_ii + (μ + λ2) I)⁻¹, via one Cholesky factorisation."""
-    system = gram_in + ridge * torch.eye(
-        gram_in.shape[0], device=gram_in.device, dtype=gram_in.dtype
-    )
+def _derive(derived: dict | None, key, compute: Callable[[], object]):
+    """``compute()`` once per ``key`` in ``derived`` (every time when there is no cache)."""
+    if derived is None:
+        return compute()
+    if key not in derived:
+        derived[key] = compute()
+    return derived[key]
+
+
+def _closed_factor(gram_in: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Cholesky factor of G_ii + (μ + λ2) I in float64; with μ = λ2 = 0 and a dead input
+    feature that matrix is singular, so it is dampened and retried as SparseGPT does."""
+    system = gram_in.double()
+    if ridge:
+        system = system + ridge * torch.eye(
+            system.shape[0], device=system.device, dtype=system.dtype
+        )
+
+    def cholesky(matrix: torch.Tensor) -> torch.Tensor | None:
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        return factor if info == 0 else None
+
+    return damped_factor(system, cholesky, what="the re-dense system G + (mu + lambda2) I")
+
+
+def _redense_closed(target, start, factor, mu) -> torch.Tensor:
+    """W = (A G_ti + μ W_start)(G_ii + (μ + λ2) I)⁻¹, from the factor of the system."""
     rhs = target + mu * start
-    factor = torch.linalg.cholesky(system.double())
     return torch.cholesky_solve(rhs.double().T, factor).T.to(start.dtype)
 
 
@@ -96,6 +126,7 @@ def adjust(
     config: SDSConfig,
     check_every: int = 10,
     target: torch.Tensor | None = None,
+    derived: dict | None = None,
 ) -> torch.Tensor:
     """Step 3b: fit the surviving weights to the dense layer's outputs.
 
@@ -109,12 +140,11 @@ def adjust(
     if config.adjust_iters == 0:
         return start
     target = dense @ gram if target is None else target
-    curvature = largest_eigenvalue(gram)
+    curvature = _derive(derived, "lambda_max", lambda: largest_eigenvalue(gram))
     accelerated = config.adjust_solver == "accelerated"
     step = 1.0 / (2 * curvature) if accelerated else config.lr / curvature
 
-    def project(weight: torch.Tensor) -> torch.Tensor:
-        return weight.masked_fill(pattern_mask(weight.abs(), pattern, group), 0.0)
+    project = PatternProjector(pattern, group)  # keeps the layer-wide threshold between steps
 
     best, best_value = start, fit_objective(start, gram, target)
     current = momentum_point = start

@@ -1,0 +1,202 @@
+"""Scale benchmark: a Llama-3-8B-shaped model on the CPU, measured per block, extrapolated.
+
+The model has Llama-3-8B's block shapes (hidden 4096, MLP 14336, GQA 32/8 heads) with
+random weights and only ``--blocks`` decoder blocks (vocabulary 32000: the embeddings are
+outside what is measured). Each configuration runs in its own process, so peak memory is
+its own: SparseGPT, SDS fused sd and SDS fused kd, in bf16 and fp32, on
+``--windows`` x ``--seqlen`` random calibration tokens. Per block it reports the time of
+each stage (capture, statistics pass, solve, output pass), peak RSS above the process's
+baseline (model built, before pruning) next to the memory plan's estimate, and
+extrapolates to 32 blocks x 128 x 2048 tokens (8B) and 80 blocks (70B):
+
+    passes scale with tokens and with the block's linear weights (70B: 3.9x an 8B block),
+    solves do not depend on tokens and scale with out x in² per layer (70B: 7.9x).
+
+Full run (hours on a 2-core machine)::
+
+    python benchmarks/scale.py --out benchmarks/results/scale-cpu
+
+Check that it works (minutes)::
+
+    python benchmarks/scale.py --blocks 1 --windows 2 --seqlen 512 --out /tmp/scale-small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# SDS as an 8B run does it: the adjustment is skipped above 3B parameters (adjust=auto);
+# this 2-block model is smaller, so that is said explicitly.
+CONFIGS = {
+    "sparsegpt": dict(method="sparsegpt"),
+    "sds-sd": dict(method="sds", data_mode="sd", adjust="never"),
+    "sds-kd": dict(method="sds", data_mode="kd", adjust="never"),
+}
+DTYPES = ("bfloat16", "float32")
+PASSES = ("capture", "stats_pass", "output_pass")
+TOKENS_8B = 128 * 2048
+
+
+def layer_shapes(hidden: int, intermediate: int, kv_width: int) -> list[tuple[int, int]]:
+    """(out, in) of a Llama block's seven linear layers."""
+    return [
+        (hidden, hidden),  # q
+        (kv_width, hidden),  # k
+        (kv_width, hidden),  # v
+        (hidden, hidden),  # o
+        (intermediate, hidden),  # gate
+        (intermediate, hidden),  # up
+        (hidden, intermediate),  # down
+    ]
+
+
+LLAMA_8B = layer_shapes(4096, 14336, 1024)
+LLAMA_70B = layer_shapes(8192, 28672, 1024)  # 64 query heads, 8 KV heads of 128
+# forwards scale with the weights a token meets; solves with out x in² per layer
+PASS_FACTOR_70B = sum(o * i for o, i in LLAMA_70B) / sum(o * i for o, i in LLAMA_8B)
+SOLVE_FACTOR_70B = sum(o * i * i for o, i in LLAMA_70B) / sum(o * i * i for o, i in LLAMA_8B)
+
+
+def llama_8b_shaped(blocks: int, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=blocks,
+        vocab_size=32000,
+        max_position_embeddings=8192,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_one(name: str, dtype: str, args) -> dict:
+    """One configuration in this process: prune, then report per-block stage times."""
+    import sdsprune
+    from sdsprune.models import LoadedModel
+
+    model = llama_8b_shaped(args.blocks, getattr(torch, dtype))
+    tokenizer = _tokenizer()
+    windows = torch.randint(0, 32000, (args.windows, args.seqlen), generator=torch.Generator())
+    baseline = rss_mib()
+    options = dict(CONFIGS[name])
+    method = options.pop("method")
+    sds = sdsprune.SDSConfig(**options) if method == "sds" else None
+    start = time.perf_counter()
+    result = sdsprune.prune(
+        LoadedModel(model, tokenizer, "llama-3-8b-shaped", None),
+        method=method,
+        sparsity="2:4",
+        calibration=windows,
+        device="cpu",
+        progress=False,
+        sds=sds,
+    )
+    seconds = time.perf_counter() - start
+    timings = result.report["timings"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    per_block = {stage: timings.get(stage, 0.0) / args.blocks for stage in (*PASSES, "solve")}
+    return {
+        "config": name,
+        "dtype": dtype,
+        "blocks": args.blocks,
+        "tokens": args.windows * args.seqlen,
+        "seconds": round(seconds, 1),
+        "per_block_seconds": {k: round(v, 2) for k, v in per_block.items()},
+        "peak_above_baseline_mib": round(peak - baseline, 1),
+        "planned_peak_mib": round(result.report["plan"]["device_peak"] / 2**20, 1),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _tokenizer():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import byte_tokenizer  # in-memory, no downloads; only its BOS rule is read
+
+    return byte_tokenizer()
+
+
+def extrapolate(row: dict) -> dict:
+    """Minutes for a whole 8B and 70B run from the measured per-block times."""
+    times = row["per_block_seconds"]
+    passes = sum(times[stage] for stage in PASSES) * TOKENS_8B / row["tokens"]
+    eight = 32 * (passes + times["solve"])
+    seventy = 80 * (passes * PASS_FACTOR_70B + times["solve"] * SOLVE_FACTOR_70B)
+    return {"8b_minutes": round(eight / 60, 1), "70b_minutes": round(seventy / 60, 1)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| config | dtype | capture s | stats pass s | solve s | output pass s "
+        "| peak MiB (plan) | 8B min | 70B min |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        t, e = row["per_block_seconds"], row["extrapolated"]
+        lines.append(
+            f"| {row['config']} | {row['dtype']} | {t['capture']} | {t['stats_pass']} "
+            f"| {t['solve']} | {t['output_pass']} "
+            f"| {row['peak_above_baseline_mib']:.0f} ({row['planned_peak_mib']:.0f}) "
+            f"| {e['8b_minutes']} | {e['70b_minutes']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--out", required=True, help="folder for scale.json and scale.md")
+    parser.add_argument("--one", nargs=2, metavar=("CONFIG", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(*args.one, args)))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    common = ["--blocks", str(args.blocks), "--windows", str(args.windows)]
+    common += ["--seqlen", str(args.seqlen), "--out", str(out)]
+    for dtype in args.dtypes.split(","):
+        for name in args.configs.split(","):
+            command = [sys.executable, __file__, *common, "--one", name, dtype]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(done.stderr[-2000:], file=sys.stderr)
+                return done.returncode
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["extrapolated"] = extrapolate(row)
+            rows.append(row)
+            print(f"{name} {dtype}: {row['seconds']} s", flush=True)
+            # written after every configuration: a long run killed late keeps what it measured
+            (out / "scale.json").write_text(json.dumps(rows, indent=2))
+            (out / "scale.md").write_text(table(rows) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,297 @@
+"""The memory and time plan of a pruning run, made before any block is touched.
+
+A 70B model, or fp32 on a 24 GB card, does not fit the way a small model does: the
+calibration activations alone are windows x seqlen x hidden values per stream (8 GiB for
+128 x 2048 tokens of a hidden size of 8192 in fp32), the Gram matrices in² floats per
+distinct layer input, and the solvers hold a few more in² matrices for the widest layer.
+The plan adds these up per block from the model's shapes, says where each lives, decides
+whether the activations must be offloaded to CPU memory, and refuses a run that would not
+fit with one line that names the option that would make it fit, instead of an
+out-of-memory crash hours in. Every figure is an estimate (an upper bound where the code
+is not exact about sharing), printed and written to the report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdsprune.errors import SdspruneError
+from sdsprune.models.blocks import block_linears, decoder_blocks
+
+GIB = 2**30
+HEADROOM = 0.9  # plan for 90% of the free memory: allocator fragmentation, CUDA context
+# layers that read one input tensor (the engine shares their statistic); others get their own
+_SHARED_INPUTS = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("query", "key", "value"),
+)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the plan depends on besides the model's shapes."""
+
+    windows: int  # calibration windows this process holds
+    seqlen: int
+    batch: int
+    method: str
+    base: str | None
+    data_mode: str = "sd"
+    schedule: str = "fused"
+    adjust_iters: int = 0
+    solver: str = "closed"
+    low_memory: bool = False
+    offload: str = "auto"  # auto, on, off
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per item and where it lives; the peak on each side; the decision."""
+
+    device: str
+    items: list[tuple[str, int, str]] = field(default_factory=list)  # (what, bytes, where)
+    offload: bool = False
+    device_peak: int = 0
+    host_extra: int = 0
+    device_free: int | None = None
+    host_available: int | None = None
+    flops: float = 0.0
+    flops_per_second: float | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        return self.flops / self.flops_per_second if self.flops_per_second else None
+
+    def describe(self) -> str:
+        """A few lines for the terminal, printed before work starts."""
+        lines = [f"memory plan on {self.device} (per block, estimates):"]
+        for what, size, where in self.items:
+            lines.append(f"  {what:<50} {_gib(size):>10}  {where}")
+        free = "" if self.device_free is None else f" of {_gib(self.device_free)} free"
+        lines.append(f"  peak on {self.device}: {_gib(self.device_peak)}{free}")
+        if self.device != "cpu":
+            available = "" if self.host_available is None else f" of {_gib(self.host_available)}"
+            lines.append(f"  extra CPU memory: {_gib(self.host_extra)}{available} available")
+        lines.append(f"  activations offloaded to CPU: {'yes' if self.offload else 'no'}")
+        if self.seconds is not None:
+            lines.append(
+                f"  compute: {self.flops / 1e12:.1f} TFLOP, at least {_duration(self.seconds)} at "
+                f"the measured matmul rate ({self.flops_per_second / 1e9:.0f} GFLOP/s)"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["items"] = [{"what": w, "bytes": b, "where": p} for w, b, p in self.items]
+        data["seconds"] = self.seconds
+        return data
+
+
+def _gib(size: int) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= GIB // 4 else f"{size / 2**20:.1f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """The dimensions the plan needs, read from block 0 (works on ``meta`` blocks too)."""
+
+    blocks: int
+    hidden: int
+    widest: int  # largest layer input width
+    block_params: int  # all parameters of one block
+    linear_params: int  # the prunable ones
+    layers: list[tuple[str, int, int]]  # (name, out, in)
+    group_inputs: list[int]  # input width of each distinct statistic
+    heads: int
+    dtype_bytes: int
+
+
+def _shapes(net: nn.Module) -> _Shapes:
+    blocks = decoder_blocks(net)
+    block = blocks[0]
+    linears = block_linears(block)
+    layers = [(n, la.out_features, la.in_features) for n, la in linears.items()]
+    groups: dict[str, int] = {}
+    for name, _, width in layers:
+        leaf = name.rsplit(".", 1)
+        parent, short = (leaf[0], leaf[1]) if len(leaf) == 2 else ("", leaf[0])
+        shared = next((g for g in _SHARED_INPUTS if short in g), None)
+        groups[f"{parent}:{shared[0]}" if shared else name] = width
+    config = getattr(net, "config", None)
+    parameter = next(block.parameters())
+    return _Shapes(
+        blocks=len(blocks),
+        hidden=int(getattr(config, "hidden_size", 0) or max(w for _, _, w in layers)),
+        widest=max(w for _, _, w in layers),
+        block_params=sum(p.numel() for p in block.parameters()),
+        linear_params=sum(o * i for _, o, i in layers),
+        layers=layers,
+        group_inputs=list(groups.values()),
+        heads=int(getattr(config, "num_attention_heads", 1) or 1),
+        dtype_bytes=parameter.element_size(),
+    )
+
+
+def plan_run(
+    net: nn.Module, request: PlanRequest, compute: torch.device, measure: bool = True
+) -> MemoryPlan:
+    """Estimate what one block needs and decide where the activations live.
+
+    ``measure``: time a matmul on ``compute`` for the time estimate (a few milliseconds).
+    """
+    shapes = _shapes(net)
+    plan = MemoryPlan(device=str(compute))
+    tokens = request.windows * request.seqlen
+    batch_tokens = request.batch * request.seqlen
+    sds = request.method == "sds"
+    dense_stream = sds and request.data_mode != "sd"
+    buffers = 1 + dense_stream + (sds and request.schedule == "staged")
+    activations = buffers * tokens * shapes.hidden * shapes.dtype_bytes
+    needs = "gram" if sds else {"magnitude": "none", "wanda": "sumsq"}.get(request.method, "gram")
+    gram_sets = (1 + (request.data_mode == "dd") + 2 * (request.data_mode == "kd")) if sds else 1
+    statistics = gram_sets * sum(4 * w * w for w in shapes.group_inputs) if needs == "gram" else 0
+    weights = shapes.block_params * shapes.dtype_bytes + shapes.linear_params * 4
+    forward = _forward_scratch(shapes, batch_tokens, request.batch, request.seqlen, dense_stream)
+    solver, cached = _solver_scratch(shapes, request)
+    plan.device_free, plan.host_available = _free_memory(compute)
+    fixed = weights + statistics + forward + solver + cached
+    plan.offload = request.offload == "on" or (
+        request.offload == "auto"
+        and compute.type != "cpu"
+        and plan.device_free is not None
+        and activations + fixed > HEADROOM * plan.device_free
+    )
+    device, host = str(compute), "cpu"
+    on_device = host if plan.offload else device
+    plan.items = [
+        (f"activations ({buffers} stream buffer(s), {tokens} tokens)", activations, on_device),
+        ("block weights + fp32 copies of its linears", weights, device),
+        ("statistics (Grams, cross-Grams)", statistics, device),
+        (f"forward scratch ({batch_tokens} tokens a batch)", forward, device),
+        ("solver scratch (widest layer) + cached factors", solver + cached, device),
+    ]
+    if sds and request.schedule == "staged" and not request.low_memory:
+        copies = shapes.blocks * shapes.linear_params * shapes.dtype_bytes
+        plan.items.append(("staged: dense copies of every block (model dtype)", copies, host))
+    plan.device_peak = sum(size for _, size, where in plan.items if where == device)
+    plan.host_extra = sum(size for _, size, where in plan.items if where == host)
+    plan.flops = shapes.blocks * _block_flops(shapes, request, tokens, dense_stream)
+    if measure:
+        plan.flops_per_second = _matmul_rate(compute)
+    return plan
+
+
+def _forward_scratch(shapes: _Shapes, tokens: int, batch: int, seqlen: int, dense: bool) -> int:
+    """One batch through one block: hidden states and MLP intermediates in the model dtype,
+    an attention score matrix, the fp32 copy of each layer input the hooks read, and one
+    in x in product before it is added to its Gram (kd also keeps the dense inputs)."""
+    intermediate = max(o for _, o, _ in shapes.layers)
+    activations = tokens * (6 * shapes.hidden + 3 * intermediate) * shapes.dtype_bytes
+    attention = batch * shapes.heads * seqlen * seqlen * shapes.dtype_bytes
+    hooks = tokens * shapes.widest * 4 + 4 * shapes.widest**2
+    kept = tokens * sum(shapes.group_inputs) * 4 if dense else 0
+    return activations + attention + hooks + kept
+
+
+def _solver_scratch(shapes: _Shapes, request: PlanRequest) -> tuple[int, int]:
+    """(transient scratch of the widest layer's solve, factors cached for the block)."""
+    out, width = max(
+        ((o, i) for _, o, i in shapes.layers), key=lambda oi: oi[0] * oi[1] + oi[1] ** 2
+    )
+    pruner = request.base if request.method == "sds" else request.method
+    if pruner == "sparsegpt":
+        base = 2 * out * width * 4 + out * width + 3 * width * width * 4
+        cached = sum(4 * w * w for w in shapes.group_inputs)
+    else:  # scores, mask, selected values and int64 indices of half the entries
+        base, cached = out * width * (4 + 1 + 6), 0
+    if request.method != "sds":
+        return base, cached
+    closed = 2 * width * width * 8 + 3 * out * width * 8 if request.solver == "closed" else 0
+    iterative = 8 * out * width * 4  # start, target, iterates, momentum, best, gradient
+    if request.solver == "closed":
+        cached += sum(8 * w * w for w in shapes.group_inputs)
+    return max(base, closed, iterative), cached
+
+
+def _block_flops(shapes: _Shapes, request: PlanRequest, tokens: int, dense: bool) -> float:
+    """Matmul FLOPs of one block: forwards, Gram accumulation, factorisations, solver steps."""
+    passes = (2 + dense) * (3 if request.schedule == "staged" and request.method == "sds" else 1)
+    attention = 4 * tokens * request.seqlen * shapes.hidden
+    forward = passes * (2 * shapes.block_params * tokens + attention)
+    grams = (1 + 2 * dense) * sum(2 * tokens * w * w for w in shapes.group_inputs)
+    factor = sum(2 * w**3 for w in shapes.group_inputs)
+    per_layer = sum(2 * o * i * i for _, o, i in shapes.layers)  # one (out x in x in) product
+    if request.method == "sds":
+        # two base prunings, the re-dense target and solve, the stage errors, each adjust step
+        solves = (2 + 2 + 1 + request.adjust_iters) * per_layer
+        return forward + grams + 3 * factor + solves  # Hessian twice, re-dense system once
+    return forward + grams + (factor + per_layer if request.method == "sparsegpt" else 0)
+
+
+def check_plan(plan: MemoryPlan, request: PlanRequest) -> None:
+    """Refuse, with one line naming what would make it fit, a run the plan says cannot."""
+    on_gpu = plan.device != "cpu"
+    if on_gpu and plan.device_free is not None and plan.device_peak > HEADROOM * plan.device_free:
+        need, free = _gib(plan.device_peak), _gib(plan.device_free)
+        if not plan.offload:
+            hint = "pass --offload-activations on to keep the activations in CPU memory"
+        else:
+            hint = "use fewer/shorter calibration windows (--nsamples, --seqlen) or a larger GPU"
+        raise SdspruneError(
+            f"this run needs about {need} on {plan.device} but {free} are free: {hint}"
+        )
+    host_need = plan.host_extra if on_gpu else plan.device_peak  # on CPU: one and the same
+    if plan.host_available is not None and host_need > HEADROOM * plan.host_available:
+        hint = "lower --nsamples or --seqlen"
+        if request.method == "sds" and request.schedule == "staged" and not request.low_memory:
+            hint = "use --low-memory (the staged dense copies are then read from disk) or " + hint
+        raise SdspruneError(
+            f"this run needs about {_gib(host_need)} more CPU memory but "
+            f"{_gib(plan.host_available)} are available: {hint}"
+        )
+
+
+def _free_memory(compute: torch.device) -> tuple[int | None, int | None]:
+    """(free memory of the compute device, available CPU memory), None where unknown."""
+    host = _meminfo_available()
+    if compute.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(compute)
+        return int(free), host
+    return host, host
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _matmul_rate(compute: torch.device) -> float:
+    """FLOP/s of an fp32 matmul on ``compute`` (best of three; the solvers run in fp32)."""
+    size = 2048 if compute.type == "cuda" else 512
+    a = torch.randn(size, size, device=compute)
+    best = math.inf
+    for _ in range(3):
+        if compute.type == "cuda":
+            torch.cuda.synchronize(compute)
+        start = time.perf_counter()
+        a @ a
+        if compute.type == "cuda":
+            torch.cuda.synchronize(compute)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / max(best, 1e-9)

@@ -1,0 +1,246 @@
+"""Big-model readiness: the memory plan, activation offloading, in-place activation
+buffers, staged dense copies, and layers shared across ranks by fused SDS."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import byte_tokenizer, tiny_model
+
+from sdsprune import SdspruneError
+from sdsprune.engine import capture_block_inputs, run_blocks
+from sdsprune.engine import memory_plan as mp
+from sdsprune.engine.distributed import Distributed
+from sdsprune.models import LoadedModel, model_linears
+from sdsprune.prune import PruneProcessor, prune
+from sdsprune.pruners import SparsityPattern, get_pruner
+from sdsprune.sds import SDSConfig
+
+GIB = 2**30
+
+
+def windows(count=8, length=24):
+    return torch.randint(0, 256, (count, length), generator=torch.Generator().manual_seed(0))
+
+
+def pruned(model=None, **options):
+    model = model if model is not None else tiny_model("llama")
+    loaded = LoadedModel(model, byte_tokenizer(), "tiny", None)
+    result = prune(loaded, calibration=windows(), device="cpu", progress=False, **options)
+    return {n: la.weight.detach().clone() for n, la in model_linears(model).items()}, result
+
+
+def llama_8b_shaped():
+    """Llama-3-8B's shapes on the meta device: no memory, exact dimensions."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=32,
+        vocab_size=128256,
+    )
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+def test_plan_of_an_8b_model_counts_activations_and_grams_exactly(monkeypatch):
+    monkeypatch.setattr(mp, "_free_memory", lambda compute: (None, None))
+    request = mp.PlanRequest(windows=128, seqlen=2048, batch=4, method="sparsegpt", base=None)
+    plan = mp.plan_run(llama_8b_shaped(), request, torch.device("cpu"), measure=False)
+    items = {what.split(" (")[0]: size for what, size, _ in plan.items}
+    assert items["activations"] == 128 * 2048 * 4096 * 2  # one bf16 stream: 2 GiB
+    assert items["statistics"] == (3 * 4096**2 + 14336**2) * 4  # qkv, o, gate/up, down
+    kd = mp.PlanRequest(
+        windows=128, seqlen=2048, batch=4, method="sds", base="sparsegpt", data_mode="kd"
+    )
+    plan_kd = mp.plan_run(llama_8b_shaped(), kd, torch.device("cpu"), measure=False)
+    kd_items = {what.split(" (")[0]: size for what, size, _ in plan_kd.items}
+    assert kd_items["activations"] == 2 * items["activations"]  # the dense stream too
+    assert kd_items["statistics"] == 3 * items["statistics"]  # + dense Grams + cross-Grams
+    assert plan_kd.flops > plan.flops > 0
+
+
+def gpu_plan(monkeypatch, free_gib: float, offload: str):
+    monkeypatch.setattr(mp, "_free_memory", lambda compute: (int(free_gib * GIB), 512 * GIB))
+    request = mp.PlanRequest(
+        windows=128, seqlen=2048, batch=4, method="sparsegpt", base=None, offload=offload
+    )
+    return request, mp.plan_run(llama_8b_shaped(), request, torch.device("cuda"), measure=False)
+
+
+def test_plan_offloads_activations_when_the_gpu_would_not_hold_them(monkeypatch):
+    _, roomy = gpu_plan(monkeypatch, 80, "auto")
+    assert not roomy.offload
+    request, tight = gpu_plan(monkeypatch, 11, "auto")  # 11.2 GiB with, 9.2 without
+    assert tight.offload
+    assert tight.host_extra == 128 * 2048 * 4096 * 2
+    mp.check_plan(tight, request)  # fits once offloaded
+    assert "offloaded to CPU: yes" in tight.describe()
+
+
+def test_plan_refuses_with_the_flag_that_would_make_it_fit(monkeypatch):
+    request, plan = gpu_plan(monkeypatch, 11, "off")
+    with pytest.raises(SdspruneError, match="--offload-activations on"):
+        mp.check_plan(plan, request)
+    request, plan = gpu_plan(monkeypatch, 1, "auto")  # not even the solver fits
+    with pytest.raises(SdspruneError, match="--nsamples, --seqlen"):
+        mp.check_plan(plan, request)
+
+
+def test_prune_refuses_before_any_work_when_memory_is_short(monkeypatch):
+    from sdsprune.engine import capture
+
+    monkeypatch.setattr(mp, "_meminfo_available", lambda: 2**20)
+    monkeypatch.setattr(capture, "capture_block_inputs", None)  # must not be reached
+    with pytest.raises(SdspruneError, match="lower --nsamples or --seqlen"):
+        pruned(method="sparsegpt")
+
+
+def test_plan_is_in_the_report():
+    _, result = pruned(method="wanda")
+    plan = result.report["plan"]
+    assert plan["offload"] is False and plan["device_peak"] > 0 and plan["flops"] > 0
+
+
+@pytest.mark.parametrize("data_mode", ["sd", "kd"])
+def test_offloaded_activations_give_identical_results(data_mode):
+    """The offload path (activations in CPU memory, each batch moved to the compute device)
+    changes where tensors live, never a value."""
+    sds = SDSConfig(data_mode=data_mode, adjust_iters=5)
+    kept, _ = pruned(method="sds", sds=sds, offload_activations="off")
+    offloaded, result = pruned(method="sds", sds=sds, offload_activations="on")
+    assert result.report["plan"]["offload"] is True
+    for name in kept:
+        assert torch.equal(kept[name], offloaded[name]), name
+
+
+def test_passes_reuse_one_activation_buffer_and_it_holds_the_right_outputs():
+    """Outputs overwrite their inputs batch by batch: no second buffer, no thrown-away
+    stats-pass outputs; after block 0 the stream is the pruned model's block-0 output."""
+    model = tiny_model("llama")
+    stream = capture_block_inputs(model, windows(), torch.device("cpu"), 4)
+    pointer = stream.hidden.data_ptr()
+    after_block0 = {}
+
+    def snapshot(index, stream, _dense, _records):
+        after_block0.setdefault(index, stream.hidden.clone())
+
+    processor = PruneProcessor(get_pruner("sparsegpt"), SparsityPattern.parse("0.5"))
+    run_blocks(
+        model, stream, processor, torch.device("cpu"), progress=False, on_block_done=snapshot
+    )
+    assert stream.hidden.data_ptr() == pointer
+    with torch.no_grad():
+        hidden = model(windows(), output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(after_block0[0], hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_staged_keeps_dense_copies_in_the_model_dtype_and_converts_once_per_block(monkeypatch):
+    from sdsprune.engine import sequential
+
+    seen = []
+    original = sequential.swapped_weights
+
+    def checking(linears, weights):
+        if weights:
+            seen.append(all(weights[n].dtype == la.weight.dtype for n, la in linears.items()))
+        return original(linears, weights)
+
+    monkeypatch.setattr(sequential, "swapped_weights", checking)
+    model = tiny_model("llama").to(torch.bfloat16)
+    sds = SDSConfig(schedule="staged", data_mode="kd", adjust_iters=5)
+    _, result = pruned(model, method="sds", sds=sds)
+    linear_bytes = sum(la.weight.numel() * 2 for la in model_linears(model).values())
+    assert result.report["sds"]["dense_copies_mib"] == round(linear_bytes / 2**20, 3)
+    assert seen and all(seen)
+
+
+def test_staged_under_low_memory_reads_the_dense_weights_back_from_disk(tiny_model_dir, tmp_path):
+    corpus = tmp_path / "calib.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog while pruning. " * 40)
+    options = dict(
+        method="sds",
+        sds=SDSConfig(schedule="staged", data_mode="kd", adjust_iters=5),
+        calib=str(corpus),
+        nsamples=4,
+        seqlen=32,
+        device="cpu",
+        progress=False,
+    )
+    memory = prune(str(tiny_model_dir), out=tmp_path / "memory", **options)
+    disk = prune(str(tiny_model_dir), out=tmp_path / "disk", low_memory=True, **options)
+    assert disk.report["sds"]["dense_copies_mib"] == 0
+    assert memory.report["sds"]["dense_copies_mib"] > 0
+    from safetensors.torch import load_file
+
+    one = load_file(str(tmp_path / "memory" / "model.safetensors"))
+    two = {}
+    for path in (tmp_path / "disk").glob("*.safetensors"):
+        two.update(load_file(str(path)))
+    for name, tensor in one.items():
+        assert torch.equal(tensor, two[name]), name
+
+
+class PretendRank(Distributed):
+    """Rank ``rank`` of a group whose other ranks contribute nothing and receive nothing:
+    lets one process check which layers this rank solves."""
+
+    def __init__(self, rank: int, world: int):
+        super().__init__(rank=rank, world=world, device=torch.device("cpu"))
+        self.sources: list[int] = []
+
+    def shard(self, windows):
+        return windows
+
+    def all_reduce_(self, tensor):
+        return tensor
+
+    def sum_floats(self, values):
+        return values
+
+    def broadcast_(self, tensor, src):
+        self.sources.append(src)
+
+    def gather_objects(self, value):
+        return [value if rank == self.rank else {} for rank in range(self.world)]
+
+    def barrier(self):
+        pass
+
+
+def test_fused_sds_solves_each_layer_on_one_rank_only(monkeypatch):
+    import importlib
+
+    from sdsprune.sds.pipeline import FusedSDS
+
+    prune_module = importlib.import_module("sdsprune.prune")  # the package exports the function
+
+    rank = PretendRank(1, 2)
+
+    @contextlib.contextmanager
+    def joined(_compute):
+        yield rank
+
+    monkeypatch.setattr(prune_module, "distributed_from_env", joined)
+    solved = []
+    original = FusedSDS._solve_layer
+    monkeypatch.setattr(
+        FusedSDS,
+        "_solve_layer",
+        lambda self, ctx, name, dense: (
+            solved.append(f"{ctx.index}.{name}") or original(self, ctx, name, dense)
+        ),
+    )
+    _, result = pruned(method="sds", sds=SDSConfig(adjust_iters=5))
+    layers = len(model_linears(tiny_model("llama")))
+    assert 0 < len(solved) < layers  # this rank's share, not every layer
+    assert set(rank.sources) == {0, 1}  # the rest arrives from rank 0
+    assert sorted(result.report["layers"]) == sorted(solved)
+    assert result.report["figure_layer"] not in solved  # drawn by rank 0
