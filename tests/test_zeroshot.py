@@ -64,14 +64,18 @@ def _choice_logprob(model, tokenizer, context: str, choice: str) -> float:
     return sum(logprobs[p, token].item() for p, token in zip(positions, cont, strict=True))
 
 
+def _hand_correct(model, tokenizer, doc: dict) -> tuple[int, int]:
+    """Whether the top choice by total and by per-byte log-likelihood is a gold one."""
+    lls = [_choice_logprob(model, tokenizer, doc["query"], c) for c in doc["choices"]]
+    normed = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]
+    acc = max(range(len(lls)), key=lls.__getitem__) in doc["gold"]
+    acc_norm = max(range(len(normed)), key=normed.__getitem__) in doc["gold"]
+    return int(acc), int(acc_norm)
+
+
 def _hand_scores(model, tokenizer, docs: list[dict]) -> tuple[float, float]:
-    acc = acc_norm = 0.0
-    for doc in docs:
-        lls = [_choice_logprob(model, tokenizer, doc["query"], c) for c in doc["choices"]]
-        normed = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]
-        acc += max(range(len(lls)), key=lls.__getitem__) in doc["gold"]
-        acc_norm += max(range(len(normed)), key=normed.__getitem__) in doc["gold"]
-    return acc / len(docs), acc_norm / len(docs)
+    correct = [_hand_correct(model, tokenizer, doc) for doc in docs]
+    return tuple(sum(column) / len(docs) for column in zip(*correct, strict=True))
 
 
 @pytest.mark.parametrize("style", bigbench.PROMPT_STYLES)
@@ -109,6 +113,14 @@ def test_limit_scores_a_seeded_subset(toy_cache):
     assert (row["examples"], row["total"]) == (3, 7)
     assert (row["acc"], row["acc_norm"]) == (pytest.approx(acc), pytest.approx(acc_norm))
     assert report["limit"] == 3 and report["seed"] == 5
+    # Each scored example is kept, by document index, for paired comparisons.
+    indices = bigbench.subsample(len(docs), 3, seed=5)
+    hand = [_hand_correct(model, tokenizer, docs[i]) for i in indices]
+    assert row["per_example"] == {
+        "doc_id": indices,
+        "acc": [a for a, _ in hand],
+        "acc_norm": [n for _, n in hand],
+    }
 
 
 def test_composite_task_reports_subtasks_and_their_mean(tmp_path, monkeypatch):

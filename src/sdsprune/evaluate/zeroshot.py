@@ -50,6 +50,9 @@ class TaskResult:
     majority: float | None = None  # accuracy of always the most frequent answer, when defined
     seconds: float = 0.0
     subtasks: list[str] = field(default_factory=list)
+    # Leaf tasks: each scored example's document index and 0/1 correctness under both
+    # metrics, so that two models scored on the same examples can be compared pairwise.
+    per_example: dict[str, list[int]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -291,7 +294,7 @@ def _run_one(lm, task: _Prepared, limit: int | None, seed: int, progress: bool) 
                 task_dict=loaded,
                 samples={harness_name: task.indices},
                 bootstrap_iters=1000,
-                log_samples=False,
+                log_samples=True,
             )
         else:
             harness_name = task.spec.config.task
@@ -300,7 +303,7 @@ def _run_one(lm, task: _Prepared, limit: int | None, seed: int, progress: bool) 
                 task_dict={"tasks": {harness_name: task.spec}, "groups": {}},
                 limit=limit,
                 bootstrap_iters=1000,
-                log_samples=False,
+                log_samples=True,
             )
     metrics = output["results"][harness_name]
     examples = int(output["n-samples"][harness_name]["effective"])
@@ -315,7 +318,19 @@ def _run_one(lm, task: _Prepared, limit: int | None, seed: int, progress: bool) 
         chance=task.chance,
         majority=task.majority,
         seconds=round(time.perf_counter() - start, 2),
+        per_example=per_example(output["samples"][harness_name]),
     )
+
+
+def per_example(samples: list[dict]) -> dict[str, list[int]]:
+    """The harness's logged samples as ``{"doc_id", "acc", "acc_norm"}`` lists in document
+    order (tasks without ``acc_norm`` repeat ``acc``, as the task row does)."""
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    return {
+        "doc_id": [int(sample["doc_id"]) for sample in ordered],
+        "acc": [int(sample["acc"]) for sample in ordered],
+        "acc_norm": [int(sample.get("acc_norm", sample["acc"])) for sample in ordered],
+    }
 
 
 def _with_groups(results: dict[str, TaskResult], groups: dict[str, list[str]]) -> list[TaskResult]:
