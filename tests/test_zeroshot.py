@@ -9,7 +9,7 @@ import torch
 from conftest import byte_tokenizer, tiny_model
 
 from sdsprune.errors import SdspruneError
-from sdsprune.evaluate import bigbench
+from sdsprune.evaluate import bigbench, zeroshot
 from sdsprune.evaluate.zeroshot import evaluate_tasks
 from sdsprune.models import LoadedModel
 
@@ -164,34 +164,65 @@ def test_bad_names_fail_before_any_work():
         evaluate_tasks("no-such-model", ["bigbench:winowhy"], prompt_style="listed")
 
 
-def test_standard_task_offline_names_the_missing_dataset(monkeypatch):
-    """Standard harness tasks need the hub; offline that is one clear error, before loading.
+def _offline_harness(monkeypatch, datasets: dict[str, str]) -> list[str]:
+    """Standard harness tasks with no reachable data; returns the names load() was asked for.
 
-    The harness's task index (6 s to build) is replaced by one entry shaped like its own.
+    The harness's task index (6 s to build) is replaced by entries shaped like its own.
     """
     import lm_eval.tasks
     from lm_eval.tasks._index import Entry, Kind
 
     from sdsprune import hub
 
+    asked = []
+
     class OfflineManager:
         def __init__(self):
-            self.all_tasks = ["piqa"]
-            entry = Entry("piqa", Kind.TASK, None, cfg={"dataset_path": "baber/piqa"})
-            self.task_index = {"piqa": entry}
+            self.all_tasks = list(datasets)
+            self.task_index = {
+                name: Entry(name, Kind.TASK, None, cfg={"dataset_path": path})
+                for name, path in datasets.items()
+            }
 
         def load(self, names):
-            raise ConnectionError("Couldn't reach 'baber/piqa' on the Hub (OfflineModeIsEnabled)")
+            asked.extend(names)
+            raise ConnectionError(f"Couldn't reach '{datasets[names[0]]}' (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", OfflineManager)
     monkeypatch.setattr(hub, "hub_reachable", lambda: False)
     monkeypatch.setattr(hub, "go_offline_unless_reachable", lambda: None)
-    with pytest.raises(
-        SdspruneError, match=r"task 'piqa' needs the dataset baber/piqa.*unreachable"
-    ):
+    return asked
+
+
+def test_standard_task_offline_names_the_missing_dataset(monkeypatch):
+    """Standard harness tasks need the hub; offline that is one clear error, before loading."""
+    _offline_harness(monkeypatch, {"piqa": "baber/piqa"})
+    with pytest.raises(SdspruneError, match=r"unreachable.*cache: piqa \(baber/piqa\); offline"):
         evaluate_tasks("no-such-model", ["piqa"])
     with pytest.raises(SdspruneError, match="unknown task"):
         evaluate_tasks("no-such-model", ["no_such_task"])
+
+
+def test_paper_suite_offline_is_one_line_naming_every_missing_dataset(monkeypatch):
+    datasets = {name: f"org/{name}-data" for name in zeroshot.PAPER_SUITE}
+    asked = _offline_harness(monkeypatch, datasets)
+    with pytest.raises(SdspruneError) as error:
+        evaluate_tasks("no-such-model", ["paper"])  # fails before loading the model
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("offline: 7 task(s) need datasets")
+    for name in ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge"):
+        assert f"{name} (org/{name}-data)" in message
+    assert "openbookqa (org/openbookqa-data)" in message and "--tasks offline" in message
+    assert asked == list(zeroshot.PAPER_SUITE)
+
+
+def test_suites_expand_to_their_tasks_once():
+    assert zeroshot.expand_suites(["bigbench:winowhy", "offline", "bigbench:social_iqa"]) == [
+        "bigbench:winowhy",
+        *zeroshot.OFFLINE_SUITE,
+    ]
+    assert zeroshot.expand_suites(["paper"])[:2] == ["boolq", "rte"]
+    assert len(zeroshot.OFFLINE_SUITE) >= 5
 
 
 TASK_ARGS = ("--tasks", "bigbench:winowhy", "--limit", "3", "--json")

@@ -6,7 +6,9 @@ Two kinds of task names, both scored by the harness with its ``acc`` and ``acc_n
   work offline; ``--limit`` takes a seeded random subset of each task.
 * any other name (piqa, arc_easy, hellaswag, ...) is a standard harness task, passed on as it
   is; those download their data from the Hugging Face hub, so offline they fail at once with
-  the name of the missing dataset. ``--limit`` there is the harness's own (first N examples).
+  the names of the missing datasets. ``--limit`` there is the harness's own (first N examples).
+* ``paper`` and ``offline`` name suites (:data:`SUITES`): the papers' seven harness tasks, and
+  bundled BIG-bench tasks a 135M model is measurably good at.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ log = logging.getLogger(__name__)
 
 HARNESS_REQUIREMENT = "lm-eval==0.4.13"
 DEFAULT_SEED = bigbench.BIGBENCH_FORMAT_SEED
+# The zero-shot suite of the SparseGPT, Wanda and SDS papers, as harness tasks (needs the hub).
+PAPER_SUITE = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+# Bundled BIG-bench tasks (no network) on which dense SmolLM2-135M scores clearly above its
+# uniform and constant-answer baselines, so that a suite mean can show a loss of skill; the
+# measurements behind the choice are in the README ("Zero-shot tasks and comparisons").
+OFFLINE_SUITE = (
+    "bigbench:social_iqa",
+    "bigbench:goal_step_wikihow/goal_inference",
+    "bigbench:goal_step_wikihow/step_inference",
+)
+SUITES = {"paper": PAPER_SUITE, "offline": OFFLINE_SUITE}
 
 
 @dataclass
@@ -96,6 +109,7 @@ def evaluate_tasks(
     fetched before the model is loaded, so a typo or a missing dataset fails in seconds.
     ``prompt_style`` applies to ``bigbench:`` tasks (see :mod:`.bigbench`).
     """
+    tasks = expand_suites(tasks)
     if not tasks:
         raise SdspruneError("no tasks given (e.g. --tasks bigbench:social_iqa,bigbench:winowhy)")
     if limit is not None and limit < 1:
@@ -128,6 +142,18 @@ def evaluate_tasks(
 
 
 # ----------------------------------------------------------------------------- preparation
+def expand_suites(tasks: Sequence[str]) -> list[str]:
+    """Suite names (``paper``, ``offline``) replaced by their tasks; repeats dropped."""
+    expanded = [name for task in tasks for name in SUITES.get(task.strip(), (task,))]
+    return list(dict.fromkeys(expanded))
+
+
+def check_task_data(tasks: Sequence[str]) -> None:
+    """Load the data of the standard harness tasks in ``tasks`` (downloading it once), so a
+    caller with expensive work ahead (pruning) fails at once when it is unreachable."""
+    _standard_tasks([name for name in expand_suites(tasks) if not bigbench.is_bigbench(name)])
+
+
 def check_task_names(
     tasks: Sequence[str], prompt_style: str = bigbench.DEFAULT_PROMPT_STYLE
 ) -> None:
@@ -140,7 +166,7 @@ def check_task_names(
     if not tasks:
         return
     _require_harness()
-    for name in tasks:
+    for name in expand_suites(tasks):
         if bigbench.is_bigbench(name):
             bigbench.resolve(name)
 
@@ -211,35 +237,47 @@ def _standard_tasks(names: list[str]) -> list[_Prepared]:
             "tasks`) nor bigbench:NAME"
         )
     go_offline_unless_reachable()
-    prepared = []
+    prepared, failures = [], {}
     for name in names:
         try:
             loaded = manager.load([name])["tasks"]
         except Exception as exc:
-            raise SdspruneError(_missing_data_message(manager, name, exc, hub_reachable())) from exc
+            failures[name] = exc  # try the others, so that one message names every gap
+            continue
         for task_name, task in loaded.items():
             task.set_config(key="num_fewshot", value=0)
             total = len(task.eval_docs)
             prepared.append(
                 _Prepared(name=task_name if len(loaded) > 1 else name, spec=task, total=total)
             )
+    if failures:
+        raise SdspruneError(_missing_data_message(manager, failures, hub_reachable()))
     return prepared
 
 
-def _missing_data_message(manager, name: str, exc: Exception, online: bool) -> str:
+def _missing_data_message(manager, failures: dict[str, Exception], online: bool) -> str:
+    """One line naming every task whose data could not be loaded, and its dataset."""
+    if not online:
+        needs = ", ".join(f"{name} ({_dataset_of(manager, name)})" for name in failures)
+        return (
+            f"offline: {len(failures)} task(s) need datasets from the Hugging Face hub, which "
+            f"is unreachable, and they are not in the local datasets cache: {needs}; offline, "
+            "use the bundled BIG-bench tasks instead (--tasks offline)"
+        )
+    return "; ".join(
+        f"task '{name}': could not load the dataset {_dataset_of(manager, name)}: "
+        + (str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+        for name, exc in failures.items()
+    )
+
+
+def _dataset_of(manager, name: str) -> str:
     entry = manager.task_index.get(name)
     config = (entry.cfg or {}) if entry is not None else {}
     dataset = config.get("dataset_path") or "its dataset"
     if config.get("dataset_name"):
-        dataset += f" ({config['dataset_name']})"
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    if not online:
-        return (
-            f"task '{name}' needs the dataset {dataset} from the Hugging Face hub, which is "
-            "unreachable, and it is not in the local datasets cache; offline, use BIG-bench "
-            "tasks instead (e.g. bigbench:social_iqa)"
-        )
-    return f"task '{name}': could not load the dataset {dataset}: {first}"
+        dataset += f" {config['dataset_name']}"
+    return dataset
 
 
 # ----------------------------------------------------------------------------- model
