@@ -294,13 +294,13 @@ def _as_loaded(model, tokenizer, device: str, dtype: str) -> LoadedModel:
 
 
 def _harness_model(loaded: LoadedModel, batch_size: int):
-    from lm_eval.models.huggingface import HFLM
+    from sdsprune.evaluate.scoring import prefix_sharing_lm_class
 
     model = loaded.model
     device = next(model.parameters()).device
     model.eval()
     with _quiet_harness():
-        return HFLM(
+        return prefix_sharing_lm_class()(
             pretrained=model,
             tokenizer=loaded.tokenizer,
             batch_size=batch_size,
