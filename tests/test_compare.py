@@ -443,3 +443,35 @@ def test_a_kept_model_has_the_pruned_weights(tiny_model_dir, corpus, tmp_path):
     assert other.kept_model("cpu") is None
     other.save_prune_record({"report": {}, "figures": [], "seconds": 1.0})
     assert not (tmp_path / "pruned" / "magnitude_2-4" / "model").exists()
+
+
+def test_paired_intervals_in_the_outputs(tiny_model_dir, corpus, tmp_path, fake_prune, toy_tasks):
+    """The fake pruning changes nothing, so every method equals dense: each paired difference
+    is exactly none, its interval contains it, and the outputs say it is not significant."""
+    out = tmp_path / "cmp"
+    results = compare(**_settings(tiny_model_dir, corpus, out, sparsities=["2:4"], tasks=toy_tasks))
+    pairs = [(c["run"], c["reference"]) for c in results["paired"]]
+    assert pairs == [
+        ("wanda_2-4", "dense"),
+        ("sds-wanda_2-4", "wanda_2-4"),
+        ("sds-wanda_2-4", "dense"),
+    ]
+    for comparison in results["paired"]:
+        ratio = comparison["perplexity"][str(corpus)]
+        assert ratio["estimate"] == 1.0 and ratio["low"] <= 1 <= ratio["high"]
+        assert comparison["mean"]["estimate"] == 0 and not comparison["mean"]["significant"]
+        assert set(comparison["tasks"]) == set(toy_tasks)
+    stored = json.loads((out / "runs" / "wanda_2-4.json").read_text())
+    assert len(stored["chunk_nll"][str(corpus)]) == 2  # max_chunks
+    assert stored["tasks"][0]["per_example"]["doc_id"] == [0, 1, 2, 3]
+    summary = json.loads((out / "results.json").read_text())
+    assert (
+        "chunk_nll" not in summary["runs"][0]
+        and "per_example" not in summary["runs"][0]["tasks"][0]
+    )
+    table = (out / "results.md").read_text()
+    assert "## Paired differences" in table
+    assert "(1.00x, 95% CI 1.00-1.00)" in table  # a perplexity cell against the reference
+    assert "- SDS (Wanda) 2:4 vs Wanda 2:4: " in table
+    assert "mean accuracy +0.0 points (95% CI +0.0 to +0.0): not significant" in table
+    assert "not significant (the interval includes no difference)" in table

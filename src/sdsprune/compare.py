@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sdsprune.compare_paired import paired_comparisons
 from sdsprune.compare_store import write_json_atomic as _write_json_atomic
 from sdsprune.errors import SdspruneError
 from sdsprune.models import LoadedModel, load_model
@@ -181,13 +182,22 @@ def compare(
     for number, run in enumerate(pending, start=1):
         _log_progress(number, len(pending), run, started)
         done[run.key] = _execute(run, context)
+    records = [done[run.key] for run in runs]
     results = {
         "settings": settings,
-        "runs": [done[run.key] for run in runs],
+        "runs": [_without_items(record) for record in records],
+        "paired": paired_comparisons(records, settings, metric),
         "versions": library_versions(),
     }
     write_outputs(folder, results)
     return results
+
+
+def _without_items(record: dict) -> dict:
+    """A run's record without its per-chunk and per-example values: they stay in the run's
+    file (for paired statistics) and would bury the summary in results.json."""
+    tasks = [{k: v for k, v in row.items() if k != "per_example"} for row in record["tasks"]]
+    return {**{k: v for k, v in record.items() if k != "chunk_nll"}, "tasks": tasks}
 
 
 def _sds_settings(sds) -> dict | None:
@@ -460,7 +470,10 @@ def shown_metric(settings: dict) -> str:
 
 
 def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
-    """A table laid out like the pruning papers': method x sparsity, perplexity then accuracy."""
+    """A table laid out like the pruning papers': method x sparsity, perplexity then accuracy,
+    each pruned value with its paired interval; then every paired difference in words."""
+    from sdsprune.compare_paired import cell_note, markdown_section
+
     settings = results["settings"]
     datasets = settings["datasets"]
     tasks = [t for t in task_columns(results) if t in settings["tasks"]]
@@ -476,21 +489,33 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
     ]
     best = _best_per_sparsity(results["runs"], datasets)
+    paired = results.get("paired") or []
     for run in results["runs"]:
         cells = [_method_name(run), run["run"]["sparsity"] or "0%"]
         for dataset in datasets:
             value = run["perplexity"].get(dataset)
             text = "—" if value is None else f"{value:.2f}"
-            cells.append(f"**{text}**" if (run["key"], dataset) in best else text)
+            note = cell_note(paired, run, results["runs"], dataset)
+            cells.append((f"**{text}**" if (run["key"], dataset) in best else text) + note)
         by_task = {row["task"]: row for row in run["tasks"]}
-        cells += [f"{100 * by_task[t][metric]:.1f}" if t in by_task else "—" for t in tasks]
+        for task in tasks:
+            note = "" if with_mean else cell_note(paired, run, results["runs"], task)
+            cells.append(f"{100 * by_task[task][metric]:.1f}{note}" if task in by_task else "—")
         if with_mean:
             mean = mean_accuracy(run, metric)
-            cells.append("—" if mean is None else f"{100 * mean:.1f}")
+            note = cell_note(paired, run, results["runs"], "mean")
+            cells.append("—" if mean is None else f"{100 * mean:.1f}{note}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Bold: lowest perplexity at that sparsity. Accuracies in % ({METRICS[metric]})."]
+    if paired:
+        lines.append(
+            "In parentheses: the paired difference to the base method (SDS rows) or to dense "
+            "(other rows), perplexity as a ratio and accuracy in points, with its 95% interval "
+            "(see Paired differences)."
+        )
     if tasks:
         lines.append(_task_note(results, tasks))
+    lines += markdown_section(results, _name_with_sparsity)
     lines += [
         "",
         "## Cost",
@@ -511,6 +536,10 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
         lines += ["", "## Figures", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in [*plots, *figures]]
     return "\n".join(lines) + "\n"
+
+
+def _name_with_sparsity(run: dict) -> str:
+    return f"{_method_name(run)} {run['run']['sparsity'] or ''}".strip()
 
 
 def _seconds(value: float | None) -> str:
