@@ -8,8 +8,9 @@ vocabulary makes the logits of the context positions (thrown away) as expensive 
 
 :class:`PrefixSharingLM` keeps the harness's interface and results, and scores instead each
 distinct context once, keeping its attention cache and the logits of its last position only,
-then all of its continuations together on top of that cache. Requests too long for the model
-(which the harness truncates from the left) go through the harness's own code.
+then all of its continuations together on top of that cache; contexts of similar length are
+batched together, so that the weights are read once for many of them. Requests too long for
+the model (which the harness truncates from the left) go through the harness's own code.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from sdsprune.utils import cache_keyword, cache_of
+
+# Log-probabilities of one batch of continuations are rows x tokens x vocab floats; keep them
+# near this many bytes (as perplexity batches do).
+_LOGIT_BUDGET_BYTES = 1 << 29
 
 
 def prefix_sharing_lm_class():
@@ -51,51 +56,111 @@ def prefix_sharing_lm_class():
                 disable=disable_tqdm or self.rank != 0,
                 desc="Running loglikelihood requests",
             )
-            # Longest first, as the harness does: memory problems show at once.
-            for context, members in sorted(groups.items(), key=lambda item: -len(item[0])):
-                scores = score_continuations(
-                    self.model, list(context), [requests[i][2] for i in members], self.device
+            vocab = self.model.config.get_text_config().vocab_size
+            batch_size = override_bs or (
+                self.batch_size if isinstance(self.batch_size, int) else 16
+            )
+            for batch in _batches(groups, requests, batch_size, vocab):
+                scores = score_groups(
+                    self.model,
+                    [
+                        (list(context), [requests[i][2] for i in members])
+                        for context, members in batch
+                    ],
+                    self.device,
                 )
-                for index, score in zip(members, scores, strict=True):
-                    results[index] = score
-                    self.cache_hook.add_partial("loglikelihood", requests[index][0], score)
-                bar.update(len(members))
+                for (_, members), group_scores in zip(batch, scores, strict=True):
+                    for index, score in zip(members, group_scores, strict=True):
+                        results[index] = score
+                        self.cache_hook.add_partial("loglikelihood", requests[index][0], score)
+                    bar.update(len(members))
             bar.close()
             return results
 
     return PrefixSharingLM
 
 
-@torch.no_grad()
-def score_continuations(
-    model, context: list[int], continuations: list[list[int]], device
-) -> list[tuple[float, bool]]:
-    """For each continuation: (sum of its token log-probabilities after ``context``, whether
-    each of its tokens is the greedy choice) — what the harness's loglikelihood returns.
+def _batches(groups: dict, requests, contexts_per_batch: int, vocab: int):
+    """Groups in batches of similar context length (longest first, as the harness orders them,
+    so memory problems show at once): at most ``contexts_per_batch`` contexts, and log-probs
+    of the continuations within the byte budget."""
+    batch: list = []
+    rows = longest = 0
+    for context, members in sorted(groups.items(), key=lambda item: -len(item[0])):
+        conts = [requests[i][2] for i in members]
+        new_rows, new_longest = rows + len(conts), max(longest, *(len(c) for c in conts))
+        too_big = new_rows * new_longest * vocab * 4 > _LOGIT_BUDGET_BYTES
+        if batch and (len(batch) == contexts_per_batch or too_big):
+            yield batch
+            batch, new_rows, new_longest = [], len(conts), max(len(c) for c in conts)
+        batch.append((context, members))
+        rows, longest = new_rows, new_longest
+    if batch:
+        yield batch
 
-    The context runs once (logits of its last position only: they predict each continuation's
-    first token); the continuations minus their last token then run as one right-padded batch
-    on the context's cache. Right padding needs no mask: a causal model never looks ahead.
+
+@torch.no_grad()
+def score_groups(
+    model, groups: list[tuple[list[int], list[list[int]]]], device
+) -> list[list[tuple[float, bool]]]:
+    """For each (context, continuations) group, for each continuation: (sum of its token
+    log-probabilities after the context, whether each of its tokens is the greedy choice), as
+    the harness's loglikelihood returns them.
+
+    The contexts run once, as one left-padded batch (so that they all end at the last
+    position, the only one whose logits are computed: it predicts each continuation's first
+    token). Every continuation minus its last token then runs on a copy of its context's
+    cache, all of them in one right-padded batch; right padding needs no mask, since a
+    causal model never looks ahead. Position ids follow the unpadded sequences, so the
+    results equal the harness's up to floating-point rounding.
     """
-    first = model(torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
-    first_logprobs = F.log_softmax(first.logits[0, -1].float(), dim=-1)
-    longest = max(len(c) for c in continuations)
-    rest_logprobs = None
-    if longest > 1:
-        cache = cache_of(first)
-        cache.batch_repeat_interleave(len(continuations))
-        batch = torch.zeros(len(continuations), longest - 1, dtype=torch.long, device=device)
-        for row, continuation in enumerate(continuations):
-            batch[row, : len(continuation) - 1] = torch.tensor(continuation[:-1])
-        logits = model(batch, use_cache=False, **{cache_keyword(model): cache}).logits
-        rest_logprobs = F.log_softmax(logits.float(), dim=-1)
-    scores = []
-    for row, continuation in enumerate(continuations):
+    lengths = torch.tensor([len(context) for context, _ in groups], device=device)
+    width = int(lengths.max())
+    ids = torch.zeros(len(groups), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(groups), width, dtype=torch.long, device=device)
+    for row, (context, _) in enumerate(groups):
+        ids[row, width - len(context) :] = torch.tensor(context, device=device)
+        mask[row, width - len(context) :] = 1
+    out = model(
+        ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # groups x vocab
+    owners = [g for g, (_, conts) in enumerate(groups) for _ in conts]
+    continuations = [cont for _, conts in groups for cont in conts]
+    rest = _continuation_logprobs(model, out, mask, lengths, owners, continuations, device)
+    scores: list[list[tuple[float, bool]]] = [[] for _ in groups]
+    for row, (owner, continuation) in enumerate(zip(owners, continuations, strict=True)):
         target = torch.tensor(continuation, device=device)
-        steps = first_logprobs[None]
+        steps = first[owner][None]
         if len(continuation) > 1:
-            steps = torch.cat([steps, rest_logprobs[row, : len(continuation) - 1]])
+            steps = torch.cat([steps, rest[row, : len(continuation) - 1]])
         total = steps.gather(1, target[:, None]).sum().item()
-        greedy = bool((steps.argmax(dim=-1) == target).all())
-        scores.append((total, greedy))
+        scores[owner].append((total, bool((steps.argmax(dim=-1) == target).all())))
     return scores
+
+
+def _continuation_logprobs(model, out, mask, lengths, owners, continuations, device):
+    """Log-probabilities after each continuation's tokens but its last, on its context's
+    cache (None when every continuation is one token long)."""
+    longest = max(len(c) for c in continuations)
+    if longest == 1:
+        return None
+    index = torch.tensor(owners, device=device)
+    cache = cache_of(out)
+    cache.batch_select_indices(index)
+    batch = torch.zeros(len(continuations), longest - 1, dtype=torch.long, device=device)
+    for row, continuation in enumerate(continuations):
+        batch[row, : len(continuation) - 1] = torch.tensor(continuation[:-1], device=device)
+    steps = torch.arange(longest - 1, device=device)
+    logits = model(
+        batch,
+        attention_mask=torch.cat([mask[index], torch.ones_like(batch)], dim=1),
+        position_ids=lengths[index, None] + steps,
+        use_cache=False,
+        **{cache_keyword(model): cache},
+    ).logits
+    return F.log_softmax(logits.float(), dim=-1)
