@@ -475,3 +475,14 @@ def test_paired_intervals_in_the_outputs(tiny_model_dir, corpus, tmp_path, fake_
     assert "- SDS (Wanda) 2:4 vs Wanda 2:4: " in table
     assert "mean accuracy +0.0 points (95% CI +0.0 to +0.0): not significant" in table
     assert "not significant (the interval includes no difference)" in table
+
+
+def test_paper_suite_offline_fails_before_any_pruning(
+    tiny_model_dir, corpus, tmp_path, fake_prune, offline_harness
+):
+    from sdsprune.evaluate.zeroshot import PAPER_SUITE
+
+    offline_harness({name: f"org/{name}" for name in PAPER_SUITE})
+    with pytest.raises(SdspruneError, match=r"^offline: 7 task\(s\) need datasets"):
+        compare(**_settings(tiny_model_dir, corpus, tmp_path / "cmp", tasks=["paper"]))
+    assert fake_prune == []

@@ -164,48 +164,18 @@ def test_bad_names_fail_before_any_work():
         evaluate_tasks("no-such-model", ["bigbench:winowhy"], prompt_style="listed")
 
 
-def _offline_harness(monkeypatch, datasets: dict[str, str]) -> list[str]:
-    """Standard harness tasks with no reachable data; returns the names load() was asked for.
-
-    The harness's task index (6 s to build) is replaced by entries shaped like its own.
-    """
-    import lm_eval.tasks
-    from lm_eval.tasks._index import Entry, Kind
-
-    from sdsprune import hub
-
-    asked = []
-
-    class OfflineManager:
-        def __init__(self):
-            self.all_tasks = list(datasets)
-            self.task_index = {
-                name: Entry(name, Kind.TASK, None, cfg={"dataset_path": path})
-                for name, path in datasets.items()
-            }
-
-        def load(self, names):
-            asked.extend(names)
-            raise ConnectionError(f"Couldn't reach '{datasets[names[0]]}' (OfflineModeIsEnabled)")
-
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", OfflineManager)
-    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
-    monkeypatch.setattr(hub, "go_offline_unless_reachable", lambda: None)
-    return asked
-
-
-def test_standard_task_offline_names_the_missing_dataset(monkeypatch):
+def test_standard_task_offline_names_the_missing_dataset(offline_harness):
     """Standard harness tasks need the hub; offline that is one clear error, before loading."""
-    _offline_harness(monkeypatch, {"piqa": "baber/piqa"})
+    offline_harness({"piqa": "baber/piqa"})
     with pytest.raises(SdspruneError, match=r"unreachable.*cache: piqa \(baber/piqa\); offline"):
         evaluate_tasks("no-such-model", ["piqa"])
     with pytest.raises(SdspruneError, match="unknown task"):
         evaluate_tasks("no-such-model", ["no_such_task"])
 
 
-def test_paper_suite_offline_is_one_line_naming_every_missing_dataset(monkeypatch):
+def test_paper_suite_offline_is_one_line_naming_every_missing_dataset(offline_harness):
     datasets = {name: f"org/{name}-data" for name in zeroshot.PAPER_SUITE}
-    asked = _offline_harness(monkeypatch, datasets)
+    asked = offline_harness(datasets)
     with pytest.raises(SdspruneError) as error:
         evaluate_tasks("no-such-model", ["paper"])  # fails before loading the model
     message = str(error.value)
