@@ -486,3 +486,65 @@ def test_paper_suite_offline_fails_before_any_pruning(
     with pytest.raises(SdspruneError, match=r"^offline: 7 task\(s\) need datasets"):
         compare(**_settings(tiny_model_dir, corpus, tmp_path / "cmp", tasks=["paper"]))
     assert fake_prune == []
+
+
+def _run_with_examples(method: str, correct: dict[str, list[int]], base=None) -> dict:
+    """A run record whose leaf tasks have these per-example results (acc = acc_norm)."""
+    tasks = ["bigbench:winowhy", "bigbench:cause_and_effect"]
+    leaves = ["bigbench:cause_and_effect/one_sentence", "bigbench:cause_and_effect/two_sentences"]
+    rows = []
+    for name, values in correct.items():
+        examples = {"doc_id": list(range(len(values))), "acc": values, "acc_norm": values}
+        mean = sum(values) / len(values)
+        rows.append({"task": name, "acc": mean, "acc_norm": mean, "per_example": examples})
+    composite = [r["acc_norm"] for r in rows if r["task"] in leaves]
+    rows.append(
+        {
+            "task": "bigbench:cause_and_effect",
+            "acc_norm": sum(composite) / 2,
+            "subtasks": leaves,
+            "per_example": None,
+        }
+    )
+    run = Run(method, base, None if method == "dense" else "2:4")
+    return {
+        "run": {"method": method, "base": base, "sparsity": run.sparsity},
+        "key": run.key,
+        "settings": {"tasks": tasks},
+        "tasks": rows,
+        "chunk_nll": {},
+    }
+
+
+def test_paired_mean_difference_is_the_difference_of_the_table_means():
+    """A composite task counts once, as the mean of its subtasks, in the paired mean too."""
+    from sdsprune.compare_paired import paired_comparisons
+
+    dense = _run_with_examples(
+        "dense",
+        {
+            "bigbench:winowhy": [1, 0, 1, 1],
+            "bigbench:cause_and_effect/one_sentence": [1, 1],
+            "bigbench:cause_and_effect/two_sentences": [0, 0, 1],
+        },
+    )
+    wanda = _run_with_examples(
+        "wanda",
+        {
+            "bigbench:winowhy": [0, 0, 1, 1],
+            "bigbench:cause_and_effect/one_sentence": [1, 0],
+            "bigbench:cause_and_effect/two_sentences": [1, 1, 1],
+        },
+    )
+    settings = {"datasets": [], "tasks": ["bigbench:winowhy", "bigbench:cause_and_effect"]}
+    (comparison,) = paired_comparisons([dense, wanda], settings, "acc_norm")
+    expected = compare_module.mean_accuracy(wanda) - compare_module.mean_accuracy(dense)
+    assert comparison["mean"]["estimate"] == pytest.approx(expected)
+    assert comparison["tasks"]["bigbench:winowhy"]["estimate"] == pytest.approx(-0.25)
+    assert comparison["tasks"]["bigbench:cause_and_effect"]["estimate"] == pytest.approx(
+        ((0.5 - 1) + (1 - 1 / 3)) / 2
+    )
+    # Other examples on one side (another --limit subset): no paired interval, not a wrong one.
+    wanda["tasks"][0]["per_example"]["doc_id"] = [0, 1, 2, 5]
+    (comparison,) = paired_comparisons([dense, wanda], settings, "acc_norm")
+    assert comparison["tasks"]["bigbench:winowhy"] is None and comparison["mean"] is None
