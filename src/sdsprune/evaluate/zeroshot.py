@@ -240,7 +240,8 @@ def _standard_tasks(names: list[str]) -> list[_Prepared]:
     prepared, failures = [], {}
     for name in names:
         try:
-            loaded = manager.load([name])["tasks"]
+            with _quiet_harness():
+                loaded = manager.load([name])["tasks"]
         except Exception as exc:
             failures[name] = exc  # try the others, so that one message names every gap
             continue
