@@ -44,6 +44,8 @@ OFFLINE_SUITE = (
     "bigbench:social_iqa",
     "bigbench:goal_step_wikihow/goal_inference",
     "bigbench:goal_step_wikihow/step_inference",
+    "bigbench:movie_recommendation",
+    "bigbench:date_understanding",
 )
 SUITES = {"paper": PAPER_SUITE, "offline": OFFLINE_SUITE}
 
