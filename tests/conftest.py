@@ -77,3 +77,39 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     tiny_model("llama").save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def offline_harness(monkeypatch):
+    """``offline_harness({task: dataset})`` makes those standard harness tasks' data
+    unreachable, as offline; it returns the list of names the harness is then asked to load.
+
+    The harness's task index (6 s to build) is replaced by entries shaped like its own.
+    """
+
+    def make_offline(datasets: dict[str, str]) -> list[str]:
+        import lm_eval.tasks
+        from lm_eval.tasks._index import Entry, Kind
+
+        from sdsprune import hub
+
+        asked: list[str] = []
+
+        class OfflineManager:
+            def __init__(self):
+                self.all_tasks = list(datasets)
+                self.task_index = {
+                    name: Entry(name, Kind.TASK, None, cfg={"dataset_path": path})
+                    for name, path in datasets.items()
+                }
+
+            def load(self, names):
+                asked.extend(names)
+                raise ConnectionError(f"Couldn't reach '{datasets[names[0]]}' (offline mode)")
+
+        monkeypatch.setattr(lm_eval.tasks, "TaskManager", OfflineManager)
+        monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+        monkeypatch.setattr(hub, "go_offline_unless_reachable", lambda: None)
+        return asked
+
+    return make_offline

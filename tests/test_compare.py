@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 
 import pytest
 
@@ -122,7 +123,11 @@ def test_compare_resumes_finished_runs(tiny_model_dir, corpus, tmp_path, fake_pr
     assert fake_prune == []  # nothing recomputed
     assert again["runs"] == first["runs"]
 
-    (out / "runs" / "wanda_0.5.json").unlink()
+    (out / "runs" / "wanda_0.5.json").unlink()  # its pieces are stored: reassembled as is
+    assert compare(**_settings(tiny_model_dir, corpus, out))["runs"] == first["runs"]
+    assert fake_prune == []
+    for stored in ("runs/wanda_0.5.json", "pruned/wanda_0.5", "evals/wanda_0.5"):
+        shutil.rmtree(out / stored) if (out / stored).is_dir() else (out / stored).unlink()
     compare(**_settings(tiny_model_dir, corpus, out))
     assert [(m, s) for m, _, s, _ in fake_prune] == [("wanda", "0.5")]
 
@@ -216,9 +221,15 @@ def test_unreadable_run_file_is_recomputed(tiny_model_dir, corpus, tmp_path, fak
     compare(**kwargs)
     (out / "runs" / "wanda_0.5.json").write_text("{truncated")
     fake_prune.clear()
-    compare(**kwargs)
-    assert len(fake_prune) == 1
+    compare(**kwargs)  # rebuilt from the stored prune record and evaluation
+    assert fake_prune == []
     assert json.loads((out / "runs" / "wanda_0.5.json").read_text())["key"] == "wanda_0.5"
+    (out / "runs" / "wanda_0.5.json").write_text("{truncated")
+    (evaluation,) = (out / "evals" / "wanda_0.5").iterdir()
+    evaluation.write_text("{truncated")
+    compare(**kwargs)  # the evaluation is redone, on a model pruned again (none was kept)
+    assert len(fake_prune) == 1
+    assert json.loads(evaluation.read_text())["key"]["dataset"] == str(corpus)
 
 
 def test_real_pruning_writes_the_three_outputs(tiny_model_dir, corpus, tmp_path):
@@ -384,3 +395,218 @@ def test_owl_runs_get_owl_and_only_they_depend_on_its_knobs(
     calls.clear()
     compare(**kwargs, owl=OWLConfig(lam=0.05))
     assert calls == [("wanda", OWLConfig(lam=0.05))]
+
+
+TOY_TASK = {
+    "name": "toy",
+    "examples": [
+        {"input": f"Is {word} a fruit?", "target_scores": {"yes": int(fruit), "no": int(not fruit)}}
+        for word, fruit in [("apple", True), ("stone", False), ("pear", True), ("chair", False)]
+    ],
+}
+
+
+@pytest.fixture
+def toy_tasks(tmp_path, monkeypatch) -> list[str]:
+    """Two small BIG-bench tasks in a private cache, so nothing is downloaded."""
+    from sdsprune.evaluate import bigbench
+
+    monkeypatch.setenv("SDSPRUNE_CACHE", str(tmp_path / "cache"))
+    names = ["winowhy", "social_iqa"]
+    for name in names:
+        path = bigbench.task_cache() / name / "task.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(TOY_TASK))
+    return [f"bigbench:{name}" for name in names]
+
+
+@pytest.fixture
+def evaluations(monkeypatch) -> list[str]:
+    """Record each evaluation compare() computes: a corpus or a task name."""
+    api = importlib.import_module("sdsprune.api")
+    zeroshot = importlib.import_module("sdsprune.evaluate.zeroshot")
+    calls: list[str] = []
+    real_model, real_tasks = api.evaluate_model, zeroshot.evaluate_tasks
+
+    def evaluate_model(loaded, *, datasets, **kwargs):
+        calls.extend(datasets)
+        return real_model(loaded, datasets=datasets, **kwargs)
+
+    def evaluate_tasks(loaded, tasks, **kwargs):
+        calls.extend(tasks)
+        return real_tasks(loaded, tasks, **kwargs)
+
+    monkeypatch.setattr(api, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(zeroshot, "evaluate_tasks", evaluate_tasks)
+    return calls
+
+
+def test_kept_models_are_reused_when_a_task_is_added(
+    tiny_model_dir, corpus, tmp_path, fake_prune, toy_tasks, evaluations
+):
+    out = tmp_path / "cmp"
+    kwargs = _settings(
+        tiny_model_dir, corpus, out, sparsities=["2:4"], tasks=toy_tasks[:1], keep_models=True
+    )
+    first = compare(**kwargs)
+    assert [(m, s) for m, _, s, _ in fake_prune] == [("wanda", "2:4"), ("sds", "2:4")]
+    assert (out / "pruned" / "sds-wanda_2-4" / "model" / "config.json").exists()
+    fake_prune.clear()
+    evaluations.clear()
+
+    second = compare(**{**kwargs, "tasks": toy_tasks})
+    assert fake_prune == []  # nothing pruned again
+    assert evaluations == ["bigbench:social_iqa"] * 3  # only the new task, on each model
+    for before, after in zip(first["runs"], second["runs"], strict=True):
+        assert after["tasks"][0] == before["tasks"][0]
+        assert after["perplexity"] == before["perplexity"]
+        assert [row["task"] for row in after["tasks"]] == toy_tasks
+
+    evaluations.clear()  # an evaluation setting changes: re-evaluated, still not re-pruned
+    compare(**{**kwargs, "tasks": toy_tasks, "limit": 3})
+    assert fake_prune == [] and sorted(evaluations) == sorted(toy_tasks * 3)
+
+
+def test_without_kept_models_only_missing_evaluations_are_computed(
+    tiny_model_dir, corpus, tmp_path, fake_prune, toy_tasks, evaluations
+):
+    out = tmp_path / "cmp"
+    kwargs = _settings(
+        tiny_model_dir, corpus, out, methods=["wanda"], sparsities=["2:4"], tasks=toy_tasks[:1]
+    )
+    compare(**kwargs)
+    assert not (out / "pruned" / "wanda_2-4" / "model").exists()
+    fake_prune.clear()
+    evaluations.clear()
+    compare(**{**kwargs, "tasks": toy_tasks})
+    assert len(fake_prune) == 1 and evaluations == ["bigbench:social_iqa"]
+
+
+def test_a_kept_model_has_the_pruned_weights(tiny_model_dir, corpus, tmp_path):
+    import torch
+
+    from sdsprune.compare_store import RunStore
+    from sdsprune.prune import prune
+
+    settings = {"model": str(tiny_model_dir), "dtype": "float32", "datasets": [], "tasks": []}
+    store = RunStore(tmp_path, "magnitude_2-4", settings)
+    pruned = prune(
+        str(tiny_model_dir), method="magnitude", sparsity="2:4", calib=str(corpus), seqlen=32
+    ).model
+    assert store.kept_model("cpu") is None  # no prune record yet
+    store.save_prune_record({"report": {}, "figures": [], "seconds": 1.0})
+    store.keep_model(pruned)
+    kept = store.kept_model("cpu")
+    expected = pruned.model.state_dict()
+    for name, tensor in kept.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    # Other model settings: the kept model is not reused, and is dropped when they are stored.
+    other = RunStore(tmp_path, "magnitude_2-4", {**settings, "dtype": "bfloat16"})
+    assert other.kept_model("cpu") is None
+    other.save_prune_record({"report": {}, "figures": [], "seconds": 1.0})
+    assert not (tmp_path / "pruned" / "magnitude_2-4" / "model").exists()
+
+
+def test_paired_intervals_in_the_outputs(tiny_model_dir, corpus, tmp_path, fake_prune, toy_tasks):
+    """The fake pruning changes nothing, so every method equals dense: each paired difference
+    is exactly none, its interval contains it, and the outputs say it is not significant."""
+    out = tmp_path / "cmp"
+    results = compare(**_settings(tiny_model_dir, corpus, out, sparsities=["2:4"], tasks=toy_tasks))
+    pairs = [(c["run"], c["reference"]) for c in results["paired"]]
+    assert pairs == [
+        ("wanda_2-4", "dense"),
+        ("sds-wanda_2-4", "wanda_2-4"),
+        ("sds-wanda_2-4", "dense"),
+    ]
+    for comparison in results["paired"]:
+        ratio = comparison["perplexity"][str(corpus)]
+        assert ratio["estimate"] == 1.0 and ratio["low"] <= 1 <= ratio["high"]
+        assert comparison["mean"]["estimate"] == 0 and not comparison["mean"]["significant"]
+        assert set(comparison["tasks"]) == set(toy_tasks)
+    stored = json.loads((out / "runs" / "wanda_2-4.json").read_text())
+    assert len(stored["chunk_nll"][str(corpus)]) == 2  # max_chunks
+    assert stored["tasks"][0]["per_example"]["doc_id"] == [0, 1, 2, 3]
+    summary = json.loads((out / "results.json").read_text())
+    assert (
+        "chunk_nll" not in summary["runs"][0]
+        and "per_example" not in summary["runs"][0]["tasks"][0]
+    )
+    table = (out / "results.md").read_text()
+    assert "## Paired differences" in table
+    assert "(1.00x, 95% CI 1.00-1.00)" in table  # a perplexity cell against the reference
+    assert "- SDS (Wanda) 2:4 vs Wanda 2:4: " in table
+    assert "mean accuracy +0.0 points (95% CI +0.0 to +0.0): not significant" in table
+    assert "not significant (the interval includes no difference)" in table
+
+
+def test_paper_suite_offline_fails_before_any_pruning(
+    tiny_model_dir, corpus, tmp_path, fake_prune, offline_harness
+):
+    from sdsprune.evaluate.zeroshot import PAPER_SUITE
+
+    offline_harness({name: f"org/{name}" for name in PAPER_SUITE})
+    with pytest.raises(SdspruneError, match=r"^offline: 7 task\(s\) need datasets"):
+        compare(**_settings(tiny_model_dir, corpus, tmp_path / "cmp", tasks=["paper"]))
+    assert fake_prune == []
+
+
+def _run_with_examples(method: str, correct: dict[str, list[int]], base=None) -> dict:
+    """A run record whose leaf tasks have these per-example results (acc = acc_norm)."""
+    tasks = ["bigbench:winowhy", "bigbench:cause_and_effect"]
+    leaves = ["bigbench:cause_and_effect/one_sentence", "bigbench:cause_and_effect/two_sentences"]
+    rows = []
+    for name, values in correct.items():
+        examples = {"doc_id": list(range(len(values))), "acc": values, "acc_norm": values}
+        mean = sum(values) / len(values)
+        rows.append({"task": name, "acc": mean, "acc_norm": mean, "per_example": examples})
+    composite = [r["acc_norm"] for r in rows if r["task"] in leaves]
+    rows.append(
+        {
+            "task": "bigbench:cause_and_effect",
+            "acc_norm": sum(composite) / 2,
+            "subtasks": leaves,
+            "per_example": None,
+        }
+    )
+    run = Run(method, base, None if method == "dense" else "2:4")
+    return {
+        "run": {"method": method, "base": base, "sparsity": run.sparsity},
+        "key": run.key,
+        "settings": {"tasks": tasks},
+        "tasks": rows,
+        "chunk_nll": {},
+    }
+
+
+def test_paired_mean_difference_is_the_difference_of_the_table_means():
+    """A composite task counts once, as the mean of its subtasks, in the paired mean too."""
+    from sdsprune.compare_paired import paired_comparisons
+
+    dense = _run_with_examples(
+        "dense",
+        {
+            "bigbench:winowhy": [1, 0, 1, 1],
+            "bigbench:cause_and_effect/one_sentence": [1, 1],
+            "bigbench:cause_and_effect/two_sentences": [0, 0, 1],
+        },
+    )
+    wanda = _run_with_examples(
+        "wanda",
+        {
+            "bigbench:winowhy": [0, 0, 1, 1],
+            "bigbench:cause_and_effect/one_sentence": [1, 0],
+            "bigbench:cause_and_effect/two_sentences": [1, 1, 1],
+        },
+    )
+    settings = {"datasets": [], "tasks": ["bigbench:winowhy", "bigbench:cause_and_effect"]}
+    (comparison,) = paired_comparisons([dense, wanda], settings, "acc_norm")
+    expected = compare_module.mean_accuracy(wanda) - compare_module.mean_accuracy(dense)
+    assert comparison["mean"]["estimate"] == pytest.approx(expected)
+    assert comparison["tasks"]["bigbench:winowhy"]["estimate"] == pytest.approx(-0.25)
+    assert comparison["tasks"]["bigbench:cause_and_effect"]["estimate"] == pytest.approx(
+        ((0.5 - 1) + (1 - 1 / 3)) / 2
+    )
+    # Other examples on one side (another --limit subset): no paired interval, not a wrong one.
+    wanda["tasks"][0]["per_example"]["doc_id"] = [0, 1, 2, 5]
+    (comparison,) = paired_comparisons([dense, wanda], settings, "acc_norm")
+    assert comparison["tasks"]["bigbench:winowhy"] is None and comparison["mean"] is None

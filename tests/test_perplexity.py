@@ -10,6 +10,11 @@ from sdsprune.evaluate import perplexity_of_chunks
 
 def hand_perplexity(model, chunks):
     """exp of the mean, over chunks, of each chunk's mean token NLL, one token at a time."""
+    chunk_means = hand_chunk_nll(model, chunks)
+    return math.exp(sum(chunk_means) / len(chunk_means))
+
+
+def hand_chunk_nll(model, chunks) -> list[float]:
     chunk_means = []
     for chunk in chunks:
         logits = model(input_ids=chunk[None]).logits[0]
@@ -18,7 +23,7 @@ def hand_perplexity(model, chunks):
             for t in range(len(chunk) - 1)
         ]
         chunk_means.append(sum(nlls) / len(nlls))
-    return math.exp(sum(chunk_means) / len(chunk_means))
+    return chunk_means
 
 
 @torch.no_grad()
@@ -28,6 +33,8 @@ def test_perplexity_matches_hand_computation():
     result = perplexity_of_chunks(model, chunks, progress=False, batch_size=2)
     assert result.perplexity == pytest.approx(hand_perplexity(model, chunks), rel=1e-5)
     assert (result.chunks, result.seqlen, result.tokens) == (3, 16, 48)
+    # Each chunk's mean NLL is kept, in order, for paired comparisons of two models.
+    assert result.chunk_nll == pytest.approx(hand_chunk_nll(model, chunks), rel=1e-5)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 from conftest import byte_tokenizer, tiny_model
 
 from sdsprune.errors import SdspruneError
-from sdsprune.evaluate import bigbench
+from sdsprune.evaluate import bigbench, zeroshot
 from sdsprune.evaluate.zeroshot import evaluate_tasks
 from sdsprune.models import LoadedModel
 
@@ -64,14 +64,18 @@ def _choice_logprob(model, tokenizer, context: str, choice: str) -> float:
     return sum(logprobs[p, token].item() for p, token in zip(positions, cont, strict=True))
 
 
+def _hand_correct(model, tokenizer, doc: dict) -> tuple[int, int]:
+    """Whether the top choice by total and by per-byte log-likelihood is a gold one."""
+    lls = [_choice_logprob(model, tokenizer, doc["query"], c) for c in doc["choices"]]
+    normed = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]
+    acc = max(range(len(lls)), key=lls.__getitem__) in doc["gold"]
+    acc_norm = max(range(len(normed)), key=normed.__getitem__) in doc["gold"]
+    return int(acc), int(acc_norm)
+
+
 def _hand_scores(model, tokenizer, docs: list[dict]) -> tuple[float, float]:
-    acc = acc_norm = 0.0
-    for doc in docs:
-        lls = [_choice_logprob(model, tokenizer, doc["query"], c) for c in doc["choices"]]
-        normed = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]
-        acc += max(range(len(lls)), key=lls.__getitem__) in doc["gold"]
-        acc_norm += max(range(len(normed)), key=normed.__getitem__) in doc["gold"]
-    return acc / len(docs), acc_norm / len(docs)
+    correct = [_hand_correct(model, tokenizer, doc) for doc in docs]
+    return tuple(sum(column) / len(docs) for column in zip(*correct, strict=True))
 
 
 @pytest.mark.parametrize("style", bigbench.PROMPT_STYLES)
@@ -109,6 +113,14 @@ def test_limit_scores_a_seeded_subset(toy_cache):
     assert (row["examples"], row["total"]) == (3, 7)
     assert (row["acc"], row["acc_norm"]) == (pytest.approx(acc), pytest.approx(acc_norm))
     assert report["limit"] == 3 and report["seed"] == 5
+    # Each scored example is kept, by document index, for paired comparisons.
+    indices = bigbench.subsample(len(docs), 3, seed=5)
+    hand = [_hand_correct(model, tokenizer, docs[i]) for i in indices]
+    assert row["per_example"] == {
+        "doc_id": indices,
+        "acc": [a for a, _ in hand],
+        "acc_norm": [n for _, n in hand],
+    }
 
 
 def test_composite_task_reports_subtasks_and_their_mean(tmp_path, monkeypatch):
@@ -152,34 +164,35 @@ def test_bad_names_fail_before_any_work():
         evaluate_tasks("no-such-model", ["bigbench:winowhy"], prompt_style="listed")
 
 
-def test_standard_task_offline_names_the_missing_dataset(monkeypatch):
-    """Standard harness tasks need the hub; offline that is one clear error, before loading.
-
-    The harness's task index (6 s to build) is replaced by one entry shaped like its own.
-    """
-    import lm_eval.tasks
-    from lm_eval.tasks._index import Entry, Kind
-
-    from sdsprune import hub
-
-    class OfflineManager:
-        def __init__(self):
-            self.all_tasks = ["piqa"]
-            entry = Entry("piqa", Kind.TASK, None, cfg={"dataset_path": "baber/piqa"})
-            self.task_index = {"piqa": entry}
-
-        def load(self, names):
-            raise ConnectionError("Couldn't reach 'baber/piqa' on the Hub (OfflineModeIsEnabled)")
-
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", OfflineManager)
-    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
-    monkeypatch.setattr(hub, "go_offline_unless_reachable", lambda: None)
-    with pytest.raises(
-        SdspruneError, match=r"task 'piqa' needs the dataset baber/piqa.*unreachable"
-    ):
+def test_standard_task_offline_names_the_missing_dataset(offline_harness):
+    """Standard harness tasks need the hub; offline that is one clear error, before loading."""
+    offline_harness({"piqa": "baber/piqa"})
+    with pytest.raises(SdspruneError, match=r"unreachable.*cache: piqa \(baber/piqa\); offline"):
         evaluate_tasks("no-such-model", ["piqa"])
     with pytest.raises(SdspruneError, match="unknown task"):
         evaluate_tasks("no-such-model", ["no_such_task"])
+
+
+def test_paper_suite_offline_is_one_line_naming_every_missing_dataset(offline_harness):
+    datasets = {name: f"org/{name}-data" for name in zeroshot.PAPER_SUITE}
+    asked = offline_harness(datasets)
+    with pytest.raises(SdspruneError) as error:
+        evaluate_tasks("no-such-model", ["paper"])  # fails before loading the model
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("offline: 7 task(s) need datasets")
+    for name in ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge"):
+        assert f"{name} (org/{name}-data)" in message
+    assert "openbookqa (org/openbookqa-data)" in message and "--tasks offline" in message
+    assert asked == list(zeroshot.PAPER_SUITE)
+
+
+def test_suites_expand_to_their_tasks_once():
+    assert zeroshot.expand_suites(["bigbench:winowhy", "offline", "bigbench:social_iqa"]) == [
+        "bigbench:winowhy",
+        *zeroshot.OFFLINE_SUITE,
+    ]
+    assert zeroshot.expand_suites(["paper"])[:2] == ["boolq", "rte"]
+    assert len(zeroshot.OFFLINE_SUITE) >= 5
 
 
 TASK_ARGS = ("--tasks", "bigbench:winowhy", "--limit", "3", "--json")

@@ -27,7 +27,7 @@ from sdsprune.export import check_model_folder, is_sparse_checkpoint, read_manif
 from sdsprune.inference import available_kernels, backend_report, load
 from sdsprune.models import model_linears
 from sdsprune.runinfo import library_versions, peak_memory
-from sdsprune.utils import resolve_device, resolve_dtype
+from sdsprune.utils import cache_keyword, cache_of, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -242,27 +242,16 @@ def _prefill_seconds(model: nn.Module, ids: torch.Tensor, dev) -> float:
 
 def _decode_seconds_per_token(model: nn.Module, ids: torch.Tensor, steps: int, dev) -> float:
     """Greedy decoding with the KV cache after an untimed prefill; mean seconds per step."""
-    cache_kw = _cache_keyword(model)
+    cache_kw = cache_keyword(model)
     out = model(ids, use_cache=True)
     token = out.logits[:, -1:].argmax(dim=-1)
     _sync(dev)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(token, use_cache=True, **{cache_kw: _cache_of(out)})
+        out = model(token, use_cache=True, **{cache_kw: cache_of(out)})
         token = out.logits[:, -1:].argmax(dim=-1)
     _sync(dev)
     return (time.perf_counter() - start) / steps
-
-
-def _cache_keyword(model: nn.Module) -> str:
-    """transformers 5.x renamed ``past_key_values`` to ``cache``; accept both."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(out) -> object:
-    return out.get("cache", None) or out.get("past_key_values", None)
 
 
 def _measure(contenders: list[_Contender], settings: BenchSettings, dev, say) -> None:

@@ -99,7 +99,8 @@ def eval_command(
         typer.Option(
             help="Comma-separated zero-shot tasks: bigbench:NAME (offline; social_iqa, winowhy, "
             "goal_step_wikihow, cause_and_effect, ...) or lm-eval tasks (piqa, arc_easy, "
-            "hellaswag, ...; these need the Hugging Face hub)."
+            "hellaswag, ...; these need the Hugging Face hub); suites: paper (the papers' 7 "
+            "tasks, needs the hub), offline (bundled BIG-bench tasks)."
         ),
     ] = None,
     limit: Annotated[
@@ -458,6 +459,13 @@ def compare_command(
             help="Results folder; finished runs in it are reused (default: runs/compare-MODEL)."
         ),
     ] = None,
+    keep_models: Annotated[
+        bool,
+        typer.Option(
+            help="Keep each pruned model in the folder (compact sparse checkpoint), so later "
+            "runs with other tasks, corpora or evaluation settings prune nothing."
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -490,6 +498,7 @@ def compare_command(
         metric=metric,
         sds=sds_config,
         owl=OWLConfig(threshold=owl_threshold, lam=owl_lambda),
+        keep_models=keep_models,
         out=folder,
         device=device,
         dtype=dtype,

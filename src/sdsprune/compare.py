@@ -3,23 +3,29 @@
 Every method prunes a fresh copy of the model on the *same* calibration windows (sampled
 once), then each result is evaluated with the same corpora and tasks. Each finished run is
 written to ``<out>/runs/<run>.json`` atomically, so an interrupted comparison resumes where it
-stopped: runs whose file exists with the same settings are not recomputed. At the end the
-folder gets ``results.json``, ``results.md`` (a table laid out like the papers') and plots.
+stopped: runs whose file exists with the same settings are not recomputed. Each evaluation
+(and, with ``keep_models``, each pruned model) is stored on its own (see
+:mod:`sdsprune.compare_store`), so a changed task list or evaluation setting computes only
+what is missing. At the end the folder gets ``results.json``, ``results.md`` (a table laid
+out like the papers', with paired bootstrap intervals) and plots.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from sdsprune.compare_paired import paired_comparisons
+from sdsprune.compare_store import write_json_atomic as _write_json_atomic
 from sdsprune.errors import SdspruneError
 from sdsprune.models import LoadedModel, load_model
 from sdsprune.runinfo import library_versions
@@ -30,7 +36,8 @@ DEFAULT_METHODS = ("dense", "wanda", "sparsegpt", "sds:wanda", "sds:sparsegpt")
 RUNS_DIR = "runs"
 FIGURES_DIR = "figures"
 # Bump when a run file's content changes meaning, so old files are recomputed.
-RUN_FORMAT = 1
+# 2: per-example correctness and per-chunk NLLs (for paired intervals) in every run file.
+RUN_FORMAT = 2
 # The accuracies a table can show, as its caption names them.
 METRICS = {
     "acc_norm": "lm-evaluation-harness acc_norm: answer log-likelihood per byte",
@@ -128,6 +135,7 @@ def compare(
     dtype: str = "auto",
     sds=None,
     owl=None,
+    keep_models: bool = False,
     progress: bool = True,
 ) -> dict:
     """Run (or resume) a comparison in ``out`` and return the aggregated results.
@@ -135,15 +143,20 @@ def compare(
     ``sds`` is an :class:`sdsprune.sds.SDSConfig` applied to every ``sds:<base>`` run,
     ``owl`` an :class:`sdsprune.owl.OWLConfig` (default: the paper's) for every ``+owl`` run.
     ``metric`` (``acc`` or ``acc_norm``) is the accuracy the table and plots show; both are
-    stored, so changing it re-uses every finished run.
+    stored, so changing it re-uses every finished run. ``keep_models`` keeps each pruned model
+    in ``out/pruned/`` (compact sparse checkpoint), so that evaluating it later on other tasks,
+    corpora or settings needs no pruning; evaluations are stored one by one in ``out/evals/``
+    either way, so only the missing ones are computed.
     """
     from sdsprune.data import load_corpus
-    from sdsprune.evaluate.zeroshot import check_task_names
+    from sdsprune.evaluate.zeroshot import check_task_data, check_task_names, expand_suites
 
     runs = parse_runs(methods, sparsities)
     for name in datasets:  # fail on a bad corpus or task name before any pruning
         load_corpus(name, "eval")
-    check_task_names(list(tasks), prompt_style)
+    tasks = expand_suites(tasks)
+    check_task_names(tasks, prompt_style)
+    check_task_data(tasks)  # standard tasks: their data, or one error naming what is missing
     if metric not in METRICS:
         raise SdspruneError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
     settings = {
@@ -173,20 +186,37 @@ def compare(
         log.info(
             "resuming in %s: %d run(s) already finished (%s)", folder, len(done), ", ".join(done)
         )
-    windows = (
-        _calibration(model, calib, nsamples, seqlen, seed) if _needs_calibration(pending) else None
+    context = _Context(
+        folder=folder,
+        settings=settings,
+        windows=functools.cache(lambda: _calibration(model, calib, nsamples, seqlen, seed)),
+        device=device,
+        dtype=dtype,
+        sds=sds,
+        owl=owl,
+        progress=progress,
+        keep_models=keep_models,
     )
     started = time.perf_counter()
     for number, run in enumerate(pending, start=1):
         _log_progress(number, len(pending), run, started)
-        done[run.key] = _execute(run, folder, settings, windows, device, dtype, sds, owl, progress)
+        done[run.key] = _execute(run, context)
+    records = [done[run.key] for run in runs]
     results = {
         "settings": settings,
-        "runs": [done[run.key] for run in runs],
+        "runs": [_without_items(record) for record in records],
+        "paired": paired_comparisons(records, settings, metric),
         "versions": library_versions(),
     }
     write_outputs(folder, results)
     return results
+
+
+def _without_items(record: dict) -> dict:
+    """A run's record without its per-chunk and per-example values: they stay in the run's
+    file (for paired statistics) and would bury the summary in results.json."""
+    tasks = [{k: v for k, v in row.items() if k != "per_example"} for row in record["tasks"]]
+    return {**{k: v for k, v in record.items() if k != "chunk_nll"}, "tasks": tasks}
 
 
 def _sds_settings(sds) -> dict | None:
@@ -244,17 +274,7 @@ def _run_settings(run: Run, settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in ignored}
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- running
-def _needs_calibration(runs: list[Run]) -> bool:
-    return any(run.method != "dense" for run in runs)
-
-
 def _calibration(model: str, calib: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """The windows every method prunes with (sampled once; a run only needs the tokenizer)."""
     from sdsprune.data import load_corpus, sample_calibration
@@ -280,56 +300,122 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _execute(
-    run: Run, folder: Path, settings: dict, windows, device, dtype, sds, owl, progress
-) -> dict:
-    """Prune (unless dense), evaluate, save figures, then write the run's file atomically."""
-    from sdsprune.owl import OWLConfig
+@dataclass
+class _Context:
+    """What every run of one comparison shares."""
+
+    folder: Path
+    settings: dict
+    windows: Callable[[], torch.Tensor]  # the calibration windows, sampled on first use
+    device: str
+    dtype: str
+    sds: object
+    owl: object  # an sdsprune.owl.OWLConfig for the "+owl" runs (None: the paper's)
+    progress: bool
+    keep_models: bool
+
+
+def _execute(run: Run, context: _Context) -> dict:
+    """Evaluate what is not stored yet (pruning first, unless the pruned model was kept), then
+    assemble the run's record from its stored pieces and write the run's file atomically."""
+    from sdsprune.compare_store import RunStore, evaluation_keys
     from sdsprune.utils import resolve_device
 
-    start = time.perf_counter()
-    prune_report: dict = {}
-    if run.method == "dense":
-        loaded = load_model(settings["model"], device="cpu", dtype=_load_dtype(dtype, device))
-    else:
-        from sdsprune.prune import prune
+    run_settings = _run_settings(run, context.settings)
+    store = RunStore(context.folder, run.key, run_settings)
+    missing = [key for key in evaluation_keys(run_settings) if store.evaluation(key) is None]
+    pruned = store.prune_record()
+    if missing or pruned is None:
+        loaded, pruned = _model(run, store, context)
+        loaded.model.to(resolve_device(context.device))
+        for key in missing:
+            store.save_evaluation(key, _evaluate(loaded, key, context.progress))
+        del loaded
+    record = _assemble(run, store, pruned)
+    _write_json_atomic(run_file(context.folder, run), record)
+    return record
 
-        result = prune(
-            settings["model"],
-            method=run.method,
-            sparsity=run.sparsity,
-            base=run.base or "sparsegpt",
-            calibration=windows,
-            seed=settings["seed"],
-            device=device,
-            dtype=dtype,
-            sds=sds,
-            owl=(owl or OWLConfig()) if run.owl else None,
-            progress=progress,
+
+def _model(run: Run, store, context: _Context) -> tuple[LoadedModel, dict]:
+    """The run's model and its prune record: dense, a kept pruned model, or pruned now (and
+    kept when asked)."""
+    settings = context.settings
+    if run.method == "dense":
+        loaded = load_model(
+            settings["model"], device="cpu", dtype=_load_dtype(context.dtype, context.device)
         )
-        loaded, prune_report = result.model, result.report
-    prune_seconds = time.perf_counter() - start
-    loaded.model.to(resolve_device(device))
-    evaluation = _evaluate(loaded, settings, progress)
-    figures = _save_figures(folder, run, prune_report.pop("_figures", {}))
-    record = {
+        store.save_prune_record({"report": {}, "figures": [], "seconds": None})
+        return loaded, store.prune_record()
+    kept = store.kept_model(context.device)
+    if kept is not None:
+        return kept, store.prune_record()
+    from sdsprune.owl import OWLConfig
+    from sdsprune.prune import prune
+
+    start = time.perf_counter()
+    result = prune(
+        settings["model"],
+        method=run.method,
+        sparsity=run.sparsity,
+        base=run.base or "sparsegpt",
+        calibration=context.windows(),
+        seed=settings["seed"],
+        device=context.device,
+        dtype=context.dtype,
+        sds=context.sds,
+        owl=(context.owl or OWLConfig()) if run.owl else None,
+        progress=context.progress,
+    )
+    seconds = time.perf_counter() - start
+    report = result.report
+    store.save_prune_record(
+        {
+            "report": {
+                k: report[k] for k in ("summary", "timings", "memory", "owl") if k in report
+            },
+            "figures": _save_figures(context.folder, run, report.pop("_figures", {})),
+            "seconds": round(seconds, 2),
+        }
+    )
+    if context.keep_models:
+        store.keep_model(result.model)
+    return result.model, store.prune_record()
+
+
+def _assemble(run: Run, store, pruned: dict) -> dict:
+    """A run's record from its prune record and its stored evaluations, in settings order."""
+    from sdsprune.compare_store import evaluation_keys
+
+    perplexity: dict[str, float] = {}
+    chunk_nll: dict[str, list[float]] = {}
+    tasks: list[dict] = []
+    evaluation_seconds = 0.0
+    for key in evaluation_keys(store.settings):
+        result = store.evaluation(key)
+        if key["kind"] == "perplexity":
+            perplexity[key["dataset"]] = result["perplexity"]
+            chunk_nll[key["dataset"]] = result["chunk_nll"]
+            evaluation_seconds += result["seconds"]
+            continue
+        for row in result["rows"]:
+            if all(row["task"] != seen["task"] for seen in tasks):
+                tasks.append(row)
+                evaluation_seconds += 0 if row["subtasks"] else row["seconds"]
+    return {
         "run": {"method": run.method, "base": run.base, "sparsity": run.sparsity, "owl": run.owl},
         "label": run.label,
         "key": run.key,
-        "settings": _run_settings(run, settings),
-        **evaluation,
-        "prune": {
-            k: prune_report[k] for k in ("summary", "timings", "memory", "owl") if k in prune_report
-        },
-        "figures": figures,
+        "settings": store.settings,
+        "perplexity": perplexity,
+        "chunk_nll": chunk_nll,
+        "tasks": tasks,
+        "prune": pruned["report"],
+        "figures": pruned["figures"],
         "seconds": {
-            "prune": None if run.method == "dense" else round(prune_seconds, 2),
-            "total": round(time.perf_counter() - start, 2),
+            "prune": pruned["seconds"],
+            "total": round((pruned["seconds"] or 0) + evaluation_seconds, 2),
         },
     }
-    _write_json_atomic(run_file(folder, run), record)
-    del loaded
-    return record
 
 
 def _load_dtype(dtype: str, device: str) -> str:
@@ -340,31 +426,30 @@ def _load_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if resolve_device(device).type == "cuda" else "float32"
 
 
-def _evaluate(loaded: LoadedModel, settings: dict, progress: bool) -> dict:
+def _evaluate(loaded: LoadedModel, key: dict, progress: bool) -> dict:
+    """One stored evaluation: a corpus's perplexity (with its chunk NLLs) or a task's rows."""
     from sdsprune.api import evaluate_model
     from sdsprune.evaluate.zeroshot import evaluate_tasks
 
-    perplexity: dict[str, float] = {}
-    if settings["datasets"]:
+    if key["kind"] == "perplexity":
         report = evaluate_model(
             loaded,
-            datasets=settings["datasets"],
-            seqlen=settings["eval_seqlen"],
-            max_chunks=settings["max_chunks"],
+            datasets=[key["dataset"]],
+            seqlen=key["eval_seqlen"],
+            max_chunks=key["max_chunks"],
             progress=progress,
         )
-        perplexity = {row["dataset"]: row["perplexity"] for row in report["results"]}
-    tasks: list[dict] = []
-    if settings["tasks"]:
-        tasks = evaluate_tasks(
-            loaded,
-            settings["tasks"],
-            limit=settings["limit"],
-            seed=settings["task_seed"],
-            prompt_style=settings["prompt_style"],
-            progress=progress,
-        )["tasks"]
-    return {"perplexity": perplexity, "tasks": tasks}
+        (row,) = report["results"]
+        return {k: row[k] for k in ("perplexity", "chunk_nll", "seconds")}
+    rows = evaluate_tasks(
+        loaded,
+        [key["task"]],
+        limit=key["limit"],
+        seed=key["task_seed"],
+        prompt_style=key["prompt_style"],
+        progress=progress,
+    )["tasks"]
+    return {"rows": rows}
 
 
 def _save_figures(folder: Path, run: Run, figures: dict) -> list[str]:
@@ -417,7 +502,10 @@ def shown_metric(settings: dict) -> str:
 
 
 def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
-    """A table laid out like the pruning papers': method x sparsity, perplexity then accuracy."""
+    """A table laid out like the pruning papers': method x sparsity, perplexity then accuracy,
+    each pruned value with its paired interval; then every paired difference in words."""
+    from sdsprune.compare_paired import cell_note, markdown_section
+
     settings = results["settings"]
     datasets = settings["datasets"]
     tasks = [t for t in task_columns(results) if t in settings["tasks"]]
@@ -433,21 +521,33 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
     ]
     best = _best_per_sparsity(results["runs"], datasets)
+    paired = results.get("paired") or []
     for run in results["runs"]:
         cells = [_method_name(run), run["run"]["sparsity"] or "0%"]
         for dataset in datasets:
             value = run["perplexity"].get(dataset)
             text = "—" if value is None else f"{value:.2f}"
-            cells.append(f"**{text}**" if (run["key"], dataset) in best else text)
+            note = cell_note(paired, run, results["runs"], dataset)
+            cells.append((f"**{text}**" if (run["key"], dataset) in best else text) + note)
         by_task = {row["task"]: row for row in run["tasks"]}
-        cells += [f"{100 * by_task[t][metric]:.1f}" if t in by_task else "—" for t in tasks]
+        for task in tasks:
+            note = "" if with_mean else cell_note(paired, run, results["runs"], task)
+            cells.append(f"{100 * by_task[task][metric]:.1f}{note}" if task in by_task else "—")
         if with_mean:
             mean = mean_accuracy(run, metric)
-            cells.append("—" if mean is None else f"{100 * mean:.1f}")
+            note = cell_note(paired, run, results["runs"], "mean")
+            cells.append("—" if mean is None else f"{100 * mean:.1f}{note}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Bold: lowest perplexity at that sparsity. Accuracies in % ({METRICS[metric]})."]
+    if paired:
+        lines.append(
+            "In parentheses: the paired difference to the base method (SDS rows) or to dense "
+            "(other rows), perplexity as a ratio and accuracy in points, with its 95% interval "
+            "(see Paired differences)."
+        )
     if tasks:
         lines.append(_task_note(results, tasks))
+    lines += markdown_section(results, _name_with_sparsity)
     lines += [
         "",
         "## Cost",
@@ -468,6 +568,10 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
         lines += ["", "## Figures", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in [*plots, *figures]]
     return "\n".join(lines) + "\n"
+
+
+def _name_with_sparsity(run: dict) -> str:
+    return f"{_method_name(run)} {run['run']['sparsity'] or ''}".strip()
 
 
 def _seconds(value: float | None) -> str:

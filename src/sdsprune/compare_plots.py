@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sdsprune.compare_paired import error_bar
+
 # One colour per method across every plot, so a reader matches bars at a glance.
 _COLORS = {
     "dense": "#555555",
@@ -41,7 +43,13 @@ def perplexity_plot(folder: Path, results: dict) -> str | None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(datasets), figsize=(7.6 * len(datasets), 4.4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        values = _bars(ax, results, lambda run, d=dataset: run["perplexity"].get(d), "{:.1f}")
+        values = _bars(
+            ax,
+            results,
+            lambda run, d=dataset: run["perplexity"].get(d),
+            "{:.1f}",
+            lambda run, value, d=dataset: error_bar(results, run, d, value),
+        )
         ax.set_yscale("log")
         _plain_log_ticks(ax)
         if values:  # room above the tallest bar for its label, in log space
@@ -67,9 +75,17 @@ def accuracy_plot(folder: Path, results: dict) -> str | None:
     from sdsprune.compare import mean_accuracy, shown_metric
 
     metric = shown_metric(results["settings"])
+    tasks = results["settings"]["tasks"]
+    what = "mean" if len(tasks) > 1 else tasks[0]  # the paired interval of what is plotted
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.6, 4.4))
-    values = _bars(ax, results, lambda run: _percent(mean_accuracy(run, metric)), "{:.1f}")
+    values = _bars(
+        ax,
+        results,
+        lambda run: _percent(mean_accuracy(run, metric)),
+        "{:.1f}",
+        lambda run, value: error_bar(results, run, what, value),
+    )
     chance = _mean_baseline(results)
     if chance is not None:
         label = f"chance {100 * chance:.1f}\n(uniform or\nconstant guess)"
@@ -80,7 +96,7 @@ def accuracy_plot(folder: Path, results: dict) -> str | None:
         low, high = min(values), max(values)
         ax.set_ylim(max(0.0, low - 10), min(100.0, high + 5))
     ax.set_ylabel(f"mean {metric}, % (higher is better)")
-    ax.set_title("Zero-shot accuracy: " + ", ".join(results["settings"]["tasks"]), fontsize=9)
+    ax.set_title("Zero-shot accuracy: " + ", ".join(tasks), fontsize=9)
     return _save(fig, folder / "accuracy.png", folder)
 
 
@@ -101,8 +117,10 @@ def _mean_baseline(results: dict) -> float | None:
     return sum(chances) / len(chances)
 
 
-def _bars(ax, results: dict, value_of, fmt: str) -> list[float]:
-    """Draw the grouped bars and the dense line; return every plotted value."""
+def _bars(ax, results: dict, value_of, fmt: str, errors_of=None) -> list[float]:
+    """Draw the grouped bars and the dense line; return every plotted value.
+
+    ``errors_of(run, value)`` gives a bar's error bar (below, above), or None."""
     runs = results["runs"]
     dense = next((run for run in runs if run["run"]["method"] == "dense"), None)
     pruned = [run for run in runs if run["run"]["method"] != "dense"]
@@ -111,7 +129,7 @@ def _bars(ax, results: dict, value_of, fmt: str) -> list[float]:
     width = 0.8 / max(len(labels), 1)
     plotted: list[float] = []
     for i, label in enumerate(labels):
-        xs, heights = [], []
+        xs, heights, errors = [], [], []
         for j, sparsity in enumerate(sparsities):
             run = next(
                 (r for r in pruned if r["label"] == label and r["run"]["sparsity"] == sparsity),
@@ -121,8 +139,19 @@ def _bars(ax, results: dict, value_of, fmt: str) -> list[float]:
             if value is not None:
                 xs.append(j + (i - (len(labels) - 1) / 2) * width)
                 heights.append(value)
-        plotted += heights
-        bars = ax.bar(xs, heights, width, label=label, color=_COLORS.get(label))
+                error = errors_of(run, value) if errors_of is not None else None
+                errors.append(error or (0.0, 0.0))
+        plotted += heights + [h + e[1] for h, e in zip(heights, errors, strict=True)]
+        yerr = [[e[0] for e in errors], [e[1] for e in errors]] if any(map(any, errors)) else None
+        bars = ax.bar(
+            xs, heights, width, label=label, color=_COLORS.get(label), yerr=yerr, capsize=3
+        )
+        if yerr is not None:
+            ax.set_xlabel(
+                "error bars: 95% paired interval of the difference to the base method (SDS) "
+                "or to dense",
+                fontsize=8,
+            )
         ax.bar_label(bars, labels=[fmt.format(h) for h in heights], fontsize=7, padding=1)
     if dense is not None and value_of(dense) is not None:
         plotted.append(value_of(dense))

@@ -90,3 +90,15 @@ def single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def cache_keyword(model) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache``; accept both."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(out) -> object:
+    """The attention cache a forward pass returned, under either name."""
+    return out.get("cache", None) or out.get("past_key_values", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ class PerplexityResult:
     chunks: int
     seqlen: int
     dataset: str
+    # Mean NLL of each chunk, in order: what a paired comparison of two models resamples.
+    chunk_nll: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +147,8 @@ def perplexity_of_chunks(
         chunk_nll.append(_mean_nll_per_sequence(logits, batch))
         bar.update(batch.shape[0])
     bar.close()
-    nll = torch.cat(chunk_nll).mean().item()
+    per_chunk = torch.cat(chunk_nll)
+    nll = per_chunk.mean().item()
     if not math.isfinite(nll):
         raise SdspruneError("the model produced NaN/Inf logits during evaluation")
     return PerplexityResult(
@@ -155,6 +158,7 @@ def perplexity_of_chunks(
         chunks=count,
         seqlen=seqlen,
         dataset=dataset,
+        chunk_nll=per_chunk.double().tolist(),
     )
 
 

@@ -6,7 +6,9 @@ Two kinds of task names, both scored by the harness with its ``acc`` and ``acc_n
   work offline; ``--limit`` takes a seeded random subset of each task.
 * any other name (piqa, arc_easy, hellaswag, ...) is a standard harness task, passed on as it
   is; those download their data from the Hugging Face hub, so offline they fail at once with
-  the name of the missing dataset. ``--limit`` there is the harness's own (first N examples).
+  the names of the missing datasets. ``--limit`` there is the harness's own (first N examples).
+* ``paper`` and ``offline`` name suites (:data:`SUITES`): the papers' seven harness tasks, and
+  bundled BIG-bench tasks a 135M model is measurably good at.
 """
 
 from __future__ import annotations
@@ -33,6 +35,19 @@ log = logging.getLogger(__name__)
 
 HARNESS_REQUIREMENT = "lm-eval==0.4.13"
 DEFAULT_SEED = bigbench.BIGBENCH_FORMAT_SEED
+# The zero-shot suite of the SparseGPT, Wanda and SDS papers, as harness tasks (needs the hub).
+PAPER_SUITE = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+# Bundled BIG-bench tasks (no network) on which dense SmolLM2-135M scores clearly above its
+# uniform and constant-answer baselines, so that a suite mean can show a loss of skill; the
+# measurements behind the choice are in the README ("Zero-shot tasks and comparisons").
+OFFLINE_SUITE = (
+    "bigbench:social_iqa",
+    "bigbench:goal_step_wikihow/goal_inference",
+    "bigbench:goal_step_wikihow/step_inference",
+    "bigbench:movie_recommendation",
+    "bigbench:date_understanding",
+)
+SUITES = {"paper": PAPER_SUITE, "offline": OFFLINE_SUITE}
 
 
 @dataclass
@@ -50,6 +65,9 @@ class TaskResult:
     majority: float | None = None  # accuracy of always the most frequent answer, when defined
     seconds: float = 0.0
     subtasks: list[str] = field(default_factory=list)
+    # Leaf tasks: each scored example's document index and 0/1 correctness under both
+    # metrics, so that two models scored on the same examples can be compared pairwise.
+    per_example: dict[str, list[int]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +111,7 @@ def evaluate_tasks(
     fetched before the model is loaded, so a typo or a missing dataset fails in seconds.
     ``prompt_style`` applies to ``bigbench:`` tasks (see :mod:`.bigbench`).
     """
+    tasks = expand_suites(tasks)
     if not tasks:
         raise SdspruneError("no tasks given (e.g. --tasks bigbench:social_iqa,bigbench:winowhy)")
     if limit is not None and limit < 1:
@@ -125,6 +144,18 @@ def evaluate_tasks(
 
 
 # ----------------------------------------------------------------------------- preparation
+def expand_suites(tasks: Sequence[str]) -> list[str]:
+    """Suite names (``paper``, ``offline``) replaced by their tasks; repeats dropped."""
+    expanded = [name for task in tasks for name in SUITES.get(task.strip(), (task,))]
+    return list(dict.fromkeys(expanded))
+
+
+def check_task_data(tasks: Sequence[str]) -> None:
+    """Load the data of the standard harness tasks in ``tasks`` (downloading it once), so a
+    caller with expensive work ahead (pruning) fails at once when it is unreachable."""
+    _standard_tasks([name for name in expand_suites(tasks) if not bigbench.is_bigbench(name)])
+
+
 def check_task_names(
     tasks: Sequence[str], prompt_style: str = bigbench.DEFAULT_PROMPT_STYLE
 ) -> None:
@@ -137,7 +168,7 @@ def check_task_names(
     if not tasks:
         return
     _require_harness()
-    for name in tasks:
+    for name in expand_suites(tasks):
         if bigbench.is_bigbench(name):
             bigbench.resolve(name)
 
@@ -208,35 +239,48 @@ def _standard_tasks(names: list[str]) -> list[_Prepared]:
             "tasks`) nor bigbench:NAME"
         )
     go_offline_unless_reachable()
-    prepared = []
+    prepared, failures = [], {}
     for name in names:
         try:
-            loaded = manager.load([name])["tasks"]
+            with _quiet_harness():
+                loaded = manager.load([name])["tasks"]
         except Exception as exc:
-            raise SdspruneError(_missing_data_message(manager, name, exc, hub_reachable())) from exc
+            failures[name] = exc  # try the others, so that one message names every gap
+            continue
         for task_name, task in loaded.items():
             task.set_config(key="num_fewshot", value=0)
             total = len(task.eval_docs)
             prepared.append(
                 _Prepared(name=task_name if len(loaded) > 1 else name, spec=task, total=total)
             )
+    if failures:
+        raise SdspruneError(_missing_data_message(manager, failures, hub_reachable()))
     return prepared
 
 
-def _missing_data_message(manager, name: str, exc: Exception, online: bool) -> str:
+def _missing_data_message(manager, failures: dict[str, Exception], online: bool) -> str:
+    """One line naming every task whose data could not be loaded, and its dataset."""
+    if not online:
+        needs = ", ".join(f"{name} ({_dataset_of(manager, name)})" for name in failures)
+        return (
+            f"offline: {len(failures)} task(s) need datasets from the Hugging Face hub, which "
+            f"is unreachable, and they are not in the local datasets cache: {needs}; offline, "
+            "use the bundled BIG-bench tasks instead (--tasks offline)"
+        )
+    return "; ".join(
+        f"task '{name}': could not load the dataset {_dataset_of(manager, name)}: "
+        + (str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+        for name, exc in failures.items()
+    )
+
+
+def _dataset_of(manager, name: str) -> str:
     entry = manager.task_index.get(name)
     config = (entry.cfg or {}) if entry is not None else {}
     dataset = config.get("dataset_path") or "its dataset"
     if config.get("dataset_name"):
-        dataset += f" ({config['dataset_name']})"
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    if not online:
-        return (
-            f"task '{name}' needs the dataset {dataset} from the Hugging Face hub, which is "
-            "unreachable, and it is not in the local datasets cache; offline, use BIG-bench "
-            "tasks instead (e.g. bigbench:social_iqa)"
-        )
-    return f"task '{name}': could not load the dataset {dataset}: {first}"
+        dataset += f" {config['dataset_name']}"
+    return dataset
 
 
 # ----------------------------------------------------------------------------- model
@@ -253,13 +297,13 @@ def _as_loaded(model, tokenizer, device: str, dtype: str) -> LoadedModel:
 
 
 def _harness_model(loaded: LoadedModel, batch_size: int):
-    from lm_eval.models.huggingface import HFLM
+    from sdsprune.evaluate.scoring import prefix_sharing_lm_class
 
     model = loaded.model
     device = next(model.parameters()).device
     model.eval()
     with _quiet_harness():
-        return HFLM(
+        return prefix_sharing_lm_class()(
             pretrained=model,
             tokenizer=loaded.tokenizer,
             batch_size=batch_size,
@@ -291,7 +335,7 @@ def _run_one(lm, task: _Prepared, limit: int | None, seed: int, progress: bool) 
                 task_dict=loaded,
                 samples={harness_name: task.indices},
                 bootstrap_iters=1000,
-                log_samples=False,
+                log_samples=True,
             )
         else:
             harness_name = task.spec.config.task
@@ -300,7 +344,7 @@ def _run_one(lm, task: _Prepared, limit: int | None, seed: int, progress: bool) 
                 task_dict={"tasks": {harness_name: task.spec}, "groups": {}},
                 limit=limit,
                 bootstrap_iters=1000,
-                log_samples=False,
+                log_samples=True,
             )
     metrics = output["results"][harness_name]
     examples = int(output["n-samples"][harness_name]["effective"])
@@ -315,7 +359,19 @@ def _run_one(lm, task: _Prepared, limit: int | None, seed: int, progress: bool) 
         chance=task.chance,
         majority=task.majority,
         seconds=round(time.perf_counter() - start, 2),
+        per_example=per_example(output["samples"][harness_name]),
     )
+
+
+def per_example(samples: list[dict]) -> dict[str, list[int]]:
+    """The harness's logged samples as ``{"doc_id", "acc", "acc_norm"}`` lists in document
+    order (tasks without ``acc_norm`` repeat ``acc``, as the task row does)."""
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    return {
+        "doc_id": [int(sample["doc_id"]) for sample in ordered],
+        "acc": [int(sample["acc"]) for sample in ordered],
+        "acc_norm": [int(sample.get("acc_norm", sample["acc"])) for sample in ordered],
+    }
 
 
 def _with_groups(results: dict[str, TaskResult], groups: dict[str, list[str]]) -> list[TaskResult]:

@@ -1,0 +1,159 @@
+"""Paired bootstrap intervals: is the difference between two models on the same data real?
+
+Every model of a comparison is scored on the *same* examples and the *same* perplexity chunks,
+so the question "is A better than B" is about the per-item differences, not about two
+independent accuracies: two pruned models that agree on 90% of the examples differ far less
+than their separate standard errors suggest. The bootstrap resamples the items (with
+replacement, the same items for both models) and reads the 95% interval off the resampled
+statistic; an interval that excludes "no difference" (0, or a ratio of 1) is significant.
+
+A suite of tasks is resampled *within* each task (a stratified bootstrap) and combined with
+the weights of the suite mean, so a task with few examples contributes its own uncertainty.
+Perplexity is ``exp(mean chunk NLL)``, so the ratio of two perplexities on resampled chunks is
+``exp(mean of the paired NLL differences)``: the same machinery with an exponential at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sdsprune.errors import SdspruneError
+
+# Fixed, so that an interval is reproducible and every comparison uses the same resamples.
+RESAMPLES = 2000
+SEED = 0
+LEVEL = 0.95
+# Resamples drawn at once: bounds the index matrix (block x items) to a few tens of MB.
+_BLOCK = 250
+
+
+@dataclass(frozen=True)
+class Stratum:
+    """One task's (or corpus's) paired per-item values and its weight in the statistic."""
+
+    method: np.ndarray  # per item: correctness (0/1) or chunk NLL, of the method
+    reference: np.ndarray  # the same items, the reference model
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A paired difference (or ratio) with its bootstrap interval.
+
+    ``null`` is the value meaning "no difference": 0 for differences, 1 for ratios.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    null: float
+    resamples: int
+    items: int
+
+    @property
+    def significant(self) -> bool:
+        return not self.low <= self.null <= self.high
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "significant": self.significant}
+
+
+def accuracy_difference(
+    strata: Sequence[Stratum], *, resamples: int = RESAMPLES, seed: int = SEED
+) -> Interval:
+    """Weighted mean over strata of (method accuracy - reference accuracy), with its interval.
+
+    One stratum per task, weighted as in the suite mean (1/T each; a composite task's
+    subtasks share their task's weight). Values are 0/1 correctness per example.
+    """
+    differences, weights = _paired_differences(strata)
+    indices = draw_indices([len(d) for d in differences], resamples, seed)
+    return _interval(differences, weights, indices, null=0.0, transform=None)
+
+
+def perplexity_ratio(
+    method_nll: Sequence[float],
+    reference_nll: Sequence[float],
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Interval:
+    """PPL(method) / PPL(reference) on the same chunks, with its interval over resampled chunks.
+
+    Each perplexity is ``exp(mean chunk NLL)`` (the reference protocol), so the ratio is
+    ``exp(mean(method NLL - reference NLL))``.
+    """
+    differences, weights = _paired_differences(
+        [Stratum(np.asarray(method_nll), np.asarray(reference_nll))]
+    )
+    indices = draw_indices([len(differences[0])], resamples, seed)
+    return _interval(differences, weights, indices, null=1.0, transform=np.exp)
+
+
+def draw_indices(sizes: Sequence[int], resamples: int, seed: int) -> list[np.ndarray]:
+    """Resample indices per stratum (``resamples x size`` each) from one seeded generator.
+
+    Drawn in blocks of resamples, stratum after stratum within a block, so memory stays
+    bounded; the same sizes and seed always give the same indices.
+    """
+    if resamples < 1:
+        raise SdspruneError(f"the bootstrap needs at least one resample (got {resamples})")
+    rng = np.random.default_rng(seed)
+    blocks: list[list[np.ndarray]] = [[] for _ in sizes]
+    for start in range(0, resamples, _BLOCK):
+        count = min(_BLOCK, resamples - start)
+        for stratum, size in enumerate(sizes):
+            blocks[stratum].append(rng.integers(0, size, size=(count, size)))
+    return [np.concatenate(parts) for parts in blocks]
+
+
+def resampled_statistic(
+    differences: Sequence[np.ndarray], weights: Sequence[float], indices: Sequence[np.ndarray]
+) -> np.ndarray:
+    """For each resample: the weighted sum over strata of the mean resampled difference."""
+    total = np.zeros(len(indices[0]))
+    for values, weight, rows in zip(differences, weights, indices, strict=True):
+        total += weight * values[rows].mean(axis=1)
+    return total
+
+
+def percentile_interval(resampled: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The central ``level`` interval of the resampled statistic (linear interpolation)."""
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(resampled, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _paired_differences(strata: Sequence[Stratum]) -> tuple[list[np.ndarray], list[float]]:
+    if not strata:
+        raise SdspruneError("a paired comparison needs at least one task or corpus")
+    differences, weights = [], []
+    for stratum in strata:
+        method = np.asarray(stratum.method, dtype=float)
+        reference = np.asarray(stratum.reference, dtype=float)
+        if method.shape != reference.shape or method.ndim != 1 or method.size == 0:
+            raise SdspruneError(
+                f"paired values must cover the same items (got {method.shape} and "
+                f"{reference.shape})"
+            )
+        differences.append(method - reference)
+        weights.append(float(stratum.weight))
+    return differences, weights
+
+
+def _interval(differences, weights, indices, *, null: float, transform) -> Interval:
+    estimate = sum(w * float(d.mean()) for d, w in zip(differences, weights, strict=True))
+    low, high = percentile_interval(resampled_statistic(differences, weights, indices))
+    if transform is not None:
+        estimate, low, high = (float(transform(v)) for v in (estimate, low, high))
+    return Interval(
+        estimate=estimate,
+        low=low,
+        high=high,
+        null=null,
+        resamples=len(indices[0]),
+        items=sum(len(d) for d in differences),
+    )

@@ -1,0 +1,95 @@
+"""Paired bootstrap intervals, checked by hand on cases small enough to write out."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sdsprune.errors import SdspruneError
+from sdsprune.evaluate import paired
+from sdsprune.evaluate.paired import Stratum, accuracy_difference, perplexity_ratio
+
+# Per-example differences method - reference: [+1, 0, -1].
+METHOD = np.array([1, 1, 0])
+REFERENCE = np.array([0, 1, 1])
+# Five resamples of the three examples, written out.
+INDICES = np.array([[0, 0, 0], [0, 1, 2], [2, 2, 1], [1, 1, 1], [0, 2, 2]])
+
+
+def test_resampled_interval_equals_a_hand_computation():
+    differences = [METHOD - REFERENCE]
+    resampled = paired.resampled_statistic(differences, [1.0], [INDICES])
+    # Means of [1,1,1], [1,0,-1], [-1,-1,0], [0,0,0], [1,-1,-1]:
+    assert resampled == pytest.approx([1, 0, -2 / 3, 0, -1 / 3])
+    low, high = paired.percentile_interval(resampled)
+    # Sorted: -2/3, -1/3, 0, 0, 1. The 2.5th percentile sits at position 0.025 * 4 = 0.1,
+    # the 97.5th at 3.9 (linear interpolation between neighbours).
+    assert low == pytest.approx(-2 / 3 + 0.1 * (1 / 3))
+    assert high == pytest.approx(0 + 0.9 * (1 - 0))
+
+
+def test_strata_are_resampled_separately_and_weighted():
+    second = [np.array([1.0, 1.0]), np.array([0.0, 1.0])]  # differences [1, 0]
+    rows = np.array([[0, 0], [1, 1], [0, 1], [1, 0], [1, 1]])
+    resampled = paired.resampled_statistic(
+        [METHOD - REFERENCE, second[0] - second[1]], [0.5, 0.5], [INDICES, rows]
+    )
+    first_means = np.array([1, 0, -2 / 3, 0, -1 / 3])
+    second_means = np.array([1, 0, 0.5, 0.5, 0])
+    assert resampled == pytest.approx(0.5 * first_means + 0.5 * second_means)
+
+
+def test_public_function_uses_the_seeded_draws():
+    """The interval is the percentile interval of the resamples ``draw_indices`` gives, and
+    the estimate is the difference on all examples (not a bootstrap mean)."""
+    interval = accuracy_difference([Stratum(METHOD, REFERENCE)], resamples=5, seed=3)
+    indices = paired.draw_indices([3], 5, 3)
+    expected = paired.percentile_interval(
+        paired.resampled_statistic([METHOD - REFERENCE], [1.0], indices)
+    )
+    assert (interval.low, interval.high) == pytest.approx(expected)
+    assert interval.estimate == 0.0 and interval.items == 3 and interval.resamples == 5
+    again = accuracy_difference([Stratum(METHOD, REFERENCE)], resamples=5, seed=3)
+    assert again == interval
+    # Drawn in blocks: more resamples than one block still give one index row each.
+    assert paired.draw_indices([4, 7], 600, 0)[1].shape == (600, 7)
+
+
+def test_identical_methods_give_an_interval_containing_zero():
+    rng = np.random.default_rng(1)
+    correct = rng.integers(0, 2, size=300)
+    interval = accuracy_difference([Stratum(correct, correct)])
+    assert interval.estimate == 0 and interval.low <= 0 <= interval.high
+    assert not interval.significant
+    nll = rng.normal(3.0, 0.2, size=40)
+    ratio = perplexity_ratio(nll, nll)
+    assert ratio.estimate == 1.0 and ratio.low <= 1 <= ratio.high and not ratio.significant
+
+
+def test_a_consistent_difference_is_significant():
+    reference = np.zeros(200)
+    method = np.where(np.arange(200) % 4 == 0, 1.0, 0.0)  # right on a quarter more examples
+    interval = accuracy_difference([Stratum(method, reference)])
+    assert interval.estimate == pytest.approx(0.25)
+    assert 0 < interval.low < 0.25 < interval.high and interval.significant
+
+
+def test_perplexity_ratio_is_the_ratio_of_perplexities():
+    reference = np.array([2.0, 3.0, 4.0, 2.5])
+    method = reference - np.array([0.1, 0.2, 0.1, 0.2])
+    ratio = perplexity_ratio(method, reference)
+    ppl = math.exp(method.mean()) / math.exp(reference.mean())
+    assert ratio.estimate == pytest.approx(ppl)
+    # Every chunk improves by 0.1 or 0.2 nats: the interval lies within exp(-0.2)..exp(-0.1).
+    bounds = (math.exp(-0.2) - 1e-12, math.exp(-0.1) + 1e-12)  # up to rounding
+    assert bounds[0] <= ratio.low <= ratio.estimate <= ratio.high <= bounds[1]
+    assert ratio.significant and ratio.to_dict()["significant"] is True
+
+
+def test_unpaired_values_are_refused():
+    with pytest.raises(SdspruneError, match="same items"):
+        accuracy_difference([Stratum(np.ones(3), np.ones(4))])
+    with pytest.raises(SdspruneError, match="at least one"):
+        accuracy_difference([])
