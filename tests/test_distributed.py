@@ -26,13 +26,19 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
+# Adam's normalised steps (block re-fit) turn last-bit differences of tiny gradients, summed
+# in another order across ranks, into weight differences up to ~2e-5 (weights ~0.08).
+ATOL = {"sds-block": 5e-5}
+
+
 def assert_same(single: dict, multi: dict, label: str) -> None:
     assert single.keys() == multi.keys()
     for name in single:
         a, b = single[name], multi[name]
         if a.is_floating_point() and a.dim() == 2:
             assert torch.equal(a == 0, b == 0), f"{label}: mask of {name} differs"
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{label}: {name}")
+        atol = ATOL.get(label, 1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=f"{label}: {name}")
 
 
 def test_two_processes_match_one_through_the_api(tmp_path):

@@ -62,7 +62,7 @@ def fit_block(
     rows = owned.local(chosen)
     keep_outputs = chosen.numel() == owned.total
     with _trainable(block, weights):
-        reference = sum(float(targets[b].float().square().sum()) for b in rows.split(64))
+        reference = sum(float(targets[b].float().square().sum()) for b in _batches(rows, 64))
         reference = _sum_over_ranks(dist, reference)
         if reference <= 0:
             raise SdspruneError(f"decoder block {index} has all-zero target outputs")
@@ -133,7 +133,7 @@ class _Epoch:
         entries get no gradient, so Adam never moves them. ``picked`` (this rank's share)
         runs in batches of at most the capture's size."""
         stream, targets = self.stream, self.targets
-        for rows in picked.split(stream.batch_size):
+        for rows in _batches(picked, stream.batch_size):
             out = _forward(self.index, self.block, stream, rows)
             ((out - _on(targets[rows], out)).square().sum() / scale).backward()
         for weight in self.weights:
@@ -213,7 +213,7 @@ def _block_error(
     all windows) this rank's outputs."""
     outputs = torch.empty_like(stream.hidden) if keep_outputs else None
     error = 0.0
-    for batch in rows.split(stream.batch_size):
+    for batch in _batches(rows, stream.batch_size):
         out = _forward(index, block, stream, batch)
         if outputs is not None:
             outputs[batch] = out.to(outputs.device, outputs.dtype)
@@ -251,6 +251,11 @@ def _owned_windows(stream: ActivationStream, dist: Distributed | None) -> _Owned
         return _OwnedWindows(total=count, first=0, count=count)
     counts = dist.gather_objects(count)
     return _OwnedWindows(total=sum(counts), first=sum(counts[: dist.rank]), count=count)
+
+
+def _batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``rows`` in pieces of at most ``size`` (none when a rank has no share of a step)."""
+    return [piece for piece in rows.split(size) if piece.numel()]
 
 
 def _compute_device(block: nn.Module) -> torch.device:
