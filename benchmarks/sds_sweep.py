@@ -1,0 +1,82 @@
+"""Several pruning configurations in one process: one model load, one calibration sample.
+
+Each configuration prunes a fresh copy of the model on the same wiki calibration windows
+(seed 0) and is evaluated on the wiki and news evaluation splits (1024-token chunks); one JSON
+line per configuration (perplexities, prune seconds, SDS block errors). Cheaper than
+protocol.py's one process per row when exploring, and every row sees the same windows.
+
+    python benchmarks/sds_sweep.py --nsamples 32 --seqlen 256 --chunks 20 --sparsity 2:4 \
+        --configs '[["sparsegpt", {"method": "sparsegpt"}], ["sds+b2", {"block_epochs": 2}]]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+from sdsprune.data import load_corpus, sample_calibration
+from sdsprune.evaluate.perplexity import evaluate_corpora
+from sdsprune.models import load_model
+from sdsprune.prune import prune
+from sdsprune.sds import SDSConfig
+
+
+def run_config(base, windows, sparsity: str, settings: dict) -> dict:
+    """Prune a copy of ``base`` with ``settings`` (``method``/``base`` keys, the rest SDS)."""
+    settings = dict(settings)
+    method = settings.pop("method", "sds")
+    pruner = settings.pop("base", "sparsegpt")
+    loaded = copy.deepcopy(base)
+    result = prune(
+        loaded,
+        method=method,
+        base=pruner,
+        sparsity=sparsity,
+        calibration=windows,
+        sds=SDSConfig(**settings) if method == "sds" else None,
+        progress=False,
+    )
+    sds = result.report.get("sds", {})
+    extra = {k: v for k, v in sds.items() if k.startswith("mean")}
+    return {"model": loaded, "secs": round(result.report["timings"]["prune_total"], 1), **extra}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--chunks", type=int, default=20)
+    parser.add_argument("--sparsity", default="2:4")
+    parser.add_argument("--configs", required=True, help="JSON list of [label, settings]")
+    parser.add_argument("--out", default=None, help="append the JSON lines to this file")
+    args = parser.parse_args()
+    base = load_model(args.model)
+    windows = sample_calibration(
+        load_corpus("wiki", "calib"), base.tokenizer, args.nsamples, args.seqlen, 0
+    )
+    corpora = [load_corpus("wiki", "eval"), load_corpus("news", "eval")]
+    for label, settings in json.loads(args.configs):
+        outcome = run_config(base, windows, args.sparsity, settings)
+        loaded = outcome.pop("model")
+        results = evaluate_corpora(
+            loaded.model, loaded.tokenizer, corpora, seqlen=1024, max_chunks=args.chunks,
+            progress=False,
+        )  # fmt: skip
+        row = {
+            "label": label,
+            "settings": settings,
+            "sparsity": args.sparsity,
+            "calibration": f"wiki {args.nsamples}x{args.seqlen} seed 0",
+            **{r["dataset"]: round(r["perplexity"], 3) for r in results},
+            **outcome,
+        }
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
