@@ -16,6 +16,15 @@ def test_wiki_splits_are_disjoint_and_deterministic():
     assert load_corpus("wiki", "eval").text == evaluation.text
 
 
+def test_news_splits_alternate_the_articles_of_the_lee_corpus():
+    calib = load_corpus("news", "calib")
+    evaluation = load_corpus("news", "eval")
+    assert len(calib.documents) == 150 and len(evaluation.documents) == 150
+    assert len(set(calib.documents) & set(evaluation.documents)) == 2  # the corpus repeats some
+    assert evaluation.documents[0].startswith("Hundreds of people have been forced to vacate")
+    assert 25_000 < len(evaluation.text.split()) < 35_000
+
+
 def test_clean_article_rules():
     text = "'''Bold''' words are here and more\n| a table row with many words\nshort line\n"
     assert clean_article(text) == "Bold words are here and more"

@@ -3,7 +3,9 @@
 Quality claims must hold on text unlike the Wikipedia calibration data; this is short
 Australian news prose from 2001, a different register, and it ships in the same pinned
 gensim wheel as ``wiki``. One article per line; odd articles form the ``calib`` split, even
-ones the ``eval`` split (about 37K SmolLM2 tokens each), as for ``wiki``.
+ones the ``eval`` split (about 37K SmolLM2 tokens each), as for ``wiki``. The corpus itself
+repeats a few articles (2 land in both splits): it is meant for evaluation, with calibration
+on another corpus, so the splits are kept as the file orders them.
 """
 
 from __future__ import annotations
