@@ -127,6 +127,12 @@ def test_gd_is_the_papers_plain_recipe_without_a_proximity_term():
     assert output_energy(A - runs[0], g) < output_energy(A - start, g)
 
 
+def assert_two_of_four(model) -> None:
+    for name, layer in model_linears(model).items():
+        zeros = (layer.weight == 0).view(layer.weight.shape[0], -1, 4).sum(-1)
+        assert (zeros == 2).all(), name
+
+
 def run_sds(arch="llama", sparsity="2:4", **config):
     model = tiny_model(arch)
     loaded = LoadedModel(model, byte_tokenizer(), arch, None)
@@ -148,9 +154,8 @@ def run_sds(arch="llama", sparsity="2:4", **config):
 @pytest.mark.parametrize("base", ["sparsegpt", "wanda", "magnitude"])
 def test_sds_final_model_has_exact_pattern(schedule, base):
     model, result = run_sds(schedule=schedule, base=base)
-    for name, layer in model_linears(model).items():
-        zeros = (layer.weight == 0).view(layer.weight.shape[0], -1, 4).sum(-1)
-        assert (zeros == 2).all(), name
+    assert_two_of_four(model)
+    for name in model_linears(model):
         record = result.report["layers"][name]
         assert record["rel_error_final"] <= record["rel_error_second_prune"] + 1e-9
     assert set(result.report["sds"]["stage_mean_rel_error"]) == {
@@ -232,8 +237,7 @@ def test_more_rounds_redense_and_prune_again(monkeypatch):
     calls.clear()
     model, three = run_sds(rounds=3)
     assert len(calls) == 3 * layers
-    for layer in model_linears(model).values():
-        assert ((layer.weight == 0).view(layer.weight.shape[0], -1, 4).sum(-1) == 2).all()
+    assert_two_of_four(model)
     assert one.report["layers"] != three.report["layers"]
 
 
@@ -347,9 +351,7 @@ def test_config_from_text_rejects_bad_settings(text, message):
 @pytest.mark.parametrize("arch, windows", [("llama", 0), ("opt", 5), ("gemma3_text", 0)])
 def test_block_refit_lowers_block_error_and_keeps_the_pattern(arch, windows):
     model, result = run_sds(arch=arch, block_epochs=2, block_batch=3, block_windows=windows)
-    for name, layer in model_linears(model).items():
-        zeros = (layer.weight == 0).view(layer.weight.shape[0], -1, 4).sum(-1)
-        assert (zeros == 2).all(), name
+    assert_two_of_four(model)
     blocks = {
         name.split(".")[0]: rec
         for name, rec in result.report["layers"].items()
@@ -388,10 +390,9 @@ def test_block_refit_in_bfloat16_trains_in_float32_and_keeps_the_dtype():
         progress=False,
         sds=SDSConfig(block_epochs=1, block_batch=2),
     )
-    for name, layer in model_linears(model).items():
+    for layer in model_linears(model).values():
         assert layer.weight.dtype == torch.bfloat16 and layer.weight.grad is None
-        zeros = (layer.weight == 0).view(layer.weight.shape[0], -1, 4).sum(-1)
-        assert (zeros == 2).all(), name
+    assert_two_of_four(model)
     assert (
         result.report["sds"]["mean_block_error_final"]
         <= (result.report["sds"]["mean_block_error_start"])
