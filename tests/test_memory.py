@@ -58,7 +58,13 @@ def test_plan_of_an_8b_model_counts_activations_and_grams_exactly(monkeypatch):
     assert items["activations"] == 128 * 2048 * 4096 * 2  # one bf16 stream: 2 GiB
     assert items["statistics"] == (3 * 4096**2 + 14336**2) * 4  # qkv, o, gate/up, down
     kd = mp.PlanRequest(
-        windows=128, seqlen=2048, batch=4, method="sds", base="sparsegpt", data_mode="kd"
+        windows=128,
+        seqlen=2048,
+        batch=4,
+        method="sds",
+        base="sparsegpt",
+        dense_stream=True,
+        dense_statistics=True,
     )
     plan_kd = mp.plan_run(llama_8b_shaped(), kd, torch.device("cpu"), measure=False)
     kd_items = {what.split(" (")[0]: size for what, size, _ in plan_kd.items}

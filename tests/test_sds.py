@@ -133,10 +133,10 @@ def assert_two_of_four(model) -> None:
         assert (zeros == 2).all(), name
 
 
-def run_sds(arch="llama", sparsity="2:4", **config):
-    model = tiny_model(arch)
+def run_sds(arch="llama", sparsity="2:4", dtype="float32", windows=8, **config):
+    model = tiny_model(arch).to(getattr(torch, dtype))
     loaded = LoadedModel(model, byte_tokenizer(), arch, None)
-    calib = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(0))
+    calib = torch.randint(0, 256, (windows, 24), generator=torch.Generator().manual_seed(0))
     result = prune(
         loaded,
         method="sds",
@@ -144,6 +144,7 @@ def run_sds(arch="llama", sparsity="2:4", **config):
         sparsity=sparsity,
         calibration=calib,
         device="cpu",
+        dtype=dtype,
         progress=False,
         sds=SDSConfig(**config),
     )
@@ -377,26 +378,31 @@ def test_block_refit_never_ends_worse_than_its_start():
 
 
 def test_block_refit_in_bfloat16_trains_in_float32_and_keeps_the_dtype():
-    model = tiny_model("llama").to(torch.bfloat16)
-    loaded = LoadedModel(model, byte_tokenizer(), "llama", None)
-    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
-    result = prune(
-        loaded,
-        method="sds",
-        sparsity="2:4",
-        calibration=calib,
-        device="cpu",
-        dtype="bfloat16",
-        progress=False,
-        sds=SDSConfig(block_epochs=1, block_batch=2),
-    )
+    model, result = run_sds(dtype="bfloat16", windows=6, block_epochs=1, block_batch=2)
     for layer in model_linears(model).values():
         assert layer.weight.dtype == torch.bfloat16 and layer.weight.grad is None
     assert_two_of_four(model)
-    assert (
-        result.report["sds"]["mean_block_error_final"]
-        <= (result.report["sds"]["mean_block_error_start"])
-    )
+    sds = result.report["sds"]
+    assert sds["mean_block_error_final"] <= sds["mean_block_error_start"]
+
+
+def test_block_refit_runs_the_dense_model_without_its_statistics(monkeypatch):
+    """Only kd/dd read the dense inputs' Grams; the re-fit needs just the dense outputs."""
+    from sdsprune.sds.pipeline import FusedSDS
+
+    seen = []
+    refine = FusedSDS.refine
+
+    def spy(self, ctx):
+        seen.append((ctx.dense_stats, ctx.dense_targets))
+        refine(self, ctx)
+
+    monkeypatch.setattr(FusedSDS, "refine", spy)
+    run_sds(block_epochs=1)
+    assert seen and all(stats is None and targets is not None for stats, targets in seen)
+    seen.clear()
+    run_sds(block_epochs=1, adjust_data="kd")
+    assert seen and all(stats is not None for stats, _ in seen)
 
 
 def test_block_refit_needs_the_fused_schedule():

@@ -43,7 +43,9 @@ class PlanRequest:
     batch: int
     method: str
     base: str | None
-    data_mode: str = "sd"
+    dense_stream: bool = False  # the dense model runs alongside (kd/dd inputs, re-fit targets)
+    dense_statistics: bool = False  # ... and its inputs' Grams and cross-Grams are collected
+    block_refit: bool = False  # SDS re-fits each block with Adam
     schedule: str = "fused"
     adjust_iters: int = 0
     solver: str = "closed"
@@ -155,15 +157,17 @@ def plan_run(
     tokens = request.windows * request.seqlen
     batch_tokens = request.batch * request.seqlen
     sds = request.method == "sds"
-    dense_stream = sds and request.data_mode != "sd"
-    buffers = 1 + dense_stream + (sds and request.schedule == "staged")
+    dense_stream = sds and request.dense_stream
+    refit = sds and request.block_refit  # its best and current outputs live beside the stream
+    buffers = 1 + dense_stream + (sds and request.schedule == "staged") + 2 * refit
     activations = buffers * tokens * shapes.hidden * shapes.dtype_bytes
     needs = "gram" if sds else {"magnitude": "none", "wanda": "sumsq"}.get(request.method, "gram")
-    gram_sets = (1 + (request.data_mode == "dd") + 2 * (request.data_mode == "kd")) if sds else 1
+    gram_sets = 1 + 2 * (sds and request.dense_statistics)
     statistics = gram_sets * sum(4 * w * w for w in shapes.group_inputs) if needs == "gram" else 0
     weights = shapes.block_params * shapes.dtype_bytes + shapes.linear_params * 4
     forward = _forward_scratch(shapes, batch_tokens, request.batch, request.seqlen, dense_stream)
     solver, cached = _solver_scratch(shapes, request)
+    solver = max(solver, shapes.linear_params * 4 * 3 if refit else 0)  # grads, Adam moments
     plan.device_free, plan.host_available = _free_memory(compute)
     fixed = weights + statistics + forward + solver + cached
     plan.offload = request.offload == "on" or (
@@ -229,7 +233,9 @@ def _block_flops(shapes: _Shapes, request: PlanRequest, tokens: int, dense: bool
     passes = (2 + dense) * (3 if request.schedule == "staged" and request.method == "sds" else 1)
     attention = 4 * tokens * request.seqlen * shapes.hidden
     forward = passes * (2 * shapes.block_params * tokens + attention)
-    grams = (1 + 2 * dense) * sum(2 * tokens * w * w for w in shapes.group_inputs)
+    grams = (1 + 2 * request.dense_statistics) * sum(
+        2 * tokens * w * w for w in shapes.group_inputs
+    )
     factor = sum(2 * w**3 for w in shapes.group_inputs)
     per_layer = sum(2 * o * i * i for _, o, i in shapes.layers)  # one (out x in x in) product
     if request.method == "sds":

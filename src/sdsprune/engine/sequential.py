@@ -80,6 +80,8 @@ class BlockProcessor:
 
     ``needs``: statistics level of the current model's inputs ("none", "sumsq", "gram");
     ``dense_stream``: also run the dense model alongside (inputs for ``kd``/``dd``);
+    ``dense_statistics``: with the dense stream, also collect the Gram matrices of its inputs
+    and the cross-Gram with the current model's (off when only the dense outputs are used);
     ``propagate``: feed the next block with outputs of the ``processed`` block (normal
     sequential pruning) or of the ``original`` block (a pass that must not see its own edits).
     ``probe_errors``: measure in the output pass the relative output error of layers whose
@@ -89,6 +91,7 @@ class BlockProcessor:
 
     needs: str = "none"
     dense_stream: bool = False
+    dense_statistics: bool = True
     propagate: str = "processed"
     probe_errors: bool = True
 
@@ -187,7 +190,7 @@ def _process_block(
     outputs_stored = False
     if processor.needs != "none" or use_dense:
         ctx.stats = StatsCollector(linears, processor.needs or "gram")
-        if use_dense:
+        if use_dense and processor.dense_statistics:
             ctx.dense_stats = StatsCollector(linears, "gram", keep_inputs=True)
             ctx.stats.cross_source = ctx.dense_stats
         outputs_stored = processor.propagate != "processed"
@@ -231,7 +234,7 @@ def _stats_pass(ctx, stream, dense_stream, processor, store_outputs: bool) -> No
     for start in stream.batches():
         dense_outputs = None
         if dense_stream is not None:
-            with ctx.dense_stats.hooks(), swapped_weights(ctx.linears, swap):
+            with _hooks_of(ctx.dense_stats), swapped_weights(ctx.linears, swap):
                 dense_outputs = _forward(ctx.index, ctx.block, dense_stream, start)
         with ctx.stats.hooks():
             outputs = _forward(ctx.index, ctx.block, stream, start)
@@ -239,6 +242,11 @@ def _stats_pass(ctx, stream, dense_stream, processor, store_outputs: bool) -> No
             dense_stream.store(start, dense_outputs)
         if store_outputs:
             stream.store(start, outputs)
+
+
+def _hooks_of(stats: StatsCollector | None):
+    """The collector's hooks, or nothing when the dense forward gathers no statistics."""
+    return contextlib.nullcontext() if stats is None else stats.hooks()
 
 
 def _like_layers(

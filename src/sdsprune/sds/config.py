@@ -88,7 +88,13 @@ class SDSConfig:
     @property
     def dense_stream(self) -> bool:
         """Whether the dense model must run alongside (dense inputs or dense block targets)."""
-        return self.data_mode != "sd" or self.adjust_data == "kd" or self.block_epochs > 0
+        return self.dense_statistics or self.block_epochs > 0
+
+    @property
+    def dense_statistics(self) -> bool:
+        """Whether a solver reads the dense inputs' Gram or cross-Gram matrices: the block
+        re-fit needs only the dense block's outputs, which cost no statistics."""
+        return self.data_mode != "sd" or self.adjust_data == "kd"
 
     @classmethod
     def from_text(cls, text: str) -> SDSConfig:

@@ -138,6 +138,7 @@ class FusedSDS(BlockProcessor):
     def __init__(self, steps: _SDSSteps):
         self.steps = steps
         self.dense_stream = steps.config.dense_stream
+        self.dense_statistics = steps.config.dense_statistics
 
     def process(self, ctx: BlockContext) -> None:
         figure = self.steps.recorder.layer.removeprefix(f"{ctx.index}.")
