@@ -1,15 +1,18 @@
-"""A CPU kernel for 2:4 weights (AVX-512, float32), compiled on first use.
+"""A CPU kernel for 2:4 weights (AVX-512 or AVX2, float32 or bfloat16), compiled on first use.
 
 torch has no CPU kernel that exploits 2:4 sparsity (its semi-structured kernels are CUDA
 only, and CSR needs an index per non-zero). Here each row keeps its 2-of-4 values densely
 packed plus a 1-byte in-group position per value: 16 kept values cover 32 inputs, whose
-activations are picked from two registers with one ``permutex2var`` (no gathers). That reads
-5 bytes per kept value instead of 8 bytes per 2 dense weights, and pays off for a handful of
-tokens (decode); for more tokens the row is expanded back to dense and multiplied with MKL.
+activations are picked from two registers with one ``permutex2var`` (no gathers); with AVX2,
+8 kept values cover 16 inputs and two ``permutevar8x32`` plus a blend do the same. That
+reads 5 bytes per kept value (3 in bfloat16) instead of 8 (4) bytes per 2 dense weights, and
+pays off for a handful of tokens (decode); for more tokens the row is expanded back to dense
+and multiplied with MKL.
 
 The extension is built with ``torch.utils.cpp_extension`` (needs a C++ compiler; about 45 s
-once, then cached). Anything that prevents it (no compiler, no AVX-512) makes the layer
-ineligible with a reason, never an error.
+once, then cached), with the code path of torch's CPU capability. Anything that prevents it
+(no compiler, neither AVX-512 nor AVX2) makes the layer ineligible with a reason, never an
+error.
 """
 
 from __future__ import annotations
@@ -27,89 +30,209 @@ from sdsprune.export.packing import nm_pattern
 log = logging.getLogger(__name__)
 
 MAX_KERNEL_TOKENS = 8  # above this, expanding to dense and using MKL is faster
+# Rows per parallel task: the smallest layer of the default model (k/v, 192 rows) still
+# splits into 12 tasks, so every thread gets work in every layer.
+ROW_GRAIN = 16
+VALUE_DTYPES = (torch.float32, torch.bfloat16)
+# Compiler flags per torch CPU capability; the source picks its code path from them.
+ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cstring>
 
-// y[t, o] = sum_j values[o, j] * x[t, 2 * (j - j % 16) + base[j % 16] + pos[o, j]]
-torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor pos) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && values.dtype() == torch::kFloat32, "float32 only");
-  TORCH_CHECK(x.is_contiguous() && values.is_contiguous() && pos.is_contiguous(), "contiguous");
-  const int64_t T = x.size(0), in = x.size(1), out = values.size(0), half = values.size(1);
-  TORCH_CHECK(in == 2 * half && in % 4 == 0, "shape mismatch");
-  auto y = torch::empty({T, out}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* vp = values.data_ptr<float>();
-  const uint8_t* pp = pos.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
+// One SIMD chunk holds W kept values of a row, which cover 2 * W inputs. chunk_index turns
+// their in-group positions into register lanes; pick gathers the matching activations
+// with register permutes (no memory gathers).
+#if defined(__AVX512F__)
+constexpr int64_t W = 16;
+using vec = __m512;
+using ivec = __m512i;
+static inline ivec chunk_index(const uint8_t* p) {
   const __m512i base = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+  return _mm512_add_epi32(base, _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+static inline vec pick(const float* x, ivec idx) {
+  return _mm512_permutex2var_ps(_mm512_loadu_ps(x), idx, _mm512_loadu_ps(x + 16));
+}
+static inline vec load_values(const float* v) { return _mm512_loadu_ps(v); }
+static inline vec load_values(const uint16_t* v) {  // bfloat16: the high half of a float
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+static inline vec zero() { return _mm512_setzero_ps(); }
+static inline vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline float hsum(vec a) { return _mm512_reduce_add_ps(a); }
+#else
+constexpr int64_t W = 8;
+using vec = __m256;
+using ivec = __m256i;
+// Values 0-3 of a chunk come from inputs 0-7 and values 4-7 from inputs 8-15: permute
+// each half of the inputs with the same lane index and blend.
+static inline ivec chunk_index(const uint8_t* p) {
+  const __m256i base = _mm256_set_epi32(4, 4, 0, 0, 4, 4, 0, 0);
+  return _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+static inline vec pick(const float* x, ivec idx) {
+  const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), idx);
+  const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), idx);
+  return _mm256_blend_ps(low, high, 0xF0);
+}
+static inline vec load_values(const float* v) { return _mm256_loadu_ps(v); }
+static inline vec load_values(const uint16_t* v) {  // bfloat16: the high half of a float
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)v));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+static inline vec zero() { return _mm256_setzero_ps(); }
+static inline vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline float hsum(vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+static inline float scalar(float v) { return v; }
+static inline float scalar(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// y[t0 + k, o] for NT tokens of one row. With one or two tokens a single accumulator chain
+// would wait on FMA latency, so U chunks are in flight at once.
+template <typename V, int NT>
+static void row_tokens(const float* x, const V* v, const uint8_t* p, float* y, int64_t in,
+                       int64_t out, int64_t half) {
+  constexpr int U = NT < 3 ? 2 : 1;
+  vec acc[U][NT];
+  for (int u = 0; u < U; ++u)
+    for (int k = 0; k < NT; ++k) acc[u][k] = zero();
+  int64_t j = 0;
+  for (; j + U * W <= half; j += U * W) {
+    for (int u = 0; u < U; ++u) {
+      const ivec idx = chunk_index(p + j + u * W);
+      const vec w = load_values(v + j + u * W);
+      for (int k = 0; k < NT; ++k)
+        acc[u][k] = fmadd(w, pick(x + k * in + 2 * (j + u * W), idx), acc[u][k]);
+    }
+  }
+  for (; j + W <= half; j += W) {
+    const ivec idx = chunk_index(p + j);
+    const vec w = load_values(v + j);
+    for (int k = 0; k < NT; ++k) acc[0][k] = fmadd(w, pick(x + k * in + 2 * j, idx), acc[0][k]);
+  }
+  for (int k = 0; k < NT; ++k) {
+    vec total = acc[0][k];
+    for (int u = 1; u < U; ++u) total = add(total, acc[u][k]);
+    float s = hsum(total);
+    for (int64_t r = j; r < half; ++r) s += scalar(v[r]) * x[k * in + 4 * (r / 2) + p[r]];
+    y[k * out] = s;
+  }
+}
+
+// y[t, o] = sum_j values[o, j] * x[t, 4 * (j / 2) + pos[o, j]], rows split over threads;
+// each row is used for every token while it is in L1, four tokens at a time.
+template <typename V>
+static void mm(const float* x, const V* values, const uint8_t* pos, float* y, int64_t T,
+               int64_t in, int64_t out, int64_t grain) {
+  const int64_t half = in / 2;
+  at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
-      const float* v = vp + o * half;
-      const uint8_t* p = pp + o * half;
+      const V* v = values + o * half;
+      const uint8_t* p = pos + o * half;
       for (int64_t t0 = 0; t0 < T; t0 += 4) {
-        const int64_t nt = std::min<int64_t>(4, T - t0);
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                         _mm512_setzero_ps()};
-        int64_t j = 0;
-        for (; j + 16 <= half; j += 16) {
-          const __m512i idx = _mm512_add_epi32(
-              base, _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + j))));
-          const __m512 w = _mm512_loadu_ps(v + j);
-          for (int64_t k = 0; k < nt; ++k) {
-            const float* xt = xp + (t0 + k) * in + 2 * j;
-            const __m512 xs =
-                _mm512_permutex2var_ps(_mm512_loadu_ps(xt), idx, _mm512_loadu_ps(xt + 16));
-            acc[k] = _mm512_fmadd_ps(w, xs, acc[k]);
-          }
-        }
-        for (int64_t k = 0; k < nt; ++k) {
-          const float* xt = xp + (t0 + k) * in;
-          float s = _mm512_reduce_add_ps(acc[k]);
-          for (int64_t r = j; r < half; ++r) s += v[r] * xt[4 * (r / 2) + p[r]];
-          yp[(t0 + k) * out + o] = s;
+        const float* xt = x + t0 * in;
+        float* yt = y + t0 * out + o;
+        switch (std::min<int64_t>(4, T - t0)) {
+          case 1: row_tokens<V, 1>(xt, v, p, yt, in, out, half); break;
+          case 2: row_tokens<V, 2>(xt, v, p, yt, in, out, half); break;
+          case 3: row_tokens<V, 3>(xt, v, p, yt, in, out, half); break;
+          default: row_tokens<V, 4>(xt, v, p, yt, in, out, half);
         }
       }
     }
   });
+}
+
+// float32 activations (T, in) times packed values (float32 or bfloat16) -> float32 (T, out)
+torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor pos, int64_t grain) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32, "float32 activations only");
+  TORCH_CHECK(x.is_contiguous() && values.is_contiguous() && pos.is_contiguous(), "contiguous");
+  const int64_t T = x.size(0), in = x.size(1), out = values.size(0);
+  TORCH_CHECK(in == 2 * values.size(1) && in % 4 == 0, "shape mismatch");
+  auto y = torch::empty({T, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* pp = pos.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  if (values.dtype() == torch::kBFloat16)
+    mm(xp, reinterpret_cast<const uint16_t*>(values.data_ptr()), pp, yp, T, in, out, grain);
+  else {
+    TORCH_CHECK(values.dtype() == torch::kFloat32, "float32 or bfloat16 values only");
+    mm(xp, values.data_ptr<float>(), pp, yp, T, in, out, grain);
+  }
   return y;
 }
 
+// the dense weight again, in the values' dtype (for calls with many tokens)
 torch::Tensor nm24_dense(torch::Tensor values, torch::Tensor pos) {
   const int64_t out = values.size(0), half = values.size(1), in = 2 * half;
+  const int64_t size = values.element_size();
   auto w = torch::zeros({out, in}, values.options());
-  const float* vp = values.data_ptr<float>();
+  const char* vp = static_cast<const char*>(values.data_ptr());
   const uint8_t* pp = pos.data_ptr<uint8_t>();
-  float* wp = w.data_ptr<float>();
+  char* wp = static_cast<char*>(w.data_ptr());
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o)
       for (int64_t j = 0; j < half; ++j)
-        wp[o * in + 4 * (j / 2) + pp[o * half + j]] = vp[o * half + j];
+        std::memcpy(wp + (o * in + 4 * (j / 2) + pp[o * half + j]) * size,
+                    vp + (o * half + j) * size, size);
   });
   return w;
 }
 """
 
 
+def cpu_capability() -> str:
+    """torch's view of the CPU's vector instructions ("AVX512", "AVX2", "DEFAULT", ...)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _has_compiler() -> bool:
+    return shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
 @functools.cache
 def extension():
-    """The compiled kernels, or a string saying why they are unavailable."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return f"nm24 needs AVX-512 (this CPU: {torch.backends.cpu.get_cpu_capability()})"
-    if shutil.which("c++") is None and shutil.which("g++") is None:
+    """The compiled kernels for this CPU, or a string saying why they are unavailable.
+
+    The code path follows torch's capability (AVX-512 or AVX2 + FMA), so setting
+    ``ATEN_CPU_CAPABILITY=avx2`` also selects the AVX2 path on an AVX-512 machine.
+    """
+    capability = cpu_capability()
+    flags = ISA_FLAGS.get(capability)
+    if flags is None:
+        return f"nm24 needs AVX2 or AVX-512 (this CPU: {capability})"
+    if not _has_compiler():
         return "nm24 needs a C++ compiler to build its kernel"
     try:
         from torch.utils.cpp_extension import load_inline
 
-        log.info("building the nm24 CPU kernel (once, about a minute)")
+        log.info("building the nm24 CPU kernel for %s (once, about a minute)", capability)
         return load_inline(
-            "sdsprune_nm24",
+            f"sdsprune_nm24_{capability.lower()}",
             cpp_sources=_SOURCE,
             functions=["nm24_mm", "nm24_dense"],
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"],
+            extra_cflags=["-O3", *flags, "-fopenmp"],
             extra_ldflags=["-fopenmp"],
         )
     except Exception as exc:  # compiler errors come in many types
@@ -119,8 +242,8 @@ def extension():
 def nm24_problem(linear: nn.Linear) -> str | None:
     """Why the nm24 kernel cannot serve this layer (None when it can)."""
     weight = linear.weight.detach()
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return "nm24 is a CPU float32 kernel"
+    if weight.device.type != "cpu" or weight.dtype not in VALUE_DTYPES:
+        return "nm24 is a CPU kernel for float32 and bfloat16 weights"
     n = nm_pattern(weight, 4)
     if n is None or n > 2:
         return "zeros are not in a 2:4 pattern"
@@ -129,7 +252,7 @@ def nm24_problem(linear: nn.Linear) -> str | None:
 
 
 def pack_nm24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values (out, in/2) float32, positions (out, in/2) uint8) of a 2:4 weight."""
+    """(values (out, in/2) in the weight's dtype, positions (out, in/2) uint8) of a 2:4 weight."""
     rows, cols = weight.shape
     groups = weight.view(rows, cols // 4, 4)
     nonzero = groups != 0
@@ -144,7 +267,12 @@ def pack_nm24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Nm24Linear(nn.Module):
-    """``nn.Linear`` with a 2:4 weight, multiplied by the AVX-512 kernel for few tokens."""
+    """``nn.Linear`` with a 2:4 weight, multiplied by the CPU kernel for few tokens.
+
+    bfloat16 weights stay bfloat16 when packed (half the bytes of float32, bit-exact); the
+    activations are widened to float32 and the products accumulated in float32, so the
+    output is at least as accurate as the dense bfloat16 layer's.
+    """
 
     kernel = "nm24"
 
@@ -163,13 +291,16 @@ class Nm24Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2d = x.reshape(-1, shape[-1]).contiguous()
+        x2d = x.reshape(-1, shape[-1])
         if x2d.shape[0] <= MAX_KERNEL_TOKENS:
-            y = self._ext.nm24_mm(x2d, self.values, self.positions)
+            y = self._ext.nm24_mm(
+                x2d.float().contiguous(), self.values, self.positions, ROW_GRAIN
+            ).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
         else:
-            y = F.linear(x2d, self._ext.nm24_dense(self.values, self.positions), self.bias)
+            dense = self._ext.nm24_dense(self.values, self.positions)
+            y = F.linear(x2d, dense, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
