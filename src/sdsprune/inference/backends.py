@@ -4,12 +4,15 @@ Backends:
 
 - ``dense``: leave the model alone (the default, and the baseline of every comparison);
 - ``csr`` / ``bsr``: torch sparse CSR / BSR matmul on every pruned layer that can use it;
-- ``nm24``: this package's AVX-512 CPU kernel for 2:4 layers (float32, built on first use);
+- ``nm24``: this package's AVX-512 / AVX2 CPU kernel for 2:4 layers (float32 or bfloat16,
+  built on first use);
 - ``semi-structured``: torch's 2:4 kernels on CUDA GPUs of compute capability >= 8.0;
-- ``auto``: per layer, time dense against each kernel available on the model's device at a
-  few token counts (decode-sized and prefill-sized) and keep a sparse kernel only where it
-  wins at *every* count by a margin. Where sparse is slower, the layer stays dense: sparse
-  is never chosen on faith.
+- ``auto``: per layer, time dense against each kernel available on the model's device at
+  decode-sized and prefill-sized token counts, smallest first, and keep the kernel that beats
+  dense by a margin up to the largest count. A kernel that wins only up to some count (decode,
+  typically) is used for calls of up to that many tokens and dense above, switched at run
+  time by each call's token count (:class:`SwitchedLinear`). Where sparse is slower at every
+  count, the layer stays dense: sparse is never chosen on faith.
 
 Every swapped layer is checked against the dense layer on a random input before it is kept;
 a kernel that fails there or while it is timed (torch refuses some shapes only when the
@@ -29,7 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdsprune.errors import SdspruneError
-from sdsprune.inference.kernels import KERNELS, PROBLEMS, semi_structured_device_problem
+from sdsprune.inference.kernels import (
+    KERNELS,
+    PROBLEMS,
+    SwitchedLinear,
+    semi_structured_device_problem,
+)
 from sdsprune.models import model_linears
 
 log = logging.getLogger(__name__)
@@ -37,7 +45,8 @@ log = logging.getLogger(__name__)
 BACKENDS = ("dense", "auto", "csr", "bsr", "nm24", "semi-structured")
 MIN_SPARSITY = 0.3
 AUTO_MARGIN = 1.05  # a sparse kernel must be >= 5% faster than dense to be chosen
-PROBE_TOKENS = (1, 16, 512)  # decode, small batch, prefill; ascending: losers drop out early
+# decode at batch 1, 4 and 8, a small prefill, a prompt; ascending: losers drop out early
+PROBE_TOKENS = (1, 4, 8, 16, 512)
 REPORT_ATTR = "sdsprune_backend"
 
 # Given {kernel: fn} (all run on a ``tokens``-row input), return {kernel: seconds per call}. Interleaving the calls matters on a
@@ -54,6 +63,11 @@ class LayerChoice:
     sparsity: float
     reason: str = ""
     timings_us: dict[str, dict[int, float]] = field(default_factory=dict)
+    max_tokens: int | None = None  # the kernel serves calls up to this many tokens; None: all
+
+    def label(self) -> str:
+        """The kernel, with its token limit when dense takes the larger calls."""
+        return self.kernel if self.max_tokens is None else f"{self.kernel}<={self.max_tokens}"
 
 
 @dataclass
@@ -67,7 +81,7 @@ class BackendReport:
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for layer in self.layers:
-            counts[layer.kernel] = counts.get(layer.kernel, 0) + 1
+            counts[layer.label()] = counts.get(layer.label(), 0) + 1
         return counts
 
     def to_dict(self) -> dict:
@@ -233,10 +247,14 @@ class _Probe:
         reasons: list[str],
     ) -> tuple[LayerChoice, nn.Module | None]:
         """Time dense and the candidates at each probe size, smallest first; a candidate not
-        faster by the margin drops out (larger sizes are not timed for it). Keep the fastest
-        survivor only if it won at every size."""
+        faster by the margin drops out (larger sizes are not timed for it), and is used only up
+        to the last size it won, dense above. Keep the kernel whose arrangement has the lowest
+        time relative to dense summed over all sizes (dense counting 1 where it takes over),
+        so a kernel much faster at decode beats one slightly faster everywhere."""
         alive = dict(candidates)
         ratios: dict[str, float] = dict.fromkeys(alive, 0.0)
+        won_up_to: dict[str, int] = {}
+        wins: dict[str, int] = dict.fromkeys(alive, 0)
         for tokens in self.tokens:
             if not alive:
                 break
@@ -261,16 +279,23 @@ class _Probe:
             for kernel, seconds in times.items():
                 choice.timings_us.setdefault(kernel, {})[tokens] = round(seconds * 1e6, 1)
             for kernel in list(alive):
-                ratios[kernel] += times[kernel] / times["dense"]
                 if times[kernel] * self.margin >= times["dense"]:
                     reasons.append(f"{kernel} not faster than dense at {tokens} tokens")
                     del alive[kernel]
-        if not alive:
+                else:
+                    ratios[kernel] += times[kernel] / times["dense"]
+                    won_up_to[kernel] = tokens
+                    wins[kernel] += 1
+        if not won_up_to:
             choice.reason = "; ".join(reasons)
             return choice, None
-        kernel = min(alive, key=lambda k: (ratios[k], k))
-        choice.kernel, choice.reason = kernel, "measured faster than dense"
-        return choice, alive[kernel]
+        best = min(won_up_to, key=lambda k: (ratios[k] + len(self.tokens) - wins[k], k))
+        choice.kernel, choice.reason = best, "measured faster than dense"
+        if best in alive:
+            return choice, candidates[best]
+        choice.max_tokens = won_up_to[best]
+        choice.reason += f" up to {choice.max_tokens} tokens; dense above"
+        return choice, SwitchedLinear(candidates[best], linear, choice.max_tokens)
 
 
 def _guarded(what: str, call):
