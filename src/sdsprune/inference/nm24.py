@@ -46,10 +46,11 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 // One SIMD chunk holds W kept values of a row, which cover 2 * W inputs. chunk_index turns
 // their in-group positions into register lanes; pick gathers the matching activations
-// with register permutes (no memory gathers).
+// with register permutes (no memory gathers) from the inputs as laid out by pick_layout.
 #if defined(__AVX512F__)
 constexpr int64_t W = 16;
 using vec = __m512;
@@ -70,20 +71,35 @@ static inline vec zero() { return _mm512_setzero_ps(); }
 static inline vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline float hsum(vec a) { return _mm512_reduce_add_ps(a); }
+static const float* pick_layout(const float* x, std::vector<float>&, int64_t, int64_t) {
+  return x;
+}
 #else
 constexpr int64_t W = 8;
 using vec = __m256;
 using ivec = __m256i;
-// Values 0-3 of a chunk come from inputs 0-7 and values 4-7 from inputs 8-15: permute
-// each half of the inputs with the same lane index and blend.
+// The 8 values of a chunk come from 4 groups of 4 inputs, 2 each. pick_layout stores every
+// 16 inputs as groups 0, 2, 1, 3, so that one register holds groups 0 | 2 and the next
+// 1 | 3 in its 128-bit halves: the in-group positions are then the lane indices of the
+// in-lane permute (vpermilps, cheaper than the cross-lane one), and a blend merges them.
 static inline ivec chunk_index(const uint8_t* p) {
-  const __m256i base = _mm256_set_epi32(4, 4, 0, 0, 4, 4, 0, 0);
-  return _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
 }
 static inline vec pick(const float* x, ivec idx) {
-  const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), idx);
-  const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), idx);
-  return _mm256_blend_ps(low, high, 0xF0);
+  const __m256 even = _mm256_permutevar_ps(_mm256_loadu_ps(x), idx);     // groups 0 | 2
+  const __m256 odd = _mm256_permutevar_ps(_mm256_loadu_ps(x + 8), idx);  // groups 1 | 3
+  return _mm256_blend_ps(even, odd, 0xCC);
+}
+static const float* pick_layout(const float* x, std::vector<float>& buffer, int64_t T,
+                                int64_t in) {
+  buffer.assign(x, x + T * in);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c + 16 <= in; c += 16) {
+      float* chunk = buffer.data() + t * in + c;
+      std::memcpy(chunk + 4, x + t * in + c + 8, 4 * sizeof(float));
+      std::memcpy(chunk + 8, x + t * in + c + 4, 4 * sizeof(float));
+    }
+  return buffer.data();
 }
 static inline vec load_values(const float* v) { return _mm256_loadu_ps(v); }
 static inline vec load_values(const uint16_t* v) {  // bfloat16: the high half of a float
@@ -108,11 +124,12 @@ static inline float scalar(uint16_t v) {
   return f;
 }
 
-// y[t0 + k, o] for NT tokens of one row. With one or two tokens a single accumulator chain
-// would wait on FMA latency, so U chunks are in flight at once.
+// y[t0 + k, o] for NT tokens of one row (xs: the inputs in pick_layout, x: as given). With
+// one or two tokens a single accumulator chain would wait on FMA latency, so U chunks are
+// in flight at once.
 template <typename V, int NT>
-static void row_tokens(const float* x, const V* v, const uint8_t* p, float* y, int64_t in,
-                       int64_t out, int64_t half) {
+static void row_tokens(const float* xs, const float* x, const V* v, const uint8_t* p, float* y,
+                       int64_t in, int64_t out, int64_t half) {
   constexpr int U = NT < 3 ? 2 : 1;
   vec acc[U][NT];
   for (int u = 0; u < U; ++u)
@@ -123,13 +140,13 @@ static void row_tokens(const float* x, const V* v, const uint8_t* p, float* y, i
       const ivec idx = chunk_index(p + j + u * W);
       const vec w = load_values(v + j + u * W);
       for (int k = 0; k < NT; ++k)
-        acc[u][k] = fmadd(w, pick(x + k * in + 2 * (j + u * W), idx), acc[u][k]);
+        acc[u][k] = fmadd(w, pick(xs + k * in + 2 * (j + u * W), idx), acc[u][k]);
     }
   }
   for (; j + W <= half; j += W) {
     const ivec idx = chunk_index(p + j);
     const vec w = load_values(v + j);
-    for (int k = 0; k < NT; ++k) acc[0][k] = fmadd(w, pick(x + k * in + 2 * j, idx), acc[0][k]);
+    for (int k = 0; k < NT; ++k) acc[0][k] = fmadd(w, pick(xs + k * in + 2 * j, idx), acc[0][k]);
   }
   for (int k = 0; k < NT; ++k) {
     vec total = acc[0][k];
@@ -146,18 +163,21 @@ template <typename V>
 static void mm(const float* x, const V* values, const uint8_t* pos, float* y, int64_t T,
                int64_t in, int64_t out, int64_t grain) {
   const int64_t half = in / 2;
+  std::vector<float> buffer;
+  const float* xs = pick_layout(x, buffer, T, in);
   at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const V* v = values + o * half;
       const uint8_t* p = pos + o * half;
       for (int64_t t0 = 0; t0 < T; t0 += 4) {
+        const float* xst = xs + t0 * in;
         const float* xt = x + t0 * in;
         float* yt = y + t0 * out + o;
         switch (std::min<int64_t>(4, T - t0)) {
-          case 1: row_tokens<V, 1>(xt, v, p, yt, in, out, half); break;
-          case 2: row_tokens<V, 2>(xt, v, p, yt, in, out, half); break;
-          case 3: row_tokens<V, 3>(xt, v, p, yt, in, out, half); break;
-          default: row_tokens<V, 4>(xt, v, p, yt, in, out, half);
+          case 1: row_tokens<V, 1>(xst, xt, v, p, yt, in, out, half); break;
+          case 2: row_tokens<V, 2>(xst, xt, v, p, yt, in, out, half); break;
+          case 3: row_tokens<V, 3>(xst, xt, v, p, yt, in, out, half); break;
+          default: row_tokens<V, 4>(xst, xt, v, p, yt, in, out, half);
         }
       }
     }
@@ -183,20 +203,33 @@ torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor pos, 
   return y;
 }
 
+template <typename V>
+static void expand(const V* values, const uint8_t* pos, V* w, int64_t out, int64_t half) {
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const V* v = values + o * half;
+      const uint8_t* p = pos + o * half;
+      V* row = w + o * 2 * half;
+      for (int64_t g = 0; g < half / 2; ++g) {  // one pass: each group of 4 written once
+        V group[4] = {0, 0, 0, 0};
+        group[p[2 * g]] = v[2 * g];
+        group[p[2 * g + 1]] = v[2 * g + 1];
+        std::memcpy(row + 4 * g, group, sizeof group);
+      }
+    }
+  });
+}
+
 // the dense weight again, in the values' dtype (for calls with many tokens)
 torch::Tensor nm24_dense(torch::Tensor values, torch::Tensor pos) {
-  const int64_t out = values.size(0), half = values.size(1), in = 2 * half;
-  const int64_t size = values.element_size();
-  auto w = torch::zeros({out, in}, values.options());
-  const char* vp = static_cast<const char*>(values.data_ptr());
+  const int64_t out = values.size(0), half = values.size(1);
+  auto w = torch::empty({out, 2 * half}, values.options());
   const uint8_t* pp = pos.data_ptr<uint8_t>();
-  char* wp = static_cast<char*>(w.data_ptr());
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o)
-      for (int64_t j = 0; j < half; ++j)
-        std::memcpy(wp + (o * in + 4 * (j / 2) + pp[o * half + j]) * size,
-                    vp + (o * half + j) * size, size);
-  });
+  if (values.element_size() == 2)
+    expand(static_cast<const uint16_t*>(values.data_ptr()), pp,
+           static_cast<uint16_t*>(w.data_ptr()), out, half);
+  else
+    expand(values.data_ptr<float>(), pp, w.data_ptr<float>(), out, half);
   return w;
 }
 """
