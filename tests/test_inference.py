@@ -472,3 +472,24 @@ def test_nm24_build_failure_keeps_layers_dense_with_a_reason(monkeypatch, fresh_
     report = apply_backend(pruned_model("2:4"), "nm24")
     assert report.counts() == {"dense": 14}
     assert "failed to build: Error building extension" in report.layers[0].reason
+
+
+def test_default_timer_times_decode_calls_singly_after_a_cache_flush(monkeypatch):
+    """Decode-sized calls: one call per sample, each after the flush; prefill: 3 per sample."""
+    from sdsprune.inference import backends
+
+    monkeypatch.setattr(backends, "CACHE_FLUSH_BYTES", 2**20)
+    timer = backends._default_timer(torch.device("cpu"), repeats=2, inner=3)
+    calls = {"dense": 0, "csr": 0}
+
+    def counting(name):
+        def fn():
+            calls[name] += 1
+
+        return fn
+
+    contenders = {name: counting(name) for name in calls}
+    times = timer(contenders, 1)
+    assert set(times) == {"dense", "csr"} and calls == {"dense": 22, "csr": 22}  # 20 warm-up
+    timer(contenders, 512)
+    assert calls == {"dense": 22 + 1 + 6, "csr": 22 + 1 + 6}
