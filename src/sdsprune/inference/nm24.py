@@ -32,9 +32,13 @@ from sdsprune.export.packing import nm_pattern
 log = logging.getLogger(__name__)
 
 MAX_KERNEL_TOKENS = 8  # above this, expanding to dense and using MKL is faster
-# Rows per parallel task: the smallest layer of the default model (k/v, 192 rows) still
-# splits into 12 tasks, so every thread gets work in every layer.
+# Rows per parallel task: at least ROW_GRAIN, and enough rows for MIN_TASK_PRODUCTS kept
+# values x tokens (at one token 320 KB of packed float32 weights, ~30 us of one core's
+# memory traffic: less is not worth waking a thread for). So a decode token's k/v
+# projection of the default model (192 x 288 kept values) runs on one thread, and larger
+# calls (its q, MLP, or k/v with 2+ tokens) give every thread of a 2-core CPU work.
 ROW_GRAIN = 16
+MIN_TASK_PRODUCTS = 65536
 VALUE_DTYPES = (torch.float32, torch.bfloat16)
 # Compiler flags per torch CPU capability; the source picks its code path from them.
 ISA_FLAGS = {
@@ -301,6 +305,11 @@ def pack_nm24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, positions.view(rows, cols // 2).contiguous()
 
 
+def rows_per_task(kept_per_row: int, tokens: int) -> int:
+    """The parallel grain of a call: see ROW_GRAIN and MIN_TASK_PRODUCTS."""
+    return max(ROW_GRAIN, -(-MIN_TASK_PRODUCTS // (kept_per_row * tokens)))
+
+
 class Nm24Linear(nn.Module):
     """``nn.Linear`` with a 2:4 weight, multiplied by the CPU kernel for few tokens.
 
@@ -328,9 +337,9 @@ class Nm24Linear(nn.Module):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
         if x2d.shape[0] <= MAX_KERNEL_TOKENS:
-            y = self._ext.nm24_mm(
-                x2d.float().contiguous(), self.values, self.positions, ROW_GRAIN
-            ).to(x.dtype)
+            grain = rows_per_task(self.values.shape[1], x2d.shape[0])
+            y = self._ext.nm24_mm(x2d.float().contiguous(), self.values, self.positions, grain)
+            y = y.to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
         else:
