@@ -493,3 +493,15 @@ def test_default_timer_times_decode_calls_singly_after_a_cache_flush(monkeypatch
     assert set(times) == {"dense", "csr"} and calls == {"dense": 22, "csr": 22}  # 20 warm-up
     timer(contenders, 512)
     assert calls == {"dense": 22 + 1 + 6, "csr": 22 + 1 + 6}
+
+
+def test_nm24_grain_gives_two_threads_work_except_for_tiny_calls():
+    """Every layer shape of the default model splits over 2 threads from 2 tokens on (and
+    all but k/v already at 1 token); a decode token's k/v projection stays on one thread."""
+    from sdsprune.inference.nm24 import rows_per_task
+
+    for out_features, in_features in SMOLLM2_SHAPES:
+        for tokens in (1, 2, 8):
+            tasks = -(-out_features // rows_per_task(in_features // 2, tokens))
+            expected_serial = (out_features, tokens) == (192, 1)
+            assert (tasks == 1) == expected_serial, (out_features, in_features, tokens)
