@@ -474,25 +474,25 @@ def test_nm24_build_failure_keeps_layers_dense_with_a_reason(monkeypatch, fresh_
     assert "failed to build: Error building extension" in report.layers[0].reason
 
 
-def test_default_timer_times_decode_calls_singly_after_a_cache_flush(monkeypatch):
-    """Decode-sized calls: one call per sample, each after the flush; prefill: 3 per sample."""
-    from sdsprune.inference import backends
+def test_auto_times_layers_in_turn_like_a_forward_pass():
+    """Each round calls every layer of the group once (so a layer's weights have left the
+    caches by its next call, as in a decode step), not one layer in a loop."""
+    model = pruned_model("unstructured")
+    order = []
+    for name, layer in model_linears(model).items():
+        layer.register_forward_hook(lambda *_, name=name: order.append((tokens_now[0], name)))
+    tokens_now = [0]
 
-    monkeypatch.setattr(backends, "CACHE_FLUSH_BYTES", 2**20)
-    timer = backends._default_timer(torch.device("cpu"), repeats=2, inner=3)
-    calls = {"dense": 0, "csr": 0}
+    def timer(contenders, tokens):
+        tokens_now[0] = tokens
+        contenders["dense"]()  # the hook records which layer is timed
+        return {name: 1.0 if name == "dense" else 0.5 for name in contenders}
 
-    def counting(name):
-        def fn():
-            calls[name] += 1
-
-        return fn
-
-    contenders = {name: counting(name) for name in calls}
-    times = timer(contenders, 1)
-    assert set(times) == {"dense", "csr"} and calls == {"dense": 22, "csr": 22}  # 20 warm-up
-    timer(contenders, 512)
-    assert calls == {"dense": 22 + 1 + 6, "csr": 22 + 1 + 6}
+    report = apply_backend(model, "auto", timer=timer, probe_tokens=(1, 4), verify=False)
+    assert report.counts() == {"csr": 14}
+    at_1 = [layer for tokens, layer in order if tokens == 1]
+    assert len(at_1) == 14 * 6  # one untimed and 5 timed rounds
+    assert len(set(at_1[:14])) == 14 and at_1[:14] == at_1[14:28]
 
 
 def test_nm24_grain_gives_two_threads_work_except_for_tiny_calls():

@@ -49,13 +49,15 @@ AUTO_MARGIN = 1.05  # a sparse kernel must be >= 5% faster than dense to be chos
 PROBE_TOKENS = (1, 4, 8, 16, 512)
 REPORT_ATTR = "sdsprune_backend"
 # A decode step streams every weight from memory (the model is far larger than the caches),
-# so on CPU, calls of up to COLD_MAX_TOKENS tokens are timed one at a time right after
-# writing a buffer larger than common last-level caches. Timed hot, one layer's weights sit
-# in cache and dense looks faster than in a model: on the default model with the AVX2 nm24
-# kernel, hot timings kept 131 of 210 layers dense (nm24 0.81x at 1 token, median) although
-# nm24 on every layer decoded 1.21x faster than dense in the same run.
-COLD_MAX_TOKENS = 16
-CACHE_FLUSH_BYTES = 64 * 2**20
+# so auto times its layers as a forward pass runs them: each round calls every layer of a
+# group once, in turn, so a layer's weights have left the caches by its next call. Timed in
+# a loop, one layer's weights sit in cache and dense looks faster than in a model: on the
+# default model with the AVX2 nm24 kernel, such timings kept 131 of 210 layers dense (nm24
+# 0.81x at 1 token, median) although nm24 on every layer decoded 1.21x faster than dense in
+# the same run. Groups hold at least RACE_GROUP_BYTES of dense weights (far more than a
+# last-level cache) and bound the memory of the candidates alive at once.
+RACE_GROUP_BYTES = 256 * 2**20
+RACE_ROUNDS = 5  # timed rounds per probe size (medians), after one untimed round
 
 # Given {kernel: fn} (all run on a ``tokens``-row input), return {kernel: seconds per call}. Interleaving the calls matters on a
 # shared machine: a burst of load from elsewhere then slows every contender, not just one.
@@ -133,17 +135,36 @@ def apply_backend(
             raise SdspruneError(f"backend 'semi-structured' unavailable: {problem}")
     factories = {**KERNELS, **(converters or {})}
     timer = timer or _default_timer(device)
-    choices = []
+    choices, group = [], []
     probe = _Probe(sorted(probe_tokens), margin, timer, verify)
     for name, linear, parent, attr in _prunable_layers(model):
         choice, module = _choose(name, linear, backend, device, factories, min_sparsity, probe)
-        if module is not None:
+        if isinstance(module, _Race):
+            group.append((module, parent, attr))
+            if sum(_weight_bytes(race.linear) for race, _, _ in group) >= RACE_GROUP_BYTES:
+                _race_and_swap(probe, group)
+                group = []
+        elif module is not None:
             setattr(parent, attr, module)
         choices.append(choice)
+    _race_and_swap(probe, group)
     report = BackendReport(backend=backend, device=str(device), layers=choices)
     setattr(model, REPORT_ATTR, report)
     log.info("backend %s on %s: %s", backend, device, report.counts())
     return report
+
+
+def _race_and_swap(probe: _Probe, group: list[tuple[_Race, nn.Module, str]]) -> None:
+    """Race a group of layers together and swap in each one's winner (if any)."""
+    probe.race([race for race, _, _ in group])
+    for race, parent, attr in group:
+        module = race.winner()
+        if module is not None:
+            setattr(parent, attr, module)
+
+
+def _weight_bytes(linear: nn.Linear) -> int:
+    return linear.weight.numel() * linear.weight.element_size()
 
 
 def backend_report(model: nn.Module) -> BackendReport | None:
@@ -181,7 +202,9 @@ def _choose(
     factories: dict,
     min_sparsity: float,
     probe: _Probe,
-) -> tuple[LayerChoice, nn.Module | None]:
+) -> tuple[LayerChoice, nn.Module | _Race | None]:
+    """What a layer runs with: a module, None (dense), or for ``auto`` a :class:`_Race` of
+    its verified candidates, decided later with the other layers of its group."""
     sparsity = _sparsity(linear)
     choice = LayerChoice(name=name, kernel="dense", sparsity=round(sparsity, 4))
     if backend == "dense":
@@ -211,7 +234,7 @@ def _choose(
         choice.kernel, choice.reason = kernel, "forced by backend"
         return choice, module
     if candidates:
-        return probe.race(choice, linear, candidates, reasons)
+        return choice, _Race(choice, linear, candidates, reasons)
     choice.reason = "; ".join(reasons) or "no sparse kernel on this device"
     return choice, None
 
@@ -247,63 +270,107 @@ class _Probe:
                     lambda t=tokens: module(_random_input(linear, t)),
                 )
 
-    def race(
-        self,
-        choice: LayerChoice,
-        linear: nn.Linear,
-        candidates: dict[str, nn.Module],
-        reasons: list[str],
-    ) -> tuple[LayerChoice, nn.Module | None]:
-        """Time dense and the candidates at each probe size, smallest first; a candidate not
-        faster by the margin drops out (larger sizes are not timed for it), and is used only up
-        to the last size it won, dense above. Keep the kernel whose arrangement has the lowest
-        time relative to dense summed over all sizes (dense counting 1 where it takes over),
-        so a kernel much faster at decode beats one slightly faster everywhere."""
-        alive = dict(candidates)
-        ratios: dict[str, float] = dict.fromkeys(alive, 0.0)
-        won_up_to: dict[str, int] = {}
-        wins: dict[str, int] = dict.fromkeys(alive, 0)
+    def race(self, races: list[_Race]) -> None:
+        """Time dense and the candidates of every layer at each probe size, smallest first.
+
+        Per size, one untimed round and ``RACE_ROUNDS`` timed rounds each call every layer
+        of the group once, in turn (see RACE_GROUP_BYTES); medians decide. A candidate not
+        faster by the margin drops out (larger sizes are not timed for it)."""
         for tokens in self.tokens:
-            if not alive:
-                break
-            x = _random_input(linear, tokens)
-            for kernel in list(alive):  # a kernel may refuse only some token counts
-                try:
-                    self.runs_at(kernel, linear, alive[kernel], [tokens])
-                except _Refused as exc:
-                    reasons.append(str(exc))
-                    del alive[kernel]
-            if not alive:
-                break
-            contenders = {"dense": lambda x=x: linear(x)}
-            contenders.update({k: (lambda x=x, m=m: m(x)) for k, m in alive.items()})
+            running = [race for race in races if race.alive]
+            for race in running:
+                race.start(tokens, self)
+            samples: dict[int, dict[str, list[float]]] = {id(race): {} for race in running}
+            for round_ in range(RACE_ROUNDS + 1):
+                for race in running:
+                    times = race.time(tokens, self.timer)
+                    if round_ == 0:  # untimed: first calls at a new size
+                        continue
+                    for kernel, seconds in times.items():
+                        samples[id(race)].setdefault(kernel, []).append(seconds)
+            for race in running:
+                if race.alive:
+                    medians = {k: statistics.median(v) for k, v in samples[id(race)].items()}
+                    race.judge(tokens, medians, self.margin)
+
+
+@dataclass
+class _Race:
+    """One layer's verified candidates in ``auto``'s race, and how they fared so far.
+
+    A candidate that wins up to some size and then loses is used only up to that size,
+    dense above. The winner is the arrangement with the lowest time relative to dense summed
+    over all probe sizes (dense counting 1 where it takes over), so a kernel much faster at
+    decode beats one slightly faster everywhere.
+    """
+
+    choice: LayerChoice
+    linear: nn.Linear
+    candidates: dict[str, nn.Module]
+    reasons: list[str]
+    alive: dict[str, nn.Module] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    won_up_to: dict[str, int] = field(default_factory=dict)
+    wins: dict[str, int] = field(default_factory=dict)
+    x: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.alive = dict(self.candidates)
+
+    def start(self, tokens: int, probe: _Probe) -> None:
+        """Prepare the input of this size; drop candidates that refuse it."""
+        self.x = _random_input(self.linear, tokens)
+        for kernel in list(self.alive):  # a kernel may refuse only some token counts
             try:
-                with torch.inference_mode():
-                    times = self.timer(contenders, tokens)
-            except (RuntimeError, ValueError, NotImplementedError) as exc:
-                reasons.append(f"timing at {tokens} tokens failed: {_first_line(exc)}")
-                alive.clear()
-                break
-            for kernel, seconds in times.items():
-                choice.timings_us.setdefault(kernel, {})[tokens] = round(seconds * 1e6, 1)
-            for kernel in list(alive):
-                if times[kernel] * self.margin >= times["dense"]:
-                    reasons.append(f"{kernel} not faster than dense at {tokens} tokens")
-                    del alive[kernel]
-                else:
-                    ratios[kernel] += times[kernel] / times["dense"]
-                    won_up_to[kernel] = tokens
-                    wins[kernel] += 1
-        if not won_up_to:
-            choice.reason = "; ".join(reasons)
-            return choice, None
-        best = min(won_up_to, key=lambda k: (ratios[k] + len(self.tokens) - wins[k], k))
+                probe.runs_at(kernel, self.linear, self.alive[kernel], [tokens])
+            except _Refused as exc:
+                self.reasons.append(str(exc))
+                del self.alive[kernel]
+
+    def time(self, tokens: int, timer: Timer) -> dict[str, float]:
+        """One timing of dense and the live candidates ({} once none is left)."""
+        if not self.alive:
+            return {}
+        x, linear = self.x, self.linear
+        contenders = {"dense": lambda: linear(x)}
+        contenders.update({k: (lambda m=m: m(x)) for k, m in self.alive.items()})
+        try:
+            with torch.inference_mode():
+                return timer(contenders, tokens)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            self.reasons.append(f"timing at {tokens} tokens failed: {_first_line(exc)}")
+            self.alive.clear()
+            return {}
+
+    def judge(self, tokens: int, medians: dict[str, float], margin: float) -> None:
+        """Record the medians of this size; drop candidates not faster than dense by the margin."""
+        for kernel, seconds in medians.items():
+            self.choice.timings_us.setdefault(kernel, {})[tokens] = round(seconds * 1e6, 1)
+        for kernel in list(self.alive):
+            if medians[kernel] * margin >= medians["dense"]:
+                self.reasons.append(f"{kernel} not faster than dense at {tokens} tokens")
+                del self.alive[kernel]
+            else:
+                self.ratios[kernel] = (
+                    self.ratios.get(kernel, 0.0) + medians[kernel] / medians["dense"]
+                )
+                self.won_up_to[kernel] = tokens
+                self.wins[kernel] = self.wins.get(kernel, 0) + 1
+
+    def winner(self) -> nn.Module | None:
+        """The module the layer keeps (None: dense), with the choice's kernel and reason set."""
+        choice = self.choice
+        if not self.won_up_to:
+            choice.reason = "; ".join(self.reasons)
+            return None
+        # sum over sizes of (ratio where won, 1 where dense takes over), less a constant
+        best = min(self.won_up_to, key=lambda k: (self.ratios[k] - self.wins[k], k))
         choice.kernel, choice.reason = best, "measured faster than dense"
-        if best in alive:
-            return choice, candidates[best]
-        choice.max_tokens = won_up_to[best]
+        if best in self.alive:
+            return self.candidates[best]
+        choice.max_tokens = self.won_up_to[best]
         choice.reason += f" up to {choice.max_tokens} tokens; dense above"
-        return choice, SwitchedLinear(candidates[best], linear, choice.max_tokens)
+        return SwitchedLinear(self.candidates[best], self.linear, choice.max_tokens)
 
 
 def _guarded(what: str, call):
@@ -319,11 +386,11 @@ def _random_input(linear: nn.Linear, tokens: int) -> torch.Tensor:
     return torch.randn(tokens, linear.in_features, dtype=weight.dtype, device=weight.device)
 
 
-def _default_timer(device: torch.device, repeats: int = 5, inner: int = 3) -> Timer:
-    """Per contender, the median over ``repeats`` rounds of the mean of ``inner`` calls
-    (of one call with cold caches, for decode-sized calls on CPU: see COLD_MAX_TOKENS).
+def _default_timer(device: torch.device) -> Timer:
+    """Seconds of one call of each contender, in turn (the race repeats and takes medians).
 
-    Each round times every contender once, in turn, after one warm-up call each.
+    One call, not a loop: a loop would time the second and later calls with the layer's
+    weights in cache (see RACE_GROUP_BYTES).
     """
 
     def sync() -> None:
@@ -331,36 +398,23 @@ def _default_timer(device: torch.device, repeats: int = 5, inner: int = 3) -> Ti
             torch.cuda.synchronize(device)
 
     warmed = False
-    scratch: torch.Tensor | None = None  # allocated when first needed
 
-    def flush_caches() -> None:
-        nonlocal scratch
-        if scratch is None:
-            scratch = torch.empty(CACHE_FLUSH_BYTES // 4, dtype=torch.float32)
-        scratch.fill_(1.0)
-
-    def timer(contenders: dict[str, Callable[[], object]], tokens: int) -> dict[str, float]:
+    def timer(contenders: dict[str, Callable[[], object]], _tokens: int) -> dict[str, float]:
         nonlocal warmed
-        cold = device.type == "cpu" and tokens <= COLD_MAX_TOKENS
-        calls = 1 if cold else inner
-        samples: dict[str, list[float]] = {name: [] for name in contenders}
         # The very first calls pay for thread-pool and MKL start-up (~10 ms each here);
         # without a longer first warm-up the first layer's dense time looks 1000x too slow.
-        for _ in range(1 if warmed else 20):
+        for _ in range(0 if warmed else 20):
             for fn in contenders.values():
                 fn()
         warmed = True
-        for _ in range(repeats):
-            for name, fn in contenders.items():
-                if cold:
-                    flush_caches()
-                sync()
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                sync()
-                samples[name].append((time.perf_counter() - start) / calls)
-        return {name: statistics.median(values) for name, values in samples.items()}
+        times = {}
+        for name, fn in contenders.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name] = time.perf_counter() - start
+        return times
 
     return timer
 
