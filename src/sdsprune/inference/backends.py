@@ -278,8 +278,13 @@ class _Probe:
         faster by the margin drops out (larger sizes are not timed for it)."""
         for tokens in self.tokens:
             running = [race for race in races if race.alive]
+            inputs: dict[tuple, torch.Tensor] = {}  # one per layer shape, not one per layer
             for race in running:
-                race.start(tokens, self)
+                weight = race.linear.weight
+                key = (race.linear.in_features, weight.dtype, weight.device)
+                if key not in inputs:
+                    inputs[key] = _random_input(race.linear, tokens)
+                race.start(inputs[key], self)
             samples: dict[int, dict[str, list[float]]] = {id(race): {} for race in running}
             for round_ in range(RACE_ROUNDS + 1):
                 for race in running:
@@ -317,12 +322,12 @@ class _Race:
     def __post_init__(self) -> None:
         self.alive = dict(self.candidates)
 
-    def start(self, tokens: int, probe: _Probe) -> None:
-        """Prepare the input of this size; drop candidates that refuse it."""
-        self.x = _random_input(self.linear, tokens)
+    def start(self, x: torch.Tensor, probe: _Probe) -> None:
+        """Take the input of the next size; drop candidates that refuse that size."""
+        self.x = x
         for kernel in list(self.alive):  # a kernel may refuse only some token counts
             try:
-                probe.runs_at(kernel, self.linear, self.alive[kernel], [tokens])
+                probe.runs_at(kernel, self.linear, self.alive[kernel], [x.shape[0]])
             except _Refused as exc:
                 self.reasons.append(str(exc))
                 del self.alive[kernel]
@@ -350,6 +355,8 @@ class _Race:
             if medians[kernel] * margin >= medians["dense"]:
                 self.reasons.append(f"{kernel} not faster than dense at {tokens} tokens")
                 del self.alive[kernel]
+                if kernel not in self.won_up_to:  # never useful: free its weights now
+                    del self.candidates[kernel]
             else:
                 self.ratios[kernel] = (
                     self.ratios.get(kernel, 0.0) + medians[kernel] / medians["dense"]

@@ -307,15 +307,15 @@ def pack_nm24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def rows_per_task(kept_per_row: int, tokens: int) -> int:
     """The parallel grain of a call: see ROW_GRAIN and MIN_TASK_PRODUCTS."""
-    return max(ROW_GRAIN, -(-MIN_TASK_PRODUCTS // (kept_per_row * tokens)))
+    return max(ROW_GRAIN, -(-MIN_TASK_PRODUCTS // max(kept_per_row * tokens, 1)))
 
 
 class Nm24Linear(nn.Module):
     """``nn.Linear`` with a 2:4 weight, multiplied by the CPU kernel for few tokens.
 
     bfloat16 weights stay bfloat16 when packed (half the bytes of float32, bit-exact); the
-    activations are widened to float32 and the products accumulated in float32, so the
-    output is at least as accurate as the dense bfloat16 layer's.
+    activations are widened to float32 and the products accumulated in float32 (as dense
+    bfloat16 matmuls do on CPU), then rounded to bfloat16 once.
     """
 
     kernel = "nm24"
