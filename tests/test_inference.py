@@ -417,7 +417,7 @@ def test_nm24_matches_dense_for_each_layer_shape_and_token_count(
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     with torch.no_grad():
         for tokens in NM24_TOKENS:
-            x = torch.randn(tokens, in_features).to(dtype)
+            x = torch.randn(1, tokens, in_features).to(dtype)  # (batch, sequence, hidden)
             expected = torch.nn.functional.linear(
                 x.float(),
                 linear.weight.float(),

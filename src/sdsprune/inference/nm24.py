@@ -190,12 +190,16 @@ static void mm(const float* x, const V* values, const uint8_t* pos, float* y, in
   });
 }
 
-// float32 activations (T, in) times packed values (float32 or bfloat16) -> float32 (T, out)
-torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor pos, int64_t grain) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32, "float32 activations only");
-  TORCH_CHECK(x.is_contiguous() && values.is_contiguous() && pos.is_contiguous(), "contiguous");
-  const int64_t T = x.size(0), in = x.size(1), out = values.size(0);
+// activations (..., in) times packed values (float32 or bfloat16) -> (..., out) in the
+// activations' dtype, computed in float32. Reshaping and casting happen here rather than in
+// Python, where each of those calls costs more than a decode-sized product of a small layer.
+torch::Tensor nm24_mm(torch::Tensor input, torch::Tensor values, torch::Tensor pos,
+                      int64_t grain) {
+  TORCH_CHECK(values.is_contiguous() && pos.is_contiguous(), "contiguous weights");
+  const int64_t in = input.size(-1), out = values.size(0);
   TORCH_CHECK(in == 2 * values.size(1) && in % 4 == 0, "shape mismatch");
+  auto x = input.reshape({-1, in}).to(torch::kFloat32).contiguous();
+  const int64_t T = x.size(0);
   auto y = torch::empty({T, out}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* pp = pos.data_ptr<uint8_t>();
@@ -206,7 +210,9 @@ torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor pos, 
     TORCH_CHECK(values.dtype() == torch::kFloat32, "float32 or bfloat16 values only");
     mm(xp, values.data_ptr<float>(), pp, yp, T, in, out, grain);
   }
-  return y;
+  auto shape = input.sizes().vec();
+  shape.back() = out;
+  return y.view(shape).to(input.scalar_type());
 }
 
 template <typename V>
@@ -332,20 +338,17 @@ class Nm24Linear(nn.Module):
         values, positions = pack_nm24(linear.weight.detach())
         self.register_buffer("values", values, persistent=False)
         self.register_buffer("positions", positions, persistent=False)
+        kept = values.shape[1]
+        self._grains = [rows_per_task(kept, t) for t in range(MAX_KERNEL_TOKENS + 1)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1])
-        if x2d.shape[0] <= MAX_KERNEL_TOKENS:
-            grain = rows_per_task(self.values.shape[1], x2d.shape[0])
-            y = self._ext.nm24_mm(x2d.float().contiguous(), self.values, self.positions, grain)
-            y = y.to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias
-        else:
-            dense = self._ext.nm24_dense(self.values, self.positions)
-            y = F.linear(x2d, dense, self.bias)
-        return y.reshape(*shape[:-1], self.out_features)
+        # few Python-level tensor calls: at decode each costs a noticeable part of the product
+        tokens = x.numel() // self.in_features
+        if tokens <= MAX_KERNEL_TOKENS:
+            y = self._ext.nm24_mm(x, self.values, self.positions, self._grains[tokens])
+            return y if self.bias is None else y + self.bias
+        dense = self._ext.nm24_dense(self.values, self.positions)
+        return F.linear(x, dense, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=nm24"
