@@ -54,8 +54,9 @@ REPORT_ATTR = "sdsprune_backend"
 # a loop, one layer's weights sit in cache and dense looks faster than in a model: on the
 # default model with the AVX2 nm24 kernel, such timings kept 131 of 210 layers dense (nm24
 # 0.81x at 1 token, median) although nm24 on every layer decoded 1.21x faster than dense in
-# the same run. Groups hold at least RACE_GROUP_BYTES of dense weights (far more than a
-# last-level cache) and bound the memory of the candidates alive at once.
+# the same run (benchmarks/results/deploy-cpu-2of4-avx2-auto-loop-timed.json). Groups hold
+# at least RACE_GROUP_BYTES of dense weights (far more than a last-level cache) and bound
+# the memory of the candidates alive at once.
 RACE_GROUP_BYTES = 256 * 2**20
 RACE_ROUNDS = 5  # timed rounds per probe size (medians), after one untimed round
 
