@@ -117,6 +117,29 @@ class SemiStructuredLinear(SparseLinear):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+class SwitchedLinear(nn.Module):
+    """A sparse kernel for calls of up to ``max_tokens`` tokens, the dense layer above.
+
+    What ``auto`` keeps where a kernel wins only for few tokens (decode) and dense MKL wins
+    for many (prefill): the token count of each call picks the faster one at run time. It
+    holds both weights, so it saves time, not memory.
+    """
+
+    def __init__(self, sparse: nn.Module, dense: nn.Linear, max_tokens: int) -> None:
+        super().__init__()
+        self.sparse = sparse
+        self.dense = dense
+        self.max_tokens = max_tokens
+        self.kernel = getattr(sparse, "kernel", "sparse")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // max(x.shape[-1], 1)
+        return self.sparse(x) if tokens <= self.max_tokens else self.dense(x)
+
+    def extra_repr(self) -> str:
+        return f"up to {self.max_tokens} tokens: {self.kernel}, above: dense"
+
+
 def csr_problem(linear: nn.Linear) -> str | None:
     """Why the CSR kernel cannot serve this layer (None when it can)."""
     weight = linear.weight
