@@ -154,17 +154,16 @@ def run_sds(arch="llama", sparsity="2:4", dtype="float32", windows=8, **config):
 @pytest.mark.parametrize("schedule", ["fused", "staged"])
 @pytest.mark.parametrize("base", ["sparsegpt", "wanda", "magnitude"])
 def test_sds_final_model_has_exact_pattern(schedule, base):
+    """The fused default re-fits each block after the layer-wise adjustment (its layer-wise
+    errors may then rise: it fits the block's output, not each layer's)."""
     model, result = run_sds(schedule=schedule, base=base)
     assert_two_of_four(model)
+    adjusted = "adjusted" if schedule == "fused" else "final"
     for name in model_linears(model):
         record = result.report["layers"][name]
-        assert record["rel_error_final"] <= record["rel_error_second_prune"] + 1e-9
-    assert set(result.report["sds"]["stage_mean_rel_error"]) == {
-        "first_prune",
-        "redense",
-        "second_prune",
-        "final",
-    }
+        assert record[f"rel_error_{adjusted}"] <= record["rel_error_second_prune"] + 1e-9
+    stages = {"first_prune", "redense", "second_prune", adjusted, "final"}
+    assert set(result.report["sds"]["stage_mean_rel_error"]) == stages
 
 
 @pytest.mark.parametrize("mode", ["sd", "dd", "kd"])
@@ -264,7 +263,8 @@ def test_sds_factorises_each_shared_input_once_per_block(monkeypatch):
     model, _ = run_sds()
     layers = len(model_linears(model))
     assert counts["factor"] == counts["lambda"] == 2 * 4
-    assert counts["energy"] == layers * 5  # the dense energy, then one per stage
+    stages = 5  # first prune, re-dense, second prune, adjusted, after the block re-fit
+    assert counts["energy"] == layers * (1 + stages)  # the dense energy, then one per stage
 
 
 def test_redense_in_sd_mode_lowers_error_and_adjust_rule():
@@ -368,7 +368,7 @@ def test_block_refit_lowers_block_error_and_keeps_the_pattern(arch, windows):
 
 def test_block_refit_never_ends_worse_than_its_start():
     """A step size that only diverges: every block keeps its layer-wise weights."""
-    plain, _ = run_sds()
+    plain, _ = run_sds(block_epochs=0)
     refit, result = run_sds(block_epochs=2, block_lr=1e4)
     for name, layer in model_linears(refit).items():
         assert torch.equal(layer.weight, model_linears(plain)[name].weight), name

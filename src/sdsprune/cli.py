@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sdsprune.errors import SdspruneError
-from sdsprune.sds.config import SDSConfig
+from sdsprune.sds.config import FUSED_BLOCK_EPOCHS, SDSConfig
 
 SDS_DEFAULTS = SDSConfig()
 
@@ -262,8 +262,12 @@ def prune_command(
     ] = SDS_DEFAULTS.group_sweeps,
     rounds: Annotated[int, typer.Option(help="SDS re-dense/prune rounds.")] = 1,
     block_epochs: Annotated[
-        int, typer.Option(help="SDS block re-fit epochs over the calibration windows (0: off).")
-    ] = SDS_DEFAULTS.block_epochs,
+        int | None,
+        typer.Option(
+            help="SDS block re-fit epochs over the calibration windows (0: off; default "
+            f"{FUSED_BLOCK_EPOCHS} with the fused schedule, 0 with the staged one)."
+        ),
+    ] = None,
     block_lr: Annotated[
         float, typer.Option(help="SDS block re-fit Adam step, x each layer's weight RMS.")
     ] = SDS_DEFAULTS.block_lr,

@@ -55,8 +55,8 @@ def fit_block(
     is judged on it); otherwise all windows, and the kept weights' outputs come back in
     ``BlockFit.outputs`` so the caller need not run the block again.
     """
-    masks = {name: layer.weight != 0 for name, layer in linears.items()}
-    weights = [layer.weight for layer in linears.values()]
+    fit_problem = _Problem(index, block, linears, stream, targets, dist)
+    weights = fit_problem.weights
     owned = _owned_windows(stream, dist)
     chosen = owned.choose(config.block_windows, seed=index)
     rows = owned.local(chosen)
@@ -66,17 +66,13 @@ def fit_block(
         reference = _sum_over_ranks(dist, reference)
         if reference <= 0:
             raise SdspruneError(f"decoder block {index} has all-zero target outputs")
-
-        def evaluate() -> tuple[float, torch.Tensor | None]:
-            return _block_error(index, block, stream, targets, rows, dist, keep_outputs)
-
-        error, outputs = evaluate()
+        error, outputs = fit_problem.error(rows, keep_outputs)
         fit = BlockFit(start_error=error / reference, final_error=error / reference)
         kept = (error, _snapshot(weights), outputs)
-        epoch = _Epoch(index, block, linears, masks, stream, targets, config, dist, reference)
+        epoch = _Epoch(fit_problem, config, reference)
         for number in range(1, config.block_epochs + 1):
             epoch.run(number, chosen, owned)
-            error, outputs = evaluate()
+            error, outputs = fit_problem.error(rows, keep_outputs)
             fit.epoch_errors.append(error / reference)
             if error < kept[0]:
                 kept = (error, _snapshot(weights), outputs)
@@ -89,6 +85,24 @@ def fit_block(
     return fit
 
 
+class _Problem:
+    """One block's re-fit: its layers (with their fixed masks), inputs and dense targets."""
+
+    def __init__(self, index, block, linears, stream, targets, dist):
+        self.index, self.block, self.linears = index, block, linears
+        self.stream, self.targets, self.dist = stream, targets, dist
+        self.masks = {name: layer.weight != 0 for name, layer in linears.items()}
+
+    @property
+    def weights(self) -> list[nn.Parameter]:
+        return [layer.weight for layer in self.linears.values()]
+
+    def error(self, rows: torch.Tensor, keep_outputs: bool) -> tuple[float, torch.Tensor | None]:
+        return _block_error(
+            self.index, self.block, self.stream, self.targets, rows, self.dist, keep_outputs
+        )
+
+
 class _Epoch:
     """One pass of Adam over the windows in mini-batches, with a cosine-decayed step size.
 
@@ -96,19 +110,13 @@ class _Epoch:
     steps are taken by one process or several (see :class:`_OwnedWindows`).
     """
 
-    def __init__(self, index, block, linears, masks, stream, targets, config, dist, reference):
-        self.index, self.block, self.linears, self.masks = index, block, linears, masks
-        self.stream, self.targets, self.config, self.dist = stream, targets, config, dist
-        self.reference = reference
+    def __init__(self, problem: _Problem, config: SDSConfig, reference: float):
+        self.problem, self.config, self.reference = problem, config, reference
         self.optimizer = torch.optim.Adam(
-            [{"params": [w], "lr": config.block_lr * _rms(w)} for w in self.weights]
+            [{"params": [w], "lr": config.block_lr * _rms(w)} for w in problem.weights]
         )
         self.base_rates = [group["lr"] for group in self.optimizer.param_groups]
-        self.generator = torch.Generator().manual_seed(index)
-
-    @property
-    def weights(self) -> list[nn.Parameter]:
-        return [layer.weight for layer in self.linears.values()]
+        self.generator = torch.Generator().manual_seed(problem.index)
 
     def run(self, number: int, chosen: torch.Tensor, owned: _OwnedWindows) -> None:
         """Epoch ``number`` over the global windows ``chosen`` (this rank's share of each
@@ -125,29 +133,30 @@ class _Epoch:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for name, layer in self.linears.items():
-                    layer.weight.mul_(self.masks[name])
+                for name, layer in self.problem.linears.items():
+                    layer.weight.mul_(self.problem.masks[name])
 
     def _accumulate_gradients(self, picked: torch.Tensor, scale: float) -> None:
         """This step's squared error over all ranks' windows, divided by ``scale``; pruned
         entries get no gradient, so Adam never moves them. ``picked`` (this rank's share)
         runs in batches of at most the capture's size."""
-        stream, targets = self.stream, self.targets
-        for rows in _batches(picked, stream.batch_size):
-            out = _forward(self.index, self.block, stream, rows)
-            ((out - _on(targets[rows], out)).square().sum() / scale).backward()
-        for weight in self.weights:
+        problem = self.problem
+        for rows in _batches(picked, problem.stream.batch_size):
+            out = _forward(problem.index, problem.block, problem.stream, rows)
+            ((out - _on(problem.targets[rows], out)).square().sum() / scale).backward()
+        weights = problem.weights
+        for weight in weights:
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
-        if self.dist is not None:
-            flat = torch.cat([w.grad.reshape(-1) for w in self.weights])
-            self.dist.all_reduce_(flat)
+        if problem.dist is not None:
+            flat = torch.cat([w.grad.reshape(-1) for w in weights])
+            problem.dist.all_reduce_(flat)
             offset = 0
-            for weight in self.weights:
+            for weight in weights:
                 weight.grad.copy_(flat[offset : offset + weight.numel()].view_as(weight))
                 offset += weight.numel()
-        for name, layer in self.linears.items():
-            layer.weight.grad.mul_(self.masks[name])
+        for name, layer in problem.linears.items():
+            layer.weight.grad.mul_(problem.masks[name])
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ ADJUST_SOLVERS = ("accelerated", "gd")
 ADJUST_RULES = ("auto", "always", "never")
 ADJUST_DATA = ("sd", "kd")
 EARLY_EXIT_PARAMS = 3_000_000_000  # the paper skips the adjustment above ~3B parameters
+FUSED_BLOCK_EPOCHS = 2  # the block re-fit's default with the fused schedule (README ablation)
 
 
 @dataclass
@@ -34,8 +35,10 @@ class SDSConfig:
     ``block_*`` [ours]: after the layer-wise steps, re-fit each block's surviving weights so
     that its output on the pruned model's inputs matches the dense model's block output
     (see :mod:`sdsprune.sds.block`).
-    ``block_lr`` is Adam's step as a fraction of each layer's weight RMS; ``block_windows``
-    (0: all) re-fits on a seeded subset of the calibration windows, which bounds its cost.
+    ``block_epochs`` None (the default) means ``FUSED_BLOCK_EPOCHS`` with the fused schedule
+    and 0 with the staged one, which cannot re-fit. ``block_lr`` is Adam's step as a fraction
+    of each layer's weight RMS; ``block_windows`` (0: all) re-fits on a seeded subset of the
+    calibration windows, which bounds its cost whatever the calibration size.
     """
 
     schedule: str = "fused"
@@ -53,13 +56,15 @@ class SDSConfig:
     adjust_data: str = "sd"
     group_sweeps: int = 0
     rounds: int = 1
-    block_epochs: int = 0
+    block_epochs: int | None = None
     block_lr: float = 0.01
     block_batch: int = 4
-    block_windows: int = 0
+    block_windows: int = 16
     figure_layer: str | None = None
 
     def __post_init__(self) -> None:
+        if self.block_epochs is None:
+            self.block_epochs = FUSED_BLOCK_EPOCHS if self.schedule == "fused" else 0
         for value, allowed, what in (
             (self.schedule, SCHEDULES, "schedule"),
             (self.data_mode, DATA_MODES, "data mode"),
@@ -124,6 +129,10 @@ class SDSConfig:
 
 def _parse_value(key: str, raw: str, kind: str) -> object:
     """``raw`` as the field's type (annotations are strings under postponed evaluation)."""
+    optional = kind.endswith(" | None")
+    kind = kind.removesuffix(" | None")
+    if optional and raw.lower() in ("", "none"):
+        return None
     try:
         if kind == "bool":
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -135,4 +144,4 @@ def _parse_value(key: str, raw: str, kind: str) -> object:
             return float(raw)
     except ValueError:
         raise SdspruneError(f"SDS setting {key}={raw}: expected a {kind}") from None
-    return None if kind == "str | None" and raw.lower() in ("", "none") else raw
+    return raw
