@@ -94,6 +94,8 @@ def suite(name: str) -> list[tuple[str, list[str]]]:
                     "gd",
                     "--adjust-iters",
                     "200",
+                    "--block-epochs",
+                    "0",
                 ],
             ),
             ("- adjustment", [*sds, "--adjust", "never"]),
