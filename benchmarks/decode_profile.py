@@ -26,10 +26,12 @@ Why the profiler and not only hooks with ``perf_counter``: hooks cannot tell an 
 from the Python around it, and the issue asks for that framework overhead separately. The
 profiler adds a cost per op, so the profiled wall time is longer than the plain one; the
 report keeps both (``instrumentation_ratio``), the categories sum to the profiled wall time
-(``overhead_uninstrumented_ms`` is the plain wall time minus the four categories), and the
-linear fraction ``p`` for Amdahl is the linears' time over the *plain* wall time (the linears
-hold a handful of ops each, so their inclusive time is barely inflated, while the
-profiled wall time carries the cost of every op of the step).
+(``overhead_uninstrumented_ms`` is the plain wall time minus the four categories; the real
+overhead lies between the two, since the profiler inflates the categories a little and the
+profiled overhead a lot), and the linear fraction ``p`` for Amdahl is the linears' time over
+the *plain* wall time (the linears hold a handful of ops each, so their inclusive time is
+barely inflated, while the profiled wall time carries the cost of every op of the step; if
+anything, ``p`` and so the ceiling come out slightly high).
 
 Amdahl: a kernel that makes the linears ``s`` times faster makes the step
 ``1 / ((1 - p) + p / s)`` times faster. Reported for s = 1.6 (a float32 2:4 weight reads
@@ -339,7 +341,7 @@ def render(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=160)  # nine columns: narrower truncates the headers
     table = Table(title=f"one decode step, {report['settings']['model']} (medians, ms)")
     for column in ("threads", "backend", "plain", "profiled", *CATEGORIES):
         table.add_column(column, justify="left" if column == "backend" else "right")
