@@ -302,12 +302,15 @@ def decode_steps(spec: str, backends: list[str], prompt_tokens: int, seed: int) 
 
 
 def wait_policy_check(args: argparse.Namespace) -> dict:
-    """Plain step times under PASSIVE and ACTIVE OpenMP waiting, one subprocess each."""
+    """Plain step times under PASSIVE and ACTIVE OpenMP waiting: a subprocess per entry of
+    WAIT_POLICY_ORDER, then each policy's mean over its runs."""
     samples: dict[str, list[dict]] = {policy: [] for policy in WAIT_POLICY_ORDER}
     for policy in WAIT_POLICY_ORDER:
         command = [sys.executable, __file__, "--timing-only", *child_arguments(args)]
         env = os.environ | {"OMP_WAIT_POLICY": policy}
-        output = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        output = subprocess.run(command, env=env, capture_output=True, text=True)
+        if output.returncode != 0:
+            raise SystemExit(f"the {policy} run failed:\n{output.stderr[-3000:]}")
         samples[policy].append(json.loads(output.stdout.strip().splitlines()[-1]))
     ratios = {}
     for threads in args.threads:
