@@ -74,7 +74,7 @@ from sdsprune.inference import apply_backend, backend_report
 from sdsprune.inference.nm24 import cpu_capability
 from sdsprune.models import decoder_blocks
 from sdsprune.runinfo import library_versions
-from sdsprune.utils import cache_keyword, cache_of
+from sdsprune.utils import cache_keyword, cache_of, torch_threads
 
 CATEGORIES = ("linears", "head_embeddings", "attention", "other_ops", "overhead")
 # categories timed as their modules' inclusive ranges (see the module docstring)
@@ -238,8 +238,16 @@ def enclosing_category(event: FunctionEvent) -> str | None:
 def measure(
     steps: dict[str, DecodeStep], threads: int, rounds: int, warmup: int, profile: bool
 ) -> dict[str, dict]:
-    """Plain (and profiled) step times of every backend at ``threads``, interleaved."""
-    torch.set_num_threads(threads)
+    """Plain (and profiled) step times of every backend at ``threads``, interleaved; the
+    caller's thread count is restored, so a test that imports this leaks nothing."""
+    with torch_threads(threads):
+        return interleaved_medians(steps, rounds, warmup, profile)
+
+
+def interleaved_medians(
+    steps: dict[str, DecodeStep], rounds: int, warmup: int, profile: bool
+) -> dict[str, dict]:
+    """Rounds rotate the backend order, so drifting load hits every backend alike."""
     plain: dict[str, list[float]] = {name: [] for name in steps}
     profiled: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
     names = list(steps)

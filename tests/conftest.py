@@ -15,6 +15,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_ARCHS = ("llama", "opt", "qwen2", "mistral", "gemma3_text")
 
 
+@pytest.fixture(autouse=True)
+def _thread_count_is_not_leaked():
+    """Results are compared bit for bit across processes; a test that leaves torch on another
+    thread count changes later tests' float reductions (CI once failed on exactly that)."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    torch.set_num_threads(before)
+    assert after == before, f"the test left torch on {after} threads (was {before})"
+
+
 def tiny_config(arch: str):
     """A 2-block model with every width divisible by 8 (so 2:4 and 4:8 apply)."""
     from transformers import AutoConfig

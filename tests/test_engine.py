@@ -11,6 +11,7 @@ from sdsprune.engine.session import BlockStore, RunSession, current_session, use
 from sdsprune.models import LoadedModel, model_linears
 from sdsprune.prune import prune
 from sdsprune.sds import SDSConfig
+from sdsprune.utils import torch_threads
 
 METHODS = [
     dict(method="wanda"),
@@ -23,14 +24,9 @@ METHODS = [
 def pruned(seed: int = 0, threads: int | None = None, **options) -> dict[str, torch.Tensor]:
     windows = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(seed))
     model = tiny_model("llama")
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         loaded = LoadedModel(model, byte_tokenizer(), "tiny", None)
         prune(loaded, calibration=windows, device="cpu", progress=False, **options)
-    finally:
-        torch.set_num_threads(previous)
     return {name: layer.weight.detach().clone() for name, layer in model_linears(model).items()}
 
 

@@ -21,6 +21,7 @@ from sdsprune.inference.kernels import (
     semi_structured_problem,
 )
 from sdsprune.models import model_linears
+from sdsprune.utils import torch_threads
 
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
 
@@ -448,17 +449,12 @@ def test_nm24_splits_every_layer_shape_over_the_threads(nm24_ext, threads):
     """Same outputs whatever the thread count (the row split leaves no row out)."""
     from sdsprune.inference.nm24 import Nm24Linear
 
-    before = torch.get_num_threads()
-    try:
-        for out_features, in_features in SMOLLM2_SHAPES:
-            linear = pruned_linear(out_features, in_features)
-            module = Nm24Linear(linear)
-            x = torch.randn(3, in_features)
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                torch.testing.assert_close(module(x), linear(x), rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(before)
+    for out_features, in_features in SMOLLM2_SHAPES:
+        linear = pruned_linear(out_features, in_features)
+        module = Nm24Linear(linear)
+        x = torch.randn(3, in_features)
+        with torch_threads(threads), torch.no_grad():
+            torch.testing.assert_close(module(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 def test_nm24_build_failure_keeps_layers_dense_with_a_reason(monkeypatch, fresh_nm24_build):

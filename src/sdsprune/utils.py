@@ -77,19 +77,26 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run a block on ``count`` intra-op threads (None: leave them) and restore the caller's
+    count, because float reductions, and so results bit for bit, depend on it."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def single_threaded() -> contextlib.AbstractContextManager[None]:
     """Run a loop of many small tensor ops on one thread.
 
     Measured here: SparseGPT's column loop on a 1536 x 576 layer takes 0.11 s on one
     thread and 1-5 s on two threads of a busy 2-core machine (OpenMP synchronisation per
     tiny op dominates). Big matmuls elsewhere keep all threads.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return torch_threads(1)
 
 
 def cache_keyword(model) -> str:
