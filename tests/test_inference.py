@@ -501,3 +501,17 @@ def test_nm24_grain_gives_two_threads_work_except_for_tiny_calls():
             tasks = -(-out_features // rows_per_task(in_features // 2, tokens))
             expected_serial = (out_features, tokens) == (192, 1)
             assert (tasks == 1) == expected_serial, (out_features, in_features, tokens)
+
+
+def test_nm24_compiles_with_its_registered_op(nm24_ext):
+    """Under torch.compile (inductor, whole graph) the layer keeps the kernel for few tokens
+    and the re-expanded weight for many: both ops trace, with the right shapes."""
+    from sdsprune.inference.nm24 import Nm24Linear
+
+    linear = pruned_linear(40, 72, bias=True)
+    module = Nm24Linear(linear)
+    compiled = torch.compile(module, backend="inductor", fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        for tokens in (1, 16):
+            x = torch.randn(2, tokens, 72)
+            torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)
