@@ -97,6 +97,21 @@ def test_bsr_only_where_whole_blocks_are_zero():
     torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [CsrLinear, BsrLinear])
+def test_csr_and_bsr_compile_through_their_parts(kernel):
+    """torch.compile cannot hold a sparse tensor: compiled code multiplies through
+    ``sdsprune::compressed_mm`` on the weight's parts, which share the weight's memory."""
+    linear = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight[:, :32] = 0.0  # whole 16x16 blocks, for BSR
+    module = kernel(linear)
+    assert module.nonzeros.data_ptr() == module.weight_sparse.values().data_ptr()
+    compiled = torch.compile(module, backend="inductor", fullgraph=True, dynamic=False)
+    x = torch.randn(2, 3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
 def test_auto_keeps_dense_where_sparse_is_slower():
     model = pruned_model("unstructured")
     before = logits(model)
