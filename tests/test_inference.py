@@ -530,3 +530,47 @@ def test_nm24_compiles_with_its_registered_op(nm24_ext):
         for tokens in (1, 16):
             x = torch.randn(2, tokens, 72)
             torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+# --- static decode: StaticCache + torch.compile'd step, against eager decoding ------------
+
+
+def greedy_logits(model, step, mode: str, ids: torch.Tensor, steps: int = 4) -> torch.Tensor:
+    """Logits of ``steps`` greedy decode steps after a prefill of ``ids``, in ``mode``."""
+    from sdsprune.inference.decode import new_cache, prefill
+
+    cache = new_cache(model, mode, ids.shape[1] + steps)
+    with torch.inference_mode():
+        token = prefill(model, ids, cache)
+        logits = []
+        for _ in range(steps):
+            step_logits, token = step(token, cache)
+            logits.append(step_logits.clone())
+    return torch.stack(logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backend", "compiler", "counts"),
+    # inductor is the bench's default; auto's switch by token count is dynamo's concern
+    [
+        ("dense", "inductor", {"dense": 14}),
+        ("nm24", "inductor", {"nm24": 14}),
+        ("csr", "inductor", {"csr": 14}),
+        ("auto", "aot_eager", {"nm24<=8": 14}),
+    ],
+    ids=["dense", "nm24", "csr", "auto"],
+)
+def test_static_compiled_decode_matches_eager(backend, compiler, counts):
+    from sdsprune.inference.decode import compiled_step, eager_step
+    from sdsprune.inference.nm24 import extension
+
+    if "nm24" in str(counts) and isinstance(extension(), str):
+        pytest.skip(extension())
+    model = pruned_model("2:4")
+    stub = timer_by_tokens({"nm24": {1: 0.3, 4: 0.3, 8: 0.3, 16: 2.0}, "csr": {1: 9.0}})
+    assert apply_backend(model, backend, timer=stub).counts() == counts
+    ids = IDS[:, :6]
+    expected = greedy_logits(model, eager_step(model), "eager", ids)
+    actual = greedy_logits(model, compiled_step(model, backend, compiler), "static", ids)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
