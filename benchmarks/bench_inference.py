@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sdsprune.bench import BenchSettings, run_bench, write_json
+from sdsprune.bench import BenchSettings, run_bench, workload_label, write_json
 from sdsprune.export import export_checkpoint, load_state_dict
 
 DTYPES = ("keep", "float16", "bfloat16")
@@ -94,17 +94,22 @@ def markdown(sizes: list[dict], benches: dict[str, dict]) -> str:
             f"{report['threads']} threads, prompt {s['prompt_tokens']}, decode "
             f"{s['decode_tokens']} tokens, {s['repeats']} repeats, medians)",
             "",
-            "| backend | kernels | workload | batch | median | IQR | vs dense | verdict |",
-            "|---|---|---|---|---|---|---|---|",
+            "| backend | kernels | workload | batch | median | IQR | vs dense | verdict | vs eager |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in report["results"]:
             kernels = report["backends"][row["backend"]]["kernels"]
             kernels = ", ".join(f"{name} {count}" for name, count in kernels.items())
             low, high = row["iqr"]
+            versus_eager = (
+                f"{row['speedup_vs_eager']:.2f}x ({row['verdict_vs_eager']})"
+                if "speedup_vs_eager" in row
+                else ""
+            )
             lines.append(
-                f"| {row['backend']} | {kernels} | {row['workload']} | {row['batch']} | "
+                f"| {row['backend']} | {kernels} | {workload_label(row)} | {row['batch']} | "
                 f"{row['value']} {row['unit']} | {low}-{high} | {row['speedup_vs_dense']:.2f}x | "
-                f"{row['verdict']} |"
+                f"{row['verdict']} | {versus_eager} |"
             )
         for name, why in report["skipped"].items():
             lines.append(f"\nskipped {name}: {why}")
@@ -119,6 +124,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--decode", default="eager", help="decode modes: eager, static or both")
     parser.add_argument("--skip-export", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--render", help="only rewrite the markdown of this results.json")
@@ -140,6 +146,7 @@ def main() -> None:
         prompt_tokens=args.prompt_tokens,
         decode_tokens=args.decode_tokens,
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        decode_modes=tuple(args.decode.split(",")),
     )
     sizes, benches = [], {}
     for item in args.pruned:

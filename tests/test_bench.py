@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 import pytest
 import torch
 from test_export import pruned_dir
+from torch._dynamo import register_backend
 
-from sdsprune.bench import BenchSettings, _verdict, default_backends, render_table, run_bench
+from sdsprune.bench import (
+    BenchSettings,
+    _verdict,
+    default_backends,
+    render_notes,
+    render_table,
+    run_bench,
+)
 from sdsprune.errors import SdspruneError
 from sdsprune.export import export_checkpoint
+from sdsprune.inference.decode import new_cache
 
 TINY = BenchSettings(repeats=3, warmup=0, prompt_tokens=6, decode_tokens=2, batch_sizes=(1, 2))
+COMPILED: list[int] = []  # graphs compiled by the counting backend, one entry each
+
+
+@register_backend(name="sdsprune_counting")
+def counting_backend(graph, _example_inputs):
+    """torch.compile's eager backend that counts graphs (inductor takes a minute a model)."""
+    COMPILED.append(1)
+    return graph.forward
+
+
+STATIC = dataclasses.replace(
+    TINY, decode_modes=("eager", "static"), compile_backend="sdsprune_counting"
+)
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -85,6 +108,8 @@ def test_bad_settings_are_user_errors(sparse_dir, tmp_path):
         run_bench(tmp_path, settings=TINY)
     with pytest.raises(SdspruneError, match="unknown backend"):
         run_bench(sparse_dir, backends=["gpu-magic"], settings=TINY)
+    with pytest.raises(SdspruneError, match="decode modes must be among eager, static"):
+        run_bench(sparse_dir, settings=dataclasses.replace(TINY, decode_modes=("jit",)))
 
 
 def test_cli_export_and_bench(tmp_path, capsys):
@@ -123,3 +148,108 @@ def test_layer_speedups_summarise_autos_timings():
     ]
     report = BackendReport("auto", "cpu", layers)
     assert _layer_speedups(report) == {"csr": {1: 0.5}}
+
+
+def test_static_decode_is_compared_within_its_mode(sparse_dir):
+    """Each backend against dense in the same decode mode, and static against eager of the
+    same backend (for dense: the overhead cut alone). One graph per backend and batch size:
+    the output check and the timed runs reuse them."""
+    COMPILED.clear()
+    report = run_bench(sparse_dir, backends=["csr", "auto"], settings=STATIC)
+    static = report["static_decode"]
+    assert static["compiled"] and static["fallback"] is None and static["skipped"] == {}
+    assert set(static["compile_seconds"]) == {"dense", "csr", "auto"}
+    assert len(COMPILED) == 3 * len(STATIC.batch_sizes)
+    rows = {(r["backend"], r["workload"], r["mode"], r["batch"]): r for r in report["results"]}
+    assert len(rows) == 3 * 3 * len(STATIC.batch_sizes)  # prefill, eager and static decode
+    for batch in STATIC.batch_sizes:
+        assert ("dense", "prefill", "static", batch) not in rows  # prefill stays eager
+        for backend in ("dense", "csr", "auto"):
+            static_row = rows[(backend, "decode", "static", batch)]
+            dense_static = rows[("dense", "decode", "static", batch)]["seconds"]["median"]
+            eager = rows[(backend, "decode", "eager", batch)]["seconds"]["median"]
+            median = static_row["seconds"]["median"]
+            assert static_row["speedup_vs_dense"] == pytest.approx(
+                dense_static / median, rel=1e-2, abs=1e-3
+            )
+            assert static_row["speedup_vs_eager"] == pytest.approx(
+                eager / median, rel=1e-2, abs=1e-3
+            )
+            assert "speedup_vs_eager" not in rows[(backend, "decode", "eager", batch)]
+    for name in ("dense", "csr", "auto"):
+        check = report["backends"][name]["static_vs_eager"]
+        assert check["same_greedy_tokens"] and check["max_abs_logit_diff"] < 1e-4
+    json.dumps(report)
+    assert render_table(report).row_count == len(report["results"])
+    notes = "\n".join(render_notes(report))
+    assert "dense static vs eager decode (the overhead cut alone)" in notes
+
+
+def test_a_backend_that_cannot_compile_is_skipped_in_static_mode(sparse_dir, monkeypatch):
+    """Timed uncompiled against compiled dense, its ratio would mix the overhead cut into
+    the sparse speedup: skipped, with dynamo's reason, while its eager rows stay."""
+    from sdsprune.inference import kernels
+
+    def untraceable(*_args):
+        torch._dynamo.graph_break()
+
+    monkeypatch.setattr(kernels, "compressed_mm", untraceable)
+    report = run_bench(sparse_dir, backends=["csr"], settings=STATIC)
+    static = report["static_decode"]
+    assert static["compiled"] and list(static["compile_seconds"]) == ["dense"]
+    assert static["skipped"]["csr"].startswith("Unsupported: ")
+    assert {(r["backend"], r["mode"]) for r in report["results"]} == {
+        ("dense", "eager"),
+        ("dense", "static"),
+        ("csr", "eager"),
+    }
+    assert "static_vs_eager" not in report["backends"]["csr"]
+    assert "static decode skipped for csr: Unsupported" in "\n".join(render_notes(report))
+
+
+def test_a_failing_compiler_falls_back_to_the_uncompiled_static_cache(
+    sparse_dir, tmp_path, capsys, monkeypatch
+):
+    def no_compiler(*_args, **_kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    report = run_bench(sparse_dir, backends=["csr"], settings=STATIC)
+    static = report["static_decode"]
+    assert not static["compiled"] and static["compile_seconds"] == {}
+    assert static["fallback"] == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    # uncompiled, csr runs the static cache too: like for like with uncompiled dense
+    assert {(r["backend"], r["mode"]) for r in report["results"]} == {
+        (backend, mode) for backend in ("dense", "csr") for mode in ("eager", "static")
+    }
+    assert report["backends"]["csr"]["static_vs_eager"]["same_greedy_tokens"]
+    args = ["--backends", "dense", "--repeats", "1", "--warmup", "0", "--prompt-tokens", "4"]
+    args += ["--decode-tokens", "2", "--batch-sizes", "1", "--decode", "eager,static"]
+    code, stdout, stderr = run_cli(capsys, "bench", str(sparse_dir), *args)
+    assert code == 0 and "Traceback" not in stdout + stderr
+    assert "torch.compile failed (RuntimeError: InvalidCxxCompiler" in stdout
+    assert "decode static" in stdout and "vs eager" in stdout
+    code, _, stderr = run_cli(capsys, "bench", str(sparse_dir), "--decode", "eager,jit")
+    assert code == 2 and "decode modes must be among" in stderr
+
+
+def test_static_decode_that_dense_cannot_run_is_skipped_for_all(sparse_dir, monkeypatch):
+    """Without a dense baseline no static ratio means anything: eager results only."""
+    from sdsprune import bench
+
+    def no_static_cache(model, mode, max_tokens):
+        if mode == "static":
+            raise ValueError("this architecture has no static cache")
+        return new_cache(model, mode, max_tokens)
+
+    monkeypatch.setattr(bench, "new_cache", no_static_cache)
+    report = run_bench(sparse_dir, backends=["csr"], settings=STATIC)
+    static = report["static_decode"]
+    assert static["skipped"] == dict.fromkeys(
+        ["dense", "csr"], "dense failed: ValueError: this architecture has no static cache"
+    )
+    assert not static["compiled"] and static["fallback"] is None  # not the compiler's fault
+    assert {r["mode"] for r in report["results"]} == {"eager"}
+    assert "static decode skipped for dense: dense failed: ValueError" in "\n".join(
+        render_notes(report)
+    )

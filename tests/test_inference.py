@@ -97,6 +97,21 @@ def test_bsr_only_where_whole_blocks_are_zero():
     torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [CsrLinear, BsrLinear])
+def test_csr_and_bsr_compile_through_their_parts(kernel):
+    """torch.compile cannot hold a sparse tensor: compiled code multiplies through
+    ``sdsprune::compressed_mm`` on the weight's parts, which share the weight's memory."""
+    linear = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight[:, :32] = 0.0  # whole 16x16 blocks, for BSR
+    module = kernel(linear)
+    assert module.nonzeros.data_ptr() == module.weight_sparse.values().data_ptr()
+    compiled = torch.compile(module, backend="inductor", fullgraph=True, dynamic=False)
+    x = torch.randn(2, 3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
 def test_auto_keeps_dense_where_sparse_is_slower():
     model = pruned_model("unstructured")
     before = logits(model)
@@ -501,3 +516,65 @@ def test_nm24_grain_gives_two_threads_work_except_for_tiny_calls():
             tasks = -(-out_features // rows_per_task(in_features // 2, tokens))
             expected_serial = (out_features, tokens) == (192, 1)
             assert (tasks == 1) == expected_serial, (out_features, in_features, tokens)
+
+
+def test_nm24_compiles_with_its_registered_op(nm24_ext):
+    """Under torch.compile (inductor, whole graph) the layer keeps the kernel for few tokens
+    and the re-expanded weight for many: both ops trace, with the right shapes."""
+    from sdsprune.inference.nm24 import Nm24Linear
+
+    linear = pruned_linear(40, 72, bias=True)
+    module = Nm24Linear(linear)
+    compiled = torch.compile(module, backend="inductor", fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        for tokens in (1, 16):
+            x = torch.randn(2, tokens, 72)
+            torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+# --- static decode: StaticCache + torch.compile'd step, against eager decoding ------------
+
+
+def greedy_logits(model, step, mode: str, ids: torch.Tensor, steps: int = 4) -> torch.Tensor:
+    """Logits of ``steps`` greedy decode steps after a prefill of ``ids``, in ``mode``."""
+    from sdsprune.inference.decode import new_cache, prefill
+
+    cache = new_cache(model, mode, ids.shape[1] + steps)
+    with torch.inference_mode():
+        token = prefill(model, ids, cache)
+        logits = []
+        for _ in range(steps):
+            step_logits, token = step(token, cache)
+            logits.append(step_logits.clone())
+    return torch.stack(logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backend", "compiler", "counts"),
+    # inductor is the bench's default; auto's switch by token count is dynamo's concern
+    [
+        ("dense", "inductor", {"dense": 14}),
+        ("nm24", "inductor", {"nm24": 14}),
+        ("csr", "inductor", {"csr": 14}),
+        ("auto", "aot_eager", {"nm24<=8": 14}),
+    ],
+    ids=["dense", "nm24", "csr", "auto"],
+)
+def test_static_compiled_decode_matches_eager(backend, compiler, counts):
+    from sdsprune.inference.decode import compiled_step, eager_step
+    from sdsprune.inference.nm24 import extension
+
+    if "nm24" in str(counts) and isinstance(extension(), str):
+        pytest.skip(extension())
+    model = pruned_model("2:4")
+    stub = timer_by_tokens({"nm24": {1: 0.3, 4: 0.3, 8: 0.3, 16: 2.0}, "csr": {1: 9.0}})
+    assert apply_backend(model, backend, timer=stub).counts() == counts
+    ids = IDS[:, :6]
+    expected = greedy_logits(model, eager_step(model), "eager", ids)
+    step = compiled_step(model, backend, compiler)
+    actual = greedy_logits(model, step, "static", ids)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    # one graph serves any prompt length and cache fill (shapes depend on the cache size only)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        greedy_logits(model, step, "static", IDS[:, :4], steps=6)

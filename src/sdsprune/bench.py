@@ -5,6 +5,12 @@ every backend in turn (the order rotates each repeat), so that load from other p
 on a shared machine hits all backends alike. Speedups are ratios of medians measured in
 this run only, and a verdict says "faster"/"slower" only when every sample of one backend
 beats every sample of dense (at least 4 repeats).
+
+Decode can be timed in two modes (see :mod:`sdsprune.inference.decode`): ``eager`` and
+``static`` (a pre-allocated KV cache and a compiled decode step, which cut per-token
+overhead that is not in the weights). Each backend is compared with dense in the same
+mode, so a sparse speedup is not confused with the overhead cut, which is reported apart
+(each backend's static time against its eager time).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +32,18 @@ from torch import nn
 from sdsprune.errors import SdspruneError
 from sdsprune.export import check_model_folder, is_sparse_checkpoint, read_manifest
 from sdsprune.inference import available_kernels, backend_report, load
+from sdsprune.inference.decode import (
+    DECODE_MODES,
+    Step,
+    compile_failure,
+    compiled_step,
+    eager_step,
+    new_cache,
+    prefill,
+)
 from sdsprune.models import model_linears
 from sdsprune.runinfo import library_versions, peak_memory
-from sdsprune.utils import cache_keyword, cache_of, resolve_device, resolve_dtype
+from sdsprune.utils import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +52,12 @@ MIN_SAMPLES_FOR_VERDICT = 4
 
 @dataclass
 class BenchSettings:
-    """What is measured; the defaults take a few minutes for a 135M model on 2 CPU cores."""
+    """What is measured; the defaults take a few minutes for a 135M model on 2 CPU cores.
+
+    ``decode_modes``: eager and/or static decoding (:data:`DECODE_MODES`); every backend is
+    timed in each. ``compile_backend``: torch.compile's backend for static decode (inductor
+    generates fused kernels; tests use a faster one).
+    """
 
     repeats: int = 5
     warmup: int = 1
@@ -44,13 +65,18 @@ class BenchSettings:
     decode_tokens: int = 16
     batch_sizes: tuple[int, ...] = (1, 8)
     seed: int = 0
+    decode_modes: tuple[str, ...] = ("eager",)
+    compile_backend: str = "inductor"
 
 
 @dataclass
 class _Contender:
     name: str
     model: nn.Module
-    samples: dict[str, list[float]] = field(default_factory=dict)
+    steps: dict[str, Step] = field(default_factory=dict)  # decode mode -> decode step
+    # (workload, decode mode, batch) -> seconds: per call (prefill) or per token (decode)
+    samples: dict[tuple[str, str, int], list[float]] = field(default_factory=dict)
+    peak_cuda_mib: float | None = None
 
 
 def default_backends(device: torch.device) -> list[str]:
@@ -83,24 +109,26 @@ def run_bench(
     names = ["dense", *dict.fromkeys(n for n in requested if n != "dense")]
     say = progress or (lambda _msg: None)
     contenders, loads, skipped = _load_all(folder, names, dev, torch_dtype, say)
+    static = _prepare_steps(contenders, settings, dev, say)
     checks = _check_outputs(contenders, settings, dev)
     _measure(contenders, settings, dev, say)
-    return {
+    report = {
         "model": str(folder),
         "checkpoint": _checkpoint_info(folder, contenders[0].model),
         "device": str(dev),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
-        "settings": settings.__dict__ | {"batch_sizes": list(settings.batch_sizes)},
-        "backends": {
-            c.name: loads[c.name] | {"max_abs_logit_diff_vs_dense": checks[c.name]}
-            for c in contenders
-        },
+        "settings": settings.__dict__
+        | {"batch_sizes": list(settings.batch_sizes), "decode_modes": list(settings.decode_modes)},
+        "backends": {c.name: loads[c.name] | checks[c.name] for c in contenders},
         "skipped": skipped,
         "results": _summarise(contenders, settings.prompt_tokens),
         "memory": peak_memory(),
         "versions": library_versions(),
     }
+    if static is not None:
+        report["static_decode"] = static
+    return report
 
 
 def _check_settings(settings: BenchSettings) -> None:
@@ -108,6 +136,12 @@ def _check_settings(settings: BenchSettings) -> None:
         raise SdspruneError("repeats, prompt tokens and decode tokens must be at least 1")
     if not settings.batch_sizes or min(settings.batch_sizes) < 1:
         raise SdspruneError("batch sizes must be positive integers, e.g. 1,8")
+    unknown = [mode for mode in settings.decode_modes if mode not in DECODE_MODES]
+    if not settings.decode_modes or unknown:
+        raise SdspruneError(
+            f"decode modes must be among {', '.join(DECODE_MODES)} "
+            f"(got {', '.join(settings.decode_modes) or 'none'})"
+        )
 
 
 def _load_all(folder: Path, names: list[str], dev, dtype, say) -> tuple[list, dict, dict]:
@@ -216,15 +250,125 @@ def _vocab(model: nn.Module) -> int:
     return int(getattr(model.config, "vocab_size", 256))
 
 
+def _cache_tokens(settings: BenchSettings) -> int:
+    """Positions of every static cache: one size, so that one compiled graph serves all."""
+    return settings.prompt_tokens + settings.decode_tokens
+
+
+def _prepare_steps(contenders: list[_Contender], settings: BenchSettings, dev, say) -> dict | None:
+    """Give every contender its decode step per mode; compile the static ones now, untimed.
+
+    When dense cannot be compiled, the compiler itself fails (no C++ compiler, an inductor
+    error): every backend then decodes with the static cache uncompiled, and the report says
+    why. When only another backend fails (an op dynamo cannot trace), that backend's static
+    decode is skipped with the reason: timed uncompiled against compiled dense, it would mix
+    the overhead cut into its sparse speedup. Returns the static mode's part of the report
+    (None when static decoding was not asked for).
+    """
+    for contender in contenders:
+        if "eager" in settings.decode_modes:
+            contender.steps["eager"] = eager_step(contender.model)
+    if "static" not in settings.decode_modes:
+        return None
+    info = {
+        "compile_backend": settings.compile_backend,
+        "compiled": True,
+        "fallback": None,
+        "compile_seconds": {},
+        "skipped": {},
+    }
+    for contender in contenders:
+        is_dense = contender is contenders[0]
+        if info["compiled"]:
+            say(
+                f"compiling the static decode step of {contender.name} with torch.compile "
+                f"({settings.compile_backend}; once per backend, can take minutes)"
+            )
+        start = time.perf_counter()
+        step = _static_step(contender.model, contender.name, settings, dev, info["compiled"])
+        if isinstance(step, str) and is_dense and info["compiled"]:
+            info["compiled"], info["fallback"] = False, step
+            say(f"torch.compile failed ({step}): static KV cache without compile")
+            step = _static_step(contender.model, contender.name, settings, dev, False)
+        if isinstance(step, str) and is_dense:  # the static cache itself fails: no baseline
+            skipped = {c.name: f"dense failed: {step}" for c in contenders}
+            info.update(compiled=False, fallback=None, skipped=skipped)
+            break
+        if isinstance(step, str):
+            info["skipped"][contender.name] = step
+            continue
+        contender.steps["static"] = step
+        if info["compiled"]:
+            info["compile_seconds"][contender.name] = round(time.perf_counter() - start, 1)
+    return info
+
+
+def _static_step(
+    model: nn.Module, name: str, settings: BenchSettings, dev, compile_step: bool
+) -> Step | str:
+    """The static decode step, compiled or not, run at every batch size (which compiles
+    it); or why it failed."""
+    try:
+        step = (
+            compiled_step(model, name, settings.compile_backend)
+            if compile_step
+            else eager_step(model)
+        )
+        _warm_up(model, step, settings, dev)
+    except Exception as exc:  # dynamo and inductor fail in many exception types
+        return compile_failure(exc)
+    return step
+
+
+def _warm_up(model: nn.Module, step: Step, settings: BenchSettings, dev) -> None:
+    """Two static decode steps at each batch size: compiles what the timed runs will call.
+
+    Dynamo's hints on a failure are silenced: the failure is reported with its reason.
+    """
+    vocab = _vocab(model)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for batch in settings.batch_sizes:
+            ids = _inputs(settings, batch, settings.prompt_tokens, dev, vocab)
+            _decode(model, step, "static", ids, 2, _cache_tokens(settings), dev)
+
+
 def _check_outputs(contenders: list[_Contender], settings: BenchSettings, dev) -> dict:
-    """Largest logit difference of each backend from dense on one prompt (0 for dense)."""
-    ids = _inputs(settings, 1, min(settings.prompt_tokens, 32), dev, _vocab(contenders[0].model))
+    """Largest logit difference of each backend from dense on one prompt (0 for dense), and
+    where static decoding runs, of its static from its eager decoding."""
+    vocab, tokens = _vocab(contenders[0].model), min(settings.prompt_tokens, 32)
+    ids = _inputs(settings, 1, tokens, dev, vocab)
+    # at a batch size the warm-up compiled: a new one would compile here, unannounced
+    static_ids = _inputs(settings, settings.batch_sizes[0], tokens, dev, vocab)
+    checks = {}
     with torch.inference_mode():
         reference = contenders[0].model(ids).logits.float()
-        return {
-            c.name: round((c.model(ids).logits.float() - reference).abs().max().item(), 6)
-            for c in contenders
-        }
+        for contender in contenders:
+            diff = (contender.model(ids).logits.float() - reference).abs().max().item()
+            checks[contender.name] = {"max_abs_logit_diff_vs_dense": round(diff, 6)}
+            if "static" in contender.steps:
+                checks[contender.name]["static_vs_eager"] = _static_vs_eager(
+                    contender, static_ids, settings
+                )
+    return checks
+
+
+def _static_vs_eager(contender: _Contender, ids: torch.Tensor, settings) -> dict:
+    """Greedy decoding in eager mode, with the static step fed the same tokens: its largest
+    logit difference over the steps, and whether every greedy choice is the same."""
+    model, eager, static = contender.model, eager_step(contender.model), contender.steps["static"]
+    eager_cache = new_cache(model, "eager", _cache_tokens(settings))
+    static_cache = new_cache(model, "static", _cache_tokens(settings))
+    token = prefill(model, ids, eager_cache)
+    prefill(model, ids, static_cache)
+    diff, same = 0.0, True
+    for _ in range(settings.decode_tokens):
+        logits, next_token = eager(token, eager_cache)
+        static_logits, static_token = static(token, static_cache)
+        diff = max(diff, (static_logits.float() - logits.float()).abs().max().item())
+        same = same and torch.equal(static_token, next_token)
+        token = next_token
+    return {"max_abs_logit_diff": round(diff, 6), "same_greedy_tokens": same}
 
 
 def _sync(dev: torch.device) -> None:
@@ -240,16 +384,16 @@ def _prefill_seconds(model: nn.Module, ids: torch.Tensor, dev) -> float:
     return time.perf_counter() - start
 
 
-def _decode_seconds_per_token(model: nn.Module, ids: torch.Tensor, steps: int, dev) -> float:
-    """Greedy decoding with the KV cache after an untimed prefill; mean seconds per step."""
-    cache_kw = cache_keyword(model)
-    out = model(ids, use_cache=True)
-    token = out.logits[:, -1:].argmax(dim=-1)
+def _decode(
+    model: nn.Module, step: Step, mode: str, ids: torch.Tensor, steps: int, cache_tokens: int, dev
+) -> float:
+    """Greedy decoding with ``mode``'s KV cache after an untimed prefill; mean seconds per step."""
+    cache = new_cache(model, mode, cache_tokens)
+    token = prefill(model, ids, cache)
     _sync(dev)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(token, use_cache=True, **{cache_kw: cache_of(out)})
-        token = out.logits[:, -1:].argmax(dim=-1)
+        _, token = step(token, cache)
     _sync(dev)
     return (time.perf_counter() - start) / steps
 
@@ -264,36 +408,55 @@ def _measure(contenders: list[_Contender], settings: BenchSettings, dev, say) ->
     inputs = {
         b: _inputs(settings, b, settings.prompt_tokens, dev, vocab) for b in settings.batch_sizes
     }
-    workloads = [(kind, batch) for batch in settings.batch_sizes for kind in ("prefill", "decode")]
+    decodes = [("decode", mode) for mode in dict.fromkeys(settings.decode_modes)]
+    workloads = [
+        (kind, mode, batch)
+        for batch in settings.batch_sizes
+        for kind, mode in [("prefill", "eager"), *decodes]
+    ]
     rounds = settings.warmup + settings.repeats
     for round_index in range(rounds):
         label = "warm-up" if round_index < settings.warmup else "repeat"
         say(f"{label} {round_index + 1}/{rounds}")
         shift = round_index % len(contenders)
         order = contenders[shift:] + contenders[:shift]
-        for kind, batch in workloads:
+        for kind, mode, batch in workloads:
             for contender in order:
-                seconds = _run_workload(contender.model, kind, inputs[batch], settings, dev)
+                if kind == "decode" and mode not in contender.steps:  # static skipped
+                    continue
+                seconds = _run_workload(contender, kind, mode, inputs[batch], settings, dev)
                 if round_index >= settings.warmup:
-                    contender.samples.setdefault(f"{kind}/{batch}", []).append(seconds)
+                    contender.samples.setdefault((kind, mode, batch), []).append(seconds)
     if dev.type == "cuda":
         _record_cuda_peaks(contenders, inputs, settings, dev)
 
 
-def _run_workload(model: nn.Module, kind: str, ids: torch.Tensor, settings, dev) -> float:
+def _run_workload(
+    contender: _Contender, kind: str, mode: str, ids: torch.Tensor, settings, dev
+) -> float:
     with torch.inference_mode():
         if kind == "prefill":
-            return _prefill_seconds(model, ids, dev)
-        return _decode_seconds_per_token(model, ids, settings.decode_tokens, dev)
+            return _prefill_seconds(contender.model, ids, dev)
+        return _decode(
+            contender.model,
+            contender.steps[mode],
+            mode,
+            ids,
+            settings.decode_tokens,
+            _cache_tokens(settings),
+            dev,
+        )
 
 
 def _record_cuda_peaks(order: list[_Contender], inputs: dict, settings, dev) -> None:
-    """Peak CUDA memory of each backend over one untimed pass of the largest workload."""
+    """Peak CUDA memory of each backend over one untimed pass of the largest workload (in
+    every decode mode)."""
     batch = max(inputs)
     for contender in order:
         torch.cuda.reset_peak_memory_stats(dev)
-        _run_workload(contender.model, "decode", inputs[batch], settings, dev)
-        contender.samples["peak_cuda_mib"] = [torch.cuda.max_memory_allocated(dev) / 2**20]
+        for mode in contender.steps:
+            _run_workload(contender, "decode", mode, inputs[batch], settings, dev)
+        contender.peak_cuda_mib = torch.cuda.max_memory_allocated(dev) / 2**20
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -327,30 +490,34 @@ def _verdict(backend: list[float], dense: list[float]) -> str:
 
 
 def _summarise(contenders: list[_Contender], prompt_tokens: int) -> list[dict]:
-    """One row per backend and workload; speedups against this run's dense samples only."""
+    """One row per backend, workload, decode mode and batch; speedups against this run's
+    dense samples of the same workload and mode only. Static decode rows also compare with
+    the same backend's eager decode: for dense, that is the overhead cut alone."""
     dense = contenders[0]
     rows = []
     for contender in contenders:
-        peaks = contender.samples.get("peak_cuda_mib")
         for key, samples in contender.samples.items():
-            if key == "peak_cuda_mib":
-                continue
-            workload, batch = key.split("/")
+            workload, mode, batch = key
             stats, base = _stats(samples), _stats(dense.samples[key])
             row = {
                 "backend": contender.name,
                 "workload": workload,
-                "batch": int(batch),
+                "mode": mode,
+                "batch": batch,
                 "seconds": {k: round(v, 6) for k, v in stats.items()},
                 "samples": [round(s, 6) for s in samples],
                 "speedup_vs_dense": round(base["median"] / stats["median"], 3),
                 "verdict": (
                     "baseline" if contender is dense else _verdict(samples, dense.samples[key])
                 ),
-                **_rates(workload, int(batch) * prompt_tokens, stats),
+                **_rates(workload, batch * prompt_tokens, stats),
             }
-            if peaks:
-                row["peak_cuda_mib"] = round(max(peaks), 1)
+            eager = contender.samples.get(("decode", "eager", batch))
+            if mode == "static" and eager:
+                row["speedup_vs_eager"] = round(statistics.median(eager) / stats["median"], 3)
+                row["verdict_vs_eager"] = _verdict(samples, eager)
+            if contender.peak_cuda_mib is not None:
+                row["peak_cuda_mib"] = round(contender.peak_cuda_mib, 1)
             rows.append(row)
     return rows
 
@@ -378,8 +545,20 @@ def write_json(report: dict, path: str | Path) -> Path:
     return path
 
 
+def workload_label(row: dict) -> str:
+    """ "prefill", or "decode" with its mode ("decode static"); rows of reports written
+    before decode modes existed are eager."""
+    if row["workload"] == "prefill":
+        return "prefill"
+    return f"decode {row.get('mode', 'eager')}"
+
+
 def render_table(report: dict):
-    """A rich table of the report: one row per backend and workload."""
+    """A rich table of the report: one row per backend, workload (and decode mode), batch.
+
+    "vs dense" compares with dense in the same mode; with static decoding a "vs eager"
+    column compares each backend's static with its eager decoding (dense's: the overhead cut).
+    """
     from rich.table import Table
 
     settings = report["settings"]
@@ -389,26 +568,19 @@ def render_table(report: dict):
         f"decode {settings['decode_tokens']} tokens, {settings['repeats']} repeats (medians)"
     )
     table = Table(title=title)
-    for column in (
-        "backend",
-        "kernels",
-        "workload",
-        "batch",
-        "median",
-        "IQR",
-        "vs dense",
-        "verdict",
-    ):
+    versus_eager = any("speedup_vs_eager" in row for row in report["results"])
+    columns = ["backend", "kernels", "workload", "batch", "median", "IQR", "vs dense", "verdict"]
+    for column in columns + (["vs eager"] if versus_eager else []):
         table.add_column(
             column, justify="left" if column in ("backend", "kernels", "workload") else "right"
         )
     for row in report["results"]:
         kernels = report["backends"][row["backend"]]["kernels"]
         low, high = row["iqr"]
-        table.add_row(
+        cells = [
             row["backend"],
             ", ".join(f"{k} {v}" for k, v in kernels.items()),
-            row["workload"],
+            workload_label(row),
             str(row["batch"]),
             f"{row['value']:.1f} {row['unit']}"
             if row["unit"] == "tokens/s"
@@ -416,17 +588,28 @@ def render_table(report: dict):
             f"{low:.1f}-{high:.1f}" if row["unit"] == "tokens/s" else f"{low:.2f}-{high:.2f}",
             f"{row['speedup_vs_dense']:.2f}x",
             row["verdict"],
-        )
+        ]
+        if versus_eager:  # its verdict is in the JSON, and dense's in the notes
+            cells.append(f"{row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else "")
+        table.add_row(*cells)
     return table
 
 
 def render_notes(report: dict) -> list[str]:
     """Lines that belong under the table: skipped backends, memory, output agreement."""
     notes = [f"skipped {name}: {why}" for name, why in report["skipped"].items()]
+    notes += _static_notes(report)
     for name, info in report["backends"].items():
+        check = info.get("static_vs_eager")
+        static = (
+            f", static vs eager decode: max |logit diff| {check['max_abs_logit_diff']}, "
+            + ("same greedy tokens" if check["same_greedy_tokens"] else "greedy tokens DIFFER")
+            if check
+            else ""
+        )
         notes.append(
             f"{name}: weights {info['weights_mib']} MiB, load {info['load_seconds']} s, "
-            f"max |logit - dense| {info['max_abs_logit_diff_vs_dense']}"
+            f"max |logit - dense| {info['max_abs_logit_diff_vs_dense']}{static}"
         )
         for kernel, by_tokens in info.get("layer_speedups", {}).items():
             probes = ", ".join(
@@ -440,4 +623,36 @@ def render_notes(report: dict) -> list[str]:
             )
     memory = ", ".join(f"{k} {v}" for k, v in report["memory"].items())
     notes.append(f"process peak memory (all backends together): {memory}")
+    return notes
+
+
+def _static_notes(report: dict) -> list[str]:
+    """How static decoding ran (compiled or why not, what was skipped) and dense's
+    static/eager ratio: the per-token overhead cut alone, apart from any sparse speedup."""
+    static = report.get("static_decode")
+    if static is None:
+        return []
+    notes = []
+    if static["fallback"]:
+        notes.append(
+            f"static decode: torch.compile failed ({static['fallback']}); every backend "
+            "decoded with the static KV cache uncompiled"
+        )
+    elif static["compile_seconds"]:
+        seconds = ", ".join(f"{k} {v} s" for k, v in static["compile_seconds"].items())
+        notes.append(
+            f"static decode: static KV cache + torch.compile ({static['compile_backend']}), "
+            f"compiled in {seconds}"
+        )
+    notes += [f"static decode skipped for {k}: {v}" for k, v in static["skipped"].items()]
+    cuts = [
+        f"{row['speedup_vs_eager']:.2f}x at batch {row['batch']} ({row['verdict_vs_eager']})"
+        for row in report["results"]
+        if row["backend"] == "dense" and "speedup_vs_eager" in row
+    ]
+    if cuts:
+        notes.append(
+            f"dense static vs eager decode (the overhead cut alone): {', '.join(cuts)}; "
+            "'vs dense' compares backends within one mode"
+        )
     return notes

@@ -586,6 +586,14 @@ def bench_command(
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prefill.")] = 128,
     decode_tokens: Annotated[int, typer.Option(help="Tokens decoded per measurement.")] = 16,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    decode: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated decode modes: eager (dynamic KV cache), static (pre-allocated "
+            "KV cache and a torch.compile'd decode step; compiling takes minutes per backend). "
+            "Backends are compared with dense in the same mode."
+        ),
+    ] = "eager",
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default: torch's).")
     ] = None,
@@ -609,6 +617,7 @@ def bench_command(
         prompt_tokens=prompt_tokens,
         decode_tokens=decode_tokens,
         batch_sizes=tuple(_split_ints(batch_sizes)),
+        decode_modes=tuple(_split_list(decode)),
     )
     report = run_bench(
         model_dir,

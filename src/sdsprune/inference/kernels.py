@@ -48,7 +48,46 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
 
-class CsrLinear(SparseLinear):
+@torch.library.custom_op("sdsprune::compressed_mm", mutates_args=())
+def compressed_mm(
+    x2d: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """``x2d @ W.t()`` for the CSR (1-d values) or BSR (3-d values) weight ``W`` with ``rows``
+    rows, given by its parts: what compiled code calls, as torch.compile cannot hold a sparse
+    tensor. Rebuilding ``W`` around the parts copies nothing."""
+    make = torch.sparse_csr_tensor if values.dim() == 1 else torch.sparse_bsr_tensor
+    weight = make(crow, col, values, (rows, x2d.shape[1]))
+    return torch.sparse.mm(weight, x2d.t()).t().contiguous()
+
+
+@compressed_mm.register_fake
+def _compressed_mm_fake(
+    x2d: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, rows: int
+) -> torch.Tensor:
+    return x2d.new_empty((x2d.shape[0], rows))
+
+
+class CompressedLinear(SparseLinear):
+    """Base of the CSR and BSR kernels: a compressed sparse weight, multiplied by torch.
+
+    The weight's parts are also plain buffers (views of the same memory) for compiled code,
+    which passes them to :func:`compressed_mm`; eager calls skip that op's dispatch.
+    """
+
+    def _keep(self, weight: torch.Tensor) -> None:
+        self.register_buffer("weight_sparse", weight, persistent=False)
+        # detached: dynamo refuses views whose base is a sparse tensor
+        self.register_buffer("crow", weight.crow_indices().detach(), persistent=False)
+        self.register_buffer("col", weight.col_indices().detach(), persistent=False)
+        self.register_buffer("nonzeros", weight.values().detach(), persistent=False)
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return compressed_mm(x2d, self.crow, self.col, self.nonzeros, self.out_features)
+        return torch.sparse.mm(self.weight_sparse, x2d.t()).t()
+
+
+class CsrLinear(CompressedLinear):
     """Weight in compressed sparse rows with int32 indices (MKL sparse matmul on CPU).
 
     int32 rather than torch's default int64 indices: at 50% density they make the CSR
@@ -61,11 +100,7 @@ class CsrLinear(SparseLinear):
         super().__init__(linear)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": known, not news
             warnings.simplefilter("ignore", UserWarning)
-            csr = _to_csr(linear.weight.detach())
-        self.register_buffer("weight_csr", csr, persistent=False)
-
-    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        return torch.sparse.mm(self.weight_csr, x2d.t()).t()
+            self._keep(_to_csr(linear.weight.detach()))
 
 
 def _to_csr(weight: torch.Tensor) -> torch.Tensor:
@@ -78,7 +113,7 @@ def _to_csr(weight: torch.Tensor) -> torch.Tensor:
     )
 
 
-class BsrLinear(SparseLinear):
+class BsrLinear(CompressedLinear):
     """Weight in block sparse rows: pays off only when whole blocks are zero."""
 
     kernel = "bsr"
@@ -87,11 +122,7 @@ class BsrLinear(SparseLinear):
         super().__init__(linear)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            bsr = linear.weight.detach().to_sparse_bsr((block, block))
-        self.register_buffer("weight_bsr", bsr, persistent=False)
-
-    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        return torch.sparse.mm(self.weight_bsr, x2d.t()).t()
+            self._keep(linear.weight.detach().to_sparse_bsr((block, block)))
 
 
 class SemiStructuredLinear(SparseLinear):

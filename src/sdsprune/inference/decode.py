@@ -1,0 +1,82 @@
+"""Greedy decode steps in two modes, to measure per-token overhead apart from the weights.
+
+- ``eager``: transformers' dynamic KV cache (grown every step) and every op dispatched from
+  Python, as ``model(token, cache=...)`` runs by default;
+- ``static``: transformers' ``StaticCache`` (allocated once for the whole sequence and
+  updated in place, so that every step has the same shapes) and the one-token step compiled
+  by ``torch.compile`` (one graph, static shapes: one compilation per batch size).
+
+Prefill runs eagerly in both modes: it is one call per sequence, and compiling it for each
+prompt length would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from sdsprune.utils import cache_keyword
+
+DECODE_MODES = ("eager", "static")
+
+# (last-token ids (batch, 1), cache) -> (last-position logits (batch, vocab), next ids (batch, 1))
+Step = Callable[[torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
+
+
+def new_cache(model: nn.Module, mode: str, max_tokens: int) -> object:
+    """An empty KV cache for ``mode``; a static one holds ``max_tokens`` positions.
+
+    The dynamic cache is the one the model would create itself when given none.
+    """
+    from transformers import DynamicCache, StaticCache
+
+    if mode == "static":
+        return StaticCache(config=model.config, max_cache_len=max_tokens)
+    return DynamicCache(config=model.config)
+
+
+def prefill(model: nn.Module, ids: torch.Tensor, cache: object) -> torch.Tensor:
+    """Fill ``cache`` with the prompt ``ids`` (eagerly); return the greedy next ids."""
+    logits = model(ids, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
+    return logits.argmax(dim=-1, keepdim=True)
+
+
+def eager_step(model: nn.Module) -> Step:
+    """One decode step: the model on one new token per sequence, then the greedy choice.
+
+    The choice is part of the step so that a compiled step includes it too.
+    """
+    keyword = cache_keyword(model)
+
+    def step(token: torch.Tensor, cache: object) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(token, use_cache=True, **{keyword: cache}).logits[:, -1]
+        return logits, logits.argmax(dim=-1, keepdim=True)
+
+    return step
+
+
+def compiled_step(model: nn.Module, name: str, backend: str = "inductor") -> Step:
+    """:func:`eager_step` under ``torch.compile``: whole graph, static shapes.
+
+    Compilation happens on the first call of each batch size, so callers warm it up before
+    timing. ``fullgraph`` makes any graph break (an op dynamo cannot trace) an error on that
+    first call rather than a silently slower step. The step gets a code object of its own,
+    named after ``name``: dynamo keeps compiled graphs, and its limit of 8 recompilations,
+    per code object, so with one shared step every backend's call would first test the
+    guards of the other backends' graphs, and five backends at two batch sizes would pass
+    the limit.
+    """
+    step = eager_step(model)
+    code = step.__code__.replace(co_name=f"decode_step_{name}")
+    own = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
+    return torch.compile(own, backend=backend, fullgraph=True, dynamic=False)
+
+
+def compile_failure(exc: BaseException) -> str:
+    """One line naming why compiling (or running) a step failed, e.g. ``InductorError:
+    InvalidCxxCompiler: No working C++ compiler found ...``."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else 'no message'}"
