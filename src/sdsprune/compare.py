@@ -13,7 +13,6 @@ out like the papers', with paired bootstrap intervals) and plots.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sdsprune.compare_paired import paired_comparisons
+from sdsprune.compare_store import read_json as _read_json
 from sdsprune.compare_store import write_json_atomic as _write_json_atomic
 from sdsprune.errors import SdspruneError
 from sdsprune.models import LoadedModel, load_model
@@ -241,12 +241,8 @@ def run_file(folder: Path, run: Run) -> Path:
 def _finished(folder: Path, run: Run, settings: dict) -> dict | None:
     """The stored result of ``run`` if it was computed with exactly these settings."""
     path = run_file(folder, run)
-    if not path.exists():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        log.warning("ignoring unreadable %s (recomputing it)", path)
+    stored = _read_json(path)
+    if stored is None:
         return None
     previous, wanted = stored.get("settings"), _run_settings(run, settings)
     if not isinstance(previous, dict) or _run_settings(run, _upgraded(previous)) != wanted:
