@@ -26,7 +26,10 @@ import torch
 from sdsprune.compare_paired import paired_comparisons
 from sdsprune.compare_store import read_json as _read_json
 from sdsprune.compare_store import write_json_atomic as _write_json_atomic
+from sdsprune.data import DEFAULT_CALIB, DEFAULT_CALIB_SEED, DEFAULT_CALIB_SEQLEN, DEFAULT_NSAMPLES
 from sdsprune.errors import SdspruneError
+from sdsprune.evaluate.bigbench import DEFAULT_PROMPT_STYLE
+from sdsprune.evaluate.zeroshot import DEFAULT_SEED as DEFAULT_TASK_SEED
 from sdsprune.models import LoadedModel, load_model
 from sdsprune.runinfo import library_versions
 
@@ -118,17 +121,17 @@ def compare(
     *,
     methods: Sequence[str] = DEFAULT_METHODS,
     sparsities: Sequence[str | float] = ("2:4", "0.5"),
-    calib: str = "wiki",
-    nsamples: int = 128,
-    seqlen: int = 2048,
-    seed: int = 0,
+    calib: str = DEFAULT_CALIB,
+    nsamples: int = DEFAULT_NSAMPLES,
+    seqlen: int = DEFAULT_CALIB_SEQLEN,
+    seed: int = DEFAULT_CALIB_SEED,
     datasets: Sequence[str] = ("wiki",),
     tasks: Sequence[str] = (),
     eval_seqlen: int | None = None,
     max_chunks: int | None = None,
     limit: int | None = None,
-    task_seed: int = 42,
-    prompt_style: str = "cloze",
+    task_seed: int = DEFAULT_TASK_SEED,
+    prompt_style: str = DEFAULT_PROMPT_STYLE,
     metric: str = "acc_norm",
     out: str | Path = "runs/compare",
     device: str = "auto",
