@@ -56,6 +56,14 @@ def tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+def every_method(*sds_bases: str) -> list[tuple[str, str | None]]:
+    """(method, base) for every base pruner alone, then for SDS on each of ``sds_bases``:
+    a pruner added to the library is covered by the tests that run every method."""
+    from sdsprune.pruners import BASE_PRUNERS
+
+    return [(name, None) for name in BASE_PRUNERS] + [("sds", base) for base in sds_bases]
+
+
 def byte_tokenizer():
     """A 256-token byte-level tokenizer built in memory (no downloads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
