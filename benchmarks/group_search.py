@@ -15,6 +15,7 @@ import json
 import time
 
 import torch
+from run_record import write_run_record
 
 from sdsprune.data import load_corpus, sample_calibration
 from sdsprune.engine import StatsCollector, capture_block_inputs
@@ -22,7 +23,6 @@ from sdsprune.linalg import relative_error
 from sdsprune.models import decoder_blocks, load_model
 from sdsprune.models.blocks import block_linears
 from sdsprune.pruners import SparsityPattern, get_pruner
-from sdsprune.runinfo import library_versions
 from sdsprune.sds import SDSConfig, adjust
 from sdsprune.sds.groups import refine_groups
 
@@ -82,15 +82,7 @@ def main() -> None:
         out = block(stream.hidden, *stream.block_args[index], **stream.block_kwargs[index])
         stream.hidden = out[0] if isinstance(out, tuple | list) else out
     if args.out:
-        payload = {
-            "command": f"python benchmarks/group_search.py --blocks {args.blocks} "
-            f"--nsamples {args.nsamples} --seqlen {args.seqlen} --out {args.out}",
-            "threads": torch.get_num_threads(),
-            "versions": library_versions(),
-            "layers": rows,
-        }
-        with open(args.out, "w") as handle:
-            json.dump(payload, handle, indent=2)
+        write_run_record(args.out, __file__, args, layers=rows)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ import time
 from dataclasses import replace
 
 import torch
+from run_record import write_run_record
 
 from sdsprune.pruners import SparsityPattern, get_pruner
 from sdsprune.pruners.base import InputStats
-from sdsprune.runinfo import library_versions
 from sdsprune.sds import SDSConfig, adjust, redense
 from sdsprune.sds.groups import refine_groups
 from sdsprune.sds.solver import fit_objective
@@ -85,17 +85,7 @@ def main() -> None:
         rows[name] = measure(*SHAPES[name], args.probe_iters, config)
         print(name, json.dumps(rows[name]), flush=True)
     if args.out:
-        payload = {
-            "command": "python benchmarks/layer_cost.py "
-            + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
-            ),
-            "threads": torch.get_num_threads(),
-            "versions": library_versions(),
-            "results": rows,
-        }
-        with open(args.out, "w") as handle:
-            json.dump(payload, handle, indent=2)
+        write_run_record(args.out, __file__, args, results=rows)
 
 
 if __name__ == "__main__":

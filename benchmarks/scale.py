@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from llama3_shapes import llama_3_8b_config
 
 # SDS as an 8B run does it: the adjustment is skipped above 3B parameters (adjust=auto);
 # this 2-block model is smaller, so that is said explicitly.
@@ -66,17 +67,10 @@ SOLVE_FACTOR_70B = sum(o * i * i for o, i in LLAMA_70B) / sum(o * i * i for o, i
 
 
 def llama_8b_shaped(blocks: int, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(
-        "llama",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_hidden_layers=blocks,
-        vocab_size=32000,
-        max_position_embeddings=8192,
+    config = llama_3_8b_config(
+        num_hidden_layers=blocks, vocab_size=32000, max_position_embeddings=8192
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()

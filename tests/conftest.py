@@ -56,6 +56,25 @@ def tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` imported by path: the benchmarks are scripts, not a package."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def every_method(*sds_bases: str) -> list[tuple[str, str | None]]:
+    """(method, base) for every base pruner alone, then for SDS on each of ``sds_bases``:
+    a pruner added to the library is covered by the tests that run every method."""
+    from sdsprune.pruners import BASE_PRUNERS
+
+    return [(name, None) for name in BASE_PRUNERS] + [("sds", base) for base in sds_bases]
+
+
 def byte_tokenizer():
     """A 256-token byte-level tokenizer built in memory (no downloads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -3,7 +3,7 @@ method at high sparsity."""
 
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, every_method, tiny_model
 from reference_impl import slow_admm, slow_wanda
 
 from sdsprune import SdspruneError
@@ -201,20 +201,7 @@ def test_pruner_options_reach_the_pruner_through_prune():
         run("llama", "sds", "0.5", base="admm[speed=11]")
 
 
-HIGH_SPARSITY_RUNS = [
-    ("magnitude", None),
-    ("wanda", None),
-    ("sparsegpt", None),
-    ("admm", None),
-    ("dsnot", None),
-    ("pruner-zero", None),
-    ("sds", "sparsegpt"),
-    ("sds", "wanda"),
-    ("sds", "admm"),
-]
-
-
-@pytest.mark.parametrize(("method", "base"), HIGH_SPARSITY_RUNS)
+@pytest.mark.parametrize(("method", "base"), every_method("sparsegpt", "wanda", "admm"))
 def test_eighty_percent_runs_end_to_end_with_sane_numerics(method, base):
     """80% on a tiny model with fewer calibration tokens (32) than input features (128 in
     the MLP): rank-deficient Gram matrices, where dampening, Cholesky retries and the SDS

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import tiny_model
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_profile.py"
+from conftest import benchmark_module, tiny_model
 
 
 @pytest.fixture(scope="module")
 def decode_profile():
-    spec = importlib.util.spec_from_file_location("decode_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("decode_profile")
 
 
 def test_breakdown_is_non_negative_and_sums_to_the_step(decode_profile):

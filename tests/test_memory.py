@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_model
+from conftest import benchmark_module, byte_tokenizer, tiny_model
 
 from sdsprune import SdspruneError
 from sdsprune.engine import capture_block_inputs, run_blocks
@@ -19,6 +19,7 @@ from sdsprune.pruners import SparsityPattern, get_pruner
 from sdsprune.sds import SDSConfig
 
 GIB = 2**30
+LLAMA3_SHAPES = benchmark_module("llama3_shapes")
 
 
 def windows(count=8, length=24):
@@ -35,17 +36,9 @@ def pruned(model=None, **options):
 def llama_8b_shaped():
     """Llama-3-8B's shapes on the meta device: no memory, exact dimensions."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(
-        "llama",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_hidden_layers=32,
-        vocab_size=128256,
-    )
+    config = LLAMA3_SHAPES.llama_3_8b_config(num_hidden_layers=32, vocab_size=128256)
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, every_method, tiny_model
 
 from sdsprune import SdspruneError
 from sdsprune.models import LoadedModel, decoder_blocks, model_linears
@@ -89,19 +89,7 @@ def test_block_with_more_outliers_is_pruned_less(block):
             )
 
 
-@pytest.mark.parametrize(
-    ("method", "base"),
-    [
-        ("magnitude", None),
-        ("wanda", None),
-        ("sparsegpt", None),
-        ("admm", None),
-        ("dsnot", None),
-        ("pruner-zero", None),
-        ("sds", "sparsegpt"),
-        ("sds", "wanda"),
-    ],
-)
+@pytest.mark.parametrize(("method", "base"), every_method("sparsegpt", "wanda"))
 def test_owl_keeps_the_total_sparsity_for_every_method(method, base):
     model = with_outliers(0, arch="opt")
     result = run_owl(model, method=method, **({"base": base} if base else {}))

@@ -12,10 +12,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sdsprune.data import DEFAULT_CALIB, DEFAULT_CALIB_SEED, DEFAULT_CALIB_SEQLEN, DEFAULT_NSAMPLES
 from sdsprune.errors import SdspruneError
+from sdsprune.evaluate.bigbench import DEFAULT_PROMPT_STYLE
+from sdsprune.evaluate.zeroshot import DEFAULT_SEED as DEFAULT_TASK_SEED
+from sdsprune.owl import OWLConfig
 from sdsprune.sds.config import FUSED_BLOCK_EPOCHS, SDSConfig
 
 SDS_DEFAULTS = SDSConfig()
+OWL_DEFAULTS = OWLConfig()
 
 app = typer.Typer(
     name="sdsprune",
@@ -51,6 +56,8 @@ CalibOpt = Annotated[
 NsamplesOpt = Annotated[int, typer.Option(help="Calibration windows.")]
 CalibSeqlenOpt = Annotated[int, typer.Option(help="Tokens per calibration window.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the calibration sampling.")]
+TaskSeedOpt = Annotated[int, typer.Option(help="Seed of the bigbench --limit subset.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing --out folder.")]
 EvalSeqlenOpt = Annotated[
     int | None, typer.Option(help="Evaluation chunk length (default: --seqlen).")
 ]
@@ -107,8 +114,8 @@ def eval_command(
         int | None,
         typer.Option(help="Score at most N examples per task (bigbench: a seeded random subset)."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the bigbench --limit subset.")] = 42,
-    prompt_style: PromptStyleOpt = "cloze",
+    seed: TaskSeedOpt = DEFAULT_TASK_SEED,
+    prompt_style: PromptStyleOpt = DEFAULT_PROMPT_STYLE,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -215,14 +222,14 @@ def prune_command(
     base: Annotated[
         str, typer.Option(help="Base pruner of SDS: any --method except sds.")
     ] = "sparsegpt",
-    calib: CalibOpt = "wiki",
-    nsamples: NsamplesOpt = 128,
-    seqlen: CalibSeqlenOpt = 2048,
-    seed: SeedOpt = 0,
+    calib: CalibOpt = DEFAULT_CALIB,
+    nsamples: NsamplesOpt = DEFAULT_NSAMPLES,
+    seqlen: CalibSeqlenOpt = DEFAULT_CALIB_SEQLEN,
+    seed: SeedOpt = DEFAULT_CALIB_SEED,
     out: Annotated[
         str | None, typer.Option(help="Save the pruned checkpoint and report into this folder.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    overwrite: OverwriteOpt = False,
     eval_dataset: Annotated[
         str | None, typer.Option("--eval", help="Evaluate perplexity afterwards on these corpora.")
     ] = None,
@@ -308,8 +315,8 @@ def prune_command(
             "(unstructured sparsity only)."
         ),
     ] = False,
-    owl_threshold: OwlThresholdOpt = 5.0,
-    owl_lambda: OwlLambdaOpt = 0.08,
+    owl_threshold: OwlThresholdOpt = OWL_DEFAULTS.threshold,
+    owl_lambda: OwlLambdaOpt = OWL_DEFAULTS.lam,
     offload_activations: Annotated[
         str,
         typer.Option(
@@ -327,7 +334,6 @@ def prune_command(
     Under torchrun (torchrun --nproc-per-node K -m sdsprune prune ...) the calibration
     windows are split across the K processes; rank 0 saves and prints.
     """
-    from sdsprune.owl import OWLConfig
     from sdsprune.prune import prune
 
     sds = SDSConfig(
@@ -426,10 +432,10 @@ def compare_command(
     sparsity: Annotated[
         str, typer.Option(help="Comma-separated sparsities: fractions (0.5) or N:M (2:4).")
     ] = "2:4,0.5",
-    calib: CalibOpt = "wiki",
-    nsamples: NsamplesOpt = 128,
-    seqlen: CalibSeqlenOpt = 2048,
-    seed: SeedOpt = 0,
+    calib: CalibOpt = DEFAULT_CALIB,
+    nsamples: NsamplesOpt = DEFAULT_NSAMPLES,
+    seqlen: CalibSeqlenOpt = DEFAULT_CALIB_SEQLEN,
+    seed: SeedOpt = DEFAULT_CALIB_SEED,
     dataset: Annotated[
         str, typer.Option(help="Comma-separated evaluation corpora (none: empty string).")
     ] = "wiki",
@@ -439,8 +445,8 @@ def compare_command(
         str | None, typer.Option(help="Comma-separated zero-shot tasks, as in `sdsprune eval`.")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="At most N examples per task.")] = None,
-    task_seed: Annotated[int, typer.Option(help="Seed of the bigbench --limit subset.")] = 42,
-    prompt_style: PromptStyleOpt = "cloze",
+    task_seed: TaskSeedOpt = DEFAULT_TASK_SEED,
+    prompt_style: PromptStyleOpt = DEFAULT_PROMPT_STYLE,
     sds: Annotated[
         str | None,
         typer.Option(
@@ -455,8 +461,8 @@ def compare_command(
             "fair to long answers) or acc. Both are stored; changing it recomputes nothing."
         ),
     ] = "acc_norm",
-    owl_threshold: OwlThresholdOpt = 5.0,
-    owl_lambda: OwlLambdaOpt = 0.08,
+    owl_threshold: OwlThresholdOpt = OWL_DEFAULTS.threshold,
+    owl_lambda: OwlLambdaOpt = OWL_DEFAULTS.lam,
     out: Annotated[
         str | None,
         typer.Option(
@@ -480,7 +486,6 @@ def compare_command(
     results.md (a paper-style table) and PNG plots. Finished runs in it are not recomputed.
     """
     from sdsprune.compare import compare, default_out
-    from sdsprune.owl import OWLConfig
 
     folder = out or str(default_out(model))
     sds_config = SDSConfig.from_text(sds) if sds else None
@@ -545,7 +550,7 @@ def export_command(
     dtype: Annotated[
         str, typer.Option(help="keep, float16, bfloat16 or float32 for the exported tensors.")
     ] = "keep",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a checkpoint in the compact sparse format, or back to a plain dense one."""

@@ -13,7 +13,6 @@ out like the papers', with paired bootstrap intervals) and plots.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -25,8 +24,12 @@ from pathlib import Path
 import torch
 
 from sdsprune.compare_paired import paired_comparisons
+from sdsprune.compare_store import read_json as _read_json
 from sdsprune.compare_store import write_json_atomic as _write_json_atomic
+from sdsprune.data import DEFAULT_CALIB, DEFAULT_CALIB_SEED, DEFAULT_CALIB_SEQLEN, DEFAULT_NSAMPLES
 from sdsprune.errors import SdspruneError
+from sdsprune.evaluate.bigbench import DEFAULT_PROMPT_STYLE
+from sdsprune.evaluate.zeroshot import DEFAULT_SEED as DEFAULT_TASK_SEED
 from sdsprune.models import LoadedModel, load_model
 from sdsprune.runinfo import library_versions
 
@@ -118,17 +121,17 @@ def compare(
     *,
     methods: Sequence[str] = DEFAULT_METHODS,
     sparsities: Sequence[str | float] = ("2:4", "0.5"),
-    calib: str = "wiki",
-    nsamples: int = 128,
-    seqlen: int = 2048,
-    seed: int = 0,
+    calib: str = DEFAULT_CALIB,
+    nsamples: int = DEFAULT_NSAMPLES,
+    seqlen: int = DEFAULT_CALIB_SEQLEN,
+    seed: int = DEFAULT_CALIB_SEED,
     datasets: Sequence[str] = ("wiki",),
     tasks: Sequence[str] = (),
     eval_seqlen: int | None = None,
     max_chunks: int | None = None,
     limit: int | None = None,
-    task_seed: int = 42,
-    prompt_style: str = "cloze",
+    task_seed: int = DEFAULT_TASK_SEED,
+    prompt_style: str = DEFAULT_PROMPT_STYLE,
     metric: str = "acc_norm",
     out: str | Path = "runs/compare",
     device: str = "auto",
@@ -241,12 +244,8 @@ def run_file(folder: Path, run: Run) -> Path:
 def _finished(folder: Path, run: Run, settings: dict) -> dict | None:
     """The stored result of ``run`` if it was computed with exactly these settings."""
     path = run_file(folder, run)
-    if not path.exists():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        log.warning("ignoring unreadable %s (recomputing it)", path)
+    stored = _read_json(path)
+    if stored is None:
         return None
     previous, wanted = stored.get("settings"), _run_settings(run, settings)
     if not isinstance(previous, dict) or _run_settings(run, _upgraded(previous)) != wanted:

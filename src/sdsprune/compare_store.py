@@ -93,7 +93,7 @@ class RunStore:
     # ------------------------------------------------------------------ evaluations
     def evaluation(self, key: dict) -> dict | None:
         """A stored evaluation with exactly this key, or None."""
-        stored = _read_json(self._evaluation_file(key))
+        stored = read_json(self._evaluation_file(key))
         if stored is None or stored.get("key") != key:
             return None
         return stored.get("result")
@@ -110,7 +110,7 @@ class RunStore:
     # ------------------------------------------------------------------ pruning
     def prune_record(self) -> dict | None:
         """How this run's model was pruned, if it was pruned with the current settings."""
-        stored = _read_json(self.pruned / PRUNE_RECORD)
+        stored = read_json(self.pruned / PRUNE_RECORD)
         if stored is None or stored.get("settings") != model_settings(self.settings):
             return None
         return stored
@@ -145,7 +145,8 @@ class RunStore:
             export_checkpoint(scratch, self.pruned / MODEL_DIR, format="sparse", overwrite=True)
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when it is missing or unreadable (then recomputed)."""
     if not path.exists():
         return None
     try:

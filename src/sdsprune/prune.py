@@ -12,7 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdsprune.data import load_corpus, sample_calibration
+from sdsprune.data import (
+    DEFAULT_CALIB,
+    DEFAULT_CALIB_SEED,
+    DEFAULT_CALIB_SEQLEN,
+    DEFAULT_NSAMPLES,
+    load_corpus,
+    sample_calibration,
+)
 from sdsprune.engine import (
     BlockContext,
     BlockProcessor,
@@ -112,10 +119,10 @@ def prune(
     method: str = "sparsegpt",
     sparsity: str | float | SparsityPattern = "0.5",
     base: str = "sparsegpt",
-    calib: str = "wiki",
-    nsamples: int = 128,
-    seqlen: int = 2048,
-    seed: int = 0,
+    calib: str = DEFAULT_CALIB,
+    nsamples: int = DEFAULT_NSAMPLES,
+    seqlen: int = DEFAULT_CALIB_SEQLEN,
+    seed: int = DEFAULT_CALIB_SEED,
     device: str = "auto",
     dtype: str = "auto",
     calibration: torch.Tensor | None = None,

@@ -15,6 +15,12 @@ from sdsprune.errors import SdspruneError
 
 HUB_CORPORA = ("wikitext2", "ptb", "c4")
 SPLITS = ("calib", "eval")
+# What prune, compare and their commands calibrate on unless told otherwise: SparseGPT's and
+# Wanda's 128 windows of 2048 tokens, sampled with seed 0 from the bundled Wikipedia excerpt.
+DEFAULT_CALIB = "wiki"
+DEFAULT_NSAMPLES = 128
+DEFAULT_CALIB_SEQLEN = 2048
+DEFAULT_CALIB_SEED = 0
 
 
 @dataclass
@@ -135,7 +141,7 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def sample_calibration(
-    corpus: Corpus, tokenizer, nsamples: int, seqlen: int, seed: int = 0
+    corpus: Corpus, tokenizer, nsamples: int, seqlen: int, seed: int = DEFAULT_CALIB_SEED
 ) -> torch.Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens, seeded like the reference loaders."""
     if nsamples < 1 or seqlen < 2:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from sdsprune.engine import (
+    ActivationStream,
     BlockContext,
     BlockProcessor,
     capture_block_inputs,
@@ -251,45 +252,26 @@ def _run_staged(net, stream, steps, device, timer, label, progress) -> tuple[dic
     """The three passes; returns the records and the bytes the dense copies held."""
     originals = DenseOriginals(net, current_session().store)
     initial = stream.clone()
-    needs_dense = steps.config.data_mode != "sd"
-    with timer.stage("sds_step1_prune"):
-        records = run_blocks(
-            net,
-            stream,
-            _StagedFirstPrune(steps, originals),
-            device,
-            desc=f"{label} S",
-            progress=progress,
-            timer=timer,
-        )
-    stream = initial.clone()
-    with timer.stage("sds_step2_redense"):
-        _merge(
-            records,
-            run_blocks(
+    records: dict[str, dict] = {}
+
+    def run_pass(stage: str, mark: str, inputs: ActivationStream, processor: _StagedPass) -> None:
+        """One pass over every block, with the dense model's inputs if the pass reads them."""
+        with timer.stage(stage):
+            more = run_blocks(
                 net,
-                stream,
-                _StagedRedense(steps, originals),
+                inputs,
+                processor,
                 device,
-                dense_stream=initial.clone() if needs_dense else None,
-                desc=f"{label} D",
+                dense_stream=initial.clone() if processor.dense_stream else None,
+                desc=f"{label} {mark}",
                 progress=progress,
                 timer=timer,
-            ),
-        )
-    with timer.stage("sds_step3_prune_adjust"):
-        _merge(
-            records,
-            run_blocks(
-                net,
-                initial,
-                _StagedSecondPrune(steps, originals),
-                device,
-                desc=f"{label} S",
-                progress=progress,
-                timer=timer,
-            ),
-        )
+            )
+            _merge(records, more)
+
+    run_pass("sds_step1_prune", "S", stream, _StagedFirstPrune(steps, originals))
+    run_pass("sds_step2_redense", "D", initial.clone(), _StagedRedense(steps, originals))
+    run_pass("sds_step3_prune_adjust", "S", initial, _StagedSecondPrune(steps, originals))
     return records, originals.nbytes
 
 
