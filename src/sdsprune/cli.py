@@ -583,7 +583,10 @@ def bench_command(
     backends: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated: dense, csr, bsr, semi-structured, auto (default: all usable here)."
+            help=(
+                "Comma-separated: dense, nm24, csr, bsr, semi-structured, auto "
+                "(default: all usable here)."
+            )
         ),
     ] = None,
     repeats: Annotated[int, typer.Option(help="Measured repeats (medians are reported).")] = 5,
