@@ -243,3 +243,23 @@ def test_fused_sds_solves_each_layer_on_one_rank_only(monkeypatch):
     assert set(rank.sources) == {0, 1}  # the rest arrives from rank 0
     assert sorted(result.report["layers"]) == sorted(solved)
     assert result.report["figure_layer"] not in solved  # drawn by rank 0
+
+
+def test_plan_time_counts_the_block_refit_on_its_windows(monkeypatch):
+    monkeypatch.setattr(mp, "_free_memory", lambda compute: (None, None))
+    net = llama_8b_shaped()
+
+    def flops(**refit) -> float:
+        request = mp.PlanRequest(
+            windows=128, seqlen=2048, batch=4, method="sds", base="sparsegpt", **refit
+        )
+        return mp.plan_run(net, request, torch.device("cpu"), measure=False).flops
+
+    without = flops()
+    shapes = mp._shapes(net)
+    one_pass = mp._forward_flops(shapes, 16 * 2048, 2048)  # a forward over 16 windows
+    # 2 epochs of forward + backward (3 passes each) and 3 error measurements, per block
+    expected = shapes.blocks * (2 * 3 + 3) * one_pass
+    assert flops(block_epochs=2, block_windows=16) - without == pytest.approx(expected)
+    assert flops(block_epochs=2, block_windows=0) > flops(block_epochs=2, block_windows=16)
+    assert flops(block_windows=16) == without  # no epochs, no re-fit

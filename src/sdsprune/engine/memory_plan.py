@@ -45,12 +45,25 @@ class PlanRequest:
     base: str | None
     dense_stream: bool = False  # the dense model runs alongside (kd/dd inputs, re-fit targets)
     dense_statistics: bool = False  # ... and its inputs' Grams and cross-Grams are collected
-    block_refit: bool = False  # SDS re-fits each block with Adam
+    block_epochs: int = 0  # SDS re-fits each block with Adam for this many epochs ...
+    block_windows: int = 0  # ... on this many of this process's windows (0: all of them)
     schedule: str = "fused"
     adjust_iters: int = 0
     solver: str = "closed"
     low_memory: bool = False
     offload: str = "auto"  # auto, on, off
+
+    @property
+    def block_refit(self) -> bool:
+        return self.method == "sds" and self.block_epochs > 0
+
+    @property
+    def refit_tokens(self) -> int:
+        """Tokens one re-fit epoch runs through the block (forward and backward)."""
+        if not self.block_refit:
+            return 0
+        windows = min(self.block_windows or self.windows, self.windows)
+        return windows * self.seqlen
 
 
 @dataclass
@@ -158,7 +171,7 @@ def plan_run(
     batch_tokens = request.batch * request.seqlen
     sds = request.method == "sds"
     dense_stream = sds and request.dense_stream
-    refit = sds and request.block_refit  # its best and current outputs live beside the stream
+    refit = request.block_refit  # its best and current outputs live beside the stream
     buffers = 1 + dense_stream + (sds and request.schedule == "staged") + 2 * refit
     activations = buffers * tokens * shapes.hidden * shapes.dtype_bytes
     needs = "gram" if sds else {"magnitude": "none", "wanda": "sumsq"}.get(request.method, "gram")
@@ -231,8 +244,7 @@ def _solver_scratch(shapes: _Shapes, request: PlanRequest) -> tuple[int, int]:
 def _block_flops(shapes: _Shapes, request: PlanRequest, tokens: int, dense: bool) -> float:
     """Matmul FLOPs of one block: forwards, Gram accumulation, factorisations, solver steps."""
     passes = (2 + dense) * (3 if request.schedule == "staged" and request.method == "sds" else 1)
-    attention = 4 * tokens * request.seqlen * shapes.hidden
-    forward = passes * (2 * shapes.block_params * tokens + attention)
+    forward = passes * _forward_flops(shapes, tokens, request.seqlen)
     grams = (1 + 2 * request.dense_statistics) * sum(
         2 * tokens * w * w for w in shapes.group_inputs
     )
@@ -241,8 +253,22 @@ def _block_flops(shapes: _Shapes, request: PlanRequest, tokens: int, dense: bool
     if request.method == "sds":
         # two base prunings, the re-dense target and solve, the stage errors, each adjust step
         solves = (2 + 2 + 1 + request.adjust_iters) * per_layer
-        return forward + grams + 3 * factor + solves  # Hessian twice, re-dense system once
+        refit = _refit_flops(shapes, request)
+        return forward + grams + 3 * factor + solves + refit  # Hessian twice, re-dense once
     return forward + grams + (factor + per_layer if request.method == "sparsegpt" else 0)
+
+
+def _refit_flops(shapes: _Shapes, request: PlanRequest) -> float:
+    """The block re-fit: per epoch a forward and a backward (about twice the forward) over
+    its windows, and the block error measured before the first epoch and after each."""
+    epochs = request.block_epochs if request.block_refit else 0
+    one_pass = _forward_flops(shapes, request.refit_tokens, request.seqlen)
+    return (3 * epochs + epochs + 1) * one_pass if epochs else 0.0
+
+
+def _forward_flops(shapes: _Shapes, tokens: int, seqlen: int) -> float:
+    """One forward of the block over ``tokens`` tokens in windows of ``seqlen``."""
+    return 2 * shapes.block_params * tokens + 4 * tokens * seqlen * shapes.hidden
 
 
 def check_plan(plan: MemoryPlan, request: PlanRequest) -> None:
