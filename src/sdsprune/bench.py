@@ -265,8 +265,8 @@ def _prepare_steps(contenders: list[_Contender], settings: BenchSettings, dev, s
     the overhead cut into its sparse speedup. Returns the static mode's part of the report
     (None when static decoding was not asked for).
     """
-    for contender in contenders:
-        if "eager" in settings.decode_modes:
+    if "eager" in settings.decode_modes:
+        for contender in contenders:
             contender.steps["eager"] = eager_step(contender.model)
     if "static" not in settings.decode_modes:
         return None
@@ -277,30 +277,49 @@ def _prepare_steps(contenders: list[_Contender], settings: BenchSettings, dev, s
         "compile_seconds": {},
         "skipped": {},
     }
-    for contender in contenders:
-        is_dense = contender is contenders[0]
-        if info["compiled"]:
-            say(
-                f"compiling the static decode step of {contender.name} with torch.compile "
-                f"({settings.compile_backend}; once per backend, can take minutes)"
-            )
-        start = time.perf_counter()
-        step = _static_step(contender.model, contender.name, settings, dev, info["compiled"])
-        if isinstance(step, str) and is_dense and info["compiled"]:
-            info["compiled"], info["fallback"] = False, step
-            say(f"torch.compile failed ({step}): static KV cache without compile")
-            step = _static_step(contender.model, contender.name, settings, dev, False)
-        if isinstance(step, str) and is_dense:  # the static cache itself fails: no baseline
-            skipped = {c.name: f"dense failed: {step}" for c in contenders}
-            info.update(compiled=False, fallback=None, skipped=skipped)
-            break
-        if isinstance(step, str):
-            info["skipped"][contender.name] = step
-            continue
-        contender.steps["static"] = step
-        if info["compiled"]:
-            info["compile_seconds"][contender.name] = round(time.perf_counter() - start, 1)
+    failure = _static_baseline(contenders[0], settings, dev, say, info)
+    if failure is not None:  # the static cache itself fails: nothing to compare against
+        skipped = {c.name: f"dense failed: {failure}" for c in contenders}
+        info.update(compiled=False, fallback=None, skipped=skipped)
+        return info
+    for contender in contenders[1:]:
+        failure = _add_static_step(contender, settings, dev, say, info)
+        if failure is not None:
+            info["skipped"][contender.name] = failure
     return info
+
+
+def _static_baseline(
+    dense: _Contender, settings: BenchSettings, dev, say, info: dict
+) -> str | None:
+    """Dense's static step, compiled, or uncompiled when the compiler fails (every other
+    backend then follows); returns why dense has no static step at all (None: it has one)."""
+    failure = _add_static_step(dense, settings, dev, say, info)
+    if failure is None:
+        return None
+    info["compiled"], info["fallback"] = False, failure
+    say(f"torch.compile failed ({failure}): static KV cache without compile")
+    return _add_static_step(dense, settings, dev, say, info)
+
+
+def _add_static_step(
+    contender: _Contender, settings: BenchSettings, dev, say, info: dict
+) -> str | None:
+    """Give ``contender`` its static step (compiled as ``info`` says, the compile timed), or
+    return why it failed."""
+    if info["compiled"]:
+        say(
+            f"compiling the static decode step of {contender.name} with torch.compile "
+            f"({settings.compile_backend}; once per backend, can take minutes)"
+        )
+    start = time.perf_counter()
+    step = _static_step(contender.model, contender.name, settings, dev, info["compiled"])
+    if isinstance(step, str):
+        return step
+    contender.steps["static"] = step
+    if info["compiled"]:
+        info["compile_seconds"][contender.name] = round(time.perf_counter() - start, 1)
+    return None
 
 
 def _static_step(
