@@ -71,10 +71,11 @@ from torch.autograd.profiler_util import FunctionEvent
 import sdsprune
 from sdsprune.bench import write_json
 from sdsprune.inference import apply_backend, backend_report
+from sdsprune.inference.decode import eager_step, new_cache, prefill
 from sdsprune.inference.nm24 import cpu_capability
 from sdsprune.models import decoder_blocks
 from sdsprune.runinfo import library_versions
-from sdsprune.utils import cache_keyword, cache_of, torch_threads
+from sdsprune.utils import torch_threads
 
 CATEGORIES = ("linears", "head_embeddings", "attention", "other_ops", "overhead")
 # categories timed as their modules' inclusive ranges (see the module docstring)
@@ -113,23 +114,25 @@ def with_backend(model: nn.Module, backend: str) -> tuple[nn.Module, dict[nn.Mod
 
 
 class DecodeStep:
-    """One decode step of ``model`` at a fixed cache length: call it, then ``reset``."""
+    """One decode step of ``model`` at a fixed cache length: call it, then ``reset``.
+
+    The step is the library's (:func:`sdsprune.inference.decode.eager_step`, greedy choice
+    included), so the profile times what ``sdsprune bench`` times."""
 
     def __init__(
         self, model: nn.Module, categories: dict[nn.Module, str], prompt: torch.Tensor
     ) -> None:
         self.model = model
         self.categories = categories
-        self.keyword = cache_keyword(model)
         self.prompt_tokens = prompt.shape[1]
+        self.step = eager_step(model)
+        self.cache = new_cache(model, "eager", self.prompt_tokens + 1)
         with torch.inference_mode():
-            out = model(prompt, use_cache=True)
-        self.cache = cache_of(out)
-        self.token = out.logits[:, -1:].argmax(dim=-1)
+            self.token = prefill(model, prompt, self.cache)
 
     def __call__(self) -> None:
         with torch.inference_mode():
-            self.model(self.token, use_cache=True, **{self.keyword: self.cache})
+            self.step(self.token, self.cache)
 
     def reset(self) -> None:
         """Drop the token the step appended, so the next step sees the same cache."""
