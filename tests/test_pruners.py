@@ -178,6 +178,19 @@ def test_masks_break_ties_by_position_whatever_the_device():
     assert torch.equal(nm_mask(torch.ones(2, 8), 2, 4), torch.tensor([[1, 1, 0, 0] * 2] * 2) == 1)
 
 
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 4), (2, 8), (5, 8), (1, 2), (4, 16)])
+def test_nm_mask_by_rank_equals_top_k_with_ties(nm):
+    from sdsprune.pruners.patterns import lowest_k_mask, nm_mask
+
+    n, m = nm
+    g = torch.Generator().manual_seed(m * 10 + n)
+    scores = torch.randn(37, 16 * m, generator=g).abs().round(decimals=1)  # many ties
+    scores[:5] = 0.5  # whole groups tied
+    by_top_k = lowest_k_mask(scores.reshape(37, 16, m), n).reshape(scores.shape)
+    assert torch.equal(nm_mask(scores, n, m), by_top_k)
+    assert (nm_mask(scores, n, m).view(37, 16, m).sum(-1) == n).all()
+
+
 def test_threshold_search_near_a_guess_gives_the_exact_mask():
     from sdsprune.pruners.patterns import lowest_k_mask, lowest_k_near
 

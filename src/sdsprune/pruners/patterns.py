@@ -68,6 +68,10 @@ class SparsityPattern:
             )
 
 
+# N:M groups up to this size are masked by ranks (m² comparisons), larger ones by top-k
+RANKED_GROUP = 8
+
+
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """True at the ``k`` lowest entries of each row of ``scores`` (exact count).
 
@@ -138,8 +142,28 @@ class PatternProjector:
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """True at the ``n`` lowest scores of every group of ``m`` consecutive columns."""
     rows, cols = scores.shape
+    if m <= RANKED_GROUP:
+        return _nm_mask_by_rank(scores, n, m)
     grouped = scores.reshape(rows, cols // m, m)
     return lowest_k_mask(grouped, n).reshape(rows, cols)
+
+
+def _nm_mask_by_rank(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """:func:`nm_mask` from each entry's rank in its group: how many entries of the group are
+    lower, or equal and further left (the tie rule of :func:`lowest_k_mask`, so the same
+    mask). A top-k over millions of 4-wide groups is slow; m² comparisons of whole columns
+    are not (2:4 on a 1536 x 576 layer: 7 ms against 30 ms, one thread), and SDS's
+    adjustment re-selects the mask at every step."""
+    rows, cols = scores.shape
+    by_position = scores.reshape(-1, m).T.contiguous()  # row j: the j-th entry of each group
+    pruned = []
+    for j, value in enumerate(by_position):
+        rank = torch.zeros_like(value, dtype=torch.uint8)
+        for i, other in enumerate(by_position):
+            if i != j:
+                rank += other <= value if i < j else other < value
+        pruned.append(rank < n)
+    return torch.stack(pruned, dim=1).reshape(rows, cols)
 
 
 def row_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:

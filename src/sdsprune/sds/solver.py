@@ -150,10 +150,12 @@ def adjust(
     current = momentum_point = start
     t = 1.0
     for iteration in range(1, config.adjust_iters + 1):
-        updated = project(momentum_point - step * 2 * (momentum_point @ gram - target))
+        # in place where a temporary is consumed at once: the steps are memory-bound
+        gradient_step = (momentum_point @ gram).sub_(target).mul_(step * 2)
+        updated = project(momentum_point - gradient_step)
         if accelerated:
             t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-            momentum_point = updated + ((t - 1) / t_next) * (updated - current)
+            momentum_point = (updated - current).mul_((t - 1) / t_next).add_(updated)
             t = t_next
         else:
             momentum_point = updated
