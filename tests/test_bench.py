@@ -88,13 +88,44 @@ def test_report_has_every_backend_workload_and_batch(sparse_dir):
     assert render_table(report).row_count == len(report["results"])
 
 
-def test_verdicts_need_separated_samples():
-    dense = [1.0, 1.1, 1.2, 1.0, 1.05]
+def test_verdicts_need_a_rank_test_at_the_level_of_four_separated_samples():
+    dense = [1.0, 1.1, 1.2, 1.02, 1.05]
     assert _verdict([0.5, 0.55, 0.6, 0.5, 0.52], dense) == "faster"
     assert _verdict([2.0, 2.1, 2.2, 2.0, 2.05], dense) == "slower"
-    assert _verdict([0.5, 0.55, 0.6, 0.5, 1.01], dense) == "no clear difference"
+    assert _verdict([0.5, 0.55, 0.6, 0.5, 1.01], dense) == "faster"  # one pair out of order: p = 4/252
+    assert _verdict([0.5, 0.55, 1.3, 0.5, 1.01], dense) == "no clear difference"
     assert _verdict([0.9, 1.3, 1.0, 1.1, 0.95], dense) == "no clear difference"
     assert _verdict([0.1, 0.1, 0.1], [1.0, 1.0, 1.0]) == "too few repeats"
+    # at 4 repeats the level is exactly complete separation, the rule it replaces
+    assert _verdict([0.5, 0.6, 0.7, 0.8], [0.9, 1.0, 1.1, 1.2]) == "faster"
+    assert _verdict([0.5, 0.6, 0.7, 0.95], [0.9, 1.0, 1.1, 1.2]) == "no clear difference"
+    # 15 repeats, a 1.4x speedup with one slow sample above dense's fastest: clear
+    fast = [0.05 + 0.001 * i for i in range(14)] + [0.08]
+    assert _verdict(fast, [0.071 + 0.001 * i for i in range(15)]) == "faster"
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (5, 5), (3, 6), (6, 2)])
+def test_rank_test_p_equals_enumerating_every_ordering(sizes):
+    import itertools
+
+    from sdsprune.bench import _rank_test_p
+
+    n, m = sizes
+    g = torch.Generator().manual_seed(n * 10 + m)
+    first = torch.rand(n, generator=g).tolist()
+    second = (torch.rand(m, generator=g) + 0.3).tolist()
+    pooled = first + second
+
+    def wins(chosen):
+        a = [pooled[i] for i in chosen]
+        b = [pooled[i] for i in range(n + m) if i not in chosen]
+        return sum(x < y for x in a for y in b)
+
+    observed = wins(range(n))
+    null = [wins(c) for c in itertools.combinations(range(n + m), n)]
+    low = sum(u <= observed for u in null) / len(null)
+    high = sum(u >= observed for u in null) / len(null)
+    assert _rank_test_p(first, second) == pytest.approx(min(1.0, 2 * min(low, high)))
 
 
 def test_default_backends_on_cpu():
