@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 from sdsprune.compare_paired import error_bar
@@ -96,7 +97,9 @@ def accuracy_plot(folder: Path, results: dict) -> str | None:
         low, high = min(values), max(values)
         ax.set_ylim(max(0.0, low - 10), min(100.0, high + 5))
     ax.set_ylabel(f"mean {metric}, % (higher is better)")
-    ax.set_title("Zero-shot accuracy: " + ", ".join(tasks), fontsize=9)
+    names = ", ".join(task.removeprefix("bigbench:") for task in tasks)
+    title = textwrap.fill(f"Zero-shot accuracy ({len(tasks)} tasks): {names}", width=90)
+    ax.set_title(title, fontsize=8)  # wrapped: a suite's names are wider than the figure
     return _save(fig, folder / "accuracy.png", folder)
 
 
