@@ -92,7 +92,9 @@ def test_verdicts_need_a_rank_test_at_the_level_of_four_separated_samples():
     dense = [1.0, 1.1, 1.2, 1.02, 1.05]
     assert _verdict([0.5, 0.55, 0.6, 0.5, 0.52], dense) == "faster"
     assert _verdict([2.0, 2.1, 2.2, 2.0, 2.05], dense) == "slower"
-    assert _verdict([0.5, 0.55, 0.6, 0.5, 1.01], dense) == "faster"  # one pair out of order: p = 4/252
+    assert (
+        _verdict([0.5, 0.55, 0.6, 0.5, 1.01], dense) == "faster"
+    )  # one pair out of order: p = 4/252
     assert _verdict([0.5, 0.55, 1.3, 0.5, 1.01], dense) == "no clear difference"
     assert _verdict([0.9, 1.3, 1.0, 1.1, 0.95], dense) == "no clear difference"
     assert _verdict([0.1, 0.1, 0.1], [1.0, 1.0, 1.0]) == "too few repeats"
