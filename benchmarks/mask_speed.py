@@ -12,11 +12,10 @@ each mask, so its ratio is what a user sees of the change.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from bench_nm24_layers import interleaved_medians
 from run_record import write_run_record
 
 from sdsprune.pruners import SparsityPattern, patterns
@@ -38,17 +37,6 @@ def by_top_k(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return patterns.lowest_k_mask(scores.reshape(rows, cols // m, m), n).reshape(rows, cols)
 
 
-def medians(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Seconds per call of each contender, interleaved, median of ``repeats``."""
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def adjust_with(mask: Callable, dense, gram, start, config) -> Callable[[], object]:
     def run() -> object:
         original = patterns.nm_mask
@@ -67,7 +55,7 @@ def measure(out: int, width: int, repeats: int, adjust_repeats: int) -> dict:
     scores = dense.abs()
     ranked = patterns.nm_mask
     row = {}
-    mask_s = medians(
+    mask_s = interleaved_medians(
         {"rank": lambda: ranked(scores, 2, 4), "top_k": lambda: by_top_k(scores, 2, 4)}, repeats
     )
     row["mask_ms"] = {k: round(v * 1e3, 2) for k, v in mask_s.items()}
@@ -77,12 +65,13 @@ def measure(out: int, width: int, repeats: int, adjust_repeats: int) -> dict:
         gram = tokens.T @ tokens / tokens.shape[0]
         start = dense.masked_fill(ranked(scores, 2, 4), 0.0)
         config = SDSConfig()
-        adjust_s = medians(
+        adjust_s = interleaved_medians(
             {
                 "rank": adjust_with(ranked, dense, gram, start, config),
                 "top_k": adjust_with(by_top_k, dense, gram, start, config),
             },
             adjust_repeats,
+            warmup=0,  # seconds a call: the first is as warm as the rest
         )
         row["adjust_s"] = {k: round(v, 3) for k, v in adjust_s.items()}
         row["adjust_speedup"] = round(adjust_s["top_k"] / adjust_s["rank"], 2)

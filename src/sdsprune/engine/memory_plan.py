@@ -261,9 +261,10 @@ def _block_flops(shapes: _Shapes, request: PlanRequest, tokens: int, dense: bool
 def _refit_flops(shapes: _Shapes, request: PlanRequest) -> float:
     """The block re-fit: per epoch a forward and a backward (about twice the forward) over
     its windows, and the block error measured before the first epoch and after each."""
-    epochs = request.block_epochs if request.block_refit else 0
-    one_pass = _forward_flops(shapes, request.refit_tokens, request.seqlen)
-    return (3 * epochs + epochs + 1) * one_pass if epochs else 0.0
+    if not request.block_refit:
+        return 0.0
+    epochs = request.block_epochs
+    return (3 * epochs + epochs + 1) * _forward_flops(shapes, request.refit_tokens, request.seqlen)
 
 
 def _forward_flops(shapes: _Shapes, tokens: int, seqlen: int) -> float:
