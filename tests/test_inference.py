@@ -549,6 +549,26 @@ def greedy_logits(model, step, mode: str, ids: torch.Tensor, steps: int = 4) -> 
     return torch.stack(logits)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_prefill_runs_the_head_on_the_last_position_only(arch):
+    """As ``generate`` does: the head sees one position per sequence, and the next ids equal
+    the argmax of a full forward's last logits."""
+    from sdsprune.inference.decode import new_cache, prefill
+
+    model = tiny_model(arch).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_rows.append(out.shape[-2])
+    )
+    with torch.inference_mode():
+        token = prefill(model, ids, new_cache(model, "eager", 7))
+        hook.remove()
+        expected = model(ids).logits[:, -1].argmax(dim=-1, keepdim=True)
+    assert head_rows == [1]
+    torch.testing.assert_close(token, expected)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("backend", "compiler", "counts"),

@@ -399,9 +399,11 @@ def _sync(dev: torch.device) -> None:
 
 
 def _prefill_seconds(model: nn.Module, ids: torch.Tensor, dev) -> float:
+    """One prompt into a fresh dynamic cache, as ``generate`` runs it (last logits only)."""
+    cache = new_cache(model, "eager", ids.shape[1])
     _sync(dev)
     start = time.perf_counter()
-    model(ids, use_cache=True)
+    prefill(model, ids, cache)
     _sync(dev)
     return time.perf_counter() - start
 
