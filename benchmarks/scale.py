@@ -16,6 +16,9 @@ Full run (hours on a 2-core machine)::
 
     python benchmarks/scale.py --out benchmarks/results/scale-cpu
 
+A rerun into the same folder keeps the rows measured there and runs only the missing
+ones, so the full run can be split (``--configs sparsegpt --dtypes float32``, ...).
+
 Check that it works (minutes)::
 
     python benchmarks/scale.py --blocks 1 --windows 2 --seqlen 512 --out /tmp/scale-small
@@ -156,6 +159,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def row_key(row: dict) -> tuple[str, str, int, int]:
+    return row["config"], row["dtype"], row["blocks"], row["tokens"]
+
+
+def measured_rows(path: Path) -> list[dict]:
+    """Rows an earlier (interrupted or partial) run wrote: the full run takes hours on a
+    small machine, so it may be done one configuration at a time and is resumed, not redone."""
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=2)
@@ -171,11 +184,14 @@ def main(argv: list[str]) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = measured_rows(out / "scale.json")
     common = ["--blocks", str(args.blocks), "--windows", str(args.windows)]
     common += ["--seqlen", str(args.seqlen), "--out", str(out)]
     for dtype in args.dtypes.split(","):
         for name in args.configs.split(","):
+            if (name, dtype, args.blocks, args.windows * args.seqlen) in map(row_key, rows):
+                print(f"{name} {dtype}: already measured in {out / 'scale.json'}", flush=True)
+                continue
             command = [sys.executable, __file__, *common, "--one", name, dtype]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:

@@ -1,0 +1,62 @@
+"""benchmarks/scale.py: a rerun keeps what an earlier run measured and runs only the rest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from conftest import benchmark_module
+
+
+def fake_row(config: str, dtype: str, seconds: float) -> dict:
+    stages = dict.fromkeys(("capture", "stats_pass", "solve", "output_pass"), 1.0)
+    return {
+        "config": config,
+        "dtype": dtype,
+        "blocks": 2,
+        "tokens": 8 * 2048,
+        "seconds": seconds,
+        "per_block_seconds": stages,
+        "peak_above_baseline_mib": 10.0,
+        "planned_peak_mib": 12.0,
+        "threads": 2,
+    }
+
+
+def test_rerun_measures_only_the_missing_configurations(monkeypatch, tmp_path: Path):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    scale = benchmark_module("scale")
+    earlier = fake_row("sparsegpt", "float32", seconds=111.0)
+    earlier["extrapolated"] = scale.extrapolate(earlier)
+    (tmp_path / "scale.json").write_text(json.dumps([earlier]))
+    launched = []
+
+    def fake_run(command, **kwargs):
+        config, dtype = command[-2:]
+        launched.append((config, dtype))
+        row = fake_row(config, dtype, seconds=5.0)
+        return subprocess.CompletedProcess(command, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(scale.subprocess, "run", fake_run)
+
+    assert (
+        scale.main(
+            [
+                "--configs",
+                "sparsegpt,sds-sd",
+                "--dtypes",
+                "float32,bfloat16",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+
+    assert launched == [("sds-sd", "float32"), ("sparsegpt", "bfloat16"), ("sds-sd", "bfloat16")]
+    rows = json.loads((tmp_path / "scale.json").read_text())
+    assert [scale.row_key(r)[:2] for r in rows] == [("sparsegpt", "float32"), *launched]
+    assert rows[0]["seconds"] == 111.0  # the earlier measurement is kept, not redone
+    assert "8b_minutes" in rows[1]["extrapolated"]
+    assert (tmp_path / "scale.md").read_text().count("\n") == 2 + len(rows)
