@@ -187,9 +187,10 @@ def main(argv: list[str]) -> int:
     rows = measured_rows(out / "scale.json")
     common = ["--blocks", str(args.blocks), "--windows", str(args.windows)]
     common += ["--seqlen", str(args.seqlen), "--out", str(out)]
+    measured = {row_key(row) for row in rows}
     for dtype in args.dtypes.split(","):
         for name in args.configs.split(","):
-            if (name, dtype, args.blocks, args.windows * args.seqlen) in map(row_key, rows):
+            if (name, dtype, args.blocks, args.windows * args.seqlen) in measured:
                 print(f"{name} {dtype}: already measured in {out / 'scale.json'}", flush=True)
                 continue
             command = [sys.executable, __file__, *common, "--one", name, dtype]

@@ -15,6 +15,7 @@ logits of every prompt position would cost a (tokens x vocab) head product and b
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections.abc import Callable
@@ -52,8 +53,13 @@ def prefill(model: nn.Module, ids: torch.Tensor, cache: object) -> torch.Tensor:
 def _last_position_only(model: nn.Module) -> dict[str, int]:
     """``logits_to_keep=1`` for models whose forward takes it (transformers' causal LMs do
     since 4.50); older or custom models compute every position's logits."""
-    takes_it = "logits_to_keep" in inspect.signature(model.forward).parameters
-    return {"logits_to_keep": 1} if takes_it else {}
+    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(model)) else {}
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    """Read once per class: prefill is timed, and the signature does not change."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def eager_step(model: nn.Module) -> Step:
