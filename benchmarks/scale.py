@@ -5,11 +5,12 @@ random weights and only ``--blocks`` decoder blocks (vocabulary 32000: the embed
 outside what is measured). Each configuration runs in its own process, so peak memory is
 its own: SparseGPT, SDS fused sd and SDS fused kd, in bf16 and fp32, on
 ``--windows`` x ``--seqlen`` random calibration tokens. Per block it reports the time of
-each stage (capture, statistics pass, solve, output pass), peak RSS above the process's
-baseline (model built, before pruning) next to the memory plan's estimate, and
+each stage (capture, statistics pass, solve, SDS re-fit, output pass), peak RSS above the
+process's baseline (model built, before pruning) next to the memory plan's estimate, and
 extrapolates to 32 blocks x 128 x 2048 tokens (8B) and 80 blocks (70B):
 
     passes scale with tokens and with the block's linear weights (70B: 3.9x an 8B block),
+    the re-fit likewise but over at most 16 windows (8 -> 128 windows: 2x, not 16x),
     solves do not depend on tokens and scale with out x in² per layer (70B: 7.9x).
 
 Full run (hours on a 2-core machine)::
@@ -37,6 +38,8 @@ from pathlib import Path
 import torch
 from llama3_shapes import llama_3_8b_config
 
+from sdsprune.sds import SDSConfig
+
 # SDS as an 8B run does it: the adjustment is skipped above 3B parameters (adjust=auto);
 # this 2-block model is smaller, so that is said explicitly.
 CONFIGS = {
@@ -46,7 +49,9 @@ CONFIGS = {
 }
 DTYPES = ("bfloat16", "float32")
 PASSES = ("capture", "stats_pass", "output_pass")
-TOKENS_8B = 128 * 2048
+STAGES = (*PASSES, "solve", "refine")  # refine: SDS's block re-fit (Adam over a few windows)
+SEQLEN_8B, WINDOWS_8B = 2048, 128
+TOKENS_8B = WINDOWS_8B * SEQLEN_8B
 
 
 def layer_shapes(hidden: int, intermediate: int, kv_width: int) -> list[tuple[int, int]]:
@@ -112,16 +117,18 @@ def run_one(name: str, dtype: str, args) -> dict:
     seconds = time.perf_counter() - start
     timings = result.report["timings"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    per_block = {stage: timings.get(stage, 0.0) / args.blocks for stage in (*PASSES, "solve")}
+    per_block = {stage: timings.get(stage, 0.0) / args.blocks for stage in STAGES}
     return {
         "config": name,
         "dtype": dtype,
         "blocks": args.blocks,
         "tokens": args.windows * args.seqlen,
+        "windows": args.windows,
         "seconds": round(seconds, 1),
         "per_block_seconds": {k: round(v, 2) for k, v in per_block.items()},
         "peak_above_baseline_mib": round(peak - baseline, 1),
         "planned_peak_mib": round(result.report["plan"]["device_peak"] / 2**20, 1),
+        "batch": result.report["plan"]["batch"],  # lowered by the plan when 4 would not fit
         "threads": torch.get_num_threads(),
     }
 
@@ -134,25 +141,35 @@ def _tokenizer():
 
 
 def extrapolate(row: dict) -> dict:
-    """Minutes for a whole 8B and 70B run from the measured per-block times."""
+    """Minutes for a whole 8B and 70B run from the measured per-block times.
+
+    The re-fit runs forwards and backwards like a pass, but over at most ``block_windows``
+    windows (16 by default): from 8 to 128 windows its tokens double, not grow 16x.
+    """
     times = row["per_block_seconds"]
     passes = sum(times[stage] for stage in PASSES) * TOKENS_8B / row["tokens"]
-    eight = 32 * (passes + times["solve"])
-    seventy = 80 * (passes * PASS_FACTOR_70B + times["solve"] * SOLVE_FACTOR_70B)
+    refit_windows = SDSConfig().block_windows
+    windows = row.get("windows", row["tokens"] // SEQLEN_8B)
+    refine = times.get("refine", 0.0) * (
+        min(refit_windows, WINDOWS_8B) / min(refit_windows, windows)
+    )
+    eight = 32 * (passes + refine + times["solve"])
+    seventy = 80 * ((passes + refine) * PASS_FACTOR_70B + times["solve"] * SOLVE_FACTOR_70B)
     return {"8b_minutes": round(eight / 60, 1), "70b_minutes": round(seventy / 60, 1)}
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| config | dtype | capture s | stats pass s | solve s | output pass s "
-        "| peak MiB (plan) | 8B min | 70B min |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| config | dtype | batch | capture s | stats pass s | solve s | re-fit s "
+        "| output pass s | peak MiB (plan) | 8B min | 70B min |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         t, e = row["per_block_seconds"], row["extrapolated"]
         lines.append(
-            f"| {row['config']} | {row['dtype']} | {t['capture']} | {t['stats_pass']} "
-            f"| {t['solve']} | {t['output_pass']} "
+            f"| {row['config']} | {row['dtype']} | {row['batch']} | {t['capture']} "
+            f"| {t['stats_pass']} "
+            f"| {t['solve']} | {t.get('refine', 0.0)} | {t['output_pass']} "
             f"| {row['peak_above_baseline_mib']:.0f} ({row['planned_peak_mib']:.0f}) "
             f"| {e['8b_minutes']} | {e['70b_minutes']} |"
         )

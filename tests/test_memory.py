@@ -4,6 +4,8 @@ buffers, staged dense copies, and layers shared across ranks by fused SDS."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from sdsprune.pruners import SparsityPattern, get_pruner
 from sdsprune.sds import SDSConfig
 
 GIB = 2**30
+CPU = torch.device("cpu")
 LLAMA3_SHAPES = benchmark_module("llama3_shapes")
 
 
@@ -91,6 +94,70 @@ def test_plan_refuses_with_the_flag_that_would_make_it_fit(monkeypatch):
     request, plan = gpu_plan(monkeypatch, 1, "auto")  # not even the solver fits
     with pytest.raises(SdspruneError, match="--nsamples, --seqlen"):
         mp.check_plan(plan, request)
+
+
+def test_refusal_inside_the_headroom_names_the_usable_memory(monkeypatch):
+    """A run needing 95% of the free memory is refused for the 10% headroom: the message
+    must say what may be used, not print a need below the free amount as if that failed."""
+    request, plan = gpu_plan(monkeypatch, 11, "off")
+    free = int(plan.device_peak / 0.95)
+    plan = dataclasses.replace(plan, device_free=free)
+    usable = f"{mp.HEADROOM * free / GIB:.2f} GiB"
+    with pytest.raises(SdspruneError, match=f"may use only {usable} \\(90% of the"):
+        mp.check_plan(plan, request)
+
+
+def test_plan_lowers_the_forward_batch_before_refusing(monkeypatch):
+    """An 8B-shaped SDS kd block at 4 windows of 2048 tokens needs more than a 24 GiB machine
+    offers; at fewer windows a batch it fits, so the run goes on at that batch."""
+    monkeypatch.setattr(mp, "_free_memory", lambda compute: (None, None))
+    request = mp.PlanRequest(
+        windows=8, seqlen=2048, batch=4, method="sds", base="sparsegpt",
+        dense_stream=True, dense_statistics=True,
+    )  # fmt: skip
+    net = llama_8b_shaped()
+    peaks = {
+        b: mp.plan_run(net, dataclasses.replace(request, batch=b), CPU, False).device_peak
+        for b in (1, 2, 4)
+    }
+    assert peaks[1] < peaks[2] < peaks[4]
+    available = int((peaks[2] + peaks[4]) / 2 / mp.HEADROOM)
+    monkeypatch.setattr(mp, "_free_memory", lambda compute: (available, available))
+    plan, fitted = mp.fit_plan(net, request, CPU)
+    assert (plan.batch, fitted.batch, plan.lowered_from) == (2, 2, 4)
+    mp.check_plan(plan, fitted)
+    assert "forward batch: 2 window(s) (lowered from 4 to fit)" in plan.describe()
+    short = int(peaks[1] / mp.HEADROOM) - 2**20  # not even one window: refused as before
+    monkeypatch.setattr(mp, "_free_memory", lambda compute: (short, short))
+    plan, fitted = mp.fit_plan(net, request, CPU)
+    with pytest.raises(SdspruneError, match="lower --nsamples or --seqlen"):
+        mp.check_plan(plan, fitted)
+
+
+def test_prune_at_a_lowered_batch_captures_in_that_batch_and_matches(monkeypatch):
+    prune_module = importlib.import_module("sdsprune.prune")  # the package exports prune()
+    reference, _ = pruned(method="sparsegpt")
+    request = mp.PlanRequest(windows=8, seqlen=24, batch=8, method="sparsegpt", base=None)
+    peaks = {
+        b: mp.plan_run(tiny_model("llama"), dataclasses.replace(request, batch=b), CPU, False)
+        for b in (4, 8)
+    }
+    available = int((peaks[4].device_peak + peaks[8].device_peak) / 2 / mp.HEADROOM)
+    monkeypatch.setattr(mp, "_meminfo_available", lambda: available)
+    batches = []
+    capture = prune_module.capture_block_inputs
+
+    def spy(net, windows, device, batch_size):
+        batches.append(batch_size)
+        return capture(net, windows, device, batch_size)
+
+    monkeypatch.setattr(prune_module, "capture_block_inputs", spy)
+    weights, result = pruned(method="sparsegpt")
+    assert (result.report["plan"]["batch"], result.report["plan"]["lowered_from"]) == (4, 8)
+    assert batches == [4]
+    for name, weight in reference.items():  # the batch changes only the summation order
+        assert torch.equal(weight == 0, weights[name] == 0), name
+        torch.testing.assert_close(weights[name], weight, rtol=1e-4, atol=1e-5)
 
 
 def test_prune_refuses_before_any_work_when_memory_is_short(monkeypatch):

@@ -20,6 +20,7 @@ def fake_row(config: str, dtype: str, seconds: float) -> dict:
         "per_block_seconds": stages,
         "peak_above_baseline_mib": 10.0,
         "planned_peak_mib": 12.0,
+        "batch": 4,
         "threads": 2,
     }
 
@@ -60,3 +61,15 @@ def test_rerun_measures_only_the_missing_configurations(monkeypatch, tmp_path: P
     assert rows[0]["seconds"] == 111.0  # the earlier measurement is kept, not redone
     assert "8b_minutes" in rows[1]["extrapolated"]
     assert (tmp_path / "scale.md").read_text().count("\n") == 2 + len(rows)
+
+
+def test_extrapolation_grows_the_refit_with_its_windows_only(monkeypatch):
+    """The re-fit sees at most ``block_windows`` (16) windows: 8 -> 128 windows doubles it,
+    while the passes grow 16x."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    scale = benchmark_module("scale")
+    row = fake_row("sds-sd", "float32", seconds=1.0)
+    row["per_block_seconds"] = {**dict.fromkeys(scale.STAGES, 0.0), "refine": 60.0}
+    assert scale.extrapolate(row)["8b_minutes"] == 32 * 2 * 60.0 / 60
+    row["per_block_seconds"] = {**dict.fromkeys(scale.STAGES, 0.0), "stats_pass": 60.0}
+    assert scale.extrapolate(row)["8b_minutes"] == 32 * 16 * 60.0 / 60

@@ -31,7 +31,7 @@ from sdsprune.engine import (
 )
 from sdsprune.engine.distributed import distributed_from_env
 from sdsprune.engine.lowmem import LowMemoryStore
-from sdsprune.engine.memory_plan import MemoryPlan, PlanRequest, check_plan, plan_run
+from sdsprune.engine.memory_plan import MemoryPlan, PlanRequest, check_plan, fit_plan
 from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.perplexity import check_seqlen, evaluate_corpora, with_bos
 from sdsprune.linalg import relative_error
@@ -277,6 +277,7 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
     )
     with session_scope as session, use_session(session):
         session.offload_activations = plan.offload
+        session.tokens_per_batch = plan.batch * int(windows.shape[1])
         local = windows if dist is None else dist.shard(windows)
         start = time.perf_counter()
         owl_report = None
@@ -365,7 +366,7 @@ def _memory_plan(net, opts: PruneOptions, windows: torch.Tensor, dist) -> Memory
         low_memory=opts.low_memory,
         offload=opts.offload_activations,
     )
-    plan = plan_run(net, request, opts.compute)
+    plan, request = fit_plan(net, request, opts.compute)
     if opts.progress:
         print(plan.describe(), file=sys.stderr)
     check_plan(plan, request)

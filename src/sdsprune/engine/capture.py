@@ -79,12 +79,14 @@ class ActivationStream:
         )
 
 
-def pick_batch_size(nsamples: int, seqlen: int, tokens_per_batch: int = 8192) -> int:
-    """The largest divisor of ``nsamples`` that keeps a batch near ``tokens_per_batch``.
+def pick_batch_size(nsamples: int, seqlen: int, tokens_per_batch: int | None = None) -> int:
+    """The largest divisor of ``nsamples`` that keeps a batch near ``tokens_per_batch``
+    (by default the run session's, which the memory plan lowers when a batch would not fit).
 
     A divisor keeps every batch the same shape, so the captured masks fit every batch.
     """
-    limit = max(1, tokens_per_batch // seqlen)
+    budget = tokens_per_batch or current_session().tokens_per_batch
+    limit = max(1, budget // seqlen)
     return max(d for d in range(1, min(limit, nsamples) + 1) if nsamples % d == 0)
 
 

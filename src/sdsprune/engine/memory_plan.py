@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -79,6 +79,8 @@ class MemoryPlan:
     host_available: int | None = None
     flops: float = 0.0
     flops_per_second: float | None = None
+    batch: int = 1  # windows a block runs at once (its forward scratch grows with it)
+    lowered_from: int | None = None  # the default batch, when it had to shrink to fit
 
     @property
     def seconds(self) -> float | None:
@@ -95,6 +97,8 @@ class MemoryPlan:
             available = "" if self.host_available is None else f" of {_gib(self.host_available)}"
             lines.append(f"  extra CPU memory: {_gib(self.host_extra)}{available} available")
         lines.append(f"  activations offloaded to CPU: {'yes' if self.offload else 'no'}")
+        lowered = f" (lowered from {self.lowered_from} to fit)" if self.lowered_from else ""
+        lines.append(f"  forward batch: {self.batch} window(s){lowered}")
         if self.seconds is not None:
             lines.append(
                 f"  compute: {self.flops / 1e12:.1f} TFLOP, at least {_duration(self.seconds)} at "
@@ -166,7 +170,7 @@ def plan_run(
     ``measure``: time a matmul on ``compute`` for the time estimate (a few milliseconds).
     """
     shapes = _shapes(net)
-    plan = MemoryPlan(device=str(compute))
+    plan = MemoryPlan(device=str(compute), batch=request.batch)
     tokens = request.windows * request.seqlen
     batch_tokens = request.batch * request.seqlen
     sds = request.method == "sds"
@@ -272,27 +276,69 @@ def _forward_flops(shapes: _Shapes, tokens: int, seqlen: int) -> float:
     return 2 * shapes.block_params * tokens + 4 * tokens * seqlen * shapes.hidden
 
 
+def fit_plan(
+    net: nn.Module, request: PlanRequest, compute: torch.device
+) -> tuple[MemoryPlan, PlanRequest]:
+    """The plan at the largest forward batch that fits, with the request it was made for.
+
+    The batch only sets how many windows run through a block at once (its attention and MLP
+    scratch), not what is computed, so a run that would not fit at the default batch runs at
+    a smaller one rather than being refused: an SDS kd prune of an 8B-shaped block needs
+    18.8 GiB at 4 windows of 2048 tokens. When even one window does not fit, the batch-1 plan
+    comes back and ``check_plan`` says what would make it fit.
+    """
+    for batch in _batches_down_from(request.batch, request.windows):
+        fitted = replace(request, batch=batch)
+        plan = plan_run(net, fitted, compute, measure=False)
+        if _shortfall(plan, fitted) is None:
+            break
+    if plan.batch != request.batch:
+        plan.lowered_from = request.batch
+    plan.flops_per_second = _matmul_rate(compute)
+    return plan, fitted
+
+
+def _batches_down_from(batch: int, windows: int) -> list[int]:
+    """Batches that divide the windows evenly (every batch the same shape), largest first."""
+    return [b for b in range(batch, 0, -1) if windows % b == 0]
+
+
 def check_plan(plan: MemoryPlan, request: PlanRequest) -> None:
     """Refuse, with one line naming what would make it fit, a run the plan says cannot."""
+    message = _shortfall(plan, request)
+    if message is not None:
+        raise SdspruneError(message)
+
+
+def _shortfall(plan: MemoryPlan, request: PlanRequest) -> str | None:
+    """Why the plan does not fit, and what would make it fit; None when it fits."""
     on_gpu = plan.device != "cpu"
     if on_gpu and plan.device_free is not None and plan.device_peak > HEADROOM * plan.device_free:
-        need, free = _gib(plan.device_peak), _gib(plan.device_free)
         if not plan.offload:
             hint = "pass --offload-activations on to keep the activations in CPU memory"
         else:
             hint = "use fewer/shorter calibration windows (--nsamples, --seqlen) or a larger GPU"
-        raise SdspruneError(
-            f"this run needs about {need} on {plan.device} but {free} are free: {hint}"
+        return (
+            f"this run needs about {_gib(plan.device_peak)} on {plan.device} but "
+            f"{_usable(plan.device_free, 'free')}: {hint}"
         )
     host_need = plan.host_extra if on_gpu else plan.device_peak  # on CPU: one and the same
     if plan.host_available is not None and host_need > HEADROOM * plan.host_available:
         hint = "lower --nsamples or --seqlen"
         if request.method == "sds" and request.schedule == "staged" and not request.low_memory:
             hint = "use --low-memory (the staged dense copies are then read from disk) or " + hint
-        raise SdspruneError(
+        return (
             f"this run needs about {_gib(host_need)} more CPU memory but "
-            f"{_gib(plan.host_available)} are available: {hint}"
+            f"{_usable(plan.host_available, 'available')}: {hint}"
         )
+    return None
+
+
+def _usable(free: int, word: str) -> str:
+    """What a run may plan for, said with the total it comes from: a refusal that printed
+    only the total read as "needs 18.80 GiB but 18.97 GiB are available"."""
+    usable = _gib(int(HEADROOM * free))
+    return f"may use only {usable} ({HEADROOM:.0%} of the {_gib(free)} {word})"
 
 
 def _free_memory(compute: torch.device) -> tuple[int | None, int | None]:

@@ -47,6 +47,7 @@ class RunSession:
     checkpoint: Checkpointer | None = None
     passes: int = 0  # run_blocks calls so far in this run
     offload_activations: bool = False  # keep calibration activations in CPU memory
+    tokens_per_batch: int = 8192  # a block's forward batch (the memory plan may lower it)
 
     @property
     def is_main(self) -> bool:
