@@ -18,7 +18,9 @@ Full run (hours on a 2-core machine)::
     python benchmarks/scale.py --out benchmarks/results/scale-cpu
 
 A rerun into the same folder keeps the rows measured there and runs only the missing
-ones, so the full run can be split (``--configs sparsegpt --dtypes float32``, ...).
+ones, so the full run can be split (``--configs sparsegpt --dtypes float32``, ...). Without
+``--dtypes``, bf16 runs only where the CPU computes it natively (the measured bf16/fp32
+matmul ratio goes to ``bf16-check.json``).
 
 Check that it works (minutes)::
 
@@ -51,6 +53,9 @@ DTYPES = ("bfloat16", "float32")
 PASSES = ("capture", "stats_pass", "output_pass")
 STAGES = (*PASSES, "solve", "refine")  # refine: SDS's block re-fit (Adam over a few windows)
 SEQLEN_8B, WINDOWS_8B = 2048, 128
+# Above this bf16/fp32 matmul time ratio the CPU has no native bf16 (AVX2 only: ~100x), and a
+# bf16 row would take days while measuring the emulation, not the pruner: skipped by default.
+MAX_BF16_SLOWDOWN = 8.0
 TOKENS_8B = WINDOWS_8B * SEQLEN_8B
 
 
@@ -180,6 +185,36 @@ def row_key(row: dict) -> tuple[str, str, int, int]:
     return row["config"], row["dtype"], row["blocks"], row["tokens"]
 
 
+def bf16_slowdown() -> float:
+    """How many times slower a block-sized bf16 matmul is than fp32 on this CPU."""
+
+    def seconds(dtype: torch.dtype) -> float:
+        inputs, weight = torch.randn(256, 4096, dtype=dtype), torch.randn(4096, 1024, dtype=dtype)
+        inputs @ weight  # warm-up: the first call picks and loads the kernel
+        start = time.perf_counter()
+        inputs @ weight
+        return time.perf_counter() - start
+
+    return seconds(torch.bfloat16) / seconds(torch.float32)
+
+
+def dtypes_to_run(args) -> list[str]:
+    """The requested dtypes; by default bf16 only where the CPU computes it natively."""
+    if args.dtypes is not None:
+        return args.dtypes.split(",")
+    slowdown = bf16_slowdown()
+    check = {"bf16_over_fp32_matmul": round(slowdown, 1), "threads": torch.get_num_threads()}
+    (Path(args.out) / "bf16-check.json").write_text(json.dumps(check, indent=2))
+    if slowdown <= MAX_BF16_SLOWDOWN:
+        return list(DTYPES)
+    print(
+        f"bfloat16: skipped: a bf16 matmul is {slowdown:.0f}x slower than fp32 on this CPU "
+        "(no native bf16); pass --dtypes bfloat16 to run it anyway",
+        flush=True,
+    )
+    return ["float32"]
+
+
 def measured_rows(path: Path) -> list[dict]:
     """Rows an earlier (interrupted or partial) run wrote: the full run takes hours on a
     small machine, so it may be done one configuration at a time and is resumed, not redone."""
@@ -192,7 +227,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument(
+        "--dtypes", help=f"comma list of {', '.join(DTYPES)} (default: bf16 where native)"
+    )
     parser.add_argument("--out", required=True, help="folder for scale.json and scale.md")
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -205,7 +242,7 @@ def main(argv: list[str]) -> int:
     common = ["--blocks", str(args.blocks), "--windows", str(args.windows)]
     common += ["--seqlen", str(args.seqlen), "--out", str(out)]
     measured = {row_key(row) for row in rows}
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes_to_run(args):
         for name in args.configs.split(","):
             if (name, dtype, args.blocks, args.windows * args.seqlen) in measured:
                 print(f"{name} {dtype}: already measured in {out / 'scale.json'}", flush=True)

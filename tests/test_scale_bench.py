@@ -25,12 +25,7 @@ def fake_row(config: str, dtype: str, seconds: float) -> dict:
     }
 
 
-def test_rerun_measures_only_the_missing_configurations(monkeypatch, tmp_path: Path):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    scale = benchmark_module("scale")
-    earlier = fake_row("sparsegpt", "float32", seconds=111.0)
-    earlier["extrapolated"] = scale.extrapolate(earlier)
-    (tmp_path / "scale.json").write_text(json.dumps([earlier]))
+def fake_launch(monkeypatch, scale) -> list[tuple[str, str]]:
     launched = []
 
     def fake_run(command, **kwargs):
@@ -40,7 +35,16 @@ def test_rerun_measures_only_the_missing_configurations(monkeypatch, tmp_path: P
         return subprocess.CompletedProcess(command, 0, stdout=json.dumps(row) + "\n", stderr="")
 
     monkeypatch.setattr(scale.subprocess, "run", fake_run)
+    return launched
 
+
+def test_rerun_measures_only_the_missing_configurations(monkeypatch, tmp_path: Path):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    scale = benchmark_module("scale")
+    earlier = fake_row("sparsegpt", "float32", seconds=111.0)
+    earlier["extrapolated"] = scale.extrapolate(earlier)
+    (tmp_path / "scale.json").write_text(json.dumps([earlier]))
+    launched = fake_launch(monkeypatch, scale)
     assert (
         scale.main(
             [
@@ -73,3 +77,22 @@ def test_extrapolation_grows_the_refit_with_its_windows_only(monkeypatch):
     assert scale.extrapolate(row)["8b_minutes"] == 32 * 2 * 60.0 / 60
     row["per_block_seconds"] = {**dict.fromkeys(scale.STAGES, 0.0), "stats_pass": 60.0}
     assert scale.extrapolate(row)["8b_minutes"] == 32 * 16 * 60.0 / 60
+
+
+def test_bf16_runs_by_default_only_where_the_cpu_computes_it_natively(monkeypatch, tmp_path):
+    """An AVX2-only CPU emulates bf16 about 100x slower than fp32: such a row would measure
+    the emulation for days, so it is skipped unless asked for by name."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    scale = benchmark_module("scale")
+    launched = fake_launch(monkeypatch, scale)
+    for slowdown, out in ((100.0, tmp_path / "slow"), (1.5, tmp_path / "native")):
+        monkeypatch.setattr(scale, "bf16_slowdown", lambda s=slowdown: s)
+        assert scale.main(["--configs", "sparsegpt", "--out", str(out)]) == 0
+        check = json.loads((out / "bf16-check.json").read_text())
+        assert check["bf16_over_fp32_matmul"] == slowdown
+    slow, native = [("sparsegpt", "float32")], [("sparsegpt", "bfloat16"), ("sparsegpt", "float32")]
+    assert launched == slow + native
+    launched.clear()
+    monkeypatch.setattr(scale, "bf16_slowdown", lambda: 100.0)
+    scale.main(["--configs", "sparsegpt", "--dtypes", "bfloat16", "--out", str(tmp_path / "x")])
+    assert launched == [("sparsegpt", "bfloat16")]  # asked for by name: run anyway
