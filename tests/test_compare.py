@@ -610,3 +610,36 @@ def test_paired_mean_difference_is_the_difference_of_the_table_means():
     wanda["tasks"][0]["per_example"]["doc_id"] = [0, 1, 2, 5]
     (comparison,) = paired_comparisons([dense, wanda], settings, "acc_norm")
     assert comparison["tasks"]["bigbench:winowhy"] is None and comparison["mean"] is None
+
+
+def test_owl_runs_are_paired_with_the_same_method_at_uniform_sparsity():
+    """What OWL adds is read from an OWL run against its uniform twin, not only against dense."""
+    from sdsprune.compare_paired import reference_pairs
+
+    def run(method, base=None, owl=False):
+        spec = Run(method, base, None if method == "dense" else "0.7", owl)
+        return {
+            "run": {"method": method, "base": base, "sparsity": spec.sparsity, "owl": owl},
+            "key": spec.key,
+        }
+
+    runs = [
+        run("dense"),
+        run("sparsegpt"),
+        run("sparsegpt", owl=True),
+        run("sds", "sparsegpt"),
+        run("sds", "sparsegpt", owl=True),
+        run("wanda", owl=True),  # its uniform twin is not in the comparison
+    ]
+    pairs = {(a["key"], b["key"]) for a, b in reference_pairs(runs)}
+    assert pairs == {
+        ("sparsegpt_0.7", "dense"),
+        ("sparsegpt-owl_0.7", "sparsegpt_0.7"),
+        ("sparsegpt-owl_0.7", "dense"),
+        ("sds-sparsegpt_0.7", "sparsegpt_0.7"),
+        ("sds-sparsegpt_0.7", "dense"),
+        ("sds-sparsegpt-owl_0.7", "sparsegpt-owl_0.7"),
+        ("sds-sparsegpt-owl_0.7", "sds-sparsegpt_0.7"),
+        ("sds-sparsegpt-owl_0.7", "dense"),
+        ("wanda-owl_0.7", "dense"),
+    }

@@ -1,9 +1,10 @@
 """Paired differences between the runs of a comparison, and how the outputs show them.
 
 Every run is scored on the same chunks and the same examples, so each pruned run is compared
-item by item (see :mod:`sdsprune.evaluate.paired`) with dense and, for ``sds:<base>``, with its
-base method at the same sparsity: perplexity as a ratio, accuracy as a difference in points,
-each with a 95% paired bootstrap interval.
+item by item (see :mod:`sdsprune.evaluate.paired`) with dense, for ``sds:<base>`` with its
+base method at the same sparsity, and for an OWL run with the same run at uniform sparsity
+(what OWL adds): perplexity as a ratio, accuracy as a difference in points, each with a 95%
+paired bootstrap interval.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ from sdsprune.evaluate.paired import perplexity_ratio as _perplexity_ratio
 
 
 def reference_pairs(runs: list[dict]) -> list[tuple[dict, dict]]:
-    """(run, reference) pairs: each SDS run against its base at the same sparsity, then each
-    pruned run against dense."""
+    """(run, reference) pairs: each SDS run against its base at the same sparsity, each OWL run
+    against the same method at uniform sparsity, then each pruned run against dense."""
     dense = next((run for run in runs if run["run"]["method"] == "dense"), None)
     pairs = []
     for run in runs:
         if run["run"]["method"] == "dense":
             continue
-        base = _base_run(run, runs)
-        if base is not None:
-            pairs.append((run, base))
+        for reference in (_base_run(run, runs), _uniform_run(run, runs)):
+            if reference is not None:
+                pairs.append((run, reference))
         if dense is not None:
             pairs.append((run, dense))
     return pairs
@@ -43,6 +44,14 @@ def _base_run(run: dict, runs: list[dict]) -> dict | None:
     wanted = {"method": spec["base"], "base": None, "sparsity": spec["sparsity"]}
     if "owl" in spec:  # an OWL run's base is the same base pruner with OWL
         wanted["owl"] = spec["owl"]
+    return next((r for r in runs if r["run"] == wanted), None)
+
+
+def _uniform_run(run: dict, runs: list[dict]) -> dict | None:
+    """The same method at the same total sparsity without OWL's per-block sparsities."""
+    if not run["run"].get("owl"):
+        return None
+    wanted = {**run["run"], "owl": False}
     return next((r for r in runs if r["run"] == wanted), None)
 
 
@@ -188,7 +197,8 @@ def markdown_section(results: dict, name_of) -> list[str]:
         "",
         "## Paired differences",
         "",
-        f"Each pruned model against its base method (SDS) and against dense, on the same chunks "
+        "Each pruned model against its base method (SDS), against the same method at uniform "
+        f"sparsity (OWL) and against dense, on the same chunks "
         f"and examples: 95% paired bootstrap intervals ({comparisons[0]['resamples']} "
         f"resamples, seed {comparisons[0]['seed']}; tasks resampled within each task). A "
         "perplexity ratio below 1 and an accuracy difference above 0 favour the method.",
