@@ -121,7 +121,7 @@ def test_compare_resumes_finished_runs(tiny_model_dir, corpus, tmp_path, fake_pr
     fake_prune.clear()
     again = compare(**_settings(tiny_model_dir, corpus, out))
     assert fake_prune == []  # nothing recomputed
-    assert again["runs"] == first["runs"]
+    assert [r["perplexity"] for r in again["runs"]] == [r["perplexity"] for r in first["runs"]]
 
     (out / "runs" / "wanda_0.5.json").unlink()  # its pieces are stored: reassembled as is
     assert compare(**_settings(tiny_model_dir, corpus, out))["runs"] == first["runs"]
@@ -199,7 +199,48 @@ def test_run_files_from_before_prompt_styles_are_reused(
     assert fake_prune == []
     # Older files with tasks were scored with BIG-bench's listed-choices prompts.
     old = {"tasks": ["bigbench:winowhy"], "limit": 100}
-    assert compare_module._upgraded(old) == {**old, "prompt_style": "bigbench"}
+    assert compare_module._upgraded(old)["prompt_style"] == "bigbench"
+
+
+def _restore_sds_settings(out, key: str, sds) -> None:
+    """Rewrite every stored piece of run ``key`` (run file, prune record, evaluations) as if
+    it had been made with SDS settings ``sds``."""
+    from sdsprune.compare_store import RunStore
+
+    path = out / "runs" / f"{key}.json"
+    stored = json.loads(path.read_text())
+    stored["settings"]["sds"] = sds
+    path.write_text(json.dumps(stored))
+    record = out / "pruned" / key / "prune.json"
+    pruned = json.loads(record.read_text())
+    pruned["settings"]["sds"] = sds
+    record.write_text(json.dumps(pruned))
+    store = RunStore(out, key, {})
+    for file in sorted((out / "evals" / key).iterdir()):
+        evaluation = json.loads(file.read_text())
+        file.unlink()
+        evaluation["key"]["model"]["sds"] = sds
+        store.save_evaluation(evaluation["key"], evaluation["result"])
+
+
+def test_sds_runs_made_under_other_defaults_are_recomputed(
+    tiny_model_dir, corpus, tmp_path, fake_prune
+):
+    """Defaults are stored spelled out, so a run made under another release's SDS defaults is
+    redone, while one stored in the earlier form (None for the defaults) is reused whole."""
+    out = tmp_path / "cmp"
+    kwargs = _settings(tiny_model_dir, corpus, out, sparsities=["0.5"])
+    first = compare(**kwargs)
+    defaults = first["settings"]["sds"]
+    assert defaults["block_windows"] == 16  # spelled out, not None
+    _restore_sds_settings(out, "sds-wanda_0.5", None)
+    fake_prune.clear()
+    again = compare(**kwargs)
+    assert fake_prune == []
+    assert [r["perplexity"] for r in again["runs"]] == [r["perplexity"] for r in first["runs"]]
+    _restore_sds_settings(out, "sds-wanda_0.5", {**defaults, "rounds": 7})
+    compare(**kwargs)
+    assert [(m, b, s) for m, b, s, _ in fake_prune] == [("sds", "wanda", "0.5")]
 
 
 def test_sds_settings_recompute_only_the_sds_runs(tiny_model_dir, corpus, tmp_path, fake_prune):

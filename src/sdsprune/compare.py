@@ -222,18 +222,19 @@ def _without_items(record: dict) -> dict:
     return {**{k: v for k, v in record.items() if k != "chunk_nll"}, "tasks": tasks}
 
 
-def _sds_settings(sds) -> dict | None:
-    """None for the defaults, so results stay reusable whether or not they were spelled out."""
+def _sds_settings(sds) -> dict:
+    """Every knob, the defaults spelled out too: a run computed under another release's
+    defaults is then recomputed instead of silently reused."""
     from sdsprune.sds import SDSConfig
 
-    return None if sds is None or sds == SDSConfig() else asdict(sds)
+    return asdict(sds or SDSConfig())
 
 
-def _owl_settings(owl) -> dict | None:
-    """None for the defaults, like :func:`_sds_settings`."""
+def _owl_settings(owl) -> dict:
+    """Every knob, like :func:`_sds_settings`."""
     from sdsprune.owl import OWLConfig
 
-    return None if owl is None or owl == OWLConfig() else asdict(owl)
+    return asdict(owl or OWLConfig())
 
 
 # ----------------------------------------------------------------------------- resume
@@ -255,14 +256,22 @@ def _finished(folder: Path, run: Run, settings: dict) -> dict | None:
 
 
 def _upgraded(stored: dict) -> dict:
-    """Settings of a run file written before prompt styles existed, in today's terms.
+    """Settings of a run file written by an earlier release, in today's terms.
 
-    Such files were scored with BIG-bench's own prompts (choices listed), which is what
-    ``prompt_style="bigbench"`` still produces, so their results stay reusable.
+    Files from before prompt styles existed were scored with BIG-bench's own prompts (choices
+    listed), which ``prompt_style="bigbench"`` still produces. Files from before the SDS and
+    OWL knobs were spelled out hold None for their defaults (see
+    :func:`sdsprune.compare_store.earlier_form`).
     """
-    if "prompt_style" in stored:
-        return stored
-    return {**stored, "prompt_style": "bigbench" if stored.get("tasks") else None}
+    from sdsprune.compare_store import default_knobs
+
+    upgraded = dict(stored)
+    if "prompt_style" not in stored:
+        upgraded["prompt_style"] = "bigbench" if stored.get("tasks") else None
+    for key, defaults in default_knobs().items():
+        if upgraded.get(key) is None:
+            upgraded[key] = defaults
+    return upgraded
 
 
 def _run_settings(run: Run, settings: dict) -> dict:

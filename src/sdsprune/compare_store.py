@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from sdsprune.models import LoadedModel
@@ -82,6 +83,22 @@ def evaluation_keys(run_settings: dict) -> list[dict]:
     return keys + [task_key(run_settings, task) for task in run_settings["tasks"]]
 
 
+def default_knobs() -> dict[str, dict]:
+    """Today's SDS and OWL defaults, as a comparison's settings spell them out."""
+    from sdsprune.owl import OWLConfig
+    from sdsprune.sds import SDSConfig
+
+    return {"sds": asdict(SDSConfig()), "owl": asdict(OWLConfig())}
+
+
+def earlier_form(settings: dict) -> dict:
+    """``settings`` as releases before the knobs were spelled out stored them: None for SDS
+    or OWL at its defaults. Pieces stored that way are read as made under today's defaults
+    (the last change of a default, the block re-fit, came before any was committed)."""
+    defaults = default_knobs()
+    return {k: None if defaults.get(k) == v else v for k, v in settings.items()}
+
+
 class RunStore:
     """The stored pieces of one run (``key``: the run's file-name-safe name) in ``folder``."""
 
@@ -92,11 +109,12 @@ class RunStore:
 
     # ------------------------------------------------------------------ evaluations
     def evaluation(self, key: dict) -> dict | None:
-        """A stored evaluation with exactly this key, or None."""
-        stored = read_json(self._evaluation_file(key))
-        if stored is None or stored.get("key") != key:
-            return None
-        return stored.get("result")
+        """A stored evaluation with exactly this key (or its earlier form), or None."""
+        for candidate in (key, {**key, "model": earlier_form(key["model"])}):
+            stored = read_json(self._evaluation_file(candidate))
+            if stored is not None and stored.get("key") == candidate:
+                return stored.get("result")
+        return None
 
     def save_evaluation(self, key: dict, result: dict) -> None:
         write_json_atomic(self._evaluation_file(key), {"key": key, "result": result})
@@ -111,7 +129,8 @@ class RunStore:
     def prune_record(self) -> dict | None:
         """How this run's model was pruned, if it was pruned with the current settings."""
         stored = read_json(self.pruned / PRUNE_RECORD)
-        if stored is None or stored.get("settings") != model_settings(self.settings):
+        wanted = model_settings(self.settings)
+        if stored is None or stored.get("settings") not in (wanted, earlier_form(wanted)):
             return None
         return stored
 
