@@ -26,9 +26,10 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
-# Adam's normalised steps (block re-fit) turn last-bit differences of tiny gradients, summed
-# in another order across ranks, into weight differences up to ~2e-5 (weights ~0.08).
-ATOL = {"sds-block": 5e-5}
+# Adam's normalised steps (block re-fit, on by default for SDS) turn last-bit differences of
+# tiny gradients, summed in another order across ranks, into weight differences up to ~2e-5
+# (weights ~0.08); how large depends on the CPU's kernels (1.2e-5 for kd on an AVX-512 host).
+ATOL = {"sds-block": 5e-5, "sds-kd": 5e-5}
 
 
 def assert_same(single: dict, multi: dict, label: str) -> None:
