@@ -121,7 +121,7 @@ def test_compare_resumes_finished_runs(tiny_model_dir, corpus, tmp_path, fake_pr
     fake_prune.clear()
     again = compare(**_settings(tiny_model_dir, corpus, out))
     assert fake_prune == []  # nothing recomputed
-    assert [r["perplexity"] for r in again["runs"]] == [r["perplexity"] for r in first["runs"]]
+    assert again["runs"] == first["runs"]
 
     (out / "runs" / "wanda_0.5.json").unlink()  # its pieces are stored: reassembled as is
     assert compare(**_settings(tiny_model_dir, corpus, out))["runs"] == first["runs"]
@@ -199,7 +199,7 @@ def test_run_files_from_before_prompt_styles_are_reused(
     assert fake_prune == []
     # Older files with tasks were scored with BIG-bench's listed-choices prompts.
     old = {"tasks": ["bigbench:winowhy"], "limit": 100}
-    assert compare_module._upgraded(old)["prompt_style"] == "bigbench"
+    assert compare_module._upgraded(old) == {**old, "prompt_style": "bigbench"}
 
 
 def _restore_sds_settings(out, key: str, sds) -> None:

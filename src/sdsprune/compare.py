@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sdsprune.compare_paired import paired_comparisons
+from sdsprune.compare_store import earlier_form
 from sdsprune.compare_store import read_json as _read_json
 from sdsprune.compare_store import write_json_atomic as _write_json_atomic
 from sdsprune.data import DEFAULT_CALIB, DEFAULT_CALIB_SEED, DEFAULT_CALIB_SEQLEN, DEFAULT_NSAMPLES
@@ -249,29 +250,25 @@ def _finished(folder: Path, run: Run, settings: dict) -> dict | None:
     if stored is None:
         return None
     previous, wanted = stored.get("settings"), _run_settings(run, settings)
-    if not isinstance(previous, dict) or _run_settings(run, _upgraded(previous)) != wanted:
+    same = isinstance(previous, dict) and _run_settings(run, _upgraded(previous)) in (
+        wanted,
+        earlier_form(wanted),  # SDS/OWL defaults stored as None by earlier releases
+    )
+    if not same:
         log.info("%s was computed with other settings: recomputing it", path.name)
         return None
     return stored
 
 
 def _upgraded(stored: dict) -> dict:
-    """Settings of a run file written by an earlier release, in today's terms.
+    """Settings of a run file written before prompt styles existed, in today's terms.
 
-    Files from before prompt styles existed were scored with BIG-bench's own prompts (choices
-    listed), which ``prompt_style="bigbench"`` still produces. Files from before the SDS and
-    OWL knobs were spelled out hold None for their defaults (see
-    :func:`sdsprune.compare_store.earlier_form`).
+    Such files were scored with BIG-bench's own prompts (choices listed), which is what
+    ``prompt_style="bigbench"`` still produces, so their results stay reusable.
     """
-    from sdsprune.compare_store import default_knobs
-
-    upgraded = dict(stored)
-    if "prompt_style" not in stored:
-        upgraded["prompt_style"] = "bigbench" if stored.get("tasks") else None
-    for key, defaults in default_knobs().items():
-        if upgraded.get(key) is None:
-            upgraded[key] = defaults
-    return upgraded
+    if "prompt_style" in stored:
+        return stored
+    return {**stored, "prompt_style": "bigbench" if stored.get("tasks") else None}
 
 
 def _run_settings(run: Run, settings: dict) -> dict:

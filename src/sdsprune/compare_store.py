@@ -83,7 +83,7 @@ def evaluation_keys(run_settings: dict) -> list[dict]:
     return keys + [task_key(run_settings, task) for task in run_settings["tasks"]]
 
 
-def default_knobs() -> dict[str, dict]:
+def _default_knobs() -> dict[str, dict]:
     """Today's SDS and OWL defaults, as a comparison's settings spell them out."""
     from sdsprune.owl import OWLConfig
     from sdsprune.sds import SDSConfig
@@ -95,7 +95,7 @@ def earlier_form(settings: dict) -> dict:
     """``settings`` as releases before the knobs were spelled out stored them: None for SDS
     or OWL at its defaults. Pieces stored that way are read as made under today's defaults
     (the last change of a default, the block re-fit, came before any was committed)."""
-    defaults = default_knobs()
+    defaults = _default_knobs()
     return {k: None if defaults.get(k) == v else v for k, v in settings.items()}
 
 
