@@ -132,9 +132,21 @@ def run_one(name: str, dtype: str, args) -> dict:
         "seconds": round(seconds, 1),
         "per_block_seconds": {k: round(v, 2) for k, v in per_block.items()},
         "peak_above_baseline_mib": round(peak - baseline, 1),
+        "stage_peak_above_baseline_mib": stage_peaks(result.report, baseline),
         "planned_peak_mib": round(result.report["plan"]["device_peak"] / 2**20, 1),
         "batch": result.report["plan"]["batch"],  # lowered by the plan when 4 would not fit
         "threads": torch.get_num_threads(),
+    }
+
+
+def stage_peaks(report: dict, baseline: float) -> dict[str, float]:
+    """Each block stage's peak resident memory above the baseline (which the plan's per-block
+    estimate is compared with): says which stage an under-estimate belongs to."""
+    stages = report["memory"].get("stages", {})
+    return {
+        stage: round(stages[stage]["peak_rss_mib"] - baseline, 1)
+        for stage in STAGES
+        if "peak_rss_mib" in stages.get(stage, {})
     }
 
 
@@ -177,6 +189,22 @@ def table(rows: list[dict]) -> str:
             f"| {t['solve']} | {t.get('refine', 0.0)} | {t['output_pass']} "
             f"| {row['peak_above_baseline_mib']:.0f} ({row['planned_peak_mib']:.0f}) "
             f"| {e['8b_minutes']} | {e['70b_minutes']} |"
+        )
+    return "\n".join(lines)
+
+
+def stage_table(rows: list[dict]) -> str:
+    """Peak memory above the baseline per stage (rows measured before it was recorded: -)."""
+    lines = [
+        "| config | dtype | " + " | ".join(f"{stage} MiB" for stage in STAGES) + " | plan MiB |",
+        "|---|---|" + "---:|" * (len(STAGES) + 1),
+    ]
+    for row in rows:
+        peaks = row.get("stage_peak_above_baseline_mib", {})
+        cells = [f"{peaks[stage]:.0f}" if stage in peaks else "-" for stage in STAGES]
+        lines.append(
+            f"| {row['config']} | {row['dtype']} | {' | '.join(cells)} "
+            f"| {row['planned_peak_mib']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -258,8 +286,9 @@ def main(argv: list[str]) -> int:
             print(f"{name} {dtype}: {row['seconds']} s", flush=True)
             # written after every configuration: a long run killed late keeps what it measured
             (out / "scale.json").write_text(json.dumps(rows, indent=2))
-            (out / "scale.md").write_text(table(rows) + "\n")
+            (out / "scale.md").write_text(f"{table(rows)}\n\n{stage_table(rows)}\n")
     print(table(rows))
+    print(stage_table(rows))
     return 0
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +17,14 @@ from sdsprune import SdspruneError
 from sdsprune.engine import capture_block_inputs, run_blocks
 from sdsprune.engine import memory_plan as mp
 from sdsprune.engine.distributed import Distributed
+from sdsprune.engine.stats import StatsCollector
 from sdsprune.models import LoadedModel, model_linears
 from sdsprune.prune import PruneProcessor, prune
 from sdsprune.pruners import SparsityPattern, get_pruner
+from sdsprune.pruners.sparsegpt import inverse_hessian_cholesky
+from sdsprune.runinfo import Timer
 from sdsprune.sds import SDSConfig
+from sdsprune.sds.solver import _closed_factor
 
 GIB = 2**30
 CPU = torch.device("cpu")
@@ -330,3 +336,82 @@ def test_plan_time_counts_the_block_refit_on_its_windows(monkeypatch):
     assert flops(block_epochs=2, block_windows=16) - without == pytest.approx(expected)
     assert flops(block_epochs=2, block_windows=0) > flops(block_epochs=2, block_windows=16)
     assert flops(block_windows=16) == without  # no epochs, no re-fit
+
+
+def _stage_peak_above_entry(run) -> float:
+    """MiB the resident memory rose above its level at entry while ``run()`` ran."""
+    timer = Timer()
+    entry = _resident_mib()
+    with timer.stage("measured"):
+        run()
+    return timer.stage_peaks()["measured"]["peak_rss_mib"] - entry
+
+
+def _resident_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _spd(width: int) -> torch.Tensor:
+    inputs = torch.randn(2 * width, width, generator=torch.Generator().manual_seed(0))
+    return inputs.T @ inputs / (2 * width)
+
+
+# 3072 wide: each in x in matrix (36 MiB fp32, 72 MiB fp64) is above glibc's largest mmap
+# threshold, so it is mapped on allocation and unmapped on release: the peak is exact
+needs_peak_reset = pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's peak-RSS reset"
+)
+WIDE = 3072
+FP32_SQUARE, FP64_SQUARE = WIDE**2 * 4 / 2**20, WIDE**2 * 8 / 2**20
+
+
+@needs_peak_reset
+def test_redense_factor_holds_two_float64_squares_as_the_plan_budgets():
+    gram = _spd(WIDE)
+    # the plan's closed-form budget: the float64 system and its factor (an identity and a
+    # damped sum beside them were 3 GiB more at width 14336 than planned)
+    assert _stage_peak_above_entry(lambda: _closed_factor(gram, 0.1)) < 2.5 * FP64_SQUARE
+
+
+@needs_peak_reset
+def test_sparsegpt_factor_holds_two_squares_beside_the_hessian_as_the_plan_budgets():
+    hessian = _spd(WIDE)
+    peak = _stage_peak_above_entry(lambda: inverse_hessian_cholesky(hessian, 0.01))
+    assert peak < 2.5 * FP32_SQUARE
+
+
+@needs_peak_reset
+def test_kd_statistics_make_one_square_product_at_a_time():
+    linears = {"layer": torch.nn.Linear(WIDE, 8)}
+    dense = StatsCollector(linears, "gram", keep_inputs=True)
+    current = StatsCollector(linears, "gram")
+    current.cross_source = dense
+    batch = torch.randn(64, WIDE)
+    for _ in range(2):  # the second batch adds into existing sums
+        dense._accumulate("layer", batch)
+        peak = _stage_peak_above_entry(lambda: current._accumulate("layer", batch))
+    assert peak < 1.5 * FP32_SQUARE
+
+
+def test_damped_factor_restores_the_matrix_it_damps_in_place():
+    matrix = _spd(16)
+    matrix[3, :] = matrix[:, 3] = 0.0  # a dead feature: the first try fails
+    before = matrix.clone()
+    factor = _closed_factor(matrix, 0.0)
+    assert torch.equal(matrix, before)
+    damped = before.double() + 0.01 * before.diagonal().mean().double() * torch.eye(16).double()
+    torch.testing.assert_close(factor @ factor.T, damped)
+
+
+@needs_peak_reset
+def test_prune_report_has_each_stages_peak_memory():
+    _, result = pruned(method="sds", sds=SDSConfig(block_epochs=1))
+    stages = result.report["memory"]["stages"]
+    for stage in ("capture", "stats_pass", "solve", "refine", "sds_fused"):
+        assert stages[stage]["peak_rss_mib"] > 0, stage
+    # a nested stage's peak is inside its parent's; the run's peak covers them all
+    assert stages["solve"]["peak_rss_mib"] <= stages["sds_fused"]["peak_rss_mib"]
+    assert stages["sds_fused"]["peak_rss_mib"] <= result.report["memory"]["peak_rss_mib"]

@@ -305,7 +305,7 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
             "config": config,
             "versions": library_versions(),
             "timings": {**timer.rounded(), "prune_total": round(prune_seconds, 3)},
-            "memory": peak_memory(),
+            "memory": {**peak_memory(), "stages": timer.stage_peaks()},
             "plan": plan.to_dict(),
             "summary": _summary(net, layers, session.store if opts.low_memory else None),
             "layers": layers,

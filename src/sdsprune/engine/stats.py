@@ -77,22 +77,19 @@ class StatsCollector:
         if stats is None:
             stats = self.stats[group] = InputStats(count=0)
         stats.count += flat.shape[0]
-        total = flat.sum(0)  # cheap next to either statistic; DSnoT needs the input means
-        stats.total = total if stats.total is None else stats.total.add_(total)
+        # the input sum is cheap next to either statistic; DSnoT needs the input means
+        stats.total = _summed(stats.total, flat.sum(0))
+        # each in x in product is added and dropped before the next one is made: kd's
+        # cross-Gram beside a held Gram product would be one more (784 MiB at width 14336)
         if self.level == "gram":
-            gram = flat.T @ flat
-            stats.gram = gram if stats.gram is None else stats.gram.add_(gram)
+            stats.gram = _summed(stats.gram, flat.T @ flat)
         elif self.level == "sumsq":
-            sumsq = flat.square().sum(0)
-            stats.sumsq = sumsq if stats.sumsq is None else stats.sumsq.add_(sumsq)
+            stats.sumsq = _summed(stats.sumsq, flat.square().sum(0))
         if self.keep_inputs:
             self.last_inputs[group] = flat
         if self.cross_source is not None:
             source = self.cross_source.last_inputs[group]
-            product = source.T @ flat
-            self.cross[group] = (
-                product if group not in self.cross else self.cross[group].add_(product)
-            )
+            self.cross[group] = _summed(self.cross.get(group), source.T @ flat)
 
     def finalize(self) -> None:
         """Turn sums into means (G = XᵀX / N) so that scales do not depend on N."""
@@ -102,3 +99,8 @@ class StatsCollector:
             if group in self.cross:
                 self.cross[group] /= stats.count
         self.last_inputs.clear()
+
+
+def _summed(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    """``total + term`` in place (``term`` itself the first time)."""
+    return term if total is None else total.add_(term)

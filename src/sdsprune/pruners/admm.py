@@ -55,7 +55,7 @@ class ADMMPruner(Pruner):
         damped = gram / norms[:, None] / norms[None, :]
         damped.diagonal().add_(self.percdamp * damped.diagonal().mean())
         target = dense @ damped
-        solve = _inverse_spd(damped + self.rho * torch.eye(len(norms), device=gram.device))
+        solve = _inverse_spd(damped, ridge=self.rho)
         current, dual = dense, torch.zeros_like(dense)
         keep = torch.ones_like(dense, dtype=torch.bool)
         for step in range(self.iterations):
@@ -86,7 +86,10 @@ def growing_mask(scores: torch.Tensor, pattern: SparsityPattern, fraction: float
     return layer_mask(scores, fraction)
 
 
-def _inverse_spd(matrix: torch.Tensor) -> torch.Tensor:
-    """Inverse of a symmetric positive definite matrix through its Cholesky factor (the
-    ρ and dampening terms keep it well conditioned even for dead input features)."""
-    return torch.cholesky_inverse(torch.linalg.cholesky(matrix.double())).float()
+def _inverse_spd(matrix: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(matrix + ridge·I)⁻¹ of a symmetric positive definite matrix through its Cholesky
+    factor (ρ and the dampening keep it well conditioned even for dead input features);
+    the ridge goes onto the diagonal of the float64 copy, not through an identity matrix."""
+    system = matrix.to(torch.float64, copy=True)
+    system.diagonal().add_(ridge)
+    return torch.cholesky_inverse(torch.linalg.cholesky(system)).float()

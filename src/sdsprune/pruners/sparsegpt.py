@@ -104,7 +104,9 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
         factor, info = torch.linalg.cholesky_ex(matrix)
         if info != 0:
             return None
-        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+        inverse = torch.cholesky_inverse(factor)
+        del factor  # at most two in x in results alive beside H (the memory plan's budget)
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
         return upper if info == 0 else None
 
     return damped_factor(H, upper_inverse, first_damp=percdamp, what="the Hessian")

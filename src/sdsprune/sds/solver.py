@@ -68,11 +68,8 @@ def _derive(derived: dict | None, key, compute: Callable[[], object]):
 def _closed_factor(gram_in: torch.Tensor, ridge: float) -> torch.Tensor:
     """Cholesky factor of G_ii + (μ + λ2) I in float64; with μ = λ2 = 0 and a dead input
     feature that matrix is singular, so it is dampened and retried as SparseGPT does."""
-    system = gram_in.double()
-    if ridge:
-        system = system + ridge * torch.eye(
-            system.shape[0], device=system.device, dtype=system.dtype
-        )
+    system = gram_in.to(torch.float64, copy=True)  # its own: the ridge goes on its diagonal
+    system.diagonal().add_(ridge)
 
     def cholesky(matrix: torch.Tensor) -> torch.Tensor | None:
         factor, info = torch.linalg.cholesky_ex(matrix)
