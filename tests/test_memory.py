@@ -415,3 +415,21 @@ def test_prune_report_has_each_stages_peak_memory():
     # a nested stage's peak is inside its parent's; the run's peak covers them all
     assert stages["solve"]["peak_rss_mib"] <= stages["sds_fused"]["peak_rss_mib"]
     assert stages["sds_fused"]["peak_rss_mib"] <= result.report["memory"]["peak_rss_mib"]
+
+
+def test_refit_starts_without_the_solvers_state(monkeypatch):
+    """The re-fit's Adam state comes on top of the block; the cross-Grams, the dense inputs'
+    Grams and the cached factorisations are not needed any more and must be gone."""
+    from sdsprune.sds import pipeline
+
+    seen = []
+    refit = pipeline._SDSSteps.refit_block
+
+    def watched(self, ctx):
+        caches = [stats.derived for stats in ctx.stats.stats.values()]
+        seen.append((ctx.dense_stats, dict(ctx.stats.cross), any(caches)))
+        refit(self, ctx)
+
+    monkeypatch.setattr(pipeline._SDSSteps, "refit_block", watched)
+    pruned(method="sds", sparsity="2:4", sds=SDSConfig(data_mode="kd", block_epochs=1))
+    assert seen and all(state == (None, {}, False) for state in seen)

@@ -391,13 +391,13 @@ def test_block_refit_runs_the_dense_model_without_its_statistics(monkeypatch):
     from sdsprune.sds.pipeline import FusedSDS
 
     seen = []
-    refine = FusedSDS.refine
+    process = FusedSDS.process  # the solve stage: the only one that reads statistics
 
     def spy(self, ctx):
         seen.append((ctx.dense_stats, ctx.dense_targets))
-        refine(self, ctx)
+        process(self, ctx)
 
-    monkeypatch.setattr(FusedSDS, "refine", spy)
+    monkeypatch.setattr(FusedSDS, "process", spy)
     run_sds(block_epochs=1)
     assert seen and all(stats is None and targets is not None for stats, targets in seen)
     seen.clear()

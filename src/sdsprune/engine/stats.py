@@ -91,6 +91,14 @@ class StatsCollector:
             source = self.cross_source.last_inputs[group]
             self.cross[group] = _summed(self.cross.get(group), source.T @ flat)
 
+    def release_solve_state(self) -> None:
+        """Forget the cross-Grams and the solvers' cached factorisations (see
+        ``BlockContext.release_solve_state``)."""
+        self.cross.clear()
+        self.cross_source = None
+        for stats in self.stats.values():
+            stats.derived.clear()
+
     def finalize(self) -> None:
         """Turn sums into means (G = XᵀX / N) so that scales do not depend on N."""
         for group, stats in self.stats.items():
