@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from llama3_shapes import llama_3_8b_config
 
+from sdsprune.runinfo import resident_bytes
 from sdsprune.sds import SDSConfig
 
 # SDS as an 8B run does it: the adjustment is skipped above 3B parameters (adjust=auto);
@@ -89,14 +90,6 @@ def llama_8b_shaped(blocks: int, dtype: torch.dtype):
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def run_one(name: str, dtype: str, args) -> dict:
     """One configuration in this process: prune, then report per-block stage times."""
     import sdsprune
@@ -105,7 +98,7 @@ def run_one(name: str, dtype: str, args) -> dict:
     model = llama_8b_shaped(args.blocks, getattr(torch, dtype))
     tokenizer = _tokenizer()
     windows = torch.randint(0, 32000, (args.windows, args.seqlen), generator=torch.Generator())
-    baseline = rss_mib()
+    baseline = resident_bytes() / 2**20
     options = dict(CONFIGS[name])
     method = options.pop("method")
     sds = sdsprune.SDSConfig(**options) if method == "sds" else None

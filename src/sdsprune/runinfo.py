@@ -6,6 +6,7 @@ import contextlib
 import platform
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,89 +40,100 @@ def library_versions() -> dict[str, str]:
 
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process (and peak CUDA allocation) in MiB, over the
-    whole run: stage meters reset the kernel's and CUDA's peak counters, and fold what
-    they had seen into ``_RUN_PEAKS`` first."""
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _RUN_PEAKS["rss"])
-    peak = {"peak_rss_mib": round(rss / 2**20, 1)}
+    whole run: the stage meters reset CUDA's peak counter and fold what it had seen into
+    ``_CUDA_PEAK`` first."""
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"peak_rss_mib": round(rss_kib / 1024, 1)}
     if torch.cuda.is_available():
-        cuda = max(torch.cuda.max_memory_allocated(), _RUN_PEAKS["cuda"])
+        cuda = max(torch.cuda.max_memory_allocated(), _CUDA_PEAK[0])
         peak["peak_cuda_mib"] = round(cuda / 2**20, 1)
     return peak
 
 
-_RUN_PEAKS = {"rss": 0, "cuda": 0}  # bytes seen before a stage meter reset the counters
+_CUDA_PEAK = [0]  # bytes CUDA's counter had seen before a stage meter reset it
 _STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
+SAMPLE_SECONDS = 0.005
 
 
-def _peak_rss() -> int | None:
-    """The kernel's high-water mark of this process's resident memory (Linux), in bytes."""
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux; None elsewhere)."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
 
 
-def _reset_peak_rss() -> bool:
-    """Restart the high-water mark at the current resident size (Linux 4.0+: writing 5 to
-    clear_refs touches nothing else); False where that is not possible."""
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 class _StagePeaks:
     """Peak memory of each named stage (the max over its entries), nested stages included.
 
     The memory plan's estimates are per stage of a block (statistics pass, solve, re-fit);
-    a whole-run peak does not say which one a wrong estimate belongs to. The kernel and
-    CUDA keep one high-water mark each, so entering a stage folds the mark into every open
-    stage (and the run's peak) and restarts it; leaving folds it into the open ones again.
+    a whole-run peak does not say which one a wrong estimate belongs to. Resident memory is
+    sampled every ``SAMPLE_SECONDS`` by a thread while a stage is open (the kernel's
+    high-water mark could be reset per stage instead, but that is process state the caller's
+    ``getrusage`` and ``/usr/bin/time`` read); allocations this size take longer than that
+    to fill. CUDA's peak counter is reset on entry, the usual way, its value folded first.
     """
 
     def __init__(self) -> None:
         self.peaks: dict[str, dict[str, int]] = {}
         self.open: list[str] = []
-        self.rss = _peak_rss() is not None  # until a reset fails (no /proc, no permission)
-
-    @property
-    def cuda(self) -> bool:
-        return torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.lock = threading.Lock()
+        self.stop: threading.Event | None = None
+        self.sampler: threading.Thread | None = None
 
     def enter(self, name: str) -> None:
-        self._fold()
-        self.open.append(name)
-        if self.rss:
-            self.rss = _reset_peak_rss()
-        if self.cuda:
+        self._fold_cuda()
+        with self.lock:
+            self.open.append(name)
+        self._sample()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
+        if self.sampler is None and resident_bytes() is not None:
+            self.stop = threading.Event()
+            self.sampler = threading.Thread(target=self._run, daemon=True, name="stage-memory")
+            self.sampler.start()
 
     def leave(self) -> None:
-        self._fold()
-        self.open.pop()
+        self._sample()
+        self._fold_cuda()
+        with self.lock:
+            self.open.pop()
+            last = not self.open
+        if last and self.sampler is not None:
+            self.stop.set()
+            self.sampler.join()
+            self.sampler = None
 
-    def _fold(self) -> None:
-        seen = {}
-        if self.rss:
-            seen["rss"] = _peak_rss() or 0
-        if self.cuda:
-            seen["cuda"] = torch.cuda.max_memory_allocated()
-        for kind, size in seen.items():
-            _RUN_PEAKS[kind] = max(_RUN_PEAKS[kind], size)
+    def _run(self) -> None:
+        while not self.stop.wait(SAMPLE_SECONDS):
+            self._sample()
+
+    def _sample(self) -> None:
+        size = resident_bytes()
+        if size is not None:
+            self._record("rss", size)
+
+    def _fold_cuda(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            size = torch.cuda.max_memory_allocated()
+            _CUDA_PEAK[0] = max(_CUDA_PEAK[0], size)
+            self._record("cuda", size)
+
+    def _record(self, kind: str, size: int) -> None:
+        with self.lock:
             for name in self.open:
                 stage = self.peaks.setdefault(name, {})
                 stage[kind] = max(stage.get(kind, 0), size)
 
     def mib(self) -> dict[str, dict[str, float]]:
-        return {
-            name: {f"peak_{kind}_mib": round(size / 2**20, 1) for kind, size in sizes.items()}
-            for name, sizes in self.peaks.items()
-        }
+        with self.lock:
+            return {
+                name: {f"peak_{kind}_mib": round(size / 2**20, 1) for kind, size in sizes.items()}
+                for name, sizes in self.peaks.items()
+            }
 
 
 @dataclass
