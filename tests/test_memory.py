@@ -447,3 +447,23 @@ def test_stage_meter_leaves_the_processs_peak_counters_alone():
     peaks = timer.stage_peaks()
     assert peaks["big"]["peak_rss_mib"] > peaks["small"]["peak_rss_mib"] + 200
     assert maxrss_mib >= peaks["big"]["peak_rss_mib"] - 1
+
+
+def test_plan_budgets_the_refits_optimiser_state_and_fp32_block(monkeypatch):
+    monkeypatch.setattr(mp, "_free_memory", lambda compute: (None, None))
+    net = llama_8b_shaped()  # bf16: the re-fit trains the block in fp32
+    refit = mp.PlanRequest(
+        windows=8,
+        seqlen=2048,
+        batch=2,
+        method="sds",
+        base="sparsegpt",
+        block_epochs=2,
+        solver="fista",  # its scratch (1.9 GB) is below the re-fit's, which is then the item
+    )
+    plan = mp.plan_run(net, refit, CPU, measure=False)
+    solver = next(size for what, size, _ in plan.items if what.startswith("solver scratch"))
+    shapes = mp._shapes(net)
+    cached = sum(4 * width**2 for width in shapes.group_inputs)  # SparseGPT's factors
+    # gradient, two Adam moments, best weights (fp32) and masks, plus the block made fp32
+    assert solver - cached == shapes.linear_params * 17 + shapes.block_params * 2

@@ -184,7 +184,7 @@ def plan_run(
     weights = shapes.block_params * shapes.dtype_bytes + shapes.linear_params * 4
     forward = _forward_scratch(shapes, batch_tokens, request.batch, request.seqlen, dense_stream)
     solver, cached = _solver_scratch(shapes, request)
-    solver = max(solver, shapes.linear_params * 4 * 3 if refit else 0)  # grads, Adam moments
+    solver = max(solver, _refit_scratch(shapes) if refit else 0)
     plan.device_free, plan.host_available = _free_memory(compute)
     fixed = weights + statistics + forward + solver + cached
     plan.offload = request.offload == "on" or (
@@ -243,6 +243,14 @@ def _solver_scratch(shapes: _Shapes, request: PlanRequest) -> tuple[int, int]:
     if request.solver == "closed":
         cached += sum(8 * w * w for w in shapes.group_inputs)
     return max(base, closed, iterative), cached
+
+
+def _refit_scratch(shapes: _Shapes) -> int:
+    """The block re-fit's own memory: the gradient and Adam's two moments, the best weights
+    so far and the masks over the linears, and the whole block in fp32 while it trains (2
+    more bytes a parameter for a bf16 model). Its forward and backward scratch is the
+    forward's item; the solvers' statistics are dropped before it starts."""
+    return shapes.linear_params * (4 + 8 + 4 + 1) + shapes.block_params * (4 - shapes.dtype_bytes)
 
 
 def _block_flops(shapes: _Shapes, request: PlanRequest, tokens: int, dense: bool) -> float:
