@@ -66,6 +66,10 @@ def resident_bytes() -> int | None:
     return None
 
 
+def _cuda_active() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 class _StagePeaks:
     """Peak memory of each named stage (the max over its entries), nested stages included.
 
@@ -88,10 +92,10 @@ class _StagePeaks:
         self._fold_cuda()
         with self.lock:
             self.open.append(name)
-        self._sample()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        sampled = self._sample()
+        if _cuda_active():
             torch.cuda.reset_peak_memory_stats()
-        if self.sampler is None and resident_bytes() is not None:
+        if self.sampler is None and sampled:
             self.stop = threading.Event()
             self.sampler = threading.Thread(target=self._run, daemon=True, name="stage-memory")
             self.sampler.start()
@@ -111,13 +115,15 @@ class _StagePeaks:
         while not self.stop.wait(SAMPLE_SECONDS):
             self._sample()
 
-    def _sample(self) -> None:
+    def _sample(self) -> bool:
+        """Record the resident memory now; False where it cannot be read."""
         size = resident_bytes()
         if size is not None:
             self._record("rss", size)
+        return size is not None
 
     def _fold_cuda(self) -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if _cuda_active():
             size = torch.cuda.max_memory_allocated()
             _CUDA_PEAK[0] = max(_CUDA_PEAK[0], size)
             self._record("cuda", size)
