@@ -47,13 +47,17 @@ def test_eval_json_on_a_local_model(tiny_model_dir, tmp_path):
         (["eval", "no-such-alias"], "unknown model"),
         (["eval", "/no/such/path"], "unknown model"),
         (["eval", "TINY", "--dataset", "EMPTY"], "is empty"),
-        (["eval", "TINY", "--seqlen", "100000"], "maximum context"),
+        # A local corpus: with the bundled one, a fresh machine's first run logs its fetch.
+        (["eval", "TINY", "--dataset", "TEXT", "--seqlen", "100000"], "maximum context"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tiny_model_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    args = [str(tiny_model_dir) if a == "TINY" else str(empty) if a == "EMPTY" else a for a in args]
+    text = tmp_path / "text.txt"
+    text.write_text("evaluation text. " * 50)
+    files = {"TINY": str(tiny_model_dir), "EMPTY": str(empty), "TEXT": str(text)}
+    args = [files.get(a, a) for a in args]
     result = run_cli(*args)
     assert result.returncode == 2
     assert message in result.stderr
