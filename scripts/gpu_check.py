@@ -16,7 +16,9 @@ Pass/fail, stated up front: every GPU perplexity within ``--tolerance`` (default
 relative) of the CPU float32 one of the same method, the fp32 GPU SparseGPT within 2%,
 offloaded weights bit-identical to resident ones, SDS better than SparseGPT on the GPU,
 and a bench table that ran. Exit status 1 when a check fails; 0 with a one-line message on
-a machine without a CUDA GPU.
+a machine without a CUDA GPU; 3 with one line on stderr when ``nvidia-smi`` lists a GPU but
+torch cannot use it (a CPU-only build of torch, the usual case: install a CUDA build with
+``SDSPRUNE_TORCH_INDEX=https://download.pytorch.org/whl/cu128 bash scripts/setup.sh``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +36,42 @@ import torch
 
 MODEL = "smollm2-135m"
 PATTERN = "2:4"
+EXIT_TORCH_WITHOUT_CUDA = 3  # gpu_check.sh stops at once on it (no test run after it)
+CUDA_INDEX_EXAMPLE = "https://download.pytorch.org/whl/cu128"
+
+
+def nvidia_gpu_listed() -> bool:
+    """Whether ``nvidia-smi -L`` lists a GPU: the machine has one, whatever torch says."""
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return False
+    try:
+        listed = subprocess.run([tool, "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return listed.returncode == 0 and "GPU" in listed.stdout
+
+
+def torch_cannot_use_the_gpu() -> str:
+    """One line: why torch cannot use the GPU ``nvidia-smi`` lists, and what to do about it.
+
+    A check that printed "nothing to check" and exited 0 here passed on a GPU machine whose
+    torch was a CPU build (what pip's configured index serves on the project's machines).
+    """
+    install = (
+        f"SDSPRUNE_TORCH_INDEX={CUDA_INDEX_EXAMPLE} bash scripts/setup.sh "
+        "(the cuXXX index your driver supports: nvidia-smi shows its CUDA version)"
+    )
+    if torch.version.cuda is None:
+        return (
+            f"gpu_check: nvidia-smi lists a GPU but torch {torch.__version__} has no CUDA "
+            f"(a CPU-only build): install a CUDA build with {install}"
+        )
+    return (
+        f"gpu_check: nvidia-smi lists a GPU but torch {torch.__version__} (CUDA "
+        f"{torch.version.cuda}) cannot use it: check CUDA_VISIBLE_DEVICES and that the driver "
+        f"supports CUDA {torch.version.cuda}, or install another build with {install}"
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -137,6 +176,9 @@ def main(argv: list[str]) -> int:
         cpu_reference(args)
         return 0
     if not torch.cuda.is_available():
+        if nvidia_gpu_listed():  # a GPU is there but torch cannot use it: a failed check
+            print(torch_cannot_use_the_gpu(), file=sys.stderr)
+            return EXIT_TORCH_WITHOUT_CUDA
         print(
             f"gpu_check: no CUDA GPU visible to torch {torch.__version__} "
             f"(CUDA build: {torch.version.cuda or 'none'}): nothing to check here"

@@ -6,6 +6,10 @@
 # semi-structured backend, and report peak GPU memory (scripts/gpu_check.py says what passes).
 # Results: runs/gpu-check/ (gpu_check.json, bench.json, the pruned checkpoints).
 # On a machine without an NVIDIA GPU it says so and exits 0, before installing anything.
+# torch must be a CUDA build: setup.sh installs one from a PyTorch wheel index when
+#   SDSPRUNE_TORCH_INDEX=https://download.pytorch.org/whl/cu128 bash scripts/gpu_check.sh
+# (the cuXXX your driver supports; nvidia-smi shows its CUDA version). When nvidia-smi lists a
+# GPU but torch cannot use it (a CPU-only build), it fails with one line on stderr saying so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -21,6 +25,9 @@ fi
 . .venv/bin/activate
 status=0
 python scripts/gpu_check.py "$@" || status=$?
+if [ "$status" -eq 3 ]; then  # torch cannot use the GPU: gpu_check.py printed why
+  exit "$status"
+fi
 # the GPU-only unit test of the 2:4 kernels (skipped everywhere else)
 python -m pytest -q tests/test_inference.py -k semi_structured || status=$?
 exit "$status"

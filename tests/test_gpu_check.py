@@ -33,7 +33,10 @@ def test_the_shell_script_says_no_gpu_and_exits_cleanly_before_any_setup(tmp_pat
     assert "sdsprune ready" not in result.stdout  # setup.sh never ran
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+@pytest.mark.skipif(
+    torch.cuda.is_available() or shutil.which("nvidia-smi") is not None,
+    reason="this machine has a GPU (torch without CUDA on it is a failed check)",
+)
 def test_the_python_check_says_no_cuda_and_exits_cleanly():
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_check.py")],
@@ -44,3 +47,38 @@ def test_the_python_check_says_no_cuda_and_exits_cleanly():
     )
     assert result.returncode == 0, result.stderr
     assert "no CUDA GPU visible to torch" in result.stdout
+
+
+def _fake_nvidia_smi(folder: Path) -> Path:
+    """An ``nvidia-smi`` that lists one GPU, as on a GPU machine."""
+    folder.mkdir()
+    tool = folder / "nvidia-smi"
+    tool.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-fake)'\n")
+    tool.chmod(0o755)
+    return folder
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch can use a CUDA GPU")
+def test_a_visible_gpu_with_a_torch_without_cuda_fails_with_one_line_saying_how_to_fix(tmp_path):
+    """nvidia-smi sees a GPU but torch cannot use it: the check must fail, not pass as
+    "nothing to check", and say in one line how to install a CUDA build of torch."""
+    fake = _fake_nvidia_smi(tmp_path / "bin")
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SDSPRUNE_SKIP_SETUP": "1",  # the .venv is ready: no reinstall
+    }
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "no CUDA" in lines[0] and "SDSPRUNE_TORCH_INDEX=" in lines[0]
+    assert "scripts/setup.sh" in lines[0]
+    assert "passed" not in result.stdout  # no test run after the refusal
