@@ -217,7 +217,7 @@ def test_export_errors_are_actionable(tmp_path, tiny_model_dir):
     with pytest.raises(SdspruneError, match="--overwrite"):
         export_checkpoint(tiny_model_dir, tmp_path / "taken")
     export_checkpoint(tiny_model_dir, tmp_path / "taken", overwrite=True)
-    with pytest.raises(SdspruneError, match="differ from the source"):
+    with pytest.raises(SdspruneError, match="is the source model"):
         export_checkpoint(tiny_model_dir, tiny_model_dir, overwrite=True)
     assert not list(tmp_path.glob(".*partial*"))
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdsprune import SdspruneError
+from sdsprune.ownership import STATE_MARKER
 from sdsprune.prune import prune
 
 CORPUS = "The quick brown fox jumps over the lazy dog while pruning sparse models. " * 40
@@ -119,6 +120,7 @@ def test_resume_refuses_state_of_another_run(tiny_model_dir, tmp_path):
     assert not state.exists()
     # leave a manifest behind by hand, as a killed run would, then resume with other options
     state.mkdir()
+    (state / STATE_MARKER).write_text('{"created_folder": true}')
     (state / "manifest.json").write_text(
         '{"fingerprint": "x", "pass": 0, "done": 0, "records": {}}'
     )

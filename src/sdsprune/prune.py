@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +21,7 @@ from sdsprune.data import (
     load_corpus,
     sample_calibration,
 )
+from sdsprune.data.corpora import tokenize
 from sdsprune.engine import (
     BlockContext,
     BlockProcessor,
@@ -33,12 +35,13 @@ from sdsprune.engine.distributed import distributed_from_env
 from sdsprune.engine.lowmem import LowMemoryStore
 from sdsprune.engine.memory_plan import MemoryPlan, PlanRequest, check_plan, fit_plan
 from sdsprune.errors import SdspruneError
-from sdsprune.evaluate.perplexity import check_seqlen, evaluate_corpora, with_bos
+from sdsprune.evaluate.perplexity import check_seqlen, eval_chunks, evaluate_corpora, with_bos
 from sdsprune.linalg import relative_error
 from sdsprune.models import LoadedModel, decoder_blocks, load_model, model_linears
+from sdsprune.ownership import atomic_output_dir, check_output_folder, check_state_folder
 from sdsprune.pruners import BASE_PRUNERS, Pruner, SparsityPattern, get_pruner, parse_pruner_spec
 from sdsprune.runinfo import Timer, library_versions, peak_memory
-from sdsprune.utils import atomic_output_dir, resolve_device, resolve_dtype
+from sdsprune.utils import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +174,9 @@ def prune(
             f"unknown offload setting '{offload_activations}' "
             f"(choose from {', '.join(OFFLOAD_CHOICES)})"
         )
-    if out is not None and Path(out).exists() and not overwrite:
-        raise SdspruneError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    if max_chunks is not None and max_chunks < 1:
+        raise SdspruneError(f"--max-chunks must be at least 1 (got {max_chunks})")
+    _check_folders(model, out, overwrite, state_dir, inputs={"the calibration text": calib})
     options = PruneOptions(
         method=method,
         pattern=pattern,
@@ -213,6 +217,29 @@ def prune(
         return _prune(model, options, dist, timer)
 
 
+def _check_folders(model, out, overwrite: bool, state_dir, inputs: dict[str, str]) -> None:
+    """Before any work: ``out`` and ``state_dir`` may be written, and replacing or cleaning
+    them up cannot delete the source model, each other or an input file."""
+    source = model.path if isinstance(model, LoadedModel) else _local_path(str(model))
+    files = {label: _local_path(value) for label, value in inputs.items()}
+    if out is not None:
+        check_output_folder(
+            out,
+            overwrite=overwrite,
+            protected={"the source model": source, "the state folder": state_dir, **files},
+        )
+    if state_dir is not None:
+        check_state_folder(
+            state_dir, protected={"the output folder": out, "the source model": source, **files}
+        )
+
+
+def _local_path(spec: str) -> Path | None:
+    """``spec`` as a local file or folder, when it names one (not an alias or hub id)."""
+    path = Path(spec).expanduser()
+    return path if spec and path.exists() else None
+
+
 def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
     """The body of :func:`prune`, inside the distributed group (if any)."""
     opts = options
@@ -232,6 +259,7 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
     opts.pattern.check_layers(linears)
     calibration = opts.calibration
     check_seqlen(net, opts.seqlen if calibration is None else calibration.shape[1])
+    _check_eval_inputs(loaded, eval_corpora, opts.eval_seqlen or opts.seqlen)
     if not opts.low_memory:  # a low-memory run checks each block as it reads it
         _check_finite_weights(linears)
     with timer.stage("calibration"):
@@ -319,12 +347,30 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
 def _finish_run(
     loaded, report, opts: PruneOptions, session, eval_corpora, timer, prune_seconds
 ) -> PruneResult:
-    """Evaluate and save on the main process only; then drop the run's saved state."""
+    """Save, then evaluate, on the main process only: a failing evaluation cannot lose the
+    pruned model, and the saved state is dropped as soon as the model is safe."""
     if not session.is_main:
         runs.finish(session, opts.state_dir)
         return PruneResult(model=loaded, report=report, out=None)
+    store = session.store if isinstance(session.store, LowMemoryStore) else None
+    saved = (
+        save_pruned(loaded, report, opts.out, opts.overwrite, store)
+        if opts.out is not None
+        else None
+    )
+    runs.finish(session, opts.state_dir)
     if eval_corpora:
-        report["evaluation"] = _evaluate(
+        report["evaluation"] = _evaluate_saved(loaded, eval_corpora, opts, timer, saved)
+        report["timings"] = {**timer.rounded(), "prune_total": round(prune_seconds, 3)}
+        if saved is not None:
+            _write_report(saved, report)
+    return PruneResult(model=loaded, report=report, out=saved)
+
+
+def _evaluate_saved(loaded, eval_corpora, opts: PruneOptions, timer, saved) -> list[dict]:
+    """The evaluation after the save; a failure says where the pruned model already is."""
+    try:
+        return _evaluate(
             loaded,
             eval_corpora,
             opts.eval_seqlen or opts.seqlen,
@@ -333,15 +379,34 @@ def _finish_run(
             timer,
             opts.progress,
         )
-        report["timings"] = {**timer.rounded(), "prune_total": round(prune_seconds, 3)}
-    store = session.store if isinstance(session.store, LowMemoryStore) else None
-    saved = (
-        save_pruned(loaded, report, opts.out, opts.overwrite, store)
-        if opts.out is not None
-        else None
-    )
-    runs.finish(session, opts.state_dir)
-    return PruneResult(model=loaded, report=report, out=saved)
+    except SdspruneError as exc:
+        if saved is None:
+            raise
+        raise SdspruneError(
+            f"{exc} (the pruned model is saved in {saved}; evaluate it with `sdsprune eval`)"
+        ) from exc
+
+
+def _check_eval_inputs(loaded: LoadedModel, corpora, seqlen: int) -> None:
+    """Before pruning: every evaluation corpus fits the model and holds at least one chunk
+    (a failure after an hour of pruning would otherwise be the first sign)."""
+    if not corpora:
+        return
+    check_seqlen(loaded.model, seqlen)
+    for corpus in corpora:
+        eval_chunks(tokenize(loaded.tokenizer, corpus.text), seqlen, None)
+
+
+def _write_report(folder: Path, report: dict) -> None:
+    """Replace the saved report with the one that includes the evaluation, in one step."""
+    path = folder / REPORT_NAME
+    tmp = path.with_name(f".{REPORT_NAME}.tmp")
+    try:
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SdspruneError(f"could not update {path}: {exc.strerror or exc}") from exc
 
 
 def _memory_plan(net, opts: PruneOptions, windows: torch.Tensor, dist) -> MemoryPlan:

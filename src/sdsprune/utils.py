@@ -1,11 +1,9 @@
-"""Small helpers shared across the package: devices, dtypes, atomic output folders."""
+"""Small helpers shared across the package: devices, dtypes, the cache folder."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,35 +37,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype not in DTYPES:
         raise SdspruneError(f"unknown dtype '{dtype}' (choose from auto, {', '.join(DTYPES)})")
     return DTYPES[dtype]
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a scratch folder that becomes ``out`` only if the block finishes.
-
-    Writing into a sibling temporary folder and renaming it at the end means a crash,
-    a full disk or Ctrl-C never leaves a half-written checkpoint where the user expects one.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SdspruneError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-    except OSError as exc:
-        raise SdspruneError(f"cannot create output folder next to {out}: {exc.strerror}") from exc
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SdspruneError(f"could not write {out}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def cache_dir() -> Path:

@@ -5,6 +5,10 @@ file per block), the activation stream(s) entering block ``k+1`` (one file per r
 manifest with the per-layer records and a fingerprint of the run's configuration and
 calibration windows. Files are written first and the manifest last, each by an atomic
 rename, so a kill at any instant leaves the previous consistent state behind.
+
+Everything is stored as safetensors, which holds tensors only: a tampered state file can
+be refused as corrupt but can never run code when it is read back. The folder carries
+sdsprune's marker (see sdsprune.ownership), and cleaning up deletes only ``STATE_FILES``.
 """
 
 from __future__ import annotations
@@ -23,10 +27,22 @@ from torch import nn
 from sdsprune.engine.capture import ActivationStream
 from sdsprune.errors import SdspruneError
 from sdsprune.models.blocks import decoder_blocks
+from sdsprune.ownership import check_state_folder, claim_state_folder, remove_state_folder
 
 MANIFEST = "manifest.json"
 FAULT_ENV = "SDSPRUNE_FAULT"  # testing aid: "kill@N" or "pause@N" after block N
 FAULT_FILE_ENV = "SDSPRUNE_FAULT_FILE"  # written when the fault triggers
+# What a run writes into its state folder (glob patterns), and so all that cleanup deletes.
+STATE_FILES = (
+    MANIFEST,
+    "stream-rank*-block*.safetensors",
+    ".*.tmp-*",
+    "blocks/block-*.safetensors",
+    "blocks/.*.tmp-*",
+    "blocks-rank*/block-*.safetensors",
+    "blocks-rank*/.*.tmp-*",
+)
+STATE_SUBFOLDERS = ("blocks", "blocks-rank*")
 
 
 def fingerprint(config: dict, windows: torch.Tensor) -> str:
@@ -97,6 +113,7 @@ class Checkpointer:
         self.rank = rank
         self.world = world
         self.barrier = barrier or (lambda: None)
+        check_state_folder(self.folder)
         self.manifest = self._read_manifest() if resume else None
         if resume and self.manifest is None:
             raise SdspruneError(f"nothing to resume in {self.folder} (no saved state there)")
@@ -110,6 +127,9 @@ class Checkpointer:
                 f"{self.folder} holds the state of an unfinished run; pass --resume to "
                 "continue it, or delete the folder to start over"
             )
+        if rank == 0:  # one process makes and marks the folder, the others wait for it
+            claim_state_folder(self.folder)
+        self.barrier()
         try:
             self.blocks_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -138,7 +158,7 @@ class Checkpointer:
                 load_block_into(
                     blocks[index], block_file(self.blocks_dir, index), f"{prefix}{index}."
                 )
-        saved = torch.load(self._stream_path(done), map_location=stream.hidden.device)
+        saved = self._load_stream(done, stream.hidden.device, dense_stream is not None)
         stream.hidden = saved["hidden"].to(stream.hidden.dtype)
         if dense_stream is not None:
             dense_stream.hidden = saved["dense"].to(dense_stream.hidden.dtype)
@@ -163,7 +183,7 @@ class Checkpointer:
         payload = {"hidden": stream.hidden.detach().cpu()}
         if dense_stream is not None:
             payload["dense"] = dense_stream.hidden.detach().cpu()
-        write_atomic(self._stream_path(index), lambda tmp: torch.save(payload, tmp))
+        write_atomic(self._stream_path(index), lambda tmp: save_file(payload, str(tmp)))
         self.barrier()  # every rank's stream is on disk before the manifest points at it
         if self.rank == 0:
             manifest = {
@@ -179,7 +199,21 @@ class Checkpointer:
         self._stream_path(index - 2).unlink(missing_ok=True)
 
     def _stream_path(self, index: int) -> Path:
-        return self.folder / f"stream-rank{self.rank}-block{index:05d}.pt"
+        return self.folder / f"stream-rank{self.rank}-block{index:05d}.safetensors"
+
+    def _load_stream(self, index: int, device: torch.device, dense: bool) -> dict:
+        """The saved activation stream(s); a missing or damaged file is one clear error."""
+        path = self._stream_path(index)
+        try:
+            saved = load_file(str(path), device=str(device))
+        except Exception as exc:  # safetensors raises its own error type on damaged files
+            raise SdspruneError(
+                f"unreadable run state {path} ({exc}); delete {self.folder} to start over"
+            ) from exc
+        wanted = {"hidden", "dense"} if dense else {"hidden"}
+        if not wanted <= saved.keys():
+            raise SdspruneError(f"run state {path} lacks {sorted(wanted - saved.keys())}")
+        return saved
 
     def _read_manifest(self) -> dict | None:
         path = self.folder / MANIFEST
@@ -189,6 +223,12 @@ class Checkpointer:
             return json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise SdspruneError(f"unreadable run state {path}: {exc}") from exc
+
+
+def remove_state(folder: Path) -> None:
+    """After the output is safely written: delete what the run wrote into its state
+    folder (and the folder, if the run created it), nothing else."""
+    remove_state_folder(folder, STATE_FILES, STATE_SUBFOLDERS)
 
 
 def inject_fault(index: int) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdsprune.engine.checkpoint import Checkpointer, blocks_prefix, fingerprint
+from sdsprune.engine.checkpoint import Checkpointer, blocks_prefix, fingerprint, remove_state
 from sdsprune.engine.distributed import Distributed
 from sdsprune.engine.lowmem import LowMemoryStore, SafetensorsSource, build_skeleton
 from sdsprune.engine.session import BlockStore, RunSession
@@ -116,7 +116,7 @@ def finish(session: RunSession, state_dir) -> None:
     if session.dist is not None:
         session.dist.barrier()
     if state_dir is not None and session.is_main:
-        shutil.rmtree(state_dir, ignore_errors=True)
+        remove_state(Path(state_dir))
 
 
 def _scratch_dir(out: Path, rank: int) -> Path:

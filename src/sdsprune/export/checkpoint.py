@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from sdsprune.errors import SdspruneError
 from sdsprune.export.packing import Encoded, decode_weight, encode_weight
-from sdsprune.utils import DTYPES, atomic_output_dir
+from sdsprune.ownership import atomic_output_dir, check_output_folder
+from sdsprune.utils import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,19 @@ def read_manifest(folder: str | Path) -> dict:
             f"{path} is format {manifest.get('format')!r} v{manifest.get('version')}, "
             f"this sdsprune reads {FORMAT_NAME} v{FORMAT_VERSION} (upgrade sdsprune)"
         )
+    _check_plain_file_name(manifest.get("weights_file", SPARSE_WEIGHTS), path)
     return manifest
+
+
+def _check_plain_file_name(name: object, manifest: Path) -> None:
+    """The weights file must be a file inside the checkpoint's own folder: a manifest that
+    points elsewhere (an absolute path, ``..``) would make readers load foreign files."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+    if not plain or "/" in name or "\\" in name:
+        raise SdspruneError(
+            f"{manifest} names weights_file {name!r}; it must be a plain file name inside "
+            "the checkpoint folder (the checkpoint is corrupt or was tampered with)"
+        )
 
 
 def check_model_folder(folder: str | Path) -> Path:
@@ -207,11 +220,10 @@ def export_checkpoint(
         )
     folder = check_model_folder(source)
     target_dtype = _resolve_export_dtype(dtype)
-    if Path(out).expanduser().resolve() == folder.resolve():
-        raise SdspruneError("the output folder must differ from the source folder")
+    target = check_output_folder(out, overwrite=overwrite, protected={"the source model": folder})
     tensors = load_state_dict(folder, target_dtype)
     prunable = prunable_weight_names(folder) & tensors.keys()
-    with atomic_output_dir(Path(out).expanduser(), overwrite=overwrite) as tmp:
+    with atomic_output_dir(target, overwrite=overwrite) as tmp:
         _copy_side_files(folder, tmp)
         if target_dtype is not None:
             _set_config_dtype(tmp, target_dtype)

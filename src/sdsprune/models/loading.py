@@ -15,7 +15,8 @@ from sdsprune.data.assets import fetch_pinned_file
 from sdsprune.errors import SdspruneError
 from sdsprune.hub import offline_kwargs
 from sdsprune.models.aliases import ALIASES
-from sdsprune.utils import atomic_output_dir, cache_dir, resolve_device, resolve_dtype
+from sdsprune.ownership import atomic_output_dir
+from sdsprune.utils import cache_dir, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
