@@ -10,7 +10,8 @@ windows everywhere:
    more in bf16 with the activations offloaded to CPU (must give identical weights);
 3. export the SDS bf16 checkpoint in the sparse format, load it with the 2:4
    ``semi-structured`` backend and ``auto``, and print ``sdsprune bench``'s table;
-4. report peak GPU memory of every step next to what the memory plan predicted.
+4. report peak GPU memory of every step, and of every stage of each prune next to the
+   stage's time, beside what the memory plan predicted.
 
 Pass/fail, stated up front: every GPU perplexity within ``--tolerance`` (default 5%,
 relative) of the CPU float32 one of the same method, the fp32 GPU SparseGPT within 2%,
@@ -98,15 +99,18 @@ def run_method(args, windows, method, device, dtype, out: Path | None = None, **
     """Prune (or only evaluate, for ``dense``) and return perplexity, time and memory."""
     import sdsprune
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    if method == "dense":
+    stages, peak = {}, None
+    if method == "dense":  # no stage meter here: CUDA's own counter covers the whole step
         loaded = sdsprune.load_model(MODEL, device=device, dtype=dtype)
         report = sdsprune.evaluate_model(
             loaded, seqlen=args.eval_seqlen, max_chunks=args.max_chunks, progress=False
         )
         ppl, plan, weights = report["results"][0]["perplexity"], None, None
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else None
     else:
         result = sdsprune.prune(
             MODEL,
@@ -126,7 +130,8 @@ def run_method(args, windows, method, device, dtype, out: Path | None = None, **
         ppl = result.report["evaluation"][0]["perplexity"]
         plan = result.report["plan"]["device_peak"] / 2**20
         weights = {k: v.detach().cpu() for k, v in result.model.model.state_dict().items()}
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+        stages = report_stages(result.report)
+        peak = run_peak_mib(result.report)
     row = {
         "method": method,
         "device": device,
@@ -135,8 +140,39 @@ def run_method(args, windows, method, device, dtype, out: Path | None = None, **
         "seconds": round(time.perf_counter() - start, 1),
         "peak_gpu_mib": None if peak is None else round(peak, 1),
         "planned_peak_mib": None if plan is None else round(plan, 1),
+        "stages": stages,
     }
     return row, weights
+
+
+def run_peak_mib(report: dict) -> float | None:
+    """The prune's peak GPU memory: the largest stage peak the report's stage meter kept.
+
+    Not CUDA's counter read after the run: every stage resets it on entry, so it holds only
+    what came after the last stage began. Nor the report's process-wide ``peak_cuda_mib``:
+    this script runs several prunes in one process, and that one keeps the largest of them.
+    """
+    peaks = [
+        stage["peak_cuda_mib"]
+        for stage in report["memory"]["stages"].values()
+        if stage.get("peak_cuda_mib") is not None
+    ]
+    return max(peaks) if peaks else None
+
+
+def report_stages(report: dict) -> dict[str, dict]:
+    """Every stage time of the report, with that stage's peak GPU memory and the plan's
+    per-block device peak beside it (the first GPU run is where the plan meets a GPU)."""
+    peaks = report["memory"]["stages"]
+    plan = round(report["plan"]["device_peak"] / 2**20, 1)
+    return {
+        name: {
+            "seconds": seconds,
+            "peak_gpu_mib": peaks.get(name, {}).get("peak_cuda_mib"),
+            "planned_peak_mib": plan,
+        }
+        for name, seconds in report["timings"].items()
+    }
 
 
 def cpu_reference(args) -> None:
@@ -245,8 +281,24 @@ def print_summary(rows: list[dict], cpu: list[dict], checks: list[tuple[str, boo
             f"{'' if vs is None else f'{vs:+.1%}':>9}{row['seconds']:>7}"
             f"{row['peak_gpu_mib'] or '':>10}{row['planned_peak_mib'] or '':>10}"
         )
+    print_stages([*cpu, *rows])
     for check, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {check}")
+
+
+def print_stages(rows: list[dict]) -> None:
+    """Each prune's stage times with the stage's peak GPU memory and the plan's figure."""
+    for row in rows:
+        if not row.get("stages"):
+            continue
+        print(f"stages of {row['method']} ({row['device']}, {row['dtype']}):")
+        for name, stage in row["stages"].items():
+            peak, plan = stage["peak_gpu_mib"], stage["planned_peak_mib"]
+            print(
+                f"  {name:<26}{stage['seconds']:>9.2f} s"
+                f"{'' if peak is None else f'{peak:>10.1f} MiB':>14}"
+                f"{'' if peak is None else f'  (plan {plan:.1f} MiB)'}"
+            )
 
 
 if __name__ == "__main__":

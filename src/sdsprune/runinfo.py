@@ -38,19 +38,25 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def peak_memory() -> dict[str, float]:
+def peak_memory(device: torch.device | str | None = None) -> dict[str, float]:
     """Peak resident memory of this process (and peak CUDA allocation) in MiB, over the
-    whole run: the stage meters reset CUDA's peak counter and fold what it had seen into
-    ``_CUDA_PEAK`` first."""
+    process's life: the stage meters reset CUDA's peak counter and fold what it had seen into
+    ``_CUDA_PEAK`` first.
+
+    ``device``: the CUDA device to read; None reads the current one, which a run makes its
+    compute device (``distributed_from_env``: with ``--device cuda:1`` device 0 holds
+    nothing); a CPU device reads no CUDA peak at all.
+    """
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak = {"peak_rss_mib": round(rss_kib / 1024, 1)}
-    if torch.cuda.is_available():
-        cuda = max(torch.cuda.max_memory_allocated(), _CUDA_PEAK[0])
+    cuda_device = _cuda_device(device) if torch.cuda.is_available() else None
+    if cuda_device is not None:
+        cuda = max(torch.cuda.max_memory_allocated(cuda_device), _CUDA_PEAK.get(cuda_device, 0))
         peak["peak_cuda_mib"] = round(cuda / 2**20, 1)
     return peak
 
 
-_CUDA_PEAK = [0]  # bytes CUDA's counter had seen before a stage meter reset it
+_CUDA_PEAK: dict[int, int] = {}  # per device: bytes its counter saw before a meter reset it
 _STATUS = Path("/proc/self/status")
 SAMPLE_SECONDS = 0.005
 
@@ -70,6 +76,16 @@ def _cuda_active() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
+def _cuda_device(device: torch.device | str | None) -> int | None:
+    """The index of the CUDA device a reading is of: ``device``'s, the current device's when
+    ``device`` is None or names no index; None for a non-CUDA device. Call it only where CUDA
+    is available (it asks for the current device)."""
+    if device is not None and torch.device(device).type != "cuda":
+        return None
+    index = None if device is None else torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
 class _StagePeaks:
     """Peak memory of each named stage (the max over its entries), nested stages included.
 
@@ -78,7 +94,9 @@ class _StagePeaks:
     sampled every ``SAMPLE_SECONDS`` by a thread while a stage is open (the kernel's
     high-water mark could be reset per stage instead, but that is process state the caller's
     ``getrusage`` and ``/usr/bin/time`` read); allocations this size take longer than that
-    to fill. CUDA's peak counter is reset on entry, the usual way, its value folded first.
+    to fill. CUDA's peak counter (of the current device: a run makes its compute device the
+    current one, see ``distributed_from_env``) is reset on entry, the usual way, its value
+    folded first.
     """
 
     def __init__(self) -> None:
@@ -93,8 +111,9 @@ class _StagePeaks:
         with self.lock:
             self.open.append(name)
         sampled = self._sample()
-        if _cuda_active():
-            torch.cuda.reset_peak_memory_stats()
+        cuda_device = self._cuda_device()
+        if cuda_device is not None:
+            torch.cuda.reset_peak_memory_stats(cuda_device)
         if self.sampler is None and sampled:
             self.stop = threading.Event()
             self.sampler = threading.Thread(target=self._run, daemon=True, name="stage-memory")
@@ -122,10 +141,16 @@ class _StagePeaks:
             self._record("rss", size)
         return size is not None
 
+    def _cuda_device(self) -> int | None:
+        """The CUDA device this meter reads (the current one), None when CUDA has not started
+        (asking would start it)."""
+        return _cuda_device(None) if _cuda_active() else None
+
     def _fold_cuda(self) -> None:
-        if _cuda_active():
-            size = torch.cuda.max_memory_allocated()
-            _CUDA_PEAK[0] = max(_CUDA_PEAK[0], size)
+        cuda_device = self._cuda_device()
+        if cuda_device is not None:
+            size = torch.cuda.max_memory_allocated(cuda_device)
+            _CUDA_PEAK[cuda_device] = max(_CUDA_PEAK.get(cuda_device, 0), size)
             self._record("cuda", size)
 
     def _record(self, kind: str, size: int) -> None:

@@ -78,10 +78,16 @@ def requested_world() -> int:
 @contextlib.contextmanager
 def distributed_from_env(compute: torch.device) -> Iterator[Distributed | None]:
     """Join the process group torchrun describes in the environment (gloo on CPU, nccl on
-    CUDA), and leave it at the end; yields None for a plain single-process run."""
+    CUDA), and leave it at the end; yields None for a plain single-process run.
+
+    Either way a CUDA compute device is the current device while the run lasts (each rank's
+    own device; ``--device cuda:1`` in one process), so what reads the current device reads
+    the one that computes: the stage meters' and the report's peak CUDA memory among them.
+    """
     world = requested_world()
     if world <= 1:
-        yield None
+        with _current_cuda_device(compute):
+            yield None
         return
     created = not tdist.is_initialized()
     if compute.type == "cuda":
@@ -100,6 +106,14 @@ def distributed_from_env(compute: torch.device) -> Iterator[Distributed | None]:
     finally:
         if created:
             tdist.destroy_process_group()
+
+
+def _current_cuda_device(compute: torch.device):
+    """``compute`` made the current CUDA device (and the previous one restored after); nothing
+    for a CPU device or a CUDA one without an index (that is the current device already)."""
+    if compute.type != "cuda" or compute.index is None:
+        return contextlib.nullcontext()
+    return torch.cuda.device(compute)
 
 
 def reduce_stats(dist: Distributed, collector) -> None:
