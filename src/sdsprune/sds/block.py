@@ -8,9 +8,12 @@ surviving weights move. Adam on mini-batches of windows, a few epochs, cosine-de
 size proportional to each layer's weight RMS (so one setting fits any model width).
 
 The block's output error on all windows is measured at the start and after each epoch and the
-best weights are kept, so the block never ends worse than it started. With several processes
-each rank holds a slice of the windows: gradients and errors are summed across ranks, so every
-rank takes the same steps.
+best weights are kept, so the block never ends worse than it started. The block trains in fp32;
+a bf16/fp16 model's block is cast back afterwards, and rounding can undo a small gain, so there
+the start and the kept weights are both judged as the model will run them (in its dtype), the
+start kept if the rounded block is worse, and the next block's inputs come from that forward.
+With several processes each rank holds a slice of the windows: gradients and errors are summed
+across ranks, so every rank takes the same steps (and the same decisions).
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ from sdsprune.sds.config import SDSConfig
 
 @dataclass
 class BlockFit:
-    """How a block re-fit went; errors are ‖out − target‖² / ‖target‖² over all windows."""
+    """How a block re-fit went; errors are ‖out − target‖² / ‖target‖² over all windows.
+
+    ``start_error`` and ``final_error`` are measured as the model runs the block (in a
+    bf16/fp16 model: after the cast back, in its dtype); ``epoch_errors`` are the fp32
+    training measurements.
+    """
 
     start_error: float
     final_error: float
@@ -56,33 +64,91 @@ def fit_block(
     ``BlockFit.outputs`` so the caller need not run the block again.
     """
     fit_problem = _Problem(index, block, linears, stream, targets, dist)
-    weights = fit_problem.weights
     owned = _owned_windows(stream, dist)
     chosen = owned.choose(config.block_windows, seed=index)
     rows = owned.local(chosen)
     keep_outputs = chosen.numel() == owned.total
-    with _trainable(block, weights):
-        reference = sum(float(targets[b].float().square().sum()) for b in _batches(rows, 64))
-        reference = _sum_over_ranks(dist, reference)
-        if reference <= 0:
-            raise SdspruneError(f"decoder block {index} has all-zero target outputs")
-        error, outputs = fit_problem.error(rows, keep_outputs)
+    reference = _target_energy(index, targets, rows, dist)
+    if _model_dtype(block) == torch.float32:
+        return _fit_fp32(fit_problem, config, chosen, owned, rows, keep_outputs, reference)
+    return _fit_and_round(fit_problem, config, chosen, owned, rows, keep_outputs, reference)
+
+
+def _fit_fp32(problem, config, chosen, owned, rows, keep_outputs, reference) -> BlockFit:
+    """The re-fit of an fp32 block: what trains is what runs, so the fp32 measurements
+    decide, and the kept weights' outputs (measured anyway) feed the next block."""
+    weights = problem.weights
+    with _trainable(problem.block, weights):
+        error, outputs = problem.error(rows, keep_outputs)
         fit = BlockFit(start_error=error / reference, final_error=error / reference)
         kept = (error, _snapshot(weights), outputs)
-        epoch = _Epoch(fit_problem, config, reference)
+        epoch = _Epoch(problem, config, reference)
         for number in range(1, config.block_epochs + 1):
             epoch.run(number, chosen, owned)
-            error, outputs = fit_problem.error(rows, keep_outputs)
+            error, outputs = problem.error(rows, keep_outputs)
             fit.epoch_errors.append(error / reference)
             if error < kept[0]:
                 kept = (error, _snapshot(weights), outputs)
                 fit.kept_epoch = number
-        with torch.no_grad():
-            for weight, value in zip(weights, kept[1], strict=True):
-                weight.copy_(value)
+        _restore(weights, kept[1])
     fit.final_error = kept[0] / reference
     fit.outputs = kept[2]
     return fit
+
+
+def _fit_and_round(problem, config, chosen, owned, rows, keep_outputs, reference) -> BlockFit:
+    """The re-fit of a bf16/fp16 block: trained in fp32, the best epoch's weights cast back,
+    then judged against the start as the model runs both (in its dtype).
+
+    An fp32 gain smaller than the rounding is lost in the cast, so the fp32 measurements only
+    pick the best epoch; the start is kept when the rounded block is worse than it. The
+    next block's inputs are the kept block's outputs in the model's dtype, as the output pass
+    would compute them (none come back when the start is kept: the output pass runs then).
+    """
+    weights = problem.weights
+    dtype = _model_dtype(problem.block)
+    start_weights = _snapshot(weights)
+    start, _ = problem.error(rows, keep_outputs=False, dtype=dtype)
+    fit = BlockFit(start_error=start / reference, final_error=start / reference)
+    with _trainable(problem.block, weights):
+        best, best_weights = math.inf, None
+        epoch = _Epoch(problem, config, reference)
+        for number in range(1, config.block_epochs + 1):
+            epoch.run(number, chosen, owned)
+            error, _ = problem.error(rows, keep_outputs=False)
+            fit.epoch_errors.append(error / reference)
+            if error < best:
+                best, best_weights, fit.kept_epoch = error, _snapshot(weights), number
+        if best_weights is not None:
+            _restore(weights, best_weights)
+    if fit.kept_epoch == 0:  # no epoch ran: the weights are the start's
+        return fit
+    rounded, outputs = problem.error(rows, keep_outputs, dtype=dtype)
+    if rounded > start:
+        _restore(weights, start_weights)
+        fit.kept_epoch = 0
+        return fit
+    fit.final_error, fit.outputs = rounded / reference, outputs
+    return fit
+
+
+def _target_energy(index: int, targets: torch.Tensor, rows: torch.Tensor, dist) -> float:
+    """Σ‖target‖² over the windows ``rows`` of every rank: the errors' denominator."""
+    energy = sum(float(targets[b].float().square().sum()) for b in _batches(rows, 64))
+    energy = _sum_over_ranks(dist, energy)
+    if energy <= 0:
+        raise SdspruneError(f"decoder block {index} has all-zero target outputs")
+    return energy
+
+
+def _model_dtype(block: nn.Module) -> torch.dtype:
+    return next(block.parameters()).dtype
+
+
+@torch.no_grad()
+def _restore(weights: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    for weight, value in zip(weights, values, strict=True):
+        weight.copy_(value)
 
 
 class _Problem:
@@ -91,16 +157,29 @@ class _Problem:
     def __init__(self, index, block, linears, stream, targets, dist):
         self.index, self.block, self.linears = index, block, linears
         self.stream, self.targets, self.dist = stream, targets, dist
-        self.masks = {name: layer.weight != 0 for name, layer in linears.items()}
+        self.pruned = {name: layer.weight == 0 for name, layer in linears.items()}
 
     @property
     def weights(self) -> list[nn.Parameter]:
         return [layer.weight for layer in self.linears.values()]
 
-    def error(self, rows: torch.Tensor, keep_outputs: bool) -> tuple[float, torch.Tensor | None]:
+    def error(
+        self, rows: torch.Tensor, keep_outputs: bool, dtype: torch.dtype = torch.float32
+    ) -> tuple[float, torch.Tensor | None]:
+        """The block's squared error on ``rows``, computed in ``dtype`` (fp32: training)."""
         return _block_error(
-            self.index, self.block, self.stream, self.targets, rows, self.dist, keep_outputs
+            self.index, self.block, self.stream, self.targets, rows, self.dist, keep_outputs, dtype
         )
+
+    def zero_pruned_(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Pruned entries of each layer's ``tensors`` (weights or gradients) set to zero.
+
+        ``masked_fill_``, not a multiplication by the mask: NaN x 0 and Inf x 0 are NaN, so a
+        non-finite value at a pruned entry would survive a ``mul_`` (and, in a gradient, reach
+        Adam's moments and from there the weight).
+        """
+        for name, tensor in tensors.items():
+            tensor.masked_fill_(self.pruned[name], 0)
 
 
 class _Epoch:
@@ -133,8 +212,8 @@ class _Epoch:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for name, layer in self.problem.linears.items():
-                    layer.weight.mul_(self.problem.masks[name])
+                linears = self.problem.linears
+                self.problem.zero_pruned_({name: la.weight for name, la in linears.items()})
 
     def _accumulate_gradients(self, picked: torch.Tensor, scale: float) -> None:
         """This step's squared error over all ranks' windows, divided by ``scale``; pruned
@@ -155,8 +234,7 @@ class _Epoch:
             for weight in weights:
                 weight.grad.copy_(flat[offset : offset + weight.numel()].view_as(weight))
                 offset += weight.numel()
-        for name, layer in problem.linears.items():
-            layer.weight.grad.mul_(problem.masks[name])
+        problem.zero_pruned_({name: la.weight.grad for name, la in problem.linears.items()})
 
 
 @contextlib.contextmanager
@@ -179,15 +257,18 @@ def _trainable(block: nn.Module, weights: list[nn.Parameter]) -> Iterator[None]:
         block.to(dtype)
 
 
-def _forward(index: int, block: nn.Module, stream: ActivationStream, rows) -> torch.Tensor:
-    """The block's fp32 output on the windows ``rows``.
+def _forward(
+    index: int, block: nn.Module, stream: ActivationStream, rows, dtype=torch.float32
+) -> torch.Tensor:
+    """The block's output on the windows ``rows``, computed in ``dtype``: fp32 while it
+    trains; the model's dtype as the output pass runs it (inputs and extras as captured).
 
     The captured extras (masks, rotary tables) were recorded for a batch of
     ``stream.batch_size`` windows; windows carry no padding, so every row of them is the
     same and a smaller batch takes their first rows.
     """
-    hidden = stream.hidden[rows].to(_compute_device(block), torch.float32)
-    fit = _fitted_extras(hidden.shape[0], stream.batch_size)
+    hidden = stream.hidden[rows].to(_compute_device(block), dtype)
+    fit = _fitted_extras(hidden.shape[0], stream.batch_size, dtype == torch.float32)
     args = fit(stream.block_args[index])
     kwargs = fit(stream.block_kwargs[index])
     out = block(hidden, *args, **kwargs)
@@ -197,14 +278,14 @@ def _forward(index: int, block: nn.Module, stream: ActivationStream, rows) -> to
     return out
 
 
-def _fitted_extras(rows: int, captured: int):
-    """A converter of captured extras for a batch of ``rows`` windows, in fp32."""
+def _fitted_extras(rows: int, captured: int, to_fp32: bool = True):
+    """A converter of captured extras for a batch of ``rows`` windows (in fp32 if asked)."""
 
     def convert(value):
         if isinstance(value, torch.Tensor):
             if value.dim() and value.shape[0] == captured != rows:
                 value = value[:rows]
-            return value.float() if value.is_floating_point() else value
+            return value.float() if to_fp32 and value.is_floating_point() else value
         if isinstance(value, tuple | list):
             return type(value)(convert(v) for v in value)
         if isinstance(value, dict):
@@ -216,17 +297,17 @@ def _fitted_extras(rows: int, captured: int):
 
 @torch.no_grad()
 def _block_error(
-    index, block, stream, targets, rows: torch.Tensor, dist, keep_outputs: bool
+    index, block, stream, targets, rows: torch.Tensor, dist, keep_outputs: bool, dtype
 ) -> tuple[float, torch.Tensor | None]:
-    """Σ‖block(x) − target‖² over the windows ``rows`` of every rank, and (when asked, for
-    all windows) this rank's outputs."""
+    """Σ‖block(x) − target‖² (in fp32) over the windows ``rows`` of every rank, the block run
+    in ``dtype``, and (when asked, for all windows) this rank's outputs."""
     outputs = torch.empty_like(stream.hidden) if keep_outputs else None
     error = 0.0
     for batch in _batches(rows, stream.batch_size):
-        out = _forward(index, block, stream, batch)
+        out = _forward(index, block, stream, batch, dtype)
         if outputs is not None:
             outputs[batch] = out.to(outputs.device, outputs.dtype)
-        error += (out - _on(targets[batch], out)).square().sum().item()
+        error += (out.float() - _on(targets[batch], out)).square().sum().item()
     return _sum_over_ranks(dist, error), outputs
 
 
