@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -49,6 +50,11 @@ def test_eval_json_on_a_local_model(tiny_model_dir, tmp_path):
         (["eval", "TINY", "--dataset", "EMPTY"], "is empty"),
         # A local corpus: with the bundled one, a fresh machine's first run logs its fetch.
         (["eval", "TINY", "--dataset", "TEXT", "--seqlen", "100000"], "maximum context"),
+        (["eval", "TINY", "--dataset", "TEXT", "--max-chunks", "-1"], "--max-chunks"),
+        (["eval", "TINY", "--dataset", "TEXT", "--max-chunks", "0"], "--max-chunks"),
+        (["eval", "TINY", "--dataset", "TEXT", "--batch-size", "0"], "--batch-size"),
+        (["eval", "TINY", "--dataset", "NUMBERS"], "not a string"),
+        (["bench", "TINY", "--threads", "0"], "--threads"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tiny_model_dir, tmp_path):
@@ -56,10 +62,23 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tiny_model_dir
     empty.write_text("")
     text = tmp_path / "text.txt"
     text.write_text("evaluation text. " * 50)
+    numbers = tmp_path / "numbers.jsonl"  # a JSONL corpus whose text is not a string
+    numbers.write_text('{"text": "fine"}\n{"text": 42}\n')
     files = {"TINY": str(tiny_model_dir), "EMPTY": str(empty), "TEXT": str(text)}
+    files["NUMBERS"] = str(numbers)
     args = [files.get(a, a) for a in args]
     result = run_cli(*args)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_log_level_is_read_in_any_case_and_a_bad_one_is_one_line():
+    env = {**os.environ, "SDSPRUNE_LOG": "debug"}
+    command = [sys.executable, "-m", "sdsprune", "eval", "--help"]
+    assert subprocess.run(command, capture_output=True, text=True, env=env).returncode == 0
+    env["SDSPRUNE_LOG"] = "loud"
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "SDSPRUNE_LOG" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from sdsprune.data import load_corpus
+from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.perplexity import evaluate_corpora
 from sdsprune.models import LoadedModel, load_model
 from sdsprune.runinfo import library_versions
+
+
+def check_counts(**counts: int | None) -> None:
+    """Options that count something (chunks, batch size, threads) must be at least 1: 0 or
+    a negative number would otherwise mean "all", an empty run or a crash inside torch."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise SdspruneError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
 
 
 def evaluate_model(
@@ -20,6 +29,7 @@ def evaluate_model(
     progress: bool = True,
 ) -> dict:
     """Perplexity of ``model`` (a spec or an already loaded model) on each corpus."""
+    check_counts(max_chunks=max_chunks, batch_size=batch_size)
     corpora = [load_corpus(name, "eval") for name in datasets]  # fail fast on a bad name
     loaded = (
         model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)

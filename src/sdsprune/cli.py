@@ -121,10 +121,11 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity on corpora and/or zero-shot accuracy on tasks (lm-evaluation-harness)."""
-    from sdsprune.api import evaluate_model
+    from sdsprune.api import check_counts, evaluate_model
     from sdsprune.evaluate.zeroshot import check_task_names, evaluate_tasks
     from sdsprune.models import load_model
 
+    check_counts(max_chunks=max_chunks, batch_size=batch_size)
     task_list = _split_list(tasks) if tasks else []
     corpora = _split_list(dataset) if dataset else ([] if task_list else ["wiki"])
     check_task_names(task_list, prompt_style)
@@ -615,8 +616,10 @@ def bench_command(
     """Prefill throughput and decode latency: dense versus each sparse backend, one run."""
     import torch
 
+    from sdsprune.api import check_counts
     from sdsprune.bench import BenchSettings, render_notes, render_table, run_bench, write_json
 
+    check_counts(threads=threads)
     if threads is not None:
         torch.set_num_threads(threads)
     settings = BenchSettings(
@@ -681,7 +684,11 @@ def _quiet_dependencies() -> None:
 def main() -> None:
     """Entry point: one clear line and a non-zero exit for every user error."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("sdsprune").setLevel(os.environ.get("SDSPRUNE_LOG", "INFO"))
+    try:
+        logging.getLogger("sdsprune").setLevel(os.environ.get("SDSPRUNE_LOG", "INFO").upper())
+    except ValueError:
+        console.print("[bold red]error:[/] SDSPRUNE_LOG must be debug, info, warning or error")
+        sys.exit(2)
     _quiet_dependencies()
     try:
         app()

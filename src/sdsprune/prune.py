@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdsprune.api import check_counts
 from sdsprune.data import (
     DEFAULT_CALIB,
     DEFAULT_CALIB_SEED,
@@ -174,8 +175,7 @@ def prune(
             f"unknown offload setting '{offload_activations}' "
             f"(choose from {', '.join(OFFLOAD_CHOICES)})"
         )
-    if max_chunks is not None and max_chunks < 1:
-        raise SdspruneError(f"--max-chunks must be at least 1 (got {max_chunks})")
+    check_counts(max_chunks=max_chunks)
     _check_folders(model, out, overwrite, state_dir, inputs={"the calibration text": calib})
     options = PruneOptions(
         method=method,

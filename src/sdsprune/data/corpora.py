@@ -90,10 +90,14 @@ def _jsonl_texts(path: Path, raw: str) -> list[str]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            texts.append(record["text"])
+            text = json.loads(line)["text"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise SdspruneError(f"{path}:{number}: not a JSON object with a 'text' field") from exc
+        if not isinstance(text, str):
+            raise SdspruneError(
+                f"{path}:{number}: 'text' is {type(text).__name__}, not a string of text"
+            )
+        texts.append(text)
     return texts
 
 
