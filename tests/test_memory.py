@@ -330,8 +330,9 @@ def test_plan_time_counts_the_block_refit_on_its_windows(monkeypatch):
     without = flops()
     shapes = mp._shapes(net)
     one_pass = mp._forward_flops(shapes, 16 * 2048, 2048)  # a forward over 16 windows
-    # 2 epochs of forward + backward (3 passes each) and 3 error measurements, per block
-    expected = shapes.blocks * (2 * 3 + 3) * one_pass
+    # 2 epochs of forward + backward (3 passes each) and 4 error measurements (the start,
+    # each epoch, and the bf16 block after the cast back), per block
+    expected = shapes.blocks * (2 * 3 + 4) * one_pass
     assert flops(block_epochs=2, block_windows=16) - without == pytest.approx(expected)
     assert flops(block_epochs=2, block_windows=0) > flops(block_epochs=2, block_windows=16)
     assert flops(block_windows=16) == without  # no epochs, no re-fit
@@ -465,5 +466,83 @@ def test_plan_budgets_the_refits_optimiser_state_and_fp32_block(monkeypatch):
     solver = next(size for what, size, _ in plan.items if what.startswith("solver scratch"))
     shapes = mp._shapes(net)
     cached = sum(4 * width**2 for width in shapes.group_inputs)  # SparseGPT's factors
-    # gradient, two Adam moments, best weights (fp32) and masks, plus the block made fp32
-    assert solver - cached == shapes.linear_params * 17 + shapes.block_params * 2
+    # gradient, two Adam moments, best weights (fp32), masks and the start weights (bf16),
+    # plus the block made fp32
+    assert solver - cached == shapes.linear_params * 19 + shapes.block_params * 2
+
+
+def refit_request(**options) -> mp.PlanRequest:
+    """An SDS kd-free request with the block re-fit on (its dense stream gives the targets)."""
+    settings = dict(
+        windows=128, seqlen=2048, batch=4, method="sds", base="sparsegpt", dense_stream=True
+    )
+    return mp.PlanRequest(**{**settings, "block_epochs": 2, **options})
+
+
+def planned_items(net, request) -> dict[str, int]:
+    plan = mp.plan_run(net, request, CPU, measure=False)
+    return {what.split(" (")[0]: size for what, size, _ in plan.items}
+
+
+def test_plan_counts_refit_output_buffers_only_where_the_refit_keeps_outputs(monkeypatch):
+    """The re-fit on a window subset (the default) keeps no outputs; on every window a bf16
+    block keeps one stream-sized buffer (its rounded block's outputs), an fp32 block two
+    (the kept and the latest measurement's)."""
+    monkeypatch.setattr(mp, "_free_memory", lambda compute: (None, None))
+    stream = 128 * 2048 * 4096  # values in one stream buffer
+    bf16 = llama_8b_shaped()
+    assert planned_items(bf16, refit_request(block_windows=16))["activations"] == 2 * stream * 2
+    assert planned_items(bf16, refit_request(block_windows=0))["activations"] == 3 * stream * 2
+    assert planned_items(bf16, refit_request(block_windows=128))["activations"] == 3 * stream * 2
+    fp32 = llama_8b_shaped().float()
+    assert planned_items(fp32, refit_request(block_windows=0))["activations"] == 4 * stream * 4
+
+
+def test_plan_sizes_the_refits_forward_in_fp32_with_autograds_activations(monkeypatch):
+    """A bf16 model's block re-fits in fp32: its forward scratch is fp32-sized, and a
+    training step keeps autograd's saved activations of its mini-batch for the backward."""
+    monkeypatch.setattr(mp, "_free_memory", lambda compute: (None, None))
+    net = llama_8b_shaped()
+    hidden, inner, heads, kv, seqlen = 4096, 14336, 32, 1024, 2048
+    # the statistics pass: 4 windows in bf16, the hooks' fp32 input copy and one product
+    tokens = 4 * seqlen
+    stats = (tokens * (6 * hidden + 3 * inner) + 4 * heads * seqlen**2) * 2
+    stats += tokens * inner * 4 + 4 * inner**2
+    assert planned_items(net, refit_request(block_epochs=0))["forward scratch"] == stats
+    # a re-fit step of 4 windows (block_batch) in fp32, with what autograd keeps per token:
+    # layer inputs (qkv, o, gate/up, down), outputs, the two norms' inputs, the gated
+    # product, and the rotary tables, norm scales and softmax statistics
+    saved = (3 * hidden + inner) + (3 * hidden + 2 * kv + 2 * inner) + 2 * hidden + inner
+    saved += 2 * hidden // heads + 2 + heads
+    step = (tokens * (6 * hidden + 3 * inner) + 4 * heads * seqlen**2) * 4 + tokens * saved * 4
+    assert step > stats
+    assert planned_items(net, refit_request())["forward scratch"] == step
+    smaller = refit_request(block_batch=2)  # a step of 2 windows; a measurement runs 4
+    step2 = (2 * seqlen * (6 * hidden + 3 * inner) + 2 * heads * seqlen**2) * 4
+    step2 += 2 * seqlen * saved * 4
+    measure = (tokens * (6 * hidden + 3 * inner) + 4 * heads * seqlen**2) * 4
+    assert planned_items(net, smaller)["forward scratch"] == max(step2, measure, stats)
+
+
+def test_autograd_keeps_no_more_of_a_refit_step_than_the_plan_counts():
+    """The saved-activation term against what autograd really keeps of a tiny Llama block's
+    fp32 forward (the re-fit's own forward), counted through saved-tensor hooks."""
+    from sdsprune.models.blocks import decoder_blocks
+    from sdsprune.sds import block as refit
+
+    model = tiny_model("llama")
+    stream = capture_block_inputs(model, windows(4, 32), CPU, 4)
+    block = decoder_blocks(model)[0]
+    parameters = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        refit._forward(0, block, stream, torch.arange(4))
+    planned = mp._autograd_saved(mp._shapes(model), 4 * 32)
+    assert 0.5 * planned < sum(saved.values()) <= planned

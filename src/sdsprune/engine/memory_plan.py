@@ -46,7 +46,8 @@ class PlanRequest:
     dense_stream: bool = False  # the dense model runs alongside (kd/dd inputs, re-fit targets)
     dense_statistics: bool = False  # ... and its inputs' Grams and cross-Grams are collected
     block_epochs: int = 0  # SDS re-fits each block with Adam for this many epochs ...
-    block_windows: int = 0  # ... on this many of this process's windows (0: all of them)
+    block_windows: int = 0  # ... on this many of this process's windows (0: all of them) ...
+    block_batch: int = 4  # ... this many windows a step (SDSConfig's default)
     schedule: str = "fused"
     adjust_iters: int = 0
     solver: str = "closed"
@@ -64,6 +65,18 @@ class PlanRequest:
             return 0
         windows = min(self.block_windows or self.windows, self.windows)
         return windows * self.seqlen
+
+    @property
+    def refit_on_every_window(self) -> bool:
+        """Whether the re-fit runs on all windows: only then does it keep its outputs (the
+        next block's inputs); on a subset (the default) it allocates no output buffer."""
+        return self.block_refit and not 0 < self.block_windows < self.windows
+
+    @property
+    def refit_step_windows(self) -> int:
+        """Windows one re-fit step runs forward and backward at once: its mini-batch, in
+        pieces of at most the forward batch."""
+        return min(self.block_batch, self.batch)
 
 
 @dataclass
@@ -175,14 +188,20 @@ def plan_run(
     batch_tokens = request.batch * request.seqlen
     sds = request.method == "sds"
     dense_stream = sds and request.dense_stream
-    refit = request.block_refit  # its best and current outputs live beside the stream
-    buffers = 1 + dense_stream + (sds and request.schedule == "staged") + 2 * refit
+    refit = request.block_refit
+    staged = sds and request.schedule == "staged"
+    buffers = 1 + dense_stream + staged + _refit_output_buffers(shapes, request)
     activations = buffers * tokens * shapes.hidden * shapes.dtype_bytes
     needs = "gram" if sds else {"magnitude": "none", "wanda": "sumsq"}.get(request.method, "gram")
     gram_sets = 1 + 2 * (sds and request.dense_statistics)
     statistics = gram_sets * sum(4 * w * w for w in shapes.group_inputs) if needs == "gram" else 0
     weights = shapes.block_params * shapes.dtype_bytes + shapes.linear_params * 4
-    forward = _forward_scratch(shapes, batch_tokens, request.batch, request.seqlen, dense_stream)
+    kept_inputs = dense_stream and request.dense_statistics  # kd's cross-Grams read them
+    forward = _forward_scratch(shapes, request.batch, request.seqlen, kept_inputs)
+    refit_note = ""
+    if refit:  # the re-fit's fp32 forwards and backwards come after the statistics pass's
+        forward = max(forward, _refit_forward(shapes, request))
+        refit_note = "; the re-fit's in fp32, with autograd's"
     solver, cached = _solver_scratch(shapes, request)
     solver = max(solver, _refit_scratch(shapes) if refit else 0)
     plan.device_free, plan.host_available = _free_memory(compute)
@@ -199,7 +218,7 @@ def plan_run(
         (f"activations ({buffers} stream buffer(s), {tokens} tokens)", activations, on_device),
         ("block weights + fp32 copies of its linears", weights, device),
         ("statistics (Grams, cross-Grams)", statistics, device),
-        (f"forward scratch ({batch_tokens} tokens a batch)", forward, device),
+        (f"forward scratch ({batch_tokens} tokens a batch{refit_note})", forward, device),
         ("solver scratch (widest layer) + cached factors", solver + cached, device),
     ]
     if sds and request.schedule == "staged" and not request.low_memory:
@@ -213,16 +232,59 @@ def plan_run(
     return plan
 
 
-def _forward_scratch(shapes: _Shapes, tokens: int, batch: int, seqlen: int, dense: bool) -> int:
-    """One batch through one block: hidden states and MLP intermediates in the model dtype,
-    an attention score matrix, the fp32 copy of each layer input the hooks read, and one
-    in x in product before it is added to its Gram (kd also keeps the dense inputs)."""
-    intermediate = max(o for _, o, _ in shapes.layers)
-    activations = tokens * (6 * shapes.hidden + 3 * intermediate) * shapes.dtype_bytes
-    attention = batch * shapes.heads * seqlen * seqlen * shapes.dtype_bytes
+def _forward_scratch(shapes: _Shapes, batch: int, seqlen: int, kept_inputs: bool) -> int:
+    """One batch of the statistics pass through one block: its forward in the model dtype,
+    the fp32 copy of each layer input the hooks read, and one in x in product before it is
+    added to its Gram (with the dense model's statistics, its inputs are kept too: kd's
+    cross-Grams read them; a dense stream for the re-fit's targets alone keeps none)."""
+    tokens = batch * seqlen
     hooks = tokens * shapes.widest * 4 + 4 * shapes.widest**2
-    kept = tokens * sum(shapes.group_inputs) * 4 if dense else 0
-    return activations + attention + hooks + kept
+    kept = tokens * sum(shapes.group_inputs) * 4 if kept_inputs else 0
+    return _block_forward(shapes, batch, seqlen, shapes.dtype_bytes) + hooks + kept
+
+
+def _block_forward(shapes: _Shapes, batch: int, seqlen: int, dtype_bytes: int) -> int:
+    """One forward's transient scratch at ``dtype_bytes`` a value: hidden states and MLP
+    intermediates, and an attention score matrix."""
+    intermediate = max(o for _, o, _ in shapes.layers)
+    activations = batch * seqlen * (6 * shapes.hidden + 3 * intermediate) * dtype_bytes
+    return activations + batch * shapes.heads * seqlen * seqlen * dtype_bytes
+
+
+def _refit_forward(shapes: _Shapes, request: PlanRequest) -> int:
+    """The re-fit's forwards, all in fp32 whatever the model's dtype: a training step's
+    forward keeps autograd's saved activations for its backward beside its own scratch; an
+    error measurement runs a forward batch without them."""
+    step = request.refit_step_windows
+    train = _block_forward(shapes, step, request.seqlen, 4)
+    train += _autograd_saved(shapes, step * request.seqlen)
+    measure = _block_forward(shapes, request.batch, request.seqlen, 4)
+    return max(train, measure)
+
+
+def _autograd_saved(shapes: _Shapes, tokens: int) -> int:
+    """What autograd keeps of a block's fp32 forward for the backward, per token: each
+    distinct layer input (the weight gradients read it), each layer's output (attention and
+    the MLP's non-linearity read theirs), the two norms' inputs and the MLP's gated product,
+    and a few values a token: the rotary tables, the norms' scales, attention's softmax
+    statistics. A tiny Llama block (hidden 64) keeps all of that, one of hidden 256 about
+    5.25 hidden + 2 kv + 4 intermediate values against the 8 hidden here (CPU, SDPA). The
+    attention scores, which the math attention kernel keeps too, are in the forward's own
+    scratch."""
+    intermediate = max(o for _, o, _ in shapes.layers)
+    outputs = sum(o for _, o, _ in shapes.layers)
+    small = 2 * (shapes.hidden // shapes.heads) + 2 + shapes.heads
+    per_token = sum(shapes.group_inputs) + outputs + 2 * shapes.hidden + intermediate + small
+    return tokens * per_token * 4
+
+
+def _refit_output_buffers(shapes: _Shapes, request: PlanRequest) -> int:
+    """Stream-sized buffers the re-fit holds: none on a window subset (it keeps no outputs);
+    on every window, the kept and the latest measurement's outputs for an fp32 block, and
+    only the rounded block's outputs for a bf16/fp16 one (its fp32 measurements keep none)."""
+    if not request.refit_on_every_window:
+        return 0
+    return 2 if shapes.dtype_bytes >= 4 else 1
 
 
 def _solver_scratch(shapes: _Shapes, request: PlanRequest) -> tuple[int, int]:
@@ -247,10 +309,13 @@ def _solver_scratch(shapes: _Shapes, request: PlanRequest) -> tuple[int, int]:
 
 def _refit_scratch(shapes: _Shapes) -> int:
     """The block re-fit's own memory: the gradient and Adam's two moments, the best weights
-    so far and the masks over the linears, and the whole block in fp32 while it trains (2
-    more bytes a parameter for a bf16 model). Its forward and backward scratch is the
-    forward's item; the solvers' statistics are dropped before it starts."""
-    return shapes.linear_params * (4 + 8 + 4 + 1) + shapes.block_params * (4 - shapes.dtype_bytes)
+    so far (fp32) and the masks over the linears, the start weights in the model's dtype for
+    a bf16/fp16 block (kept if the rounded block is worse), and the whole block in fp32
+    while it trains (2 more bytes a parameter for a bf16 model). Its forward and backward
+    scratch is the forward's item; the solvers' statistics are dropped before it starts."""
+    start = shapes.dtype_bytes if shapes.dtype_bytes < 4 else 0
+    per_linear = 4 + 8 + 4 + 1 + start
+    return shapes.linear_params * per_linear + shapes.block_params * (4 - shapes.dtype_bytes)
 
 
 def _block_flops(shapes: _Shapes, request: PlanRequest, tokens: int, dense: bool) -> float:
@@ -272,11 +337,15 @@ def _block_flops(shapes: _Shapes, request: PlanRequest, tokens: int, dense: bool
 
 def _refit_flops(shapes: _Shapes, request: PlanRequest) -> float:
     """The block re-fit: per epoch a forward and a backward (about twice the forward) over
-    its windows, and the block error measured before the first epoch and after each."""
+    its windows, and the block error measured before the first epoch and after each (a
+    bf16/fp16 block's once more: after the cast back)."""
     if not request.block_refit:
         return 0.0
     epochs = request.block_epochs
-    return (3 * epochs + epochs + 1) * _forward_flops(shapes, request.refit_tokens, request.seqlen)
+    measurements = epochs + 1 + (shapes.dtype_bytes < 4)
+    return (3 * epochs + measurements) * _forward_flops(
+        shapes, request.refit_tokens, request.seqlen
+    )
 
 
 def _forward_flops(shapes: _Shapes, tokens: int, seqlen: int) -> float:
