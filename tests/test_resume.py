@@ -126,3 +126,47 @@ def test_resume_refuses_state_of_another_run(tiny_model_dir, tmp_path):
     )
     with pytest.raises(SdspruneError, match="other options"):
         run("sparsegpt", resume=True)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: (s / "manifest.json").write_text("[]"), "damaged run state"),
+        (lambda s: (s / "manifest.json").write_text('{"done": 0}'), "damaged run state"),
+        (
+            lambda s: (s / "manifest.json").write_text(
+                (s / "manifest.json").read_text().replace('"done": 1', '"done": 99')
+            ),
+            "100 blocks are done",
+        ),
+        (lambda s: _truncate(s / "blocks" / "block-00001.safetensors"), "unreadable run state"),
+        (lambda s: (s / "blocks" / "block-00000.safetensors").unlink(), "unreadable run state"),
+        (lambda s: _truncate(next(s.glob("stream-*block00001*"))), "unreadable run state"),
+        (lambda s: next(s.glob("stream-*block00001*")).unlink(), "unreadable run state"),
+    ],
+)
+def test_damaged_state_is_one_clear_error(tmp_path, monkeypatch, damage, message):
+    """Whatever part of a kept state is damaged, resuming says so (the CLI prints it as one
+    error line) instead of failing deep inside torch or safetensors."""
+    from conftest import byte_tokenizer, tiny_model
+
+    from sdsprune.engine import runs
+    from sdsprune.models import LoadedModel
+
+    monkeypatch.setattr(runs, "remove_state", lambda folder: None)  # keep it, as a kill would
+    state = tmp_path / "state"
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def run(resume: bool):
+        loaded = LoadedModel(tiny_model("llama"), byte_tokenizer(), "tiny", None)
+        return prune(loaded, method="wanda", calibration=windows, device="cpu", progress=False,
+                     state_dir=state, resume=resume)  # fmt: skip
+
+    run(resume=False)
+    damage(state)
+    with pytest.raises(SdspruneError, match=message):
+        run(resume=True)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -153,6 +154,13 @@ class Checkpointer:
         if self.manifest is None or self.manifest["pass"] != pass_index:
             return 0, {}
         done = self.manifest["done"]
+        if done >= len(blocks):
+            raise SdspruneError(
+                f"the run state in {self.folder} says {done + 1} blocks are done, but the model "
+                f"has {len(blocks)}; delete the folder to start over"
+            )
+        if self.rank == 0:
+            self._check_block_files(done)
         if not weights_in_store:
             for index in range(done + 1):
                 load_block_into(
@@ -198,6 +206,19 @@ class Checkpointer:
             write_atomic(self.folder / MANIFEST, lambda tmp: tmp.write_text(text))
         self._stream_path(index - 2).unlink(missing_ok=True)
 
+    def _check_block_files(self, done: int) -> None:
+        """Every saved block is there and whole (safetensors checks its header against the
+        file's size, so this reads no weights): a damaged state is one clear error."""
+        for index in range(done + 1):
+            path = block_file(self.blocks_dir, index)
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except Exception as exc:  # missing file, or safetensors' own error type
+                raise SdspruneError(
+                    f"unreadable run state {path} ({exc}); delete {self.folder} to start over"
+                ) from exc
+
     def _stream_path(self, index: int) -> Path:
         return self.folder / f"stream-rank{self.rank}-block{index:05d}.safetensors"
 
@@ -220,9 +241,30 @@ class Checkpointer:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
+            manifest = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise SdspruneError(f"unreadable run state {path}: {exc}") from exc
+        if not _well_formed(manifest):
+            raise SdspruneError(
+                f"damaged run state {path} (not the manifest sdsprune writes); delete "
+                f"{self.folder} to start over"
+            )
+        return manifest
+
+
+def _well_formed(manifest: object) -> bool:
+    """The manifest has the fields, of the types, that ``Checkpointer.save`` writes."""
+
+    def count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    return (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("fingerprint"), str)
+        and count(manifest.get("pass"))
+        and count(manifest.get("done"))
+        and isinstance(manifest.get("records"), dict)
+    )
 
 
 def remove_state(folder: Path) -> None:
