@@ -225,6 +225,17 @@ def test_overwrite_replaces_the_whole_folder_at_once(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_output_folder_mode_follows_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        with atomic_output_dir(tmp_path / "out"):
+            pass
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_two_concurrent_prunes_to_one_folder_one_wins(workspace):
     """Both start before either has written: one saves, the other exits 2 with one line."""
     out = workspace.parent / "out"

@@ -127,6 +127,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's private 0700 would stay on the output
     except OSError as exc:
         raise SdspruneError(f"cannot create output folder next to {path}: {exc.strerror}") from exc
     try:
@@ -256,6 +257,13 @@ def _marker(folder: Path) -> dict:
 def _remove_if_empty(folder: Path) -> None:
     with contextlib.suppress(OSError):
         folder.rmdir()
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _real(path: str | Path) -> Path:
