@@ -19,11 +19,20 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from sdsprune.errors import SdspruneError
 
 STATE_MARKER = ".sdsprune-state"
 EVERY_OVERLAP = ("is", "is inside", "contains")
 LOCK_SUFFIX = ".sdsprune-lock"
+# A full disk or a denied write: safetensors reports them as its own error, not as OSError.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def describe_write_error(exc: BaseException) -> str:
+    """The reason a write failed, without the traceback (``No space left on device``)."""
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def overlap(path: str | Path, other: str | Path) -> str | None:
@@ -133,9 +142,9 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     try:
         yield tmp
         _move_into_place(tmp, path, overwrite)
-    except OSError as exc:
+    except WRITE_ERRORS as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SdspruneError(f"could not write {path}: {exc.strerror or exc}") from exc
+        raise SdspruneError(f"could not write {path}: {describe_write_error(exc)}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

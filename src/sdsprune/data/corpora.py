@@ -161,6 +161,11 @@ def sample_calibration(
             f"calibration corpus '{corpus.name}' has {ids.numel()} tokens, fewer than "
             f"nsamples x seqlen = {nsamples} x {seqlen} = {nsamples * seqlen}"
         )
+    if ids.numel() <= seqlen:  # a window starts before the last seqlen + 1 tokens
+        raise SdspruneError(
+            f"calibration corpus '{corpus.name}' has {ids.numel()} tokens; it needs more "
+            f"than one window of {seqlen}"
+        )
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([ids[i : i + seqlen] for i in starts])
 

@@ -28,7 +28,13 @@ from torch import nn
 from sdsprune.engine.capture import ActivationStream
 from sdsprune.errors import SdspruneError
 from sdsprune.models.blocks import decoder_blocks
-from sdsprune.ownership import check_state_folder, claim_state_folder, remove_state_folder
+from sdsprune.ownership import (
+    WRITE_ERRORS,
+    check_state_folder,
+    claim_state_folder,
+    describe_write_error,
+    remove_state_folder,
+)
 
 MANIFEST = "manifest.json"
 FAULT_ENV = "SDSPRUNE_FAULT"  # testing aid: "kill@N" or "pause@N" after block N
@@ -80,9 +86,11 @@ def write_atomic(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as exc:
+    except WRITE_ERRORS as exc:
         tmp.unlink(missing_ok=True)
-        raise SdspruneError(f"could not write run state {path}: {exc.strerror or exc}") from exc
+        raise SdspruneError(
+            f"could not write run state {path}: {describe_write_error(exc)}"
+        ) from exc
 
 
 def save_block(path: Path, tensors: dict[str, torch.Tensor]) -> None:

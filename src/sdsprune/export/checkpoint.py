@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sdsprune.errors import SdspruneError
@@ -84,7 +84,10 @@ def load_state_dict(
     ``dtype`` converts floating-point tensors; None keeps the stored dtypes exactly.
     """
     path = check_model_folder(folder)
-    tensors = _read_sparse(path) if is_sparse_checkpoint(path) else _read_dense(path)
+    try:
+        tensors = _read_sparse(path) if is_sparse_checkpoint(path) else _read_dense(path)
+    except (SafetensorError, OSError, ValueError) as exc:  # a damaged or truncated file
+        raise SdspruneError(f"cannot read the weights in {path}: {exc} (corrupt file?)") from exc
     if dtype is not None:
         tensors = {name: _convert(t, dtype) for name, t in tensors.items()}
     return tensors

@@ -1,0 +1,53 @@
+"""Damaged inputs and failed writes end in one SdspruneError (the CLI's one error line),
+never in a traceback from safetensors or random."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import byte_tokenizer
+from safetensors import SafetensorError
+
+from sdsprune.data.corpora import Corpus, sample_calibration, tokenize
+from sdsprune.engine.checkpoint import write_atomic
+from sdsprune.errors import SdspruneError
+from sdsprune.export import export_checkpoint
+from sdsprune.ownership import atomic_output_dir
+
+FULL_DISK = "Error while serializing: IoError(Os { code: 28, kind: StorageFull })"
+
+
+def test_calibration_text_of_exactly_one_window_is_refused():
+    tokenizer = byte_tokenizer()
+    corpus = Corpus("tiny", "calib", ["x" * 16])
+    assert tokenize(tokenizer, corpus.text).numel() == 16
+    with pytest.raises(SdspruneError, match="more than one window of 16"):
+        sample_calibration(corpus, tokenizer, nsamples=1, seqlen=16)
+    assert sample_calibration(Corpus("ok", "calib", ["x" * 17]), tokenizer, 1, 16).shape == (1, 16)
+
+
+def test_safetensors_write_error_while_saving_an_output(tmp_path: Path):
+    with pytest.raises(SdspruneError, match="StorageFull"), atomic_output_dir(tmp_path / "out"):
+        raise SafetensorError(FULL_DISK)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_write_error_while_saving_run_state(tmp_path: Path):
+    def full_disk(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise SafetensorError(FULL_DISK)
+
+    with pytest.raises(SdspruneError, match="could not write run state"):
+        write_atomic(tmp_path / "block-00000.safetensors", full_disk)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_export_of_a_corrupt_checkpoint(tmp_path: Path, tiny_model_dir: Path, damage):
+    weights = tiny_model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"\x00garbage" * 10 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(SdspruneError, match="cannot read the weights"):
+        export_checkpoint(tiny_model_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
