@@ -163,8 +163,18 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_ctrl_c_exits_130_and_writes_nothing(tiny_model_dir, corpus, tmp_path, low_memory):
+@pytest.mark.parametrize(
+    "low_memory, stop, code",
+    [
+        (False, signal.SIGINT, 130),
+        (True, signal.SIGINT, 130),
+        (False, signal.SIGTERM, 143),  # a scheduler's stop cleans up like Ctrl-C
+        (True, signal.SIGTERM, 143),
+    ],
+)
+def test_ctrl_c_or_sigterm_exits_and_writes_nothing(
+    tiny_model_dir, corpus, tmp_path, low_memory, stop, code
+):
     out = tmp_path / "out"
     marker = tmp_path / "paused"
     args = base_args(tiny_model_dir, corpus, out) + (["--low-memory"] if low_memory else [])
@@ -184,9 +194,9 @@ def test_ctrl_c_exits_130_and_writes_nothing(tiny_model_dir, corpus, tmp_path, l
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert marker.exists(), process.communicate()[1]
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    assert process.returncode == code, err
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists()
     assert not list(tmp_path.glob(".out*")), "scratch left behind"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -681,6 +682,24 @@ def _quiet_dependencies() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+INTERRUPTED = (
+    "[bold red]interrupted[/] (no output folder was written; a run with --state-dir "
+    "continues with --resume)"
+)
+_terminated: list[int] = []  # set by SIGTERM, which then unwinds like Ctrl-C
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM (a scheduler's stop, ``kill``): clean up exactly as for Ctrl-C."""
+    _terminated.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted_exit() -> None:
+    console.print(INTERRUPTED)
+    sys.exit(143 if _terminated else 130)
+
+
 def main() -> None:
     """Entry point: one clear line and a non-zero exit for every user error."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -690,18 +709,21 @@ def main() -> None:
         console.print("[bold red]error:[/] SDSPRUNE_LOG must be debug, info, warning or error")
         sys.exit(2)
     _quiet_dependencies()
+    _terminated.clear()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except SdspruneError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/] (nothing was written)")
-        sys.exit(130)
+        _interrupted_exit()
     except SystemExit as exc:
         if exc.code == 130:  # typer turns Ctrl-C into a silent exit 130: say what happened
-            console.print("[bold red]interrupted[/] (nothing was written)")
+            _interrupted_exit()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
