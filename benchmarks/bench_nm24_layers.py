@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sdsprune.inference.nm24 import MAX_KERNEL_TOKENS, Nm24Linear, cpu_capability, extension
+from sdsprune.inference.native import cpu_capability
+from sdsprune.inference.nm24 import MAX_KERNEL_TOKENS, Nm24Linear, extension
 
 # (out, in) -> the default model's layers of that shape, per decoder block
 SMOLLM2_LAYERS = {

@@ -72,7 +72,7 @@ import sdsprune
 from sdsprune.bench import write_json
 from sdsprune.inference import apply_backend, backend_report
 from sdsprune.inference.decode import eager_step, new_cache, prefill
-from sdsprune.inference.nm24 import cpu_capability
+from sdsprune.inference.native import cpu_capability
 from sdsprune.models import decoder_blocks
 from sdsprune.runinfo import library_versions
 from sdsprune.utils import torch_threads

@@ -131,7 +131,14 @@ def test_rank_test_p_equals_enumerating_every_ordering(sizes):
 
 
 def test_default_backends_on_cpu():
-    assert default_backends(torch.device("cpu")) == ["dense", "csr", "bsr", "nm24", "auto"]
+    assert default_backends(torch.device("cpu")) == [
+        "dense",
+        "csr",
+        "bsr",
+        "nm24",
+        "bitmask",
+        "auto",
+    ]
 
 
 def test_bad_settings_are_user_errors(sparse_dir, tmp_path):

@@ -124,19 +124,24 @@ def test_auto_keeps_dense_where_sparse_is_slower():
 
 
 def timer_by_tokens(times: dict[str, dict[int, float]], timed: list | None = None):
-    """A stub timer: ``times[kernel][tokens]`` seconds (dense always 1.0)."""
+    """A stub timer: ``times[kernel][tokens]`` seconds (dense always 1.0; kernels not
+    named 10x slower than dense, so that a real kernel built on this CPU stays out)."""
 
     def timer(contenders, tokens):
         if timed is not None:
             timed.append(tokens)
-        return {name: 1.0 if name == "dense" else times[name][tokens] for name in contenders}
+        return {
+            name: 1.0 if name == "dense" else times.get(name, {}).get(tokens, 10.0)
+            for name in contenders
+        }
 
     return timer
 
 
-def test_auto_uses_a_decode_only_winner_for_few_tokens_and_dense_above():
+def test_auto_uses_a_decode_only_winner_for_few_tokens_and_dense_above(monkeypatch):
     """A kernel that wins at 1, 4 and 8 tokens and loses at 16 serves calls of up to 8
-    tokens; larger calls go to the dense layer, and 512 is never timed for it."""
+    tokens; larger calls rebuild the dense weight for the call, and 512 is never timed for
+    it. The layer holds one copy of its weights: no dense weight stays beside the kernel."""
     model = pruned_model("unstructured")
     expected = logits(model)
     timed = []
@@ -145,18 +150,24 @@ def test_auto_uses_a_decode_only_winner_for_few_tokens_and_dense_above():
     assert report.counts() == {"csr<=8": 14}
     layer = report.layers[0]
     assert (layer.kernel, layer.max_tokens) == ("csr", 8)
-    assert "up to 8 tokens; dense above" in layer.reason
+    assert "up to 8 tokens; expanded to dense above" in layer.reason
     assert set(timed) == {1, 4, 8, 16}
     assert SwitchedLinear in kernels_used(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
     torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
     switched = next(m for m in model.modules() if isinstance(m, SwitchedLinear))
+    assert not any(p.dim() == 2 and p.layout == torch.strided for p in switched.parameters())
     calls = []
     switched.sparse.register_forward_hook(lambda *_: calls.append("sparse"))
-    switched.dense.register_forward_hook(lambda *_: calls.append("dense"))
+    expand = switched.sparse.dense_forward
+    monkeypatch.setattr(
+        switched.sparse, "dense_forward", lambda x: (calls.append("expanded"), expand(x))[1]
+    )
     with torch.no_grad():
-        switched(torch.randn(2, 4, switched.dense.in_features))  # 8 tokens
-        switched(torch.randn(1, 9, switched.dense.in_features))
-    assert calls == ["sparse", "dense"]
+        switched(torch.randn(2, 4, switched.sparse.in_features))  # 8 tokens
+        many = torch.randn(1, 9, switched.sparse.in_features)
+        torch.testing.assert_close(switched(many), switched.sparse(many), rtol=1e-5, atol=1e-5)
+    assert calls == ["sparse", "expanded", "sparse"]
 
 
 def test_auto_keeps_dense_when_the_kernel_loses_at_decode():
@@ -356,14 +367,17 @@ def nm24_ext():
 
 
 @pytest.fixture
-def fresh_nm24_build(monkeypatch):
-    """``extension()`` decided again under the test's patches, and again after it."""
-    from sdsprune.inference import nm24
+def fresh_builds(monkeypatch):
+    """Every kernel's ``extension()`` decided again under the test's patches, and again
+    after it; yields the build module, whose compiler lookup the tests patch."""
+    from sdsprune.inference import bitmask, native, nm24
 
     nm24.extension.cache_clear()
-    yield nm24
+    bitmask.extension.cache_clear()
+    yield native
     monkeypatch.undo()
     nm24.extension.cache_clear()
+    bitmask.extension.cache_clear()
 
 
 def test_nm24_eligibility_needs_float32_or_bfloat16_and_2_4():
@@ -384,16 +398,17 @@ def test_nm24_eligibility_needs_float32_or_bfloat16_and_2_4():
         ("AVX512", None, "needs a C++ compiler"),
     ],
 )
-def test_nm24_without_avx_or_compiler_keeps_layers_dense_with_a_reason(
-    monkeypatch, fresh_nm24_build, capability, which, reason
+@pytest.mark.parametrize(("kernel", "pattern"), [("nm24", "2:4"), ("bitmask", "unstructured")])
+def test_kernels_without_avx_or_compiler_keep_layers_dense_with_a_reason(
+    monkeypatch, fresh_builds, capability, which, reason, kernel, pattern
 ):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(fresh_nm24_build.shutil, "which", lambda _name: which)
-    model = pruned_model("2:4")
+    monkeypatch.setattr(fresh_builds.shutil, "which", lambda _name: which)
+    model = pruned_model(pattern)
     before = logits(model)
-    report = apply_backend(model, "nm24")
+    report = apply_backend(model, kernel)
     assert report.counts() == {"dense": 14}
-    assert reason in report.layers[0].reason
+    assert f"{kernel} {reason}" in report.layers[0].reason
     auto = apply_backend(model, "auto", timer=fixed_timer({"dense": 1.0}))
     assert auto.counts() == {"dense": 14} and reason in auto.layers[0].reason
     assert torch.equal(logits(model), before)
@@ -472,7 +487,7 @@ def test_nm24_splits_every_layer_shape_over_the_threads(nm24_ext, threads):
             torch.testing.assert_close(module(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
-def test_nm24_build_failure_keeps_layers_dense_with_a_reason(monkeypatch, fresh_nm24_build):
+def test_nm24_build_failure_keeps_layers_dense_with_a_reason(monkeypatch, fresh_builds):
     import torch.utils.cpp_extension
 
     def broken(*_args, **_kwargs):
@@ -497,7 +512,7 @@ def test_auto_times_layers_in_turn_like_a_forward_pass():
     def timer(contenders, tokens):
         tokens_now[0] = tokens
         contenders["dense"]()  # the hook records which layer is timed
-        return {name: 1.0 if name == "dense" else 0.5 for name in contenders}
+        return {name: {"dense": 1.0, "csr": 0.5}.get(name, 10.0) for name in contenders}
 
     report = apply_backend(model, "auto", timer=timer, probe_tokens=(1, 4), verify=False)
     assert report.counts() == {"csr": 14}

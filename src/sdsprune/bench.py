@@ -33,7 +33,7 @@ from torch import nn
 
 from sdsprune.errors import SdspruneError
 from sdsprune.export import check_model_folder, is_sparse_checkpoint, read_manifest
-from sdsprune.inference import available_kernels, backend_report, load
+from sdsprune.inference import available_kernels, backend_report, load, weight_bytes
 from sdsprune.inference.decode import (
     DECODE_MODES,
     Step,
@@ -166,7 +166,7 @@ def _load_all(folder: Path, names: list[str], dev, dtype, say) -> tuple[list, di
         loads[name] = {
             "kernels": kernels,
             "load_seconds": round(seconds, 2),
-            "weights_mib": round(_module_bytes(loaded.model) / 2**20, 1),
+            "weights_mib": round(weight_bytes(loaded.model) / 2**20, 1),
         }
         if report and any(layer.timings_us for layer in report.layers):
             loads[name]["layer_speedups"] = _layer_speedups(report)
@@ -202,30 +202,6 @@ def _layer_speedups(report) -> dict[str, dict[int, float]]:
 
 def _cuda_allocated(dev: torch.device) -> int:
     return torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
-
-
-def _module_bytes(model: nn.Module) -> int:
-    """Bytes held by parameters and buffers, counting sparse tensors' index arrays too."""
-    seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        for part in _storage_parts(tensor):
-            try:
-                key = (part.data_ptr(), part.numel())
-            except RuntimeError:  # a wrapper subclass without storage of its own
-                key = (id(part), part.numel())
-            if key not in seen:
-                seen.add(key)
-                total += part.numel() * part.element_size()
-    return total
-
-
-def _storage_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
-    if tensor.layout in (torch.sparse_csr, torch.sparse_bsr):
-        return [tensor.crow_indices(), tensor.col_indices(), tensor.values()]
-    if type(tensor).__name__.startswith("SparseSemiStructured"):  # CUDA 2:4 subclass
-        names, _ = tensor.__tensor_flatten__()
-        return [part for n in names if (part := getattr(tensor, n, None)) is not None]
-    return [tensor]
 
 
 def _checkpoint_info(folder: Path, model: nn.Module) -> dict:

@@ -7,6 +7,7 @@ from sdsprune.inference.backends import (
     apply_backend,
     available_kernels,
     backend_report,
+    weight_bytes,
 )
 from sdsprune.inference.loader import load
 
@@ -18,4 +19,5 @@ __all__ = [
     "available_kernels",
     "backend_report",
     "load",
+    "weight_bytes",
 ]

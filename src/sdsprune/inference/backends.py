@@ -6,13 +6,16 @@ Backends:
 - ``csr`` / ``bsr``: torch sparse CSR / BSR matmul on every pruned layer that can use it;
 - ``nm24``: this package's AVX-512 / AVX2 CPU kernel for 2:4 layers (float32 or bfloat16,
   built on first use);
+- ``bitmask``: this package's AVX-512 / AVX2 CPU kernel for any sparsity pattern (a bitmask
+  and the kept values per row; float32 or bfloat16, built on first use);
 - ``semi-structured``: torch's 2:4 kernels on CUDA GPUs of compute capability >= 8.0;
 - ``auto``: per layer, time dense against each kernel available on the model's device at
   decode-sized and prefill-sized token counts, smallest first, and keep the kernel that beats
   dense by a margin up to the largest count. A kernel that wins only up to some count (decode,
-  typically) is used for calls of up to that many tokens and dense above, switched at run
-  time by each call's token count (:class:`SwitchedLinear`). Where sparse is slower at every
-  count, the layer stays dense: sparse is never chosen on faith.
+  typically) is used for calls of up to that many tokens, and above that count the call
+  rebuilds the dense weight for itself only (:class:`SwitchedLinear`): a sparse layer holds
+  one copy of its weights, the packed one. Where sparse is slower at every count, the layer
+  stays dense: sparse is never chosen on faith.
 
 Every swapped layer is checked against the dense layer on a random input before it is kept;
 a kernel that fails there or while it is timed (torch refuses some shapes only when the
@@ -42,7 +45,7 @@ from sdsprune.models import model_linears
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("dense", "auto", "csr", "bsr", "nm24", "semi-structured")
+BACKENDS = ("dense", "auto", "csr", "bsr", "nm24", "bitmask", "semi-structured")
 MIN_SPARSITY = 0.3
 AUTO_MARGIN = 1.05  # a sparse kernel must be >= 5% faster than dense to be chosen
 # decode at batch 1, 4 and 8, a small prefill, a prompt; ascending: losers drop out early
@@ -88,6 +91,7 @@ class BackendReport:
     backend: str
     device: str
     layers: list[LayerChoice]
+    weight_bytes: int = 0  # every parameter and buffer of the model after the swap
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -100,6 +104,7 @@ class BackendReport:
             "backend": self.backend,
             "device": self.device,
             "kernels": self.counts(),
+            "weights_mib": round(self.weight_bytes / 2**20, 1),
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -108,7 +113,7 @@ def available_kernels(device: torch.device) -> list[str]:
     """Sparse kernels worth trying on ``device`` (what ``auto`` measures)."""
     if device.type == "cuda":
         return ["semi-structured"] if semi_structured_device_problem(device) is None else []
-    return ["csr", "bsr", "nm24"]
+    return ["csr", "bsr", "nm24", "bitmask"]
 
 
 def apply_backend(
@@ -149,9 +154,17 @@ def apply_backend(
             setattr(parent, attr, module)
         choices.append(choice)
     _race_and_swap(probe, group)
-    report = BackendReport(backend=backend, device=str(device), layers=choices)
+    report = BackendReport(
+        backend=backend, device=str(device), layers=choices, weight_bytes=weight_bytes(model)
+    )
     setattr(model, REPORT_ATTR, report)
-    log.info("backend %s on %s: %s", backend, device, report.counts())
+    log.info(
+        "backend %s on %s: %s; weights %.1f MiB",
+        backend,
+        device,
+        report.counts(),
+        report.weight_bytes / 2**20,
+    )
     return report
 
 
@@ -166,6 +179,31 @@ def _race_and_swap(probe: _Probe, group: list[tuple[_Race, nn.Module, str]]) -> 
 
 def _weight_bytes(linear: nn.Linear) -> int:
     return linear.weight.numel() * linear.weight.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, each storage once (tied weights),
+    counting sparse tensors' index arrays too: what a loaded model keeps in memory."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        for part in _storage_parts(tensor):
+            try:
+                key = (part.data_ptr(), part.numel())
+            except RuntimeError:  # a wrapper subclass without storage of its own
+                key = (id(part), part.numel())
+            if key not in seen:
+                seen.add(key)
+                total += part.numel() * part.element_size()
+    return total
+
+
+def _storage_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    if tensor.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [tensor.crow_indices(), tensor.col_indices(), tensor.values()]
+    if type(tensor).__name__.startswith("SparseSemiStructured"):  # CUDA 2:4 subclass
+        names, _ = tensor.__tensor_flatten__()
+        return [part for n in names if (part := getattr(tensor, n, None)) is not None]
+    return [tensor]
 
 
 def backend_report(model: nn.Module) -> BackendReport | None:
@@ -377,8 +415,8 @@ class _Race:
         if best in self.alive:
             return self.candidates[best]
         choice.max_tokens = self.won_up_to[best]
-        choice.reason += f" up to {choice.max_tokens} tokens; dense above"
-        return SwitchedLinear(self.candidates[best], self.linear, choice.max_tokens)
+        choice.reason += f" up to {choice.max_tokens} tokens; expanded to dense above"
+        return SwitchedLinear(self.candidates[best], choice.max_tokens)
 
 
 def _guarded(what: str, call):

@@ -44,6 +44,13 @@ class SparseLinear(nn.Module):
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product through the dense weight, rebuilt for this call only (many tokens)."""
+        return F.linear(x, self.dense_weight(), self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
@@ -80,6 +87,9 @@ class CompressedLinear(SparseLinear):
         self.register_buffer("crow", weight.crow_indices().detach(), persistent=False)
         self.register_buffer("col", weight.col_indices().detach(), persistent=False)
         self.register_buffer("nonzeros", weight.values().detach(), persistent=False)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight_sparse.to_dense()
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -140,6 +150,9 @@ class SemiStructuredLinear(SparseLinear):
         sparse = converter(linear.weight.detach().contiguous())
         self.weight = nn.Parameter(sparse, requires_grad=False)
 
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.to_dense()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.linear dispatches to the sparse kernel (which pads the token dimension itself);
         # the bias goes in the same call so it is fused where the kernel supports it.
@@ -149,26 +162,26 @@ class SemiStructuredLinear(SparseLinear):
 
 
 class SwitchedLinear(nn.Module):
-    """A sparse kernel for calls of up to ``max_tokens`` tokens, the dense layer above.
+    """A sparse kernel for calls of up to ``max_tokens`` tokens, its dense form above.
 
-    What ``auto`` keeps where a kernel wins only for few tokens (decode) and dense MKL wins
-    for many (prefill): the token count of each call picks the faster one at run time. It
-    holds both weights, so it saves time, not memory.
+    What ``auto`` keeps where a kernel wins only for few tokens (decode) and dense GEMM wins
+    for many (a prompt): the token count of each call picks the path at run time. Above the
+    limit the kernel's ``dense_forward`` rebuilds the dense weight for that call only (the
+    bitmask kernel tile by tile), so the layer holds one copy of its weights: the packed one.
     """
 
-    def __init__(self, sparse: nn.Module, dense: nn.Linear, max_tokens: int) -> None:
+    def __init__(self, sparse: nn.Module, max_tokens: int) -> None:
         super().__init__()
         self.sparse = sparse
-        self.dense = dense
         self.max_tokens = max_tokens
         self.kernel = getattr(sparse, "kernel", "sparse")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // max(x.shape[-1], 1)
-        return self.sparse(x) if tokens <= self.max_tokens else self.dense(x)
+        return self.sparse(x) if tokens <= self.max_tokens else self.sparse.dense_forward(x)
 
     def extra_repr(self) -> str:
-        return f"up to {self.max_tokens} tokens: {self.kernel}, above: dense"
+        return f"up to {self.max_tokens} tokens: {self.kernel}, above: its weight expanded"
 
 
 def csr_problem(linear: nn.Linear) -> str | None:
@@ -243,15 +256,29 @@ def _nm24_problem(linear: nn.Linear) -> str | None:
     return nm24_problem(linear)
 
 
+def _bitmask_linear(linear: nn.Linear) -> nn.Module:
+    from sdsprune.inference.bitmask import BitmaskLinear
+
+    return BitmaskLinear(linear)
+
+
+def _bitmask_problem(linear: nn.Linear) -> str | None:
+    from sdsprune.inference.bitmask import bitmask_problem
+
+    return bitmask_problem(linear)
+
+
 KERNELS = {
     "csr": CsrLinear,
     "bsr": BsrLinear,
     "nm24": _nm24_linear,
+    "bitmask": _bitmask_linear,
     "semi-structured": SemiStructuredLinear,
 }
 PROBLEMS = {
     "csr": csr_problem,
     "bsr": bsr_problem,
     "nm24": _nm24_problem,
+    "bitmask": _bitmask_problem,
     "semi-structured": semi_structured_problem,
 }

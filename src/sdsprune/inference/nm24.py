@@ -11,7 +11,7 @@ kept value (3 in bfloat16) instead of 8 (4) bytes per 2 dense weights, and pays 
 handful of tokens (decode); for more tokens the row is expanded back to dense and multiplied
 with MKL (``auto`` instead keeps the dense layer for those calls).
 
-The extension is built with ``torch.utils.cpp_extension`` (needs a C++ compiler; about 45 s
+The extension is built by :mod:`sdsprune.inference.native` (needs a C++ compiler; about 45 s
 once, then cached), with the code path of torch's CPU capability. Anything that prevents it
 (no compiler, neither AVX-512 nor AVX2) makes the layer ineligible with a reason, never an
 error. Its functions are also registered as the ops ``torch.ops.sdsprune.nm24_mm`` and
@@ -22,16 +22,13 @@ kernel in its graph instead of failing on an unknown extension function.
 from __future__ import annotations
 
 import functools
-import logging
-import shutil
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sdsprune.export.packing import nm_pattern
-
-log = logging.getLogger(__name__)
+from sdsprune.inference.native import build
 
 MAX_KERNEL_TOKENS = 8  # above this, expanding to dense and using MKL is faster
 # Rows per parallel task: at least ROW_GRAIN, and enough rows for MIN_TASK_PRODUCTS kept
@@ -42,12 +39,6 @@ MAX_KERNEL_TOKENS = 8  # above this, expanding to dense and using MKL is faster
 ROW_GRAIN = 16
 MIN_TASK_PRODUCTS = 65536
 VALUE_DTYPES = (torch.float32, torch.bfloat16)
-# Compiler flags per torch CPU capability; the source picks its code path from them.
-ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw"],
-    "AVX2": ["-mavx2", "-mfma"],
-}
-
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <immintrin.h>
@@ -260,42 +251,12 @@ TORCH_LIBRARY_IMPL(sdsprune, CPU, m) {
 """
 
 
-def cpu_capability() -> str:
-    """torch's view of the CPU's vector instructions ("AVX512", "AVX2", "DEFAULT", ...)."""
-    return torch.backends.cpu.get_cpu_capability()
-
-
-def _has_compiler() -> bool:
-    return shutil.which("c++") is not None or shutil.which("g++") is not None
-
-
 @functools.cache
 def extension():
-    """The compiled kernels for this CPU, or a string saying why they are unavailable.
-
-    The code path follows torch's capability (AVX-512 or AVX2 + FMA), so setting
-    ``ATEN_CPU_CAPABILITY=avx2`` also selects the AVX2 path on an AVX-512 machine.
-    """
-    capability = cpu_capability()
-    flags = ISA_FLAGS.get(capability)
-    if flags is None:
-        return f"nm24 needs AVX2 or AVX-512 (this CPU: {capability})"
-    if not _has_compiler():
-        return "nm24 needs a C++ compiler to build its kernel"
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        log.info("building the nm24 CPU kernel for %s (once, about a minute)", capability)
-        module = load_inline(
-            f"sdsprune_nm24_{capability.lower()}",
-            cpp_sources=_SOURCE,
-            functions=["nm24_mm", "nm24_dense"],
-            extra_cflags=["-O3", *flags, "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
-    except Exception as exc:  # compiler errors come in many types
-        return f"nm24 kernel failed to build: {str(exc).splitlines()[0][:200]}"
-    _register_fakes()
+    """The compiled 2:4 kernels for this CPU, or a string saying why they are unavailable."""
+    module = build("nm24", _SOURCE, ["nm24_mm", "nm24_dense"])
+    if not isinstance(module, str):
+        _register_fakes()
     return module
 
 
@@ -384,8 +345,12 @@ class Nm24Linear(nn.Module):
         if tokens <= MAX_KERNEL_TOKENS:
             y = ops.nm24_mm(x, self.values, self.positions, self._grains[tokens])
             return y if self.bias is None else y + self.bias
-        dense = ops.nm24_dense(self.values, self.positions)
-        return F.linear(x, dense, self.bias)
+        return self.dense_forward(x)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product through the dense weight, rebuilt for this call only (many tokens)."""
+        ops = torch.ops.sdsprune if torch.compiler.is_compiling() else self._ext
+        return F.linear(x, ops.nm24_dense(self.values, self.positions), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=nm24"

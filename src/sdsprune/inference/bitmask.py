@@ -1,0 +1,403 @@
+"""A CPU kernel for unstructured sparse weights (AVX-512 or AVX2, float32 or bfloat16).
+
+Decoding one token at a time reads every weight once per token, so its speed is set by the
+bytes a weight takes, not by the arithmetic. This kernel stores a sparse layer as
+
+- ``masks``: per row, one 16-bit mask per 16 inputs (bit i set: input i is kept);
+- ``values``: the kept values of every row, one after another, in the weight's dtype;
+- ``offsets``: where each row's values start.
+
+At 50% sparsity a float32 weight then takes 2.125 bytes instead of 4 (70%: 1.325; bfloat16
+halves the values). A chunk of 16 weights is rebuilt in registers from its mask and the next
+``popcount(mask)`` values: AVX-512's ``vexpandps`` does it in one instruction; the AVX2 path
+does each half of 8 with one permute from a 256-entry index table and a lane mask. Rows are
+split over threads as torch splits a dense GEMM; each row serves up to four tokens while it
+is in L1.
+
+For calls with more tokens than ``MAX_KERNEL_TOKENS`` (a prompt), the rows are expanded tile
+by tile into a small scratch buffer (about ``TILE_BYTES``, so it stays in L2) that feeds
+torch's dense GEMM: the layer holds only its packed form, and nothing stays expanded.
+
+The kernel is registered as the op ``torch.ops.sdsprune.bitmask_linear`` (with a fake for
+tracing), so ``torch.compile`` keeps it in a compiled decode step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from sdsprune.inference.native import build
+
+CHUNK = 16  # inputs per mask
+MAX_KERNEL_TOKENS = 8  # above this, tile expansion + dense GEMM (the kernel re-reads per 4)
+TILE_BYTES = 256 * 2**10  # scratch of the tiled expansion: fits L2 on any x86 core
+VALUE_DTYPES = (torch.float32, torch.bfloat16)
+# values are read 16 at a time (the bfloat16 and AVX2 paths load a full vector and then
+# spread it), so the flat value array carries this many zeros past its end
+PADDING = CHUNK
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+constexpr int64_t CHUNK = 16;
+
+static inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+#if defined(__AVX512F__)
+// One register holds a chunk of 16 weights.
+struct vec { __m512 r; };
+static inline vec zero() { return {_mm512_setzero_ps()}; }
+static inline vec load_x(const float* x) { return {_mm512_loadu_ps(x)}; }
+static inline vec fmadd(vec a, vec b, vec c) { return {_mm512_fmadd_ps(a.r, b.r, c.r)}; }
+static inline vec add(vec a, vec b) { return {_mm512_add_ps(a.r, b.r)}; }
+static inline float hsum(vec a) { return _mm512_reduce_add_ps(a.r); }
+// The chunk's weights: the next popcount(m) values spread to the set bits, zeros elsewhere.
+// (a full load, then the register form: the memory form of vexpandps is microcoded on AMD
+// Zen 4, about 20x slower)
+static inline vec expand(const float* v, uint32_t m) {
+  return {_mm512_maskz_expand_ps((__mmask16)m, _mm512_loadu_ps(v))};
+}
+static inline vec expand(const uint16_t* v, uint32_t m) {  // bfloat16: the high half of a float
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)v));
+  return {_mm512_maskz_expand_ps((__mmask16)m, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)))};
+}
+static inline void store(float* dst, vec w) { _mm512_storeu_ps(dst, w.r); }
+static inline void store(uint16_t* dst, vec w) {  // exact: w holds bfloat16 values
+  const __m512i high = _mm512_srli_epi32(_mm512_castps_si512(w.r), 16);
+  _mm256_storeu_si256((__m256i*)dst, _mm512_cvtepi32_epi16(high));
+}
+#else
+// AVX2: a chunk of 16 weights is two registers of 8.
+struct vec { __m256 lo, hi; };
+static inline vec zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline vec load_x(const float* x) { return {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)}; }
+static inline vec fmadd(vec a, vec b, vec c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+static inline vec add(vec a, vec b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+static inline float hsum(vec a) {
+  const __m256 s8 = _mm256_add_ps(a.lo, a.hi);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+// SPREAD[b][i]: for mask byte b, which of the 8 loaded values lane i takes (the number of
+// set bits below i); lanes whose bit is clear are zeroed by the lane mask.
+struct SpreadTable {
+  alignas(32) int32_t index[256][8];
+  SpreadTable() {
+    for (int b = 0; b < 256; ++b) {
+      int k = 0;
+      for (int i = 0; i < 8; ++i) index[b][i] = ((b >> i) & 1) ? k++ : 0;
+    }
+  }
+};
+static const SpreadTable SPREAD;
+static inline __m256 spread8(__m256 loaded, uint32_t b) {
+  const __m256i idx = _mm256_load_si256((const __m256i*)SPREAD.index[b]);
+  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(b), bits), bits);
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(loaded, idx), _mm256_castsi256_ps(lanes));
+}
+static inline __m256 load8(const float* v) { return _mm256_loadu_ps(v); }
+static inline __m256 load8(const uint16_t* v) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)v));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+template <typename V>
+static inline vec expand(const V* v, uint32_t m) {
+  const uint32_t low = m & 0xFF;
+  return {spread8(load8(v), low), spread8(load8(v + _mm_popcnt_u32(low)), m >> 8)};
+}
+static inline void store(float* dst, vec w) {
+  _mm256_storeu_ps(dst, w.lo);
+  _mm256_storeu_ps(dst + 8, w.hi);
+}
+static inline void store(uint16_t* dst, vec w) {  // exact: w holds bfloat16 values
+  const __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(w.lo), 16);
+  const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(w.hi), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
+  _mm256_storeu_si256((__m256i*)dst, packed);
+}
+#endif
+
+// y[k * ystride] = row . x[k * xstride ...] for NT tokens. With one or two tokens a single
+// accumulator chain would wait on FMA latency, so two chunks are in flight at once.
+template <typename V, int NT>
+static void row_tokens(const float* x, int64_t xstride, const V* v, const uint16_t* m,
+                       int64_t chunks, float* y, int64_t ystride) {
+  constexpr int U = NT < 3 ? 2 : 1;
+  vec acc[U][NT];
+  for (int u = 0; u < U; ++u)
+    for (int k = 0; k < NT; ++k) acc[u][k] = zero();
+  int64_t c = 0;
+  for (; c + U <= chunks; c += U) {
+    for (int u = 0; u < U; ++u) {
+      const uint32_t bits = m[c + u];
+      const vec w = expand(v, bits);
+      v += _mm_popcnt_u32(bits);
+      for (int k = 0; k < NT; ++k)
+        acc[u][k] = fmadd(w, load_x(x + k * xstride + CHUNK * (c + u)), acc[u][k]);
+    }
+  }
+  for (; c < chunks; ++c) {
+    const uint32_t bits = m[c];
+    const vec w = expand(v, bits);
+    v += _mm_popcnt_u32(bits);
+    for (int k = 0; k < NT; ++k) acc[0][k] = fmadd(w, load_x(x + k * xstride + CHUNK * c), acc[0][k]);
+  }
+  for (int k = 0; k < NT; ++k) {
+    vec total = acc[0][k];
+    for (int u = 1; u < U; ++u) total = add(total, acc[u][k]);
+    y[k * ystride] = hsum(total);
+  }
+}
+
+// Rows per parallel task: enough kept values x tokens (>= 65536, ~30 us of one core's memory
+// traffic at one token) to be worth waking a thread for, and at least 16 rows.
+static int64_t grain(int64_t kept, int64_t rows, int64_t tokens) {
+  const int64_t per_row = std::max<int64_t>(1, kept / std::max<int64_t>(rows, 1) * tokens);
+  return std::max<int64_t>(16, (65536 + per_row - 1) / per_row);
+}
+
+// y (T, out) = x (T, stride; zero-padded to whole chunks) times the packed rows' transpose
+template <typename V>
+static void kernel_mm(const float* x, int64_t T, int64_t stride, const V* values,
+                      const int64_t* offsets, const uint16_t* masks, int64_t out, float* y) {
+  const int64_t chunks = stride / CHUNK;
+  at::parallel_for(0, out, grain(offsets[out], out, T), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const V* v = values + offsets[o];
+      const uint16_t* m = masks + o * chunks;
+      for (int64_t t0 = 0; t0 < T; t0 += 4) {
+        const float* xt = x + t0 * stride;
+        float* yt = y + t0 * out + o;
+        switch (std::min<int64_t>(4, T - t0)) {
+          case 1: row_tokens<V, 1>(xt, stride, v, m, chunks, yt, out); break;
+          case 2: row_tokens<V, 2>(xt, stride, v, m, chunks, yt, out); break;
+          case 3: row_tokens<V, 3>(xt, stride, v, m, chunks, yt, out); break;
+          default: row_tokens<V, 4>(xt, stride, v, m, chunks, yt, out);
+        }
+      }
+    }
+  });
+}
+
+// Rows [r0, r1) written densely (row length stride, zero-padded) to dst, in V.
+template <typename V>
+static void expand_rows(const V* values, const int64_t* offsets, const uint16_t* masks,
+                        int64_t chunks, int64_t r0, int64_t r1, V* dst) {
+  at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const V* v = values + offsets[o];
+      const uint16_t* m = masks + o * chunks;
+      V* row = dst + (o - r0) * chunks * CHUNK;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const uint32_t bits = m[c];
+        store(row + c * CHUNK, expand(v, bits));
+        v += _mm_popcnt_u32(bits);
+      }
+    }
+  });
+}
+
+template <typename V>
+static V* ptr(torch::Tensor& t) { return reinterpret_cast<V*>(t.data_ptr()); }
+
+// Many tokens: yT (out, T) = W x^T, tile by tile of rows expanded into one scratch buffer.
+static torch::Tensor tiled_mm(const torch::Tensor& x, torch::Tensor values, torch::Tensor offsets,
+                              torch::Tensor masks, int64_t in, int64_t tile_rows) {
+  const int64_t out = masks.size(0), chunks = masks.size(1), stride = chunks * CHUNK;
+  auto xw = x.to(values.scalar_type());
+  auto yT = torch::empty({out, x.size(0)}, xw.options());
+  auto scratch = torch::empty({std::min(tile_rows, out), stride}, values.options());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const uint16_t* m = reinterpret_cast<const uint16_t*>(masks.data_ptr());
+  for (int64_t r0 = 0; r0 < out; r0 += tile_rows) {
+    const int64_t r1 = std::min(out, r0 + tile_rows);
+    if (values.scalar_type() == torch::kBFloat16)
+      expand_rows(ptr<uint16_t>(values), off, m, chunks, r0, r1, ptr<uint16_t>(scratch));
+    else
+      expand_rows(ptr<float>(values), off, m, chunks, r0, r1, ptr<float>(scratch));
+    auto tile = scratch.narrow(0, 0, r1 - r0).narrow(1, 0, in);
+    auto slice = yT.narrow(0, r0, r1 - r0);
+    at::mm_out(slice, tile, xw.t());
+  }
+  return yT.t().contiguous();
+}
+
+// activations (..., in) times the packed weight -> (..., out) in the activations' dtype. Up to
+// max_kernel_tokens tokens: the kernel (float32 accumulation); more: tiled_mm.
+torch::Tensor bitmask_linear(torch::Tensor input, torch::Tensor values, torch::Tensor offsets,
+                             torch::Tensor masks, int64_t in, int64_t max_kernel_tokens,
+                             int64_t tile_rows) {
+  TORCH_CHECK(values.is_contiguous() && offsets.is_contiguous() && masks.is_contiguous(),
+              "contiguous packed weight");
+  TORCH_CHECK(input.size(-1) == in && masks.size(1) * CHUNK >= in, "shape mismatch");
+  TORCH_CHECK(values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16,
+              "float32 or bfloat16 values only");
+  const int64_t out = masks.size(0), stride = masks.size(1) * CHUNK;
+  auto x2d = input.reshape({-1, in});
+  const int64_t T = x2d.size(0);
+  auto shape = input.sizes().vec();
+  shape.back() = out;
+  if (T > max_kernel_tokens)
+    return tiled_mm(x2d.contiguous(), values, offsets, masks, in, tile_rows)
+        .view(shape).to(input.scalar_type());
+  auto x = x2d.to(torch::kFloat32).contiguous();
+  if (stride != in) x = torch::constant_pad_nd(x, {0, stride - in});
+  auto y = torch::empty({T, out}, x.options());
+  const uint16_t* m = reinterpret_cast<const uint16_t*>(masks.data_ptr());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  if (values.scalar_type() == torch::kBFloat16)
+    kernel_mm(x.data_ptr<float>(), T, stride, ptr<uint16_t>(values), off, m, out, y.data_ptr<float>());
+  else
+    kernel_mm(x.data_ptr<float>(), T, stride, ptr<float>(values), off, m, out, y.data_ptr<float>());
+  return y.view(shape).to(input.scalar_type());
+}
+
+TORCH_LIBRARY_FRAGMENT(sdsprune, m) {
+  m.def("bitmask_linear(Tensor input, Tensor values, Tensor offsets, Tensor masks, int in_features, "
+        "int max_kernel_tokens, int tile_rows) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(sdsprune, CPU, m) { m.impl("bitmask_linear", &bitmask_linear); }
+"""
+
+
+@functools.cache
+def extension():
+    """The compiled kernel for this CPU, or a string saying why it is unavailable."""
+    module = build("bitmask", _SOURCE, ["bitmask_linear"])
+    if not isinstance(module, str):
+        torch.library.register_fake("sdsprune::bitmask_linear", _bitmask_linear_fake)
+    return module
+
+
+def _bitmask_linear_fake(
+    input: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    masks: torch.Tensor,
+    in_features: int,
+    max_kernel_tokens: int,
+    tile_rows: int,
+) -> torch.Tensor:
+    return input.new_empty((*input.shape[:-1], masks.shape[0]))
+
+
+def bitmask_problem(linear: nn.Linear) -> str | None:
+    """Why the bitmask kernel cannot serve this layer (None when it can)."""
+    weight = linear.weight.detach()
+    if weight.device.type != "cpu" or weight.dtype not in VALUE_DTYPES:
+        return "bitmask is a CPU kernel for float32 and bfloat16 weights"
+    ext = extension()
+    return ext if isinstance(ext, str) else None
+
+
+def pack_bitmask(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, offsets, masks) of a weight: see the module docstring.
+
+    ``values`` (kept values row by row, then ``PADDING`` zeros) keeps the weight's dtype;
+    ``offsets`` (int64, rows + 1); ``masks`` (int16 bit patterns, rows x chunks).
+    """
+    rows, cols = weight.shape
+    chunks = -(-cols // CHUNK)
+    padded = torch.zeros(rows, chunks * CHUNK, dtype=weight.dtype)
+    padded[:, :cols] = weight.detach().cpu()
+    kept = padded != 0
+    bit_values = 1 << torch.arange(CHUNK, dtype=torch.int32)
+    patterns = (kept.view(rows, chunks, CHUNK).to(torch.int32) * bit_values).sum(-1)
+    masks = torch.where(patterns >= 2**15, patterns - 2**16, patterns).to(torch.int16)
+    counts = kept.sum(1)
+    offsets = torch.zeros(rows + 1, dtype=torch.int64)
+    offsets[1:] = counts.cumsum(0)
+    values = torch.cat([padded[kept], torch.zeros(PADDING, dtype=weight.dtype)])
+    return values.contiguous(), offsets, masks.contiguous()
+
+
+def unpack_bitmask(
+    values: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, cols: int
+) -> torch.Tensor:
+    """The dense weight again (the inverse of :func:`pack_bitmask`; for tests and export)."""
+    rows, chunks = masks.shape
+    patterns = masks.to(torch.int32) & 0xFFFF
+    bits = (patterns.unsqueeze(-1) >> torch.arange(CHUNK, dtype=torch.int32)) & 1
+    kept = bits.view(rows, chunks * CHUNK).bool()
+    dense = torch.zeros(rows, chunks * CHUNK, dtype=values.dtype)
+    dense[kept] = values[: int(offsets[-1])]
+    return dense[:, :cols].contiguous()
+
+
+def tile_rows(in_features: int, dtype: torch.dtype) -> int:
+    """Rows per tile of the expansion for many tokens: about TILE_BYTES of scratch."""
+    row_bytes = -(-in_features // CHUNK) * CHUNK * torch.empty((), dtype=dtype).element_size()
+    return max(16, TILE_BYTES // row_bytes)
+
+
+class BitmaskLinear(nn.Module):
+    """``nn.Linear`` whose weight is held only in the packed bitmask form.
+
+    Up to ``MAX_KERNEL_TOKENS`` tokens per call the kernel multiplies from the packed form
+    (float32 accumulation; bfloat16 weights stay bfloat16, bit-exact); more tokens go through
+    the tiled expansion into torch's dense GEMM in the weight's dtype.
+    """
+
+    kernel = "bitmask"
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        ext = extension()
+        if isinstance(ext, str):
+            raise RuntimeError(ext)
+        self._ext = ext
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.bias = linear.bias
+        values, offsets, masks = pack_bitmask(linear.weight)
+        self.register_buffer("values", values, persistent=False)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.register_buffer("masks", masks, persistent=False)
+        self._tile_rows = tile_rows(self.in_features, values.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, MAX_KERNEL_TOKENS)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every call through the tiled expansion, whatever its token count."""
+        return self._linear(x, 0)
+
+    def _linear(self, x: torch.Tensor, max_kernel_tokens: int) -> torch.Tensor:
+        # eager calls the extension directly: the dispatcher op (which torch.compile traces)
+        # costs a few microseconds more per call, x210 layers a decode step
+        ops = torch.ops.sdsprune if torch.compiler.is_compiling() else self._ext
+        y = ops.bitmask_linear(
+            x,
+            self.values,
+            self.offsets,
+            self.masks,
+            self.in_features,
+            max_kernel_tokens,
+            self._tile_rows,
+        )
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        kept = int(self.offsets[-1])
+        density = kept / max(self.in_features * self.out_features, 1)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"kernel=bitmask, density={density:.2f}"
+        )

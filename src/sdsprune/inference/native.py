@@ -1,0 +1,58 @@
+"""Building this package's C++ CPU kernels (AVX-512 or AVX2), once, on first use.
+
+Each kernel (:mod:`~sdsprune.inference.nm24`, :mod:`~sdsprune.inference.bitmask`) is one
+C++ source compiled with ``torch.utils.cpp_extension.load_inline`` for the code path of
+torch's CPU capability, so ``ATEN_CPU_CAPABILITY=avx2`` also selects the AVX2 path on an
+AVX-512 machine (how the tests exercise it). Anything that prevents a build (no compiler,
+neither AVX-512 nor AVX2, a compiler error) is returned as a reason string, never raised:
+the layers then stay dense and the backend report says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Compiler flags per torch CPU capability; each source picks its code path from them.
+ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mpopcnt"],
+    "AVX2": ["-mavx2", "-mfma", "-mpopcnt"],
+}
+
+
+def cpu_capability() -> str:
+    """torch's view of the CPU's vector instructions ("AVX512", "AVX2", "DEFAULT", ...)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def has_compiler() -> bool:
+    return shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+def build(kernel: str, source: str, functions: Sequence[str]) -> ModuleType | str:
+    """The compiled ``source`` for this CPU, or a string saying why it is unavailable."""
+    capability = cpu_capability()
+    flags = ISA_FLAGS.get(capability)
+    if flags is None:
+        return f"{kernel} needs AVX2 or AVX-512 (this CPU: {capability})"
+    if not has_compiler():
+        return f"{kernel} needs a C++ compiler to build its kernel"
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        log.info("building the %s CPU kernel for %s (once, about a minute)", kernel, capability)
+        return load_inline(
+            f"sdsprune_{kernel}_{capability.lower()}",
+            cpp_sources=source,
+            functions=list(functions),
+            extra_cflags=["-O3", *flags, "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as exc:  # compiler errors come in many types
+        return f"{kernel} kernel failed to build: {str(exc).splitlines()[0][:200]}"
