@@ -51,3 +51,34 @@ def test_export_of_a_corrupt_checkpoint(tmp_path: Path, tiny_model_dir: Path, da
     with pytest.raises(SdspruneError, match="cannot read the weights"):
         export_checkpoint(tiny_model_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tiny_model_dir: Path, monkeypatch):
+    """A config with more layers than the checkpoint would load random layers silently."""
+    import json
+
+    from sdsprune.models import load_model
+    from sdsprune.models.loading import ALLOW_MISMATCH_ENV
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (tiny_model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SdspruneError, match=r"9 missing \(model\.layers\.2\."):
+        load_model(str(tiny_model_dir))
+    monkeypatch.setenv(ALLOW_MISMATCH_ENV, "1")  # asked for: loaded, gaps random
+    assert load_model(str(tiny_model_dir)).model.config.num_hidden_layers == 3
+
+
+def test_unexpected_weights_are_refused(tiny_model_dir: Path):
+    from safetensors.torch import load_file, save_file
+
+    from sdsprune.models import load_model
+
+    weights = tiny_model_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.7.mlp.up_proj.weight"] = tensors[
+        "model.layers.0.mlp.up_proj.weight"
+    ].clone()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(SdspruneError, match="1 unexpected"):
+        load_model(str(tiny_model_dir))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from sdsprune.utils import cache_dir, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
+# Loading a checkpoint whose weights do not match its config is refused unless this is "1".
+ALLOW_MISMATCH_ENV = "SDSPRUNE_ALLOW_WEIGHT_MISMATCH"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -108,9 +111,40 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_hub_kwargs(source))
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, output_loading_info=True, **_hub_kwargs(source)
+        )
     except Exception as exc:
         raise SdspruneError(_load_failure(source, exc)) from exc
+    _check_loading_info(source, info)
+    return model
+
+
+def _check_loading_info(source: str, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not match its config (e.g. a config with more
+    layers than the weights): transformers fills the gaps with random values and only logs
+    it, so the model would be pruned and saved silently wrong."""
+    if os.environ.get(ALLOW_MISMATCH_ENV) == "1":
+        return
+    problems = []
+    for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys")):
+        names = sorted(info.get(key) or [])
+        if names:
+            problems.append(f"{len(names)} {kind} ({_listing(names)})")
+    mismatched = sorted(str(entry[0]) for entry in info.get("mismatched_keys") or [])
+    if mismatched:
+        problems.append(f"{len(mismatched)} of another shape ({_listing(mismatched)})")
+    if problems:
+        raise SdspruneError(
+            f"the weights in {source} do not match its config: {'; '.join(problems)} "
+            f"(set {ALLOW_MISMATCH_ENV}=1 to load it anyway, with random values for those)"
+        )
+
+
+def _listing(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (
+        f", ... {len(names) - shown} more" if len(names) > shown else ""
+    )
 
 
 def _load_tokenizer(source: str):
