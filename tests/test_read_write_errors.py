@@ -82,3 +82,25 @@ def test_unexpected_weights_are_refused(tiny_model_dir: Path):
     save_file(tensors, str(weights), metadata={"format": "pt"})
     with pytest.raises(SdspruneError, match="1 unexpected"):
         load_model(str(tiny_model_dir))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"num_hidden_layers": 3}, "9 missing"),
+        ({"num_hidden_layers": 1}, "9 unexpected"),
+        ({"intermediate_size": 96}, "6 of another shape"),
+    ],
+)
+def test_low_memory_checks_the_checkpoint_before_any_block(tiny_model_dir: Path, edit, message):
+    """--low-memory reads blocks one at a time; a mismatch must still stop it up front."""
+    import json
+
+    import torch
+
+    from sdsprune.engine.lowmem import build_skeleton
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (tiny_model_dir / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(SdspruneError, match=message):
+        build_skeleton(tiny_model_dir, torch.float32)

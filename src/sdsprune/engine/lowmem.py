@@ -38,6 +38,13 @@ class SafetensorsSource:
         self.folder = Path(folder)
         self.file_of = self._index()
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every stored tensor's shape, from the files' headers (no weights are read)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path in sorted(set(self.file_of.values())):
+            shapes.update(tensor_shapes(path))
+        return {name: shape for name, shape in shapes.items() if name in self.file_of}
+
     def _index(self) -> dict[str, Path]:
         index = self.folder / INDEX
         if index.exists():
@@ -80,10 +87,18 @@ _DTYPES = {
 
 
 def tensor_names(path: Path) -> list[str]:
+    return list(tensor_shapes(path))
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, from its header alone."""
     try:
         with open(path, "rb") as handle:
-            return [name for name in _header(handle)[1] if name != "__metadata__"]
-    except (OSError, ValueError, struct.error) as exc:
+            header = _header(handle)[1]
+        return {
+            name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"
+        }
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise SdspruneError(f"could not read {path} (corrupt checkpoint?): {exc}") from exc
 
 
@@ -139,6 +154,7 @@ def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
         raise SdspruneError(f"could not build the model of {folder}: {exc}") from exc
     model.eval()
     source = SafetensorsSource(folder)
+    _check_matches_checkpoint(model, source)
     prefix = blocks_prefix(model)
     outside = [
         name
@@ -150,6 +166,40 @@ def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
         _materialize(model, name, tensor, torch.device("cpu"), dtype)
     _tie_or_fail(model, prefix)
     return model
+
+
+def _check_matches_checkpoint(model: nn.Module, source: SafetensorsSource) -> None:
+    """Before any block is pruned: the checkpoint holds every tensor the config describes,
+    in its shape, and nothing else (the same rule as a normal load, see models.loading);
+    otherwise a mismatch surfaced only at the block that lacks it, hours into a run."""
+    import re
+
+    from sdsprune.models.loading import check_loading_info
+
+    stored = source.shapes()
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    tied = _tied_head_names(model)
+    ignored = [
+        re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    ]
+    info = {
+        "missing_keys": [n for n in expected if n not in stored and n not in tied],
+        "unexpected_keys": [
+            n for n in stored if n not in expected and not any(p.search(n) for p in ignored)
+        ],
+        "mismatched_keys": [
+            (n, stored[n], shape) for n, shape in expected.items() if stored.get(n, shape) != shape
+        ],
+    }
+    check_loading_info(str(source.folder), info)
+
+
+def _tied_head_names(model: nn.Module) -> set[str]:
+    """State-dict names of an output head tied to the input embeddings (not stored)."""
+    head = model.get_output_embeddings()
+    if head is None or not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {f"{name}.weight" for name, module in model.named_modules() if module is head}
 
 
 def _tie_or_fail(model: nn.Module, prefix: str) -> None:

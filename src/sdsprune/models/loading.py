@@ -116,11 +116,11 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> nn.Module:
         )
     except Exception as exc:
         raise SdspruneError(_load_failure(source, exc)) from exc
-    _check_loading_info(source, info)
+    check_loading_info(source, info)
     return model
 
 
-def _check_loading_info(source: str, info: dict) -> None:
+def check_loading_info(source: str, info: dict) -> None:
     """Refuse a checkpoint whose weights do not match its config (e.g. a config with more
     layers than the weights): transformers fills the gaps with random values and only logs
     it, so the model would be pruned and saved silently wrong."""
@@ -137,7 +137,7 @@ def _check_loading_info(source: str, info: dict) -> None:
     if problems:
         raise SdspruneError(
             f"the weights in {source} do not match its config: {'; '.join(problems)} "
-            f"(set {ALLOW_MISMATCH_ENV}=1 to load it anyway, with random values for those)"
+            f"(set {ALLOW_MISMATCH_ENV}=1 to load it anyway: missing weights are then random)"
         )
 
 
