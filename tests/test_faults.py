@@ -86,6 +86,9 @@ def nan_in_norm(tensors):  # not a linear layer: only the activations reveal it
         ("nan-activation", [], "NaN/Inf activations after decoder block 0"),
         ("nan-activation", ["--low-memory"], "post_attention_layernorm.weight has NaN/Inf"),
         ("none", ["--resume"], "--resume needs the --state-dir"),
+        ("none", ["--method", "sds", "--lambda1", "nan"], "--lambda1 must be a finite number"),
+        ("none", ["--method", "sds", "--mu", "inf"], "--mu must be a finite number"),
+        ("none", ["--base", "wanda"], "--base applies to --method sds only"),
         ("none", ["--low-memory", "--eval", "wiki"], "cannot evaluate in the same run"),
     ],
 )

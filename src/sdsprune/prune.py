@@ -168,6 +168,8 @@ def prune(
     if method != "sds" and method.partition("[")[0] not in BASE_PRUNERS:
         raise SdspruneError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     parse_pruner_spec(base if method == "sds" else method)  # bad options: refused now
+    if method != "sds" and base != "sparsegpt":
+        raise SdspruneError(f"--base applies to --method sds only (got --method {method})")
     if owl is not None:
         owl.check(pattern, low_memory=low_memory, resume=resume)
     if offload_activations not in OFFLOAD_CHOICES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from sdsprune.errors import SdspruneError
@@ -77,6 +78,11 @@ class SDSConfig:
                 raise SdspruneError(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
         if self.solver == "closed" and self.lambda1 > 0:
             raise SdspruneError("the closed-form re-dense has no L1 term: use --solver fista or gd")
+        weights = {"lambda1": self.lambda1, "lambda2": self.lambda2, "mu": self.mu}
+        weights.update(lr=self.lr, block_lr=self.block_lr)
+        for name, value in weights.items():  # nan passes every comparison below
+            if not math.isfinite(value):
+                raise SdspruneError(f"--{name.replace('_', '-')} must be a finite number")
         if min(self.lambda1, self.lambda2, self.mu, self.lr) < 0:
             raise SdspruneError("lambdas, mu and lr must be non-negative")
         if self.rounds < 1 or self.redense_iters < 1 or self.adjust_iters < 0:
