@@ -89,6 +89,7 @@ def nan_in_norm(tensors):  # not a linear layer: only the activations reveal it
         ("none", ["--method", "sds", "--lambda1", "nan"], "--lambda1 must be a finite number"),
         ("none", ["--method", "sds", "--mu", "inf"], "--mu must be a finite number"),
         ("none", ["--base", "wanda"], "--base applies to --method sds only"),
+        ("none", ["--method", "sds", "--figure-layer", "99.mlp.up"], "--figure-layer '99.mlp.up'"),
         ("none", ["--low-memory", "--eval", "wiki"], "cannot evaluate in the same run"),
     ],
 )

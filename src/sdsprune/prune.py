@@ -259,6 +259,7 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
     net = loaded.model
     linears = model_linears(net)
     opts.pattern.check_layers(linears)
+    _check_figure_layer(getattr(opts.sds, "figure_layer", None), linears)
     calibration = opts.calibration
     check_seqlen(net, opts.seqlen if calibration is None else calibration.shape[1])
     _check_eval_inputs(loaded, eval_corpora, opts.eval_seqlen or opts.seqlen)
@@ -387,6 +388,15 @@ def _evaluate_saved(loaded, eval_corpora, opts: PruneOptions, timer, saved) -> l
         raise SdspruneError(
             f"{exc} (the pruned model is saved in {saved}; evaluate it with `sdsprune eval`)"
         ) from exc
+
+
+def _check_figure_layer(layer: str | None, linears: dict[str, nn.Linear]) -> None:
+    """A misspelt --figure-layer would silently give no figure at the end of the run."""
+    if layer is not None and layer not in linears:
+        example = next(iter(linears), "0.mlp.up_proj")
+        raise SdspruneError(
+            f"--figure-layer '{layer}' is not a linear layer of this model (e.g. '{example}')"
+        )
 
 
 def _check_eval_inputs(loaded: LoadedModel, corpora, seqlen: int) -> None:
