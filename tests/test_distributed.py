@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,72 @@ def test_two_processes_through_the_cli_with_low_memory(tiny_model_dir, tmp_path)
         two.update(load_file(str(path)))
     assert_same(one, {k: two[k] for k in one}, "cli")
     assert not list(tmp_path.glob(".two*"))  # no scratch folders left behind
+
+
+FAILURE = "SdspruneError: injected failure on rank 1 in block 2"  # dist_fail_worker.py's
+
+
+def test_a_rank_that_fails_mid_block_ends_the_run_with_its_error(tmp_path):
+    """Rank 1 raises while rank 0 waits for its share of block 2: both end within a minute,
+    rank 0 with rank 1's error (not its own "connection closed"), and nothing is saved."""
+    out = tmp_path / "pruned"
+    start = time.monotonic()
+    result = torchrun(str(HERE / "dist_fail_worker.py"), "raise", str(out))
+    assert result.returncode != 0
+    assert time.monotonic() - start < 60
+    assert f"rank 1 failed: {FAILURE}" in result.stderr, result.stderr[-3000:]
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def spawn_ranks(*args: str, world: int = 2) -> list[subprocess.Popen]:
+    """``world`` processes of ``dist_fail_worker.py`` joined as torchrun would join them,
+    without torchrun (which stops the others when one exits): each one must end by itself."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    common = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    common.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world))
+    return [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "dist_fail_worker.py"), *args],
+            env={**common, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+
+
+def test_a_rank_waiting_on_a_failed_peer_that_stays_alive_ends_with_its_error(tmp_path):
+    """Rank 1 fails but its process stays up, group and all (a teardown that hangs): no
+    connection closes, so rank 0's collective would wait for torch's timeout (30 minutes);
+    it must end within a minute with rank 1's error."""
+    out = tmp_path / "pruned"
+    ranks = spawn_ranks("linger", str(out))
+    try:
+        _, errors = ranks[0].communicate(timeout=60)
+        assert ranks[1].poll() is None  # rank 0 did not wait for rank 1's process
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert ranks[0].returncode != 0
+    assert f"rank 1 failed: {FAILURE}" in errors, errors[-3000:]
+    assert not out.exists()
+
+
+def test_collective_timeout_comes_from_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from sdsprune import SdspruneError
+    from sdsprune.engine.distributed import TIMEOUT_ENV, collective_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert collective_timeout() is None  # torch's own default
+    monkeypatch.setenv(TIMEOUT_ENV, "90")
+    assert collective_timeout() == timedelta(seconds=90)
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    with pytest.raises(SdspruneError, match="positive number of seconds"):
+        collective_timeout()
