@@ -163,3 +163,17 @@ def test_a_cache_that_is_a_file_is_one_clear_error(fake_registry, tmp_path, monk
     with pytest.raises(SdspruneError, match="SDSPRUNE_CACHE to a writable folder"):
         fetch_pinned_file(asset)
     assert downloads == []
+
+
+def test_eval_and_prune_read_a_sparse_export(tiny_model_dir: Path, tmp_path: Path):
+    """``load_model`` (behind eval and prune) reads the compact format too, bit for bit."""
+    import torch
+
+    from sdsprune.models import load_model
+
+    export_checkpoint(tiny_model_dir, tmp_path / "sparse")
+    dense, sparse = load_model(str(tiny_model_dir)), load_model(str(tmp_path / "sparse"))
+    assert sparse.path == tmp_path / "sparse"
+    expected, got = dense.model.state_dict(), sparse.model.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)

@@ -52,6 +52,11 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     folder = resolve_model_folder(spec)
+    if folder is not None and _is_sparse_export(folder):
+        from sdsprune.inference.loader import load  # it reads the compact format
+
+        loaded = load(folder, device=dev, dtype=torch_dtype)
+        return LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, spec=spec, path=folder)
     source = str(folder) if folder is not None else spec
     model = _from_pretrained(source, torch_dtype)
     tokenizer = _load_tokenizer(source)
@@ -105,6 +110,14 @@ def _cached_conversion(gguf: Path, key: str) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return folder
+
+
+def _is_sparse_export(folder: Path) -> bool:
+    """A folder written by ``sdsprune export --format sparse`` (from_pretrained cannot read
+    it: its weights file has another name on purpose)."""
+    from sdsprune.export import is_sparse_checkpoint
+
+    return is_sparse_checkpoint(folder)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype) -> nn.Module:
