@@ -148,3 +148,20 @@ def test_a_run_on_an_index_free_device_keeps_the_current_device(monkeypatch, dev
     cuda.current = 1
     with distributed_from_env(torch.device(device)):
         assert cuda.current == 1
+
+
+def test_the_static_cache_takes_the_models_dtype_and_device_from_the_prefill():
+    """transformers 5's ``StaticCache`` takes no device or dtype (it ignores both as keyword
+    arguments): each layer allocates on its first update, from the key/value states, so the
+    eager prefill puts it where the model is, in its dtype."""
+    from conftest import tiny_model
+
+    from sdsprune.inference.decode import new_cache, prefill
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    cache = new_cache(model, "static", 32)
+    prefill(model, torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0)), cache)
+    for layer in cache.layers:
+        assert layer.keys.dtype == layer.values.dtype == torch.bfloat16
+        assert layer.keys.device == next(model.parameters()).device
+        assert layer.keys.shape[2] == 32
