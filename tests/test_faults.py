@@ -78,6 +78,7 @@ def nan_in_norm(tensors):  # not a linear layer: only the activations reveal it
         ("corrupt", ["--low-memory"], "corrupt checkpoint"),
         ("none", ["--sparsity", "1.5"], "strictly between 0 and 1"),
         ("none", ["--sparsity", "0"], "strictly between 0 and 1"),
+        ("none", ["--sparsity", "1e-9"], "less than one weight per row"),
         ("none", ["--sparsity", "4:4"], "0 < N < M"),
         ("none", ["--sparsity", "2:7"], "divisible by 7"),
         ("none", ["--nsamples", "64", "--seqlen", "128"], "fewer than nsamples x seqlen"),

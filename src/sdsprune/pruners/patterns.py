@@ -58,6 +58,7 @@ class SparsityPattern:
     def check_layers(self, layers: dict[str, nn.Linear]) -> None:
         """Refuse before any work starts when a layer width does not fit the pattern."""
         if not self.is_nm:
+            self._check_prunes_something(layers)
             return
         bad = [name for name, layer in layers.items() if layer.in_features % self.m]
         if bad:
@@ -65,6 +66,16 @@ class SparsityPattern:
             raise SdspruneError(
                 f"{self} sparsity needs input widths divisible by {self.m}; layer {bad[0]} has "
                 f"{width} inputs ({len(bad)} layer(s) affected)"
+            )
+
+    def _check_prunes_something(self, layers: dict[str, nn.Linear]) -> None:
+        """A fraction below one weight of the widest row rounds to no zeros at all in the
+        per-row pruners (``--sparsity 1e-9`` ran as a 0% prune, reported as a success)."""
+        widest = max((layer.in_features for layer in layers.values()), default=0)
+        if widest and self.fraction * widest < 1:
+            raise SdspruneError(
+                f"sparsity {self} prunes less than one weight per row (widest row: {widest} "
+                f"inputs); use at least {1 / widest:.2g}"
             )
 
 
