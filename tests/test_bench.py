@@ -83,6 +83,16 @@ def test_report_has_every_backend_workload_and_batch(sparse_dir):
         assert row["verdict"] == "baseline" if backend == "dense" else row["verdict"] != "baseline"
     assert report["backends"]["csr"]["kernels"] == {"csr": 14}
     assert report["backends"]["csr"]["max_abs_logit_diff_vs_dense"] < 1e-3
+    assert report["backends"]["csr"]["same_greedy_tokens_as_dense"] is True
+    dense_mib, csr_mib = (report["backends"][b]["linear_weights_mib"] for b in ("dense", "csr"))
+    assert 0 < csr_mib and 0 < dense_mib <= report["backends"]["dense"]["weights_mib"]
+    ceiling = report["ceiling"]
+    assert set(ceiling["linear_share"]) == {1, 2} and set(ceiling["speedup"]) == {"csr"}
+    for batch, share in ceiling["linear_share"].items():  # Amdahl from this run's numbers
+        ratio = dense_mib / csr_mib
+        expected = 1 / ((1 - share) + share / ratio)
+        assert ceiling["speedup"]["csr"][batch] == pytest.approx(expected, abs=2e-3)
+    assert not any(r["backend"] == "linears skipped" for r in report["results"])
     assert report["memory"]["peak_rss_mib"] > 0
     json.dumps(report)  # serialisable
     assert render_table(report).row_count == len(report["results"])

@@ -43,7 +43,7 @@ from sdsprune.inference.decode import (
     new_cache,
     prefill,
 )
-from sdsprune.models import model_linears
+from sdsprune.models import decoder_blocks, model_linears
 from sdsprune.runinfo import library_versions, peak_memory
 from sdsprune.utils import resolve_device, resolve_dtype
 
@@ -59,7 +59,9 @@ class BenchSettings:
 
     ``decode_modes``: eager and/or static decoding (:data:`DECODE_MODES`); every backend is
     timed in each. ``compile_backend``: torch.compile's backend for static decode (inductor
-    generates fused kernels; tests use a faster one).
+    generates fused kernels; tests use a faster one). ``ceiling``: also time eager decoding
+    with the decoder blocks' linears skipped, to give each backend's bytes ceiling
+    (:func:`bytes_ceilings`).
     """
 
     repeats: int = 5
@@ -70,6 +72,7 @@ class BenchSettings:
     seed: int = 0
     decode_modes: tuple[str, ...] = ("eager",)
     compile_backend: str = "inductor"
+    ceiling: bool = True
 
 
 @dataclass
@@ -114,7 +117,8 @@ def run_bench(
     contenders, loads, skipped = _load_all(folder, names, dev, torch_dtype, say)
     static = _prepare_steps(contenders, settings, dev, say)
     checks = _check_outputs(contenders, settings, dev)
-    _measure(contenders, settings, dev, say)
+    skipped_linears = _skipped_linears(folder, dev, torch_dtype) if settings.ceiling else None
+    _measure(contenders + ([skipped_linears] if skipped_linears else []), settings, dev, say)
     report = {
         "model": str(folder),
         "checkpoint": _checkpoint_info(folder, contenders[0].model),
@@ -126,12 +130,65 @@ def run_bench(
         "backends": {c.name: loads[c.name] | checks[c.name] for c in contenders},
         "skipped": skipped,
         "results": _summarise(contenders, settings.prompt_tokens),
+        "ceiling": bytes_ceilings(contenders, skipped_linears, loads) if skipped_linears else None,
         "memory": peak_memory(),
         "versions": library_versions(),
     }
     if static is not None:
         report["static_decode"] = static
     return report
+
+
+class _SkippedLinear(nn.Module):
+    """A decoder-block linear at no weight cost (zeros out): what a decode step costs besides
+    streaming those weights."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+SKIPPED_LINEARS = "linears skipped"
+
+
+def _skipped_linears(folder: Path, dev, dtype) -> _Contender:
+    """The dense model with every decoder-block linear skipped (its outputs zeros)."""
+    model = load(folder, backend="dense", device=dev, dtype=dtype).model
+    blocks = decoder_blocks(model)
+    for name, layer in model_linears(model).items():
+        index, path = name.split(".", 1)
+        parent, _, attr = path.rpartition(".")
+        setattr(blocks[int(index)].get_submodule(parent), attr, _SkippedLinear(layer.out_features))
+    contender = _Contender(SKIPPED_LINEARS, model)
+    contender.steps["eager"] = eager_step(model)
+    return contender
+
+
+def bytes_ceilings(contenders: list[_Contender], skipped: _Contender, loads: dict) -> dict:
+    """Per backend and batch, the decode speedup over dense that its linears' bytes allow.
+
+    Measured in this run: ``rest`` is eager decoding with the blocks' linears skipped, so
+    dense's linears take ``p = 1 - rest / dense`` of a step. A backend whose linears hold
+    ``s`` times fewer bytes than dense's makes them at most ``s`` times faster if dense
+    streamed its weights at the machine's bandwidth (Amdahl: ``1 / ((1 - p) + p / s)``). A
+    kernel that beats it streams its bytes faster than torch's dense GEMV does.
+    """
+    dense = contenders[0]
+    dense_bytes = loads[dense.name]["linear_weights_mib"]
+    result: dict = {"linear_share": {}, "speedup": {}}
+    for (kind, mode, batch), samples in skipped.samples.items():
+        if kind != "decode" or ("decode", mode, batch) not in dense.samples:
+            continue
+        share = 1 - statistics.median(samples) / statistics.median(dense.samples[kind, mode, batch])
+        result["linear_share"][batch] = round(share, 3)
+        for contender in contenders[1:]:
+            ratio = dense_bytes / max(loads[contender.name]["linear_weights_mib"], 1e-9)
+            speedup = 1 / ((1 - share) + share / ratio)
+            result["speedup"].setdefault(contender.name, {})[batch] = round(speedup, 3)
+    return result
 
 
 def _check_settings(settings: BenchSettings) -> None:
@@ -167,6 +224,7 @@ def _load_all(folder: Path, names: list[str], dev, dtype, say) -> tuple[list, di
             "kernels": kernels,
             "load_seconds": round(seconds, 2),
             "weights_mib": round(weight_bytes(loaded.model) / 2**20, 1),
+            "linear_weights_mib": round(report.linear_bytes() / 2**20, 1) if report else None,
         }
         if report and any(layer.timings_us for layer in report.layers):
             loads[name]["layer_speedups"] = _layer_speedups(report)
@@ -341,14 +399,29 @@ def _check_outputs(contenders: list[_Contender], settings: BenchSettings, dev) -
     checks = {}
     with torch.inference_mode():
         reference = contenders[0].model(ids).logits.float()
+        dense_tokens = _greedy_tokens(contenders[0].model, ids, settings)
         for contender in contenders:
             diff = (contender.model(ids).logits.float() - reference).abs().max().item()
-            checks[contender.name] = {"max_abs_logit_diff_vs_dense": round(diff, 6)}
+            same = torch.equal(_greedy_tokens(contender.model, ids, settings), dense_tokens)
+            checks[contender.name] = {
+                "max_abs_logit_diff_vs_dense": round(diff, 6),
+                "same_greedy_tokens_as_dense": same,
+            }
             if "static" in contender.steps:
                 checks[contender.name]["static_vs_eager"] = _static_vs_eager(
                     contender, static_ids, settings
                 )
     return checks
+
+
+def _greedy_tokens(model: nn.Module, ids: torch.Tensor, settings: BenchSettings) -> torch.Tensor:
+    """The ``decode_tokens`` greedy tokens after ``ids`` (eager decoding, as generate does)."""
+    step, cache = eager_step(model), new_cache(model, "eager", _cache_tokens(settings))
+    token, tokens = prefill(model, ids, cache), []
+    for _ in range(settings.decode_tokens):
+        tokens.append(token)
+        _, token = step(token, cache)
+    return torch.cat(tokens, dim=-1)
 
 
 def _static_vs_eager(contender: _Contender, ids: torch.Tensor, settings) -> dict:
@@ -632,9 +705,16 @@ def render_notes(report: dict) -> list[str]:
             if check
             else ""
         )
+        greedy = info.get("same_greedy_tokens_as_dense")
+        agreement = (
+            ""
+            if greedy is None
+            else (", same greedy tokens" if greedy else ", greedy tokens DIFFER")
+        )
         notes.append(
-            f"{name}: weights {info['weights_mib']} MiB, load {info['load_seconds']} s, "
-            f"max |logit - dense| {info['max_abs_logit_diff_vs_dense']}{static}"
+            f"{name}: weights {info['weights_mib']} MiB (block linears "
+            f"{info.get('linear_weights_mib', '?')} MiB), load {info['load_seconds']} s, "
+            f"max |logit - dense| {info['max_abs_logit_diff_vs_dense']}{agreement}{static}"
         )
         for kernel, by_tokens in info.get("layer_speedups", {}).items():
             probes = ", ".join(
@@ -646,8 +726,21 @@ def render_notes(report: dict) -> list[str]:
             notes.append(
                 f"{name} runs dense everywhere: its 'vs dense' column is this run's noise floor"
             )
+    notes += _ceiling_notes(report.get("ceiling"))
     memory = ", ".join(f"{k} {v}" for k, v in report["memory"].items())
     notes.append(f"process peak memory (all backends together): {memory}")
+    return notes
+
+
+def _ceiling_notes(ceiling: dict | None) -> list[str]:
+    """The bytes ceiling of each backend's eager decode speedup (see :func:`bytes_ceilings`)."""
+    if not ceiling:
+        return []
+    shares = ", ".join(f"{share:.0%} at batch {b}" for b, share in ceiling["linear_share"].items())
+    notes = [f"block linears' share of a dense eager decode step: {shares}"]
+    for name, by_batch in ceiling["speedup"].items():
+        bounds = ", ".join(f"{x:.2f}x at batch {b}" for b, x in by_batch.items())
+        notes.append(f"  {name}: bytes ceiling of the decode speedup {bounds}")
     return notes
 
 

@@ -78,6 +78,7 @@ class LayerChoice:
     reason: str = ""
     timings_us: dict[str, dict[int, float]] = field(default_factory=dict)
     max_tokens: int | None = None  # the kernel serves calls up to this many tokens; None: all
+    weight_bytes: int = 0  # what the layer holds, in the form it runs with
 
     def label(self) -> str:
         """The kernel, with its token limit when dense takes the larger calls."""
@@ -92,6 +93,10 @@ class BackendReport:
     device: str
     layers: list[LayerChoice]
     weight_bytes: int = 0  # every parameter and buffer of the model after the swap
+
+    def linear_bytes(self) -> int:
+        """Bytes held by the prunable layers (what a decode step streams besides the head)."""
+        return sum(layer.weight_bytes for layer in self.layers)
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -141,9 +146,10 @@ def apply_backend(
             raise SdspruneError(f"backend 'semi-structured' unavailable: {problem}")
     factories = {**KERNELS, **(converters or {})}
     timer = timer or _default_timer(device)
-    choices, group = [], []
+    choices, group, places = [], [], []
     probe = _Probe(sorted(probe_tokens), margin, timer, verify)
     for name, linear, parent, attr in _prunable_layers(model):
+        places.append((parent, attr))
         choice, module = _choose(name, linear, backend, device, factories, min_sparsity, probe)
         if isinstance(module, _Race):
             group.append((module, parent, attr))
@@ -154,6 +160,8 @@ def apply_backend(
             setattr(parent, attr, module)
         choices.append(choice)
     _race_and_swap(probe, group)
+    for choice, (parent, attr) in zip(choices, places, strict=True):
+        choice.weight_bytes = weight_bytes(getattr(parent, attr))
     report = BackendReport(
         backend=backend, device=str(device), layers=choices, weight_bytes=weight_bytes(model)
     )
