@@ -372,3 +372,39 @@ def test_a_failing_evaluation_keeps_the_saved_model(monkeypatch, capsys, workspa
     assert "saved in out" in err
     assert (workspace / "out" / "config.json").exists()
     assert (workspace / "out" / "sdsprune_report.json").exists()
+
+
+# --- compare's results folder -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out", ["mine", ".", "model"])
+def test_compare_never_writes_into_a_folder_of_other_files(workspace, out):
+    """compare rewrites results.md, results.json and plots in its folder: a folder it did
+    not make (or the working directory, or the model) is refused before any work."""
+    from sdsprune.compare import compare
+
+    (workspace / "mine").mkdir()
+    (workspace / "mine" / "results.md").write_text("the user's own notes")
+    before = snapshot(workspace.parent)
+    settings = dict(methods=["dense"], sparsities=["0.5"], calib="calib.txt", nsamples=2)
+    with pytest.raises(SdspruneError, match="--out"):
+        compare("model", **settings, seqlen=32, datasets=["calib.txt"], out=out, device="cpu")
+    assert snapshot(workspace.parent) == before
+
+
+def test_compare_reuses_the_folder_it_made(tmp_path):
+    from sdsprune.compare import COMPARE_MARKER
+    from sdsprune.ownership import claim_work_folder
+
+    def claim(folder):
+        return claim_work_folder(
+            folder, flag="--out", marker=COMPARE_MARKER, earlier_signs=("runs",)
+        )
+
+    first = claim(tmp_path / "cmp")
+    (first / "results.md").write_text("written by compare")
+    assert claim(tmp_path / "cmp") == first  # its own marker
+    earlier = tmp_path / "old"
+    (earlier / "runs").mkdir(parents=True)
+    (earlier / "results.md").write_text("from a release without markers")
+    assert claim(earlier) == earlier and (earlier / COMPARE_MARKER).exists()

@@ -32,12 +32,14 @@ from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.bigbench import DEFAULT_PROMPT_STYLE
 from sdsprune.evaluate.zeroshot import DEFAULT_SEED as DEFAULT_TASK_SEED
 from sdsprune.models import LoadedModel, load_model
+from sdsprune.ownership import claim_work_folder
 from sdsprune.runinfo import library_versions
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("dense", "wanda", "sparsegpt", "sds:wanda", "sds:sparsegpt")
 RUNS_DIR = "runs"
+COMPARE_MARKER = ".sdsprune-compare"  # marks a folder compare made (see sdsprune.ownership)
 FIGURES_DIR = "figures"
 # Bump when a run file's content changes meaning, so old files are recomputed.
 # 2: per-example correctness and per-chunk NLLs (for paired intervals) in every run file.
@@ -182,7 +184,13 @@ def compare(
         "sds": _sds_settings(sds),
         "owl": _owl_settings(owl),
     }
-    folder = Path(out)
+    folder = claim_work_folder(
+        out,
+        flag="--out",
+        marker=COMPARE_MARKER,
+        earlier_signs=(RUNS_DIR,),
+        protected={"the model": _local_folder(model)},
+    )
     (folder / RUNS_DIR).mkdir(parents=True, exist_ok=True)
     done = {run.key: result for run in runs if (result := _finished(folder, run, settings))}
     pending = [run for run in runs if run.key not in done]
@@ -239,6 +247,12 @@ def _owl_settings(owl) -> dict:
 
 
 # ----------------------------------------------------------------------------- resume
+def _local_folder(model: str) -> Path | None:
+    """The model as a local path, when it is one (its folder must not hold the results)."""
+    path = Path(model).expanduser()
+    return path if path.exists() else None
+
+
 def run_file(folder: Path, run: Run) -> Path:
     return folder / RUNS_DIR / f"{run.key}.json"
 

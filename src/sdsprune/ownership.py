@@ -78,6 +78,36 @@ def check_state_folder(
     return path
 
 
+def claim_work_folder(
+    folder: str | Path,
+    *,
+    flag: str,
+    marker: str,
+    earlier_signs: tuple[str, ...] = (),
+    protected: Mapping[str, str | Path | None] = {},
+) -> Path:
+    """A folder a command keeps adding to and rewrites files in (``compare --out``): a new
+    or empty one is created and marked; an existing one must carry ``marker`` or, when made
+    before markers existed, one of ``earlier_signs``. A folder of other files is refused,
+    so that no file of the user's is ever overwritten."""
+    path = _named_path(folder, flag)
+    _refuse_overlaps(path, flag, protected)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise SdspruneError(f"{flag} {path} exists and is not a folder")
+    ours = (path / marker).is_file() or any((path / sign).exists() for sign in earlier_signs)
+    if path.exists() and any(path.iterdir()) and not ours:
+        raise SdspruneError(
+            f"{flag} {path} holds files sdsprune did not write; name a new folder (sdsprune "
+            "creates it) or one an earlier run of this command wrote"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / marker).touch()
+    except OSError as exc:
+        raise SdspruneError(f"cannot create {flag} {path}: {exc.strerror or exc}") from exc
+    return path
+
+
 def is_state_folder(folder: str | Path) -> bool:
     """Whether sdsprune made ``folder`` as a run's state folder (its marker is there)."""
     return (Path(folder) / STATE_MARKER).is_file()
