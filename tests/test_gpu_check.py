@@ -82,3 +82,64 @@ def test_a_visible_gpu_with_a_torch_without_cuda_fails_with_one_line_saying_how_
     assert "no CUDA" in lines[0] and "SDSPRUNE_TORCH_INDEX=" in lines[0]
     assert "scripts/setup.sh" in lines[0]
     assert "passed" not in result.stdout  # no test run after the refusal
+
+
+def _repo_with_a_recording_venv(tmp_path: Path, torch_state: str) -> tuple[Path, Path]:
+    """A copy of scripts/setup.sh beside a ``.venv`` whose ``python`` records its arguments
+    instead of installing anything; ``torch_state``: "cpu" (a CPU-only torch), "cuda" or
+    "none" (no torch)."""
+    repo, log = tmp_path / "repo", tmp_path / "python.log"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "setup.sh", repo / "scripts" / "setup.sh")
+    bin_dir = repo / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    has_torch = 1 if torch_state == "none" else 0
+    has_cuda = 0 if torch_state == "cuda" else 1
+    (bin_dir / "python").write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >> {log}\n'
+        'if [ "$1" = "-c" ]; then\n'
+        '  case "$2" in\n'
+        f"    *torch.version.cuda*) exit {has_cuda};;\n"
+        '    *"import sdsprune, torch"*) echo "sdsprune ready"; exit 0;;\n'
+        f'    *"import torch"*) exit {has_torch};;\n'
+        "  esac\n"
+        "fi\n"
+    )
+    (bin_dir / "python").chmod(0o755)
+    (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
+    return repo, log
+
+
+def _setup(repo: Path, **env: str) -> list[str]:
+    result = subprocess.run(
+        ["bash", str(repo / "scripts" / "setup.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("SDSPRUNE_")}, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    return [line for line in (repo.parent / "python.log").read_text().splitlines() if "pip" in line]
+
+
+INDEX = "https://download.pytorch.org/whl/cu128"
+
+
+def test_setup_installs_a_cuda_torch_from_the_named_index_in_place_of_a_cpu_build(tmp_path):
+    repo, _ = _repo_with_a_recording_venv(tmp_path, "cpu")
+    pip = _setup(repo, SDSPRUNE_TORCH_INDEX=INDEX)
+    assert "-m pip uninstall --quiet -y torch" in pip
+    assert f"-m pip install --quiet --index-url {INDEX} torch==2.13.0" in pip
+    assert pip.index(f"-m pip install --quiet --index-url {INDEX} torch==2.13.0") < next(
+        i for i, line in enumerate(pip) if "-e .[dev]" in line
+    )
+
+
+def test_setup_keeps_a_cuda_torch_and_without_an_index_behaves_as_before(tmp_path):
+    repo, _ = _repo_with_a_recording_venv(tmp_path, "cuda")
+    assert not [line for line in _setup(repo, SDSPRUNE_TORCH_INDEX=INDEX) if "torch" in line]
+    repo, _ = _repo_with_a_recording_venv(tmp_path / "cpu", "cpu")
+    assert not [line for line in _setup(repo) if "torch" in line]  # CPU torch kept, unasked
+    repo, _ = _repo_with_a_recording_venv(tmp_path / "none", "none")
+    assert "-m pip install --quiet torch==2.13.0" in _setup(repo)
