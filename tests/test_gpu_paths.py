@@ -30,6 +30,7 @@ class FakeCuda:
         for name in ("is_available", "is_initialized"):
             monkeypatch.setattr(torch.cuda, name, lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(self.peaks))
         monkeypatch.setattr(torch.cuda, "max_memory_allocated", self.max_memory_allocated)
         monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self.reset)
         monkeypatch.setattr(torch.cuda, "device", self.made_current)
@@ -139,6 +140,16 @@ def test_gpu_check_prints_every_stage_with_its_peak_and_the_plan(capsys):
     lines = capsys.readouterr().out.splitlines()
     solve = next(line for line in lines if line.strip().startswith("solve"))
     assert "3.00 s" in solve and "800.0 MiB" in solve and "plan 900.0 MiB" in solve
+
+
+def test_a_run_on_a_cuda_device_the_machine_lacks_is_refused_in_one_line(monkeypatch):
+    from sdsprune import SdspruneError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    FakeCuda(monkeypatch)
+    run = distributed_from_env(torch.device("cuda", 2))
+    with pytest.raises(SdspruneError, match=r"cuda:2 does not exist.*cuda:0 to cuda:1"), run:
+        pass
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -230,6 +230,11 @@ def _current_cuda_device(compute: torch.device):
     for a CPU device or a CUDA one without an index (that is the current device already)."""
     if compute.type != "cuda" or compute.index is None:
         return contextlib.nullcontext()
+    if compute.index >= torch.cuda.device_count():
+        raise SdspruneError(
+            f"device {compute} does not exist: this machine has {torch.cuda.device_count()} "
+            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return torch.cuda.device(compute)
 
 
