@@ -546,3 +546,17 @@ def test_autograd_keeps_no_more_of_a_refit_step_than_the_plan_counts():
         refit._forward(0, block, stream, torch.arange(4))
     planned = mp._autograd_saved(mp._shapes(model), 4 * 32)
     assert 0.5 * planned < sum(saved.values()) <= planned
+
+
+def test_prune_plans_the_refit_step_at_the_configured_mini_batch(monkeypatch):
+    prune_module = importlib.import_module("sdsprune.prune")  # the package exports prune()
+    requests = []
+    fit = prune_module.fit_plan
+
+    def spy(net, request, compute):
+        requests.append(request)
+        return fit(net, request, compute)
+
+    monkeypatch.setattr(prune_module, "fit_plan", spy)
+    pruned(method="sds", sds=SDSConfig(block_epochs=1, block_batch=2, adjust_iters=5))
+    assert [request.block_batch for request in requests] == [2]

@@ -437,6 +437,7 @@ def _memory_plan(net, opts: PruneOptions, windows: torch.Tensor, dist) -> Memory
         dense_statistics=getattr(sds, "dense_statistics", False),
         block_epochs=getattr(sds, "block_epochs", 0),
         block_windows=-(-getattr(sds, "block_windows", 0) // world),
+        block_batch=getattr(sds, "block_batch", 4),
         schedule=getattr(sds, "schedule", "fused"),
         adjust_iters=getattr(sds, "adjust_iters", 0),
         solver=getattr(sds, "solver", "closed"),
