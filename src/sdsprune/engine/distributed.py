@@ -125,7 +125,7 @@ def distributed_from_env(compute: torch.device) -> Iterator[Distributed | None]:
             yield Distributed(rank=tdist.get_rank(), world=tdist.get_world_size(), device=device)
     except BaseException as exc:
         first = failures.announce(exc)  # before the group goes: peers read it when it does
-        if first is None:
+        if first is None or not isinstance(exc, Exception):  # Ctrl-C stays Ctrl-C
             raise
         raise SdspruneError(first) from exc
     finally:
