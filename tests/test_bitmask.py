@@ -102,6 +102,19 @@ def test_kernel_matches_dense_for_every_shape_density_and_token_count(
                 assert_matches(module.dense_forward(x), dense_product(linear, x), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompts_expand_tile_by_tile_with_a_last_partial_tile(ext, dtype):
+    """Tiles of 7 rows over 40 rows: five whole tiles and one of 5 rows."""
+    from sdsprune.inference.bitmask import BitmaskLinear
+
+    linear = sparse_linear(40, 37, 0.5, dtype)
+    module = BitmaskLinear(linear)
+    module._tile_rows = 7
+    x = torch.randn(3, 11, 37).to(dtype)
+    with torch.no_grad():
+        assert_matches(module(x), dense_product(linear, x), dtype)
+
+
 def test_kernel_gives_the_same_bits_whatever_the_thread_count(ext):
     """Each row is summed by one thread in a fixed order, so the row split over threads
     leaves no row out and changes no bit (the tiled GEMM above 8 tokens is torch's own)."""

@@ -1,0 +1,140 @@
+"""Sparse CPU inference grid: dense against ``auto`` for pruned checkpoints of one model.
+
+For every checkpoint (label=folder), dtype and thread count, one ``sdsprune bench`` run
+(``run_bench``: dense and ``auto`` loaded side by side, prefill and eager decode at each
+batch size, interleaved repeats, medians; plus decoding with the blocks' linears skipped,
+which gives each row its bytes ceiling). Each run is written to
+``OUT/<label>-<dtype>-t<threads>.json`` and skipped when that file exists, so an interrupted
+grid resumes; ``OUT/results.md`` is rewritten from every JSON in the folder after each run.
+
+Example (the README's table; about 4 minutes a run on 2 cores, nothing else running)::
+
+    python benchmarks/sparse_cpu.py --checkpoint 50%=runs/sgpt-50 --checkpoint 70%=runs/sgpt-70 \\
+        --checkpoint 2:4=runs/sgpt-24 --dtypes float32,bfloat16 --threads 2,1 \\
+        --out benchmarks/results/sparse-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from sdsprune.bench import BenchSettings, run_bench, write_json
+from sdsprune.inference.native import cpu_capability
+from sdsprune.utils import torch_threads
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it computes bfloat16 natively (AVX512-BF16 / AMX)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "?"
+    )
+    native_bf16 = "avx512_bf16" in info or "amx_bf16" in info
+    return f"{name} ({cpu_capability()}, bf16 {'native' if native_bf16 else 'emulated'})"
+
+
+def run_one(label: str, folder: Path, dtype: str, threads: int, settings, out: Path) -> None:
+    target = out / f"{label.replace(':', 'of').replace('%', '')}-{dtype}-t{threads}.json"
+    if target.exists():
+        print(f"kept {target}")
+        return
+    print(f"bench {label} {dtype} {threads} thread(s)", flush=True)
+    with torch_threads(threads):
+        report = run_bench(
+            folder, backends=["dense", "auto"], dtype=dtype, settings=settings, progress=print
+        )
+    report["label"], report["cpu"] = label, cpu_name()
+    write_json(report, target)
+
+
+def rows_of(report: dict) -> list[dict]:
+    """One table row per batch: auto's decode and prefill against dense, with the ceiling."""
+    results = {(r["backend"], r["workload"], r["batch"]): r for r in report["results"]}
+    backends = report["backends"]
+    rows = []
+    for batch in report["settings"]["batch_sizes"]:
+        decode, prefill = results[("auto", "decode", batch)], results[("auto", "prefill", batch)]
+        dense_decode = results[("dense", "decode", batch)]
+        ceiling = (report.get("ceiling") or {}).get("speedup", {}).get("auto", {})
+        rows.append(
+            {
+                "label": report["label"],
+                "dtype": report["dtype"],
+                "threads": report["threads"],
+                "batch": batch,
+                "kernels": backends["auto"]["kernels"],
+                "dense_ms": dense_decode["value"],
+                "auto_ms": decode["value"],
+                "decode_speedup": decode["speedup_vs_dense"],
+                "decode_verdict": decode["verdict"],
+                "ceiling": ceiling.get(batch, ceiling.get(str(batch))),
+                "prefill_speedup": prefill["speedup_vs_dense"],
+                "prefill_verdict": prefill["verdict"],
+                "memory_ratio": backends["auto"]["weights_mib"] / backends["dense"]["weights_mib"],
+                "dense_mib": backends["dense"]["weights_mib"],
+                "auto_mib": backends["auto"]["weights_mib"],
+                "same_tokens": backends["auto"].get("same_greedy_tokens_as_dense"),
+            }
+        )
+    return rows
+
+
+def markdown(reports: list[dict]) -> str:
+    cpus = sorted({r.get("cpu", "?") for r in reports})
+    lines = [
+        f"CPU: {', '.join(cpus)}. Dense and `auto` in the same run; decode: eager, "
+        "ms/token (median); prefill: one prompt per sequence; ceiling: the decode speedup "
+        "the linears' bytes allow (Amdahl with the linears' share measured in the run).",
+        "",
+        "| checkpoint | dtype | threads | batch | auto kernels | dense decode ms | auto decode ms "
+        "| decode vs dense | ceiling | prefill vs dense | weights MiB (vs dense) | greedy = dense |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    rows = [row for report in reports for row in rows_of(report)]
+    for row in sorted(rows, key=lambda r: (r["label"], r["dtype"], -r["threads"], r["batch"])):
+        kernels = ", ".join(f"{k} {v}" for k, v in row["kernels"].items())
+        ceiling = f"{row['ceiling']:.2f}x" if row["ceiling"] else ""
+        lines.append(
+            f"| {row['label']} | {row['dtype']} | {row['threads']} | {row['batch']} | {kernels} "
+            f"| {row['dense_ms']:.1f} | {row['auto_ms']:.1f} "
+            f"| {row['decode_speedup']:.2f}x ({row['decode_verdict']}) | {ceiling} "
+            f"| {row['prefill_speedup']:.2f}x ({row['prefill_verdict']}) "
+            f"| {row['auto_mib']:.0f} ({row['memory_ratio']:.2f}x) | {row['same_tokens']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summarise(out: Path) -> Path:
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    path = out / "results.md"
+    path.write_text(markdown([r for r in reports if "label" in r]))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", action="append", required=True, help="LABEL=FOLDER")
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--threads", default=str(torch.get_num_threads()))
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    settings = BenchSettings(
+        repeats=args.repeats, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(","))
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    for threads in (int(t) for t in args.threads.split(",")):
+        for dtype in args.dtypes.split(","):
+            for spec in args.checkpoint:
+                label, folder = spec.split("=", 1)
+                run_one(label, Path(folder), dtype, threads, settings, args.out)
+                print(f"table: {summarise(args.out)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
