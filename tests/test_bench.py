@@ -85,7 +85,7 @@ def test_report_has_every_backend_workload_and_batch(sparse_dir):
     assert report["backends"]["csr"]["max_abs_logit_diff_vs_dense"] < 1e-3
     assert report["backends"]["csr"]["same_greedy_tokens_as_dense"] is True
     dense_mib, csr_mib = (report["backends"][b]["linear_weights_mib"] for b in ("dense", "csr"))
-    assert 0 < csr_mib and 0 < dense_mib <= report["backends"]["dense"]["weights_mib"]
+    assert csr_mib > 0 and 0 < dense_mib <= report["backends"]["dense"]["weights_mib"]
     ceiling = report["ceiling"]
     assert set(ceiling["linear_share"]) == {1, 2} and set(ceiling["speedup"]) == {"csr"}
     for batch, share in ceiling["linear_share"].items():  # Amdahl from this run's numbers

@@ -192,17 +192,23 @@ def test_auto_uses_a_kernel_that_wins_everywhere_for_every_call():
     torch.testing.assert_close(logits(model), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("csr_everywhere", "counts"), [(0.9, {"nm24<=8": 14}), (0.2, {"csr": 14})])
-def test_auto_picks_the_faster_arrangement_by_stub_timings(monkeypatch, csr_everywhere, counts):
-    """Summed over the 5 probe sizes, 0.3x at decode and dense above (0.3 * 3 + 2 = 2.9)
-    beats 0.9x everywhere (4.5) but not 0.2x everywhere (1.0). A stand-in for nm24 keeps the
-    test independent of a compiler and of the CPU."""
+@pytest.mark.parametrize(
+    ("csr_everywhere", "nm24_expanded", "counts"),
+    [(0.9, 1.2, {"nm24<=8": 14}), (0.2, 1.2, {"csr": 14}), (0.9, 2.0, {"csr": 14})],
+)
+def test_auto_picks_the_faster_arrangement_by_stub_timings(
+    monkeypatch, csr_everywhere, nm24_expanded, counts
+):
+    """Summed over the 5 probe sizes, 0.3x at decode and an expansion at 1.2x dense above
+    (0.3 * 3 + 1.2 * 2 = 3.3) beats 0.9x everywhere (4.5) but not 0.2x everywhere (1.0);
+    with an expansion at 2.0x dense (0.9 + 4.0 = 4.9) it loses to 0.9x everywhere too. A
+    stand-in for nm24 keeps the test independent of a compiler and of the CPU."""
     monkeypatch.setitem(PROBLEMS, "nm24", lambda linear: None)
     model = pruned_model("2:4")
     expected = logits(model)
     times = {
         "csr": dict.fromkeys((1, 4, 8, 16, 512), csr_everywhere),
-        "nm24": {1: 0.3, 4: 0.3, 8: 0.3, 16: 2.0},
+        "nm24": {1: 0.3, 4: 0.3, 8: 0.3, 16: nm24_expanded},
     }
     timer = timer_by_tokens(times)
     report = apply_backend(model, "auto", timer=timer, converters={"nm24": CsrLinear})

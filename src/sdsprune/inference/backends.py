@@ -350,10 +350,11 @@ class _Probe:
 class _Race:
     """One layer's verified candidates in ``auto``'s race, and how they fared so far.
 
-    A candidate that wins up to some size and then loses is used only up to that size,
-    dense above. The winner is the arrangement with the lowest time relative to dense summed
-    over all probe sizes (dense counting 1 where it takes over), so a kernel much faster at
-    decode beats one slightly faster everywhere.
+    A candidate that wins up to some size and then loses is used only up to that size, its
+    expansion to dense above. The winner is the arrangement with the lowest time relative to
+    dense summed over all probe sizes (above its limit, a kernel counts what it took where it
+    lost, at least dense's 1), so a kernel much faster at decode beats one slightly faster
+    everywhere, and of two decode winners the one with the cheaper expansion wins.
     """
 
     choice: LayerChoice
@@ -364,6 +365,9 @@ class _Race:
     ratios: dict[str, float] = field(default_factory=dict)
     won_up_to: dict[str, int] = field(default_factory=dict)
     wins: dict[str, int] = field(default_factory=dict)
+    # time relative to dense at the first size a kernel lost: what its expansion path costs
+    # where it no longer serves calls with the kernel itself
+    lost_ratio: dict[str, float] = field(default_factory=dict)
     x: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -400,6 +404,7 @@ class _Race:
             self.choice.timings_us.setdefault(kernel, {})[tokens] = round(seconds * 1e6, 1)
         for kernel in list(self.alive):
             if medians[kernel] * margin >= medians["dense"]:
+                self.lost_ratio[kernel] = medians[kernel] / medians["dense"]
                 self.reasons.append(f"{kernel} not faster than dense at {tokens} tokens")
                 del self.alive[kernel]
                 if kernel not in self.won_up_to:  # never useful: free its weights now
@@ -411,6 +416,12 @@ class _Race:
                 self.won_up_to[kernel] = tokens
                 self.wins[kernel] = self.wins.get(kernel, 0) + 1
 
+    def _cost(self, kernel: str, sizes: int) -> float:
+        """Time relative to dense summed over the probe sizes: the kernel's where it won, its
+        expansion path's (as timed where it lost; dense's if never timed) at the others."""
+        above = max(1.0, self.lost_ratio.get(kernel, 1.0))
+        return self.ratios[kernel] + (sizes - self.wins[kernel]) * above
+
     def winner(self) -> nn.Module | None:
         """The module the layer keeps (None: dense), with the choice's kernel and reason set."""
         choice = self.choice
@@ -418,7 +429,8 @@ class _Race:
             choice.reason = "; ".join(self.reasons)
             return None
         # sum over sizes of (ratio where won, 1 where dense takes over), less a constant
-        best = min(self.won_up_to, key=lambda k: (self.ratios[k] - self.wins[k], k))
+        sizes = len(choice.timings_us.get("dense", {}))
+        best = min(self.won_up_to, key=lambda k: (self._cost(k, sizes), k))
         choice.kernel, choice.reason = best, "measured faster than dense"
         if best in self.alive:
             return self.candidates[best]

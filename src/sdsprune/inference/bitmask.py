@@ -221,12 +221,13 @@ static void expand_rows(const V* values, const int64_t* offsets, const uint16_t*
 template <typename V>
 static V* ptr(torch::Tensor& t) { return reinterpret_cast<V*>(t.data_ptr()); }
 
-// Many tokens: yT (out, T) = W x^T, tile by tile of rows expanded into one scratch buffer.
+// Many tokens: y (T, out) = x W^T, the columns of y tile by tile of rows of W expanded into
+// one scratch buffer (the GEMM writes each tile's columns in place: ldc = out).
 static torch::Tensor tiled_mm(const torch::Tensor& x, torch::Tensor values, torch::Tensor offsets,
                               torch::Tensor masks, int64_t in, int64_t tile_rows) {
   const int64_t out = masks.size(0), chunks = masks.size(1), stride = chunks * CHUNK;
   auto xw = x.to(values.scalar_type());
-  auto yT = torch::empty({out, x.size(0)}, xw.options());
+  auto y = torch::empty({x.size(0), out}, xw.options());
   auto scratch = torch::empty({std::min(tile_rows, out), stride}, values.options());
   const int64_t* off = offsets.data_ptr<int64_t>();
   const uint16_t* m = reinterpret_cast<const uint16_t*>(masks.data_ptr());
@@ -237,10 +238,10 @@ static torch::Tensor tiled_mm(const torch::Tensor& x, torch::Tensor values, torc
     else
       expand_rows(ptr<float>(values), off, m, chunks, r0, r1, ptr<float>(scratch));
     auto tile = scratch.narrow(0, 0, r1 - r0).narrow(1, 0, in);
-    auto slice = yT.narrow(0, r0, r1 - r0);
-    at::mm_out(slice, tile, xw.t());
+    auto columns = y.narrow(1, r0, r1 - r0);
+    at::mm_out(columns, xw, tile.t());
   }
-  return yT.t().contiguous();
+  return y;
 }
 
 // activations (..., in) times the packed weight -> (..., out) in the activations' dtype. Up to
