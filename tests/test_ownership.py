@@ -408,3 +408,54 @@ def test_compare_reuses_the_folder_it_made(tmp_path):
     (earlier / "runs").mkdir(parents=True)
     (earlier / "results.md").write_text("from a release without markers")
     assert claim(earlier) == earlier and (earlier / COMPARE_MARKER).exists()
+
+
+# --- report files (bench --out) -----------------------------------------------------------
+
+
+def test_a_report_file_is_replaced_only_when_asked(tmp_path):
+    from sdsprune.ownership import check_output_file, write_file_atomic
+
+    mine = tmp_path / "mine.json"
+    mine.write_text("the user's own file")
+    with pytest.raises(SdspruneError, match="already exists"):
+        check_output_file(mine, overwrite=False)
+    assert check_output_file(mine, overwrite=True) == mine
+    with pytest.raises(SdspruneError, match="created by someone else"):
+        write_file_atomic(mine, "report", overwrite=False)  # appeared after the check
+    assert mine.read_text() == "the user's own file"
+    write_file_atomic(mine, "report", overwrite=True)
+    assert mine.read_text() == "report"
+    write_file_atomic(tmp_path / "new" / "r.json", "fresh", overwrite=False)
+    assert (tmp_path / "new" / "r.json").read_text() == "fresh"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["mine.json", "new", "r.json"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_report_file_that_names_a_folder_is_refused(tmp_path, overwrite):
+    from sdsprune.ownership import check_output_file, write_file_atomic
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "keep.txt").write_text("keep")
+    (tmp_path / "plain").write_text("a file, not a folder")
+    with pytest.raises(SdspruneError, match="is a folder"):
+        check_output_file(tmp_path / "folder", overwrite=overwrite)
+    with pytest.raises(SdspruneError, match="plain is not a folder"):
+        check_output_file(tmp_path / "plain" / "r.json", overwrite=overwrite)
+    with pytest.raises(SdspruneError, match="is a folder"):
+        write_file_atomic(tmp_path / "folder", "report", overwrite=overwrite)
+    assert snapshot(tmp_path) == {"folder/keep.txt": b"keep", "plain": b"a file, not a folder"}
+
+
+def test_bench_out_keeps_a_users_file_unless_overwrite(monkeypatch, capsys, workspace):
+    (workspace / "bench.json").write_text("the user's own file")
+    quick = ["--backends", "dense", "--repeats", "1", "--warmup", "0", "--prompt-tokens", "4",
+             "--decode-tokens", "2", "--batch-sizes", "1", "--out", "bench.json"]  # fmt: skip
+    before = snapshot(workspace.parent)
+    code, err = run_command(monkeypatch, capsys, "bench", "model", *quick)
+    assert_refused(code, err, "already exists (pass --overwrite")
+    assert snapshot(workspace.parent) == before
+    code, err = run_command(monkeypatch, capsys, "bench", "model", *quick, "--overwrite")
+    assert code in (0, None), err
+    assert json.loads((workspace / "bench.json").read_text())["settings"]["repeats"] == 1
+    assert not list(workspace.glob(".bench.json*"))

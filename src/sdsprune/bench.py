@@ -20,7 +20,6 @@ import gc
 import json
 import logging
 import math
-import os
 import statistics
 import time
 import warnings
@@ -44,6 +43,7 @@ from sdsprune.inference.decode import (
     prefill,
 )
 from sdsprune.models import decoder_blocks, model_linears
+from sdsprune.ownership import write_file_atomic
 from sdsprune.runinfo import library_versions, peak_memory
 from sdsprune.utils import resolve_device, resolve_dtype
 
@@ -108,6 +108,7 @@ def run_bench(
     settings = settings or BenchSettings()
     _check_settings(settings)
     folder = check_model_folder(model_dir)
+    _check_context(folder, settings)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     requested = list(backends) if backends else default_backends(dev)
@@ -201,6 +202,25 @@ def _check_settings(settings: BenchSettings) -> None:
         raise SdspruneError(
             f"decode modes must be among {', '.join(DECODE_MODES)} "
             f"(got {', '.join(settings.decode_modes) or 'none'})"
+        )
+
+
+def _check_context(folder: Path, settings: BenchSettings) -> None:
+    """Refuse, before any loading, a prompt plus decode longer than the model's context:
+    past it the model runs on positions it never learnt, and the timings mean nothing."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder)).get_text_config()
+    except Exception:  # the loader reports an unreadable config in its own words
+        return
+    limit = getattr(config, "max_position_embeddings", None)
+    tokens = _cache_tokens(settings)
+    if isinstance(limit, int) and tokens > limit:
+        raise SdspruneError(
+            f"prompt tokens + decode tokens ({settings.prompt_tokens} + "
+            f"{settings.decode_tokens} = {tokens}) exceed the model's maximum context of "
+            f"{limit} tokens"
         )
 
 
@@ -633,14 +653,10 @@ def _rates(workload: str, prefill_tokens: int, stats: dict) -> dict:
     return {"unit": "ms/token", "value": round(ms[0], 3), "iqr": [round(ms[1], 3), round(ms[2], 3)]}
 
 
-def write_json(report: dict, path: str | Path) -> Path:
-    """Write the report atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+def write_json(report: dict, path: str | Path, *, overwrite: bool = True) -> Path:
+    """Write the report atomically (a temporary file moved into place); without
+    ``overwrite`` an existing file is left as it is and the write is refused."""
+    return write_file_atomic(path, json.dumps(report, indent=1) + "\n", overwrite=overwrite)
 
 
 def workload_label(row: dict) -> str:

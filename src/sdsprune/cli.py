@@ -610,6 +610,7 @@ def bench_command(
     out: Annotated[
         str | None, typer.Option(help="Also write the JSON report to this file.")
     ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -619,8 +620,11 @@ def bench_command(
 
     from sdsprune.api import check_counts
     from sdsprune.bench import BenchSettings, render_notes, render_table, run_bench, write_json
+    from sdsprune.ownership import check_output_file
 
     check_counts(threads=threads)
+    if out is not None:  # before the minutes of measuring, not at the end
+        check_output_file(out, overwrite=overwrite, protected={"the model": model_dir})
     if threads is not None:
         torch.set_num_threads(threads)
     settings = BenchSettings(
@@ -639,8 +643,8 @@ def bench_command(
         settings=settings,
         progress=lambda message: console.print(f"[dim]{message}[/]", highlight=False),
     )
-    if out:
-        write_json(report, out)
+    if out is not None:
+        write_json(report, out, overwrite=overwrite)
     if as_json:
         print(json.dumps(report))
         return

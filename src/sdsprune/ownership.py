@@ -64,6 +64,73 @@ def check_output_folder(
     return path
 
 
+def check_output_file(
+    out: str | Path,
+    *,
+    overwrite: bool,
+    flag: str = "--out",
+    protected: Mapping[str, str | Path | None] = {},
+) -> Path:
+    """Refuse, before any work, a report file (``bench --out``) that would replace a user's
+    file without ``overwrite``, name a folder, or land in what the run reads or the cache.
+
+    Checked up front so that a long run does not end in a write that was never possible.
+    """
+    from sdsprune.utils import cache_dir
+
+    path = _named_path(out, flag, what="file")
+    _refuse_overlaps(path, flag, {"the sdsprune cache": cache_dir(), **protected})
+    if path.is_dir():
+        raise SdspruneError(f"{flag} {path} is a folder; name the file to write")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise SdspruneError(f"{flag} {path} already exists (pass --overwrite to replace it)")
+    blocking = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise SdspruneError(f"cannot write {flag} {path}: {blocking} is not a folder")
+    return path
+
+
+def write_file_atomic(path: str | Path, text: str, *, overwrite: bool, flag: str = "--out") -> Path:
+    """Write ``text`` to a hidden sibling, then move it to ``path`` in one step.
+
+    Readers see the old file or the new one, never half of it. Without ``overwrite`` the
+    move is a hard link, which fails if ``path`` appeared meanwhile (another run or the
+    user), so an existing file is never replaced unasked. A failed write leaves nothing.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        _place_file(tmp, path, overwrite, flag)
+    except WRITE_ERRORS as exc:
+        raise SdspruneError(f"could not write {path}: {describe_write_error(exc)}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _place_file(tmp: Path, path: Path, overwrite: bool, flag: str) -> None:
+    """Rename ``tmp`` onto ``path`` (``overwrite``), or link it there only if it is free."""
+    if path.is_dir():
+        raise SdspruneError(f"{flag} {path} is a folder; name the file to write")
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    taken = SdspruneError(
+        f"{flag} {path} was created by someone else while this run worked; it was left "
+        "as it is (pass --overwrite to replace it)"
+    )
+    try:
+        os.link(tmp, path)
+    except FileExistsError as exc:
+        raise taken from exc
+    except OSError:  # a filesystem without hard links: check, then rename
+        if path.exists() or path.is_symlink():
+            raise taken from None
+        os.replace(tmp, path)
+
+
 def check_state_folder(
     state_dir: str | Path, *, protected: Mapping[str, str | Path | None] = {}
 ) -> Path:
@@ -237,11 +304,11 @@ def _same_file(fd: int, path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
 
-def _named_path(value: str | Path, flag: str) -> Path:
-    """The path a folder option names; an empty name (which would mean the current
+def _named_path(value: str | Path, flag: str, what: str = "folder") -> Path:
+    """The path an output option names; an empty name (which would mean the current
     directory) and the user's working context are refused whatever the command."""
     if not str(value).strip():
-        raise SdspruneError(f"{flag} is empty: name the folder to write")
+        raise SdspruneError(f"{flag} is empty: name the {what} to write")
     path = Path(value).expanduser()
     context = {
         "the current directory": Path.cwd(),
