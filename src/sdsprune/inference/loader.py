@@ -85,6 +85,13 @@ def _empty_model(config, dtype: torch.dtype) -> nn.Module:
 
 def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
     """Copy the checkpoint in; only weights tied to a loaded one may be absent."""
+    state = model.state_dict()
+    reshaped = [n for n, t in tensors.items() if n in state and state[n].shape != t.shape]
+    if reshaped:  # load_state_dict would raise a RuntimeError listing every tensor
+        raise SdspruneError(
+            f"{folder} does not match its config ({len(reshaped)} of another shape: "
+            f"{', '.join(reshaped[:3])})"
+        )
     result = model.load_state_dict(tensors, strict=False)
     model.tie_weights()
     state = model.state_dict()
