@@ -156,6 +156,13 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _pickle_into(path: Path) -> None:
+    """What a tampered state holds: a pickle (as torch.save writes) where tensors belong."""
+    import torch
+
+    torch.save({"hidden": torch.zeros(2)}, path)
+
+
 def _done_past_the_end(state: Path) -> None:
     manifest = state / "manifest.json"
     manifest.write_text(re.sub(r'"done": \d+', '"done": 99', manifest.read_text()))
@@ -167,6 +174,7 @@ STATE_DAMAGE = {
     "STATE_TRUNCATED_BLOCK": lambda s: _truncate(s / "blocks" / "block-00001.safetensors"),
     "STATE_TRUNCATED_STREAM": lambda s: _truncate(next(s.glob("stream-*block00001*"))),
     "STATE_MISSING_STREAM": lambda s: next(s.glob("stream-*block00001*")).unlink(),
+    "STATE_PICKLED_STREAM": lambda s: _pickle_into(next(s.glob("stream-*block00001*"))),
 }
 
 
@@ -246,6 +254,7 @@ BAD_INPUTS = [
     bad("eval model --dataset short.txt --seqlen 64", "fewer than one chunk"),
     bad("eval SPARSE_OTHER_SHAPE --dataset calib.txt --seqlen 64", "6 of another shape"),
     bad("eval MORE_LAYERS --dataset calib.txt --seqlen 64", "9 missing"),
+    bad("eval SPARSE_OUTSIDE_FILE --dataset calib.txt --seqlen 64", "plain file name"),
     bad("eval model --dataset wiki --seqlen 64", "SDSPRUNE_CACHE", {"SDSPRUNE_CACHE": "user.json"}),
     # prune
     bad("prune MORE_LAYERS {prune} --calib calib.txt --out out", "9 missing"),

@@ -447,6 +447,24 @@ def test_a_report_file_that_names_a_folder_is_refused(tmp_path, overwrite):
     assert snapshot(tmp_path) == {"folder/keep.txt": b"keep", "plain": b"a file, not a folder"}
 
 
+def test_a_failed_report_write_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    from sdsprune.ownership import write_file_atomic
+
+    real_write_text = pathlib.Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        real_write_text(self, "half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(SdspruneError, match="No space left on device"):
+        write_file_atomic(tmp_path / "r.json", "report", overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_out_keeps_a_users_file_unless_overwrite(monkeypatch, capsys, workspace):
     (workspace / "bench.json").write_text("the user's own file")
     quick = ["--backends", "dense", "--repeats", "1", "--warmup", "0", "--prompt-tokens", "4",
