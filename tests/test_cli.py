@@ -232,10 +232,16 @@ def work(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> Path:
     return folder
 
 
-def bad(command: str, message: str, env: dict | None = None, *, progress: bool = False):
+def bad(command: str, message: str, env: dict | None = None, *, progress: bool = False, marks=()):
     """A row: ``progress`` when the input can only be found bad after the command has begun
     and said so (a backend loading, the memory plan): the error line then comes last."""
-    return pytest.param(command, message, env or {}, progress, id=command)
+    name = f"{command} {' '.join(f'{k}={v}' for k, v in (env or {}).items())}".strip()
+    return pytest.param(command, message, env or {}, progress, id=name, marks=marks)
+
+
+# Not writable even by root (tests may run as root, for whom chmod denies nothing).
+UNWRITABLE = "/sys/sdsprune-cache"
+NEEDS_SYS = pytest.mark.skipif(not Path("/sys").is_dir(), reason="no /sys (not Linux)")
 
 
 RESUME = "--calib calib.txt --resume --out out --state-dir"
@@ -256,6 +262,12 @@ BAD_INPUTS = [
     bad("eval MORE_LAYERS --dataset calib.txt --seqlen 64", "9 missing"),
     bad("eval SPARSE_OUTSIDE_FILE --dataset calib.txt --seqlen 64", "plain file name"),
     bad("eval model --dataset wiki --seqlen 64", "SDSPRUNE_CACHE", {"SDSPRUNE_CACHE": "user.json"}),
+    bad(
+        "eval model --dataset wiki --seqlen 64",
+        "SDSPRUNE_CACHE",
+        {"SDSPRUNE_CACHE": UNWRITABLE},
+        marks=NEEDS_SYS,
+    ),
     # prune
     bad("prune MORE_LAYERS {prune} --calib calib.txt --out out", "9 missing"),
     bad("prune OTHER_SHAPE {prune} --calib calib.txt --low-memory --out out", "6 of another"),
