@@ -598,16 +598,18 @@ def test_prefill_runs_the_head_on_the_last_position_only(arch):
         ("dense", "inductor", {"dense": 14}),
         ("nm24", "inductor", {"nm24": 14}),
         ("csr", "inductor", {"csr": 14}),
+        ("bitmask", "inductor", {"bitmask": 14}),
         ("auto", "aot_eager", {"nm24<=8": 14}),
     ],
-    ids=["dense", "nm24", "csr", "auto"],
+    ids=["dense", "nm24", "csr", "bitmask", "auto"],
 )
 def test_static_compiled_decode_matches_eager(backend, compiler, counts):
+    from sdsprune.inference import bitmask, nm24
     from sdsprune.inference.decode import compiled_step, eager_step
-    from sdsprune.inference.nm24 import extension
 
-    if "nm24" in str(counts) and isinstance(extension(), str):
-        pytest.skip(extension())
+    for kernel in (nm24, bitmask):
+        if kernel.__name__.rsplit(".", 1)[1] in str(counts) and isinstance(kernel.extension(), str):
+            pytest.skip(kernel.extension())
     model = pruned_model("2:4")
     stub = timer_by_tokens({"nm24": {1: 0.3, 4: 0.3, 8: 0.3, 16: 2.0}, "csr": {1: 9.0}})
     assert apply_backend(model, backend, timer=stub).counts() == counts

@@ -32,7 +32,7 @@ import functools
 import torch
 from torch import nn
 
-from sdsprune.inference.native import build
+from sdsprune.inference.native import NativeLinear, build
 
 CHUNK = 16  # inputs per mask
 MAX_KERNEL_TOKENS = 8  # above this, tile expansion + dense GEMM (the kernel re-reads per 4)
@@ -352,7 +352,7 @@ def tile_rows(in_features: int, dtype: torch.dtype) -> int:
     return max(MIN_TILE_ROWS, TILE_BYTES // row_bytes)
 
 
-class BitmaskLinear(nn.Module):
+class BitmaskLinear(NativeLinear):
     """``nn.Linear`` whose weight is held only in the packed bitmask form.
 
     Up to ``MAX_KERNEL_TOKENS`` tokens per call the kernel multiplies from the packed form
@@ -363,14 +363,7 @@ class BitmaskLinear(nn.Module):
     kernel = "bitmask"
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        ext = extension()
-        if isinstance(ext, str):
-            raise RuntimeError(ext)
-        self._ext = ext
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.bias = linear.bias
+        super().__init__(linear, extension())
         values, offsets, masks = pack_bitmask(linear.weight)
         self.register_buffer("values", values, persistent=False)
         self.register_buffer("offsets", offsets, persistent=False)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +57,17 @@ def build(kernel: str, source: str, functions: Sequence[str]) -> ModuleType | st
         )
     except Exception as exc:  # compiler errors come in many types
         return f"{kernel} kernel failed to build: {str(exc).splitlines()[0][:200]}"
+
+
+class NativeLinear(nn.Module):
+    """Base of the layers served by a compiled kernel: the layer's shape, its bias (shared,
+    not copied) and the extension, which must have built (else the reason is raised)."""
+
+    def __init__(self, linear: nn.Linear, ext: ModuleType | str) -> None:
+        super().__init__()
+        if isinstance(ext, str):
+            raise RuntimeError(ext)
+        self._ext = ext
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.bias = linear.bias

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdsprune.export.packing import nm_pattern
-from sdsprune.inference.native import build
+from sdsprune.inference.native import NativeLinear, build
 
 MAX_KERNEL_TOKENS = 8  # above this, expanding to dense and using MKL is faster
 # Rows per parallel task: at least ROW_GRAIN, and enough rows for MIN_TASK_PRODUCTS kept
@@ -311,7 +311,7 @@ def rows_per_task(kept_per_row: int, tokens: int) -> int:
     return max(ROW_GRAIN, -(-MIN_TASK_PRODUCTS // max(kept_per_row * tokens, 1)))
 
 
-class Nm24Linear(nn.Module):
+class Nm24Linear(NativeLinear):
     """``nn.Linear`` with a 2:4 weight, multiplied by the CPU kernel for few tokens.
 
     bfloat16 weights stay bfloat16 when packed (half the bytes of float32, bit-exact); the
@@ -322,14 +322,7 @@ class Nm24Linear(nn.Module):
     kernel = "nm24"
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        ext = extension()
-        if isinstance(ext, str):
-            raise RuntimeError(ext)
-        self._ext = ext
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.bias = linear.bias
+        super().__init__(linear, extension())
         values, positions = pack_nm24(linear.weight.detach())
         self.register_buffer("values", values, persistent=False)
         self.register_buffer("positions", positions, persistent=False)
