@@ -244,3 +244,22 @@ def test_compiles_with_its_registered_op(ext):
         for tokens in (1, 16):
             x = torch.randn(2, tokens, 72)
             torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_races_this_packages_kernels_where_they_build(ext, monkeypatch):
+    """With the kernels built, auto never tries torch's CSR/BSR (8 bytes a kept weight,
+    slow to expand for prompts); without them it falls back to torch's."""
+    from sdsprune.inference import backends
+
+    cpu = torch.device("cpu")
+    assert backends.auto_candidates(cpu) == ["nm24", "bitmask"]
+    timed: set[str] = set()
+
+    def timer(contenders, tokens):
+        timed.update(contenders)
+        return {name: 0.5 if name == "bitmask" else 1.0 for name in contenders}
+
+    report = apply_backend(pruned_model(), "auto", timer=timer)
+    assert report.counts() == {"bitmask": 14} and timed == {"dense", "bitmask"}
+    monkeypatch.setattr(backends, "_bitmask_problem_of_build", lambda: "no compiler")
+    assert backends.auto_candidates(cpu) == ["csr", "bsr", "nm24", "bitmask"]

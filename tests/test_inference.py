@@ -10,7 +10,7 @@ from test_export import prune_weight, pruned_dir
 import sdsprune
 from sdsprune.errors import SdspruneError
 from sdsprune.export import export_checkpoint
-from sdsprune.inference import apply_backend, backend_report
+from sdsprune.inference import apply_backend, backend_report, backends
 from sdsprune.inference.kernels import (
     PROBLEMS,
     BsrLinear,
@@ -24,6 +24,13 @@ from sdsprune.models import model_linears
 from sdsprune.utils import torch_threads
 
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def auto_races_every_kernel(monkeypatch):
+    """The choice logic is tested with every kernel in the race (torch's too); which kernels
+    ``auto`` races by default is tested in test_bitmask.py."""
+    monkeypatch.setattr(backends, "auto_candidates", backends.available_kernels)
 
 
 def pruned_model(pattern: str = "2:4", arch: str = "llama", dtype=torch.float32):
