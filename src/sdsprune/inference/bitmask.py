@@ -16,7 +16,8 @@ is in L1.
 
 For calls with more tokens than ``MAX_KERNEL_TOKENS`` (a prompt), the rows are expanded tile
 by tile into one scratch buffer that feeds torch's dense GEMM: the layer holds only its
-packed form, and nothing stays expanded. Tiles are about ``TILE_BYTES`` and at least
+packed form, and no weight stays expanded (the scratch buffer, one per thread and dtype, is
+kept for the next call: a few MiB, not a copy of the model). Tiles are about ``TILE_BYTES`` and at least
 ``MIN_TILE_ROWS`` rows: on the default model's layers (50%, 128 tokens, 2 threads) 64 KiB
 tiles ran at 0.63x dense's speed, 256 KiB at 0.90x, 1 MiB at 0.99x and 4 MiB (a whole layer
 there) at 1.14x, as the GEMM on each tile needs enough rows to run at full speed.
@@ -221,6 +222,16 @@ static void expand_rows(const V* values, const int64_t* offsets, const uint16_t*
 template <typename V>
 static V* ptr(torch::Tensor& t) { return reinterpret_cast<V*>(t.data_ptr()); }
 
+// One scratch buffer per thread and dtype, grown to the largest tile seen and kept: a fresh
+// multi-MiB allocation per call can come from fresh pages, whose faults cost a prompt's
+// layer more than its expansion does. It holds one tile (a few MiB), never a weight copy.
+static torch::Tensor scratch_for(int64_t elements, const torch::TensorOptions& options) {
+  thread_local torch::Tensor buffers[2];
+  torch::Tensor& buffer = buffers[options.dtype() == torch::kBFloat16 ? 1 : 0];
+  if (!buffer.defined() || buffer.numel() < elements) buffer = torch::empty({elements}, options);
+  return buffer;
+}
+
 // Many tokens: y (T, out) = x W^T, the columns of y tile by tile of rows of W expanded into
 // one scratch buffer (the GEMM writes each tile's columns in place: ldc = out).
 static torch::Tensor tiled_mm(const torch::Tensor& x, torch::Tensor values, torch::Tensor offsets,
@@ -228,7 +239,7 @@ static torch::Tensor tiled_mm(const torch::Tensor& x, torch::Tensor values, torc
   const int64_t out = masks.size(0), chunks = masks.size(1), stride = chunks * CHUNK;
   auto xw = x.to(values.scalar_type());
   auto y = torch::empty({x.size(0), out}, xw.options());
-  auto scratch = torch::empty({std::min(tile_rows, out), stride}, values.options());
+  auto scratch = scratch_for(std::min(tile_rows, out) * stride, values.options());
   const int64_t* off = offsets.data_ptr<int64_t>();
   const uint16_t* m = reinterpret_cast<const uint16_t*>(masks.data_ptr());
   for (int64_t r0 = 0; r0 < out; r0 += tile_rows) {
@@ -237,7 +248,7 @@ static torch::Tensor tiled_mm(const torch::Tensor& x, torch::Tensor values, torc
       expand_rows(ptr<uint16_t>(values), off, m, chunks, r0, r1, ptr<uint16_t>(scratch));
     else
       expand_rows(ptr<float>(values), off, m, chunks, r0, r1, ptr<float>(scratch));
-    auto tile = scratch.narrow(0, 0, r1 - r0).narrow(1, 0, in);
+    auto tile = scratch.narrow(0, 0, (r1 - r0) * stride).view({r1 - r0, stride}).narrow(1, 0, in);
     auto columns = y.narrow(1, r0, r1 - r0);
     at::mm_out(columns, xw, tile.t());
   }
