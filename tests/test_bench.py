@@ -84,6 +84,8 @@ def test_report_has_every_backend_workload_and_batch(sparse_dir):
     assert report["backends"]["csr"]["kernels"] == {"csr": 14}
     assert report["backends"]["csr"]["max_abs_logit_diff_vs_dense"] < 1e-3
     assert report["backends"]["csr"]["same_greedy_tokens_as_dense"] is True
+    assert report["backends"]["csr"]["max_abs_decode_logit_diff_vs_dense"] < 1e-3
+    assert report["backends"]["dense"]["max_abs_decode_logit_diff_vs_dense"] == 0.0
     dense_mib, csr_mib = (report["backends"][b]["linear_weights_mib"] for b in ("dense", "csr"))
     assert csr_mib > 0 and 0 < dense_mib <= report["backends"]["dense"]["weights_mib"]
     ceiling = report["ceiling"]
