@@ -15,19 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_GPU_PATH = "/usr/bin:/bin"
 
 
+def run_gpu_check(env: dict, cwd, timeout: int) -> subprocess.CompletedProcess:
+    """``bash scripts/gpu_check.sh`` in ``cwd`` with ``env``, its output captured."""
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+
+
 @pytest.mark.skipif(
     shutil.which("nvidia-smi", path=NO_GPU_PATH) is not None, reason="this machine has nvidia-smi"
 )
 def test_the_shell_script_says_no_gpu_and_exits_cleanly_before_any_setup(tmp_path):
-    env = {**os.environ, "PATH": NO_GPU_PATH}
-    result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=tmp_path,
-    )
+    result = run_gpu_check({**os.environ, "PATH": NO_GPU_PATH}, tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "no NVIDIA GPU on this machine" in result.stdout
     assert "sdsprune ready" not in result.stdout  # setup.sh never ran
@@ -68,14 +72,7 @@ def test_a_visible_gpu_with_a_torch_without_cuda_fails_with_one_line_saying_how_
         "PATH": f"{fake}:{os.environ['PATH']}",
         "SDSPRUNE_SKIP_SETUP": "1",  # the .venv is ready: no reinstall
     }
-    result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=tmp_path,
-    )
+    result = run_gpu_check(env, tmp_path, timeout=120)
     assert result.returncode != 0, result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
