@@ -422,14 +422,15 @@ def _check_outputs(contenders: list[_Contender], settings: BenchSettings, dev) -
         dense_tokens, dense_logits = _greedy_decode(contenders[0].model, ids, settings)
         for contender in contenders:
             diff = (contender.model(ids).logits.float() - reference).abs().max().item()
-            tokens, _ = _greedy_decode(contender.model, ids, settings)
-            forced = _greedy_decode(contender.model, ids, settings, dense_tokens)[1]
+            chosen, logits = _greedy_decode(contender.model, ids, settings, dense_tokens)
             checks[contender.name] = {
                 "max_abs_logit_diff_vs_dense": round(diff, 6),
                 "max_abs_decode_logit_diff_vs_dense": round(
-                    (forced - dense_logits).abs().max().item(), 6
+                    (logits - dense_logits).abs().max().item(), 6
                 ),
-                "same_greedy_tokens_as_dense": torch.equal(tokens, dense_tokens),
+                # each choice made after dense's own tokens: all equal exactly when the
+                # backend's free greedy decoding equals dense's (by induction on the steps)
+                "same_greedy_tokens_as_dense": torch.equal(chosen, dense_tokens),
             }
             if "static" in contender.steps:
                 checks[contender.name]["static_vs_eager"] = _static_vs_eager(
@@ -444,18 +445,20 @@ def _greedy_decode(
     settings: BenchSettings,
     forced: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``decode_tokens`` greedy tokens after ``ids`` (eager, as generate decodes) and
-    the logits of each decode step. With ``forced`` tokens fed instead of its own choices,
-    the step logits compare with another backend's position by position: the decode-sized
-    calls, where a sparse kernel runs (a prompt goes through the expanded weights)."""
+    """Greedy decoding of ``decode_tokens`` tokens after ``ids`` (eager, as generate
+    decodes): the model's greedy choice at each position and the logits of each decode step.
+
+    With ``forced`` tokens fed instead of its own choices, the step logits compare with
+    another backend's position by position: the decode-sized calls, where a sparse kernel
+    runs (a prompt goes through the expanded weights)."""
     step, cache = eager_step(model), new_cache(model, "eager", _cache_tokens(settings))
-    token, tokens, logits = prefill(model, ids, cache), [], []
+    choice, chosen, logits = prefill(model, ids, cache), [], []
     for i in range(settings.decode_tokens):
-        token = token if forced is None else forced[:, i : i + 1]
-        tokens.append(token)
-        step_logits, token = step(token, cache)
+        chosen.append(choice)
+        fed = choice if forced is None else forced[:, i : i + 1]
+        step_logits, choice = step(fed, cache)
         logits.append(step_logits.float())
-    return torch.cat(tokens, dim=-1), torch.stack(logits)
+    return torch.cat(chosen, dim=-1), torch.stack(logits)
 
 
 def _static_vs_eager(contender: _Contender, ids: torch.Tensor, settings) -> dict:

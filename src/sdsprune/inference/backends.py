@@ -174,7 +174,7 @@ def apply_backend(
         choice, module = _choose(name, linear, backend, device, factories, min_sparsity, probe)
         if isinstance(module, _Race):
             group.append((module, parent, attr))
-            if sum(_weight_bytes(race.linear) for race, _, _ in group) >= RACE_GROUP_BYTES:
+            if sum(weight_bytes(race.linear) for race, _, _ in group) >= RACE_GROUP_BYTES:
                 _race_and_swap(probe, group)
                 group = []
         elif module is not None:
@@ -204,10 +204,6 @@ def _race_and_swap(probe: _Probe, group: list[tuple[_Race, nn.Module, str]]) -> 
         module = race.winner()
         if module is not None:
             setattr(parent, attr, module)
-
-
-def _weight_bytes(linear: nn.Linear) -> int:
-    return linear.weight.numel() * linear.weight.element_size()
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -449,7 +445,6 @@ class _Race:
         if not self.won_up_to:
             choice.reason = "; ".join(self.reasons)
             return None
-        # sum over sizes of (ratio where won, 1 where dense takes over), less a constant
         sizes = len(choice.timings_us.get("dense", {}))
         best = min(self.won_up_to, key=lambda k: (self._cost(k, sizes), k))
         choice.kernel, choice.reason = best, "measured faster than dense"
