@@ -137,9 +137,9 @@ def auto_candidates(device: torch.device) -> list[str]:
 
 def _bitmask_problem_of_build() -> str | None:
     from sdsprune.inference.bitmask import extension
+    from sdsprune.inference.native import build_problem
 
-    ext = extension()
-    return ext if isinstance(ext, str) else None
+    return build_problem(extension())
 
 
 def apply_backend(

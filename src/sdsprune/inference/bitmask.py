@@ -33,13 +33,12 @@ import functools
 import torch
 from torch import nn
 
-from sdsprune.inference.native import NativeLinear, build
+from sdsprune.inference.native import NativeLinear, build, build_problem, dtype_problem
 
 CHUNK = 16  # inputs per mask
 MAX_KERNEL_TOKENS = 8  # above this, tile expansion + dense GEMM (the kernel re-reads per 4)
 TILE_BYTES = 4 * 2**20  # scratch of the tiled expansion (see the module docstring)
 MIN_TILE_ROWS = 256
-VALUE_DTYPES = (torch.float32, torch.bfloat16)
 # values are read 16 at a time (the bfloat16 and AVX2 paths load a full vector and then
 # spread it), so the flat value array carries this many zeros past its end
 PADDING = CHUNK
@@ -316,11 +315,7 @@ def _bitmask_linear_fake(
 
 def bitmask_problem(linear: nn.Linear) -> str | None:
     """Why the bitmask kernel cannot serve this layer (None when it can)."""
-    weight = linear.weight.detach()
-    if weight.device.type != "cpu" or weight.dtype not in VALUE_DTYPES:
-        return "bitmask is a CPU kernel for float32 and bfloat16 weights"
-    ext = extension()
-    return ext if isinstance(ext, str) else None
+    return dtype_problem("bitmask", linear) or build_problem(extension())
 
 
 def pack_bitmask(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -347,7 +342,8 @@ def pack_bitmask(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 def unpack_bitmask(
     values: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, cols: int
 ) -> torch.Tensor:
-    """The dense weight again (the inverse of :func:`pack_bitmask`; for tests and export)."""
+    """The dense weight again: the inverse of :func:`pack_bitmask`, what the tests check it
+    against."""
     rows, chunks = masks.shape
     patterns = masks.to(torch.int32) & 0xFFFF
     bits = (patterns.unsqueeze(-1) >> torch.arange(CHUNK, dtype=torch.int32)) & 1

@@ -27,6 +27,22 @@ ISA_FLAGS = {
 }
 
 
+VALUE_DTYPES = (torch.float32, torch.bfloat16)  # what the kernels store and read
+
+
+def dtype_problem(kernel: str, linear: nn.Linear) -> str | None:
+    """Why a layer's weight is not one the compiled kernels read (None when it is)."""
+    weight = linear.weight
+    if weight.device.type != "cpu" or weight.dtype not in VALUE_DTYPES:
+        return f"{kernel} is a CPU kernel for float32 and bfloat16 weights"
+    return None
+
+
+def build_problem(ext: ModuleType | str) -> str | None:
+    """The reason a build failed (None when it succeeded)."""
+    return ext if isinstance(ext, str) else None
+
+
 def cpu_capability() -> str:
     """torch's view of the CPU's vector instructions ("AVX512", "AVX2", "DEFAULT", ...)."""
     return torch.backends.cpu.get_cpu_capability()

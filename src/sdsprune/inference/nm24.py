@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdsprune.export.packing import nm_pattern
-from sdsprune.inference.native import NativeLinear, build
+from sdsprune.inference.native import NativeLinear, build, build_problem, dtype_problem
 
 MAX_KERNEL_TOKENS = 8  # above this, expanding to dense and using MKL is faster
 # Rows per parallel task: at least ROW_GRAIN, and enough rows for MIN_TASK_PRODUCTS kept
@@ -38,7 +38,6 @@ MAX_KERNEL_TOKENS = 8  # above this, expanding to dense and using MKL is faster
 # calls (its q, MLP, or k/v with 2+ tokens) give every thread of a 2-core CPU work.
 ROW_GRAIN = 16
 MIN_TASK_PRODUCTS = 65536
-VALUE_DTYPES = (torch.float32, torch.bfloat16)
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <immintrin.h>
@@ -281,14 +280,13 @@ def _nm24_dense_fake(values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 def nm24_problem(linear: nn.Linear) -> str | None:
     """Why the nm24 kernel cannot serve this layer (None when it can)."""
-    weight = linear.weight.detach()
-    if weight.device.type != "cpu" or weight.dtype not in VALUE_DTYPES:
-        return "nm24 is a CPU kernel for float32 and bfloat16 weights"
-    n = nm_pattern(weight, 4)
+    problem = dtype_problem("nm24", linear)
+    if problem:
+        return problem
+    n = nm_pattern(linear.weight.detach(), 4)
     if n is None or n > 2:
         return "zeros are not in a 2:4 pattern"
-    ext = extension()
-    return ext if isinstance(ext, str) else None
+    return build_problem(extension())
 
 
 def pack_nm24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
