@@ -294,6 +294,8 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
         config["sds"] = asdict(opts.sds)
     if opts.owl is not None:
         config["owl"] = asdict(opts.owl)
+    # A damaged or mismatched state is refused before the plan is printed: one error line.
+    runs.check_state(net, config, windows, dist=dist, state_dir=opts.state_dir, resume=opts.resume)
     plan = _memory_plan(net, opts, windows, dist)
     session_scope = runs.run_session(
         net,

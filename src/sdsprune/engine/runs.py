@@ -16,11 +16,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdsprune.engine.checkpoint import Checkpointer, blocks_prefix, fingerprint, remove_state
+from sdsprune.engine.checkpoint import (
+    MANIFEST,
+    Checkpointer,
+    _well_formed,
+    block_file,
+    blocks_prefix,
+    fingerprint,
+    remove_state,
+)
 from sdsprune.engine.distributed import Distributed
 from sdsprune.engine.lowmem import LowMemoryStore, SafetensorsSource, build_skeleton
 from sdsprune.engine.session import BlockStore, RunSession
 from sdsprune.errors import SdspruneError
+from sdsprune.models.blocks import decoder_blocks
 
 SHARD_INDEX = "model.safetensors.index.json"
 
@@ -64,6 +73,85 @@ def load_skeleton(spec: str, dtype: torch.dtype):
     return LoadedModel(model=net, tokenizer=tokenizer, spec=str(spec), path=folder)
 
 
+def check_state(
+    net: nn.Module,
+    config: dict,
+    windows: torch.Tensor,
+    *,
+    dist: Distributed | None,
+    state_dir,
+    resume: bool,
+) -> None:
+    """Before the memory plan is printed: a state folder that cannot be resumed (damaged,
+    of another run, past the model's end) or that holds an unfinished run while not
+    resuming is refused as one error, with nothing printed or written before it. Reads
+    only the manifest and the files' headers; ``run_session`` reads the state itself."""
+    if state_dir is None:
+        return
+    folder = Path(state_dir)
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        if resume:
+            raise SdspruneError(f"nothing to resume in {folder} (no saved state there)")
+        return
+    if not resume:
+        raise SdspruneError(
+            f"{folder} holds the state of an unfinished run; pass --resume to "
+            "continue it, or delete the folder to start over"
+        )
+    if manifest["fingerprint"] != _fingerprint(config, windows, world):
+        raise SdspruneError(
+            f"the state in {folder} belongs to a run with other options or data; "
+            "rerun with the same options, or delete it to start over"
+        )
+    done, blocks = manifest["done"], len(decoder_blocks(net))
+    if done >= blocks:
+        raise SdspruneError(
+            f"the run state in {folder} says {done + 1} blocks are done, but the model "
+            f"has {blocks}; delete the folder to start over"
+        )
+    files = [block_file(folder / "blocks", index) for index in range(done + 1)] if rank == 0 else []
+    for path in [*files, folder / f"stream-rank{rank}-block{done:05d}.safetensors"]:
+        _check_state_file(path, folder)
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    """The state's manifest, or None when there is none (as ``Checkpointer`` reads it)."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SdspruneError(f"unreadable run state {path}: {exc}") from exc
+    if not _well_formed(manifest):
+        raise SdspruneError(
+            f"damaged run state {path} (not the manifest sdsprune writes); delete "
+            f"{folder} to start over"
+        )
+    return manifest
+
+
+def _check_state_file(path: Path, folder: Path) -> None:
+    """The file is there and whole: safetensors checks its header against the file's size,
+    so this reads no tensors (a truncated or foreign file is refused)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # missing file, or safetensors' own error type
+        raise SdspruneError(
+            f"unreadable run state {path} ({exc}); delete {folder} to start over"
+        ) from exc
+
+
+def _fingerprint(config: dict, windows: torch.Tensor, world: int) -> str:
+    # not the device: ranks differ in it (cuda:0, cuda:1), and moving is allowed
+    return fingerprint({**config, "device": None, "processes": world}, windows)
+
+
 @contextlib.contextmanager
 def run_session(
     net: nn.Module,
@@ -83,8 +171,7 @@ def run_session(
     if state_dir is not None:
         checkpoint = Checkpointer(
             Path(state_dir),
-            # not the device: ranks differ in it (cuda:0, cuda:1), and moving is allowed
-            fingerprint({**config, "device": None, "processes": world}, windows),
+            _fingerprint(config, windows, world),
             resume=resume,
             rank=rank,
             world=world,
