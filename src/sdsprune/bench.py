@@ -32,6 +32,7 @@ from torch import nn
 
 from sdsprune.errors import SdspruneError
 from sdsprune.export import check_model_folder, is_sparse_checkpoint, read_manifest
+from sdsprune.export.checkpoint import PART_SEPARATOR, SPARSE_WEIGHTS
 from sdsprune.inference import available_kernels, backend_report, load, weight_bytes
 from sdsprune.inference.decode import (
     DECODE_MODES,
@@ -109,6 +110,7 @@ def run_bench(
     _check_settings(settings)
     folder = check_model_folder(model_dir)
     _check_context(folder, settings)
+    _check_sparse_folder(folder)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     requested = list(backends) if backends else default_backends(dev)
@@ -221,6 +223,37 @@ def _check_context(folder: Path, settings: BenchSettings) -> None:
             f"prompt tokens + decode tokens ({settings.prompt_tokens} + "
             f"{settings.decode_tokens} = {tokens}) exceed the model's maximum context of "
             f"{limit} tokens"
+        )
+
+
+def _check_sparse_folder(folder: Path) -> None:
+    """Refuse, before the first progress line, a sparse folder whose manifest names a file
+    outside it or whose tensors do not fit its config (loading refuses them too, but only
+    after saying "loading ..."). Reads the manifest and the weights file's header only."""
+    if not is_sparse_checkpoint(folder):
+        return
+    manifest = read_manifest(folder)
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shapes = {name: tuple(info["shape"]) for name, info in manifest["tensors"].items()}
+    try:
+        with safe_open(str(folder / manifest.get("weights_file", SPARSE_WEIGHTS)), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if PART_SEPARATOR not in key:
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    except Exception:  # a missing or damaged file: the loader says so in its own words
+        return
+    state = model.state_dict()
+    reshaped = [
+        name for name, shape in shapes.items() if name in state and state[name].shape != shape
+    ]
+    if reshaped:
+        raise SdspruneError(
+            f"{folder} does not match its config ({len(reshaped)} of another shape: "
+            f"{', '.join(reshaped[:3])})"
         )
 
 
