@@ -28,9 +28,11 @@ IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
 
 @pytest.fixture(autouse=True)
 def auto_races_every_kernel(monkeypatch):
-    """The choice logic is tested with every kernel in the race (torch's too); which kernels
-    ``auto`` races by default is tested in test_bitmask.py."""
+    """The choice logic is tested with every kernel in the race (torch's too) against torch's
+    dense layers; which kernels ``auto`` races by default, and its streamed dense layers and
+    head, are tested in test_bitmask.py and test_gemv.py."""
     monkeypatch.setattr(backends, "auto_candidates", backends.available_kernels)
+    monkeypatch.setattr(backends, "gemv_problem", lambda _linear: "off in the choice tests")
 
 
 def pruned_model(pattern: str = "2:4", arch: str = "llama", dtype=torch.float32):

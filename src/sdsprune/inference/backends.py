@@ -15,7 +15,10 @@ Backends:
   typically) is used for calls of up to that many tokens, and above that count the call
   rebuilds the dense weight for itself only (:class:`SwitchedLinear`): a sparse layer holds
   one copy of its weights, the packed one. Where sparse is slower at every count, the layer
-  stays dense: sparse is never chosen on faith.
+  stays dense: sparse is never chosen on faith. On a CPU where this package's kernels
+  build, the layers that stay dense, and the LM head, serve decode-sized calls (up to 4
+  tokens) with a streaming kernel (:mod:`~sdsprune.inference.gemv`, 2-3x torch's batch-1
+  GEMM) and prompts with torch's GEMM; the race times each sparse kernel against that.
 
 Every swapped layer is checked against the dense layer on a random input before it is kept;
 a kernel that fails there or while it is timed (torch refuses some shapes only when the
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdsprune.errors import SdspruneError
+from sdsprune.inference.gemv import MAX_GEMV_TOKENS, GemvLinear, gemv_problem
 from sdsprune.inference.kernels import (
     KERNELS,
     PROBLEMS,
@@ -93,6 +97,7 @@ class BackendReport:
     device: str
     layers: list[LayerChoice]
     weight_bytes: int = 0  # every parameter and buffer of the model after the swap
+    head: str = "dense"  # what the LM head runs with (its label, as a layer's)
 
     def linear_bytes(self) -> int:
         """Bytes held by the prunable layers (what a decode step streams besides the head)."""
@@ -109,6 +114,7 @@ class BackendReport:
             "backend": self.backend,
             "device": self.device,
             "kernels": self.counts(),
+            "head": self.head,
             "weights_mib": round(self.weight_bytes / 2**20, 1),
             "layers": [asdict(layer) for layer in self.layers],
         }
@@ -152,11 +158,13 @@ def apply_backend(
     timer: Timer | None = None,
     verify: bool = True,
     converters: dict[str, Callable[[nn.Linear], nn.Module]] | None = None,
+    dense_kernel: bool = True,
 ) -> BackendReport:
     """Replace pruned decoder-block linears of ``model`` in place; return what was chosen.
 
     ``timer({kernel: fn}, tokens) -> {kernel: seconds}`` and ``converters`` (kernel -> module factory) are
     injectable so that the choice logic can be tested deterministically on a CPU.
+    ``dense_kernel`` False keeps ``auto``'s dense layers and head on torch's GEMM.
     """
     if backend not in BACKENDS:
         raise SdspruneError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
@@ -168,7 +176,8 @@ def apply_backend(
     factories = {**KERNELS, **(converters or {})}
     timer = timer or _default_timer(device)
     choices, group, places = [], [], []
-    probe = _Probe(sorted(probe_tokens), margin, timer, verify)
+    streamed = backend == "auto" and device.type == "cpu" and dense_kernel
+    probe = _Probe(sorted(probe_tokens), margin, timer, verify, streamed)
     for name, linear, parent, attr in _prunable_layers(model):
         places.append((parent, attr))
         choice, module = _choose(name, linear, backend, device, factories, min_sparsity, probe)
@@ -182,9 +191,16 @@ def apply_backend(
         choices.append(choice)
     _race_and_swap(probe, group)
     for choice, (parent, attr) in zip(choices, places, strict=True):
+        if streamed and choice.kernel == "dense":
+            _stream_dense(choice, parent, attr)
         choice.weight_bytes = weight_bytes(getattr(parent, attr))
+    head = _stream_head(model) if streamed else "dense"
     report = BackendReport(
-        backend=backend, device=str(device), layers=choices, weight_bytes=weight_bytes(model)
+        backend=backend,
+        device=str(device),
+        layers=choices,
+        weight_bytes=weight_bytes(model),
+        head=head,
     )
     setattr(model, REPORT_ATTR, report)
     log.info(
@@ -195,6 +211,27 @@ def apply_backend(
         report.weight_bytes / 2**20,
     )
     return report
+
+
+def _stream_dense(choice: LayerChoice, parent: nn.Module, attr: str) -> None:
+    """Serve a layer that stays dense with the streaming kernel at decode sizes (if it can)."""
+    linear = getattr(parent, attr)
+    problem = gemv_problem(linear) if isinstance(linear, nn.Linear) else "not a linear"
+    if problem is None:
+        setattr(parent, attr, GemvLinear(linear))
+        choice.kernel, choice.max_tokens = "gemv", MAX_GEMV_TOKENS
+
+
+def _stream_head(model: nn.Module) -> str:
+    """The LM head through the streaming kernel at decode sizes; its label.
+
+    The head is the largest single weight of a small model (a 49k x 576 float32 head is
+    113 MB, a fifth of the default model) and every decode step reads all of it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or gemv_problem(head) is not None:
+        return "dense"
+    model.set_output_embeddings(GemvLinear(head))
+    return f"gemv<={MAX_GEMV_TOKENS}"
 
 
 def _race_and_swap(probe: _Probe, group: list[tuple[_Race, nn.Module, str]]) -> None:
@@ -319,6 +356,13 @@ class _Probe:
     margin: float
     timer: Timer
     verify: bool
+    streamed: bool = False  # dense layers stream at decode sizes: race against that
+
+    def dense_for(self, linear: nn.Linear) -> nn.Module:
+        """What the layer runs with if it stays dense (what a kernel must beat)."""
+        if self.streamed and gemv_problem(linear) is None:
+            return GemvLinear(linear)
+        return linear
 
     def verify_kernel(self, kernel: str, linear: nn.Linear, module: nn.Module) -> None:
         """Raise :class:`_Refused` unless ``module`` reproduces the dense layer (when asked)."""
@@ -349,6 +393,7 @@ class _Probe:
                 if key not in inputs:
                     inputs[key] = _random_input(race.linear, tokens)
                 race.start(inputs[key], self)
+                race.dense = race.dense or self.dense_for(race.linear)
             samples: dict[int, dict[str, list[float]]] = {id(race): {} for race in running}
             for round_ in range(RACE_ROUNDS + 1):
                 for race in running:
@@ -386,6 +431,7 @@ class _Race:
     # where it no longer serves calls with the kernel itself
     lost_ratio: dict[str, float] = field(default_factory=dict)
     x: torch.Tensor | None = None
+    dense: nn.Module | None = None  # the layer as it runs if it stays dense
 
     def __post_init__(self) -> None:
         self.alive = dict(self.candidates)
@@ -404,8 +450,8 @@ class _Race:
         """One timing of dense and the live candidates ({} once none is left)."""
         if not self.alive:
             return {}
-        x, linear = self.x, self.linear
-        contenders = {"dense": lambda: linear(x)}
+        x, dense = self.x, self.dense or self.linear
+        contenders = {"dense": lambda: dense(x)}
         contenders.update({k: (lambda m=m: m(x)) for k, m in self.alive.items()})
         try:
             with torch.inference_mode():

@@ -78,6 +78,12 @@ static inline vec expand(const uint16_t* v, uint32_t m) {  // bfloat16: the high
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)v));
   return {_mm512_maskz_expand_ps((__mmask16)m, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)))};
 }
+// 16 weights of a dense row
+static inline vec load_w(const float* v) { return {_mm512_loadu_ps(v)}; }
+static inline vec load_w(const uint16_t* v) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)v));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
+}
 static inline void store(float* dst, vec w) { _mm512_storeu_ps(dst, w.r); }
 static inline void store(uint16_t* dst, vec w) {  // exact: w holds bfloat16 values
   const __m512i high = _mm512_srli_epi32(_mm512_castps_si512(w.r), 16);
@@ -122,6 +128,8 @@ static inline __m256 load8(const uint16_t* v) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 template <typename V>
+static inline vec load_w(const V* v) { return {load8(v), load8(v + 8)}; }
+template <typename V>
 static inline vec expand(const V* v, uint32_t m) {
   const uint32_t low = m & 0xFF;
   return {spread8(load8(v), low), spread8(load8(v + _mm_popcnt_u32(low)), m >> 8)};
@@ -138,11 +146,30 @@ static inline void store(uint16_t* dst, vec w) {  // exact: w holds bfloat16 val
 }
 #endif
 
+// How one row's chunks of 16 weights are read, in order: from the packed form (the mask,
+// then the next popcount(mask) values) or from a dense row (16 values each).
+template <typename V>
+struct PackedRow {
+  const V* v;
+  const uint16_t* m;
+  inline vec next(int64_t c) {
+    const uint32_t bits = m[c];
+    const vec w = expand(v, bits);
+    v += _mm_popcnt_u32(bits);
+    return w;
+  }
+};
+template <typename V>
+struct DenseRow {
+  const V* v;
+  inline vec next(int64_t c) { return load_w(v + CHUNK * c); }
+};
+
 // y[k * ystride] = row . x[k * xstride ...] for NT tokens. With one or two tokens a single
 // accumulator chain would wait on FMA latency, so two chunks are in flight at once.
-template <typename V, int NT>
-static void row_tokens(const float* x, int64_t xstride, const V* v, const uint16_t* m,
-                       int64_t chunks, float* y, int64_t ystride) {
+template <typename Row, int NT>
+static void row_tokens(const float* x, int64_t xstride, Row row, int64_t chunks, float* y,
+                       int64_t ystride) {
   constexpr int U = NT < 3 ? 2 : 1;
   vec acc[U][NT];
   for (int u = 0; u < U; ++u)
@@ -150,17 +177,13 @@ static void row_tokens(const float* x, int64_t xstride, const V* v, const uint16
   int64_t c = 0;
   for (; c + U <= chunks; c += U) {
     for (int u = 0; u < U; ++u) {
-      const uint32_t bits = m[c + u];
-      const vec w = expand(v, bits);
-      v += _mm_popcnt_u32(bits);
+      const vec w = row.next(c + u);
       for (int k = 0; k < NT; ++k)
         acc[u][k] = fmadd(w, load_x(x + k * xstride + CHUNK * (c + u)), acc[u][k]);
     }
   }
   for (; c < chunks; ++c) {
-    const uint32_t bits = m[c];
-    const vec w = expand(v, bits);
-    v += _mm_popcnt_u32(bits);
+    const vec w = row.next(c);
     for (int k = 0; k < NT; ++k) acc[0][k] = fmadd(w, load_x(x + k * xstride + CHUNK * c), acc[0][k]);
   }
   for (int k = 0; k < NT; ++k) {
@@ -170,34 +193,47 @@ static void row_tokens(const float* x, int64_t xstride, const V* v, const uint16
   }
 }
 
-// Rows per parallel task: enough kept values x tokens (>= 65536, ~30 us of one core's memory
+// Rows per parallel task: enough weights x tokens (>= 65536, ~30 us of one core's memory
 // traffic at one token) to be worth waking a thread for, and at least 16 rows.
-static int64_t grain(int64_t kept, int64_t rows, int64_t tokens) {
-  const int64_t per_row = std::max<int64_t>(1, kept / std::max<int64_t>(rows, 1) * tokens);
+static int64_t grain(int64_t weights, int64_t rows, int64_t tokens) {
+  const int64_t per_row = std::max<int64_t>(1, weights / std::max<int64_t>(rows, 1) * tokens);
   return std::max<int64_t>(16, (65536 + per_row - 1) / per_row);
 }
 
-// y (T, out) = x (T, stride; zero-padded to whole chunks) times the packed rows' transpose
-template <typename V>
-static void kernel_mm(const float* x, int64_t T, int64_t stride, const V* values,
-                      const int64_t* offsets, const uint16_t* masks, int64_t out, float* y) {
+// y (T, out) = x (T, stride; zero-padded to whole chunks) times the rows' transpose, row o
+// read by row_at(o); weights: how many the rows hold in all (sets the parallel grain).
+template <typename RowAt>
+static void rows_mm(const float* x, int64_t T, int64_t stride, int64_t out, int64_t weights,
+                    RowAt row_at, float* y) {
   const int64_t chunks = stride / CHUNK;
-  at::parallel_for(0, out, grain(offsets[out], out, T), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, out, grain(weights, out, T), [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
-      const V* v = values + offsets[o];
-      const uint16_t* m = masks + o * chunks;
       for (int64_t t0 = 0; t0 < T; t0 += 4) {
         const float* xt = x + t0 * stride;
         float* yt = y + t0 * out + o;
         switch (std::min<int64_t>(4, T - t0)) {
-          case 1: row_tokens<V, 1>(xt, stride, v, m, chunks, yt, out); break;
-          case 2: row_tokens<V, 2>(xt, stride, v, m, chunks, yt, out); break;
-          case 3: row_tokens<V, 3>(xt, stride, v, m, chunks, yt, out); break;
-          default: row_tokens<V, 4>(xt, stride, v, m, chunks, yt, out);
+          case 1: row_tokens<decltype(row_at(o)), 1>(xt, stride, row_at(o), chunks, yt, out); break;
+          case 2: row_tokens<decltype(row_at(o)), 2>(xt, stride, row_at(o), chunks, yt, out); break;
+          case 3: row_tokens<decltype(row_at(o)), 3>(xt, stride, row_at(o), chunks, yt, out); break;
+          default: row_tokens<decltype(row_at(o)), 4>(xt, stride, row_at(o), chunks, yt, out);
         }
       }
     }
   });
+}
+
+template <typename V>
+static void kernel_mm(const float* x, int64_t T, int64_t stride, const V* values,
+                      const int64_t* offsets, const uint16_t* masks, int64_t out, float* y) {
+  const int64_t chunks = stride / CHUNK;
+  rows_mm(x, T, stride, out, offsets[out], [&](int64_t o) {
+    return PackedRow<V>{values + offsets[o], masks + o * chunks};
+  }, y);
+}
+
+template <typename V>
+static void dense_mm(const float* x, int64_t T, int64_t in, const V* weight, int64_t out, float* y) {
+  rows_mm(x, T, in, out, out * in, [&](int64_t o) { return DenseRow<V>{weight + o * in}; }, y);
 }
 
 // Rows [r0, r1) written densely (row length stride, zero-padded) to dst, in V.
@@ -284,20 +320,48 @@ torch::Tensor bitmask_linear(torch::Tensor input, torch::Tensor values, torch::T
   return y.view(shape).to(input.scalar_type());
 }
 
+// activations (..., in) times a dense (out, in) weight: the kernel up to max_kernel_tokens
+// tokens (float32 accumulation), torch's GEMM above (and for rows not whole chunks).
+torch::Tensor dense_linear(torch::Tensor input, torch::Tensor weight, int64_t max_kernel_tokens) {
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2, "contiguous 2-d weight");
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 || weight.scalar_type() == torch::kBFloat16,
+              "float32 or bfloat16 weights only");
+  const int64_t out = weight.size(0), in = weight.size(1);
+  TORCH_CHECK(input.size(-1) == in, "shape mismatch");
+  auto x2d = input.reshape({-1, in});
+  const int64_t T = x2d.size(0);
+  if (T > max_kernel_tokens || in % CHUNK != 0)
+    return at::linear(input.to(weight.scalar_type()), weight).to(input.scalar_type());
+  auto x = x2d.to(torch::kFloat32).contiguous();
+  auto y = torch::empty({T, out}, x.options());
+  if (weight.scalar_type() == torch::kBFloat16)
+    dense_mm(x.data_ptr<float>(), T, in, ptr<uint16_t>(weight), out, y.data_ptr<float>());
+  else
+    dense_mm(x.data_ptr<float>(), T, in, ptr<float>(weight), out, y.data_ptr<float>());
+  auto shape = input.sizes().vec();
+  shape.back() = out;
+  return y.view(shape).to(input.scalar_type());
+}
+
 TORCH_LIBRARY_FRAGMENT(sdsprune, m) {
   m.def("bitmask_linear(Tensor input, Tensor values, Tensor offsets, Tensor masks, int in_features, "
         "int max_kernel_tokens, int tile_rows) -> Tensor");
+  m.def("dense_linear(Tensor input, Tensor weight, int max_kernel_tokens) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(sdsprune, CPU, m) { m.impl("bitmask_linear", &bitmask_linear); }
+TORCH_LIBRARY_IMPL(sdsprune, CPU, m) {
+  m.impl("bitmask_linear", &bitmask_linear);
+  m.impl("dense_linear", &dense_linear);
+}
 """
 
 
 @functools.cache
 def extension():
     """The compiled kernel for this CPU, or a string saying why it is unavailable."""
-    module = build("bitmask", _SOURCE, ["bitmask_linear"])
+    module = build("bitmask", _SOURCE, ["bitmask_linear", "dense_linear"])
     if not isinstance(module, str):
         torch.library.register_fake("sdsprune::bitmask_linear", _bitmask_linear_fake)
+        torch.library.register_fake("sdsprune::dense_linear", _dense_linear_fake)
     return module
 
 
@@ -311,6 +375,12 @@ def _bitmask_linear_fake(
     tile_rows: int,
 ) -> torch.Tensor:
     return input.new_empty((*input.shape[:-1], masks.shape[0]))
+
+
+def _dense_linear_fake(
+    input: torch.Tensor, weight: torch.Tensor, max_kernel_tokens: int
+) -> torch.Tensor:
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
 def bitmask_problem(linear: nn.Linear) -> str | None:

@@ -93,6 +93,25 @@ def compiled_step(model: nn.Module, name: str, backend: str = "inductor") -> Ste
     return torch.compile(own, backend=backend, fullgraph=True, dynamic=False)
 
 
+def compile_generation(model: nn.Module, backend: str = "inductor") -> None:
+    """Make ``model.generate()`` decode with a static KV cache and a compiled step.
+
+    transformers compiles the one-token forward when the cache is static, but by default
+    only on accelerators; on a CPU the compiled step cuts the per-token cost of everything
+    but the weights (dispatch, norms, rotary, the cache update) from about 8 ms to 2 ms on
+    the default model (benchmarks/results/sparse-cpu). The prompt still runs eagerly. The
+    first ``generate`` call per batch size and cache length compiles (a minute on 2 cores;
+    torch's cache makes later processes faster). ``mode="default"``: transformers' default,
+    "reduce-overhead", means CUDA graphs, which a CPU has no use for.
+    """
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode="default")
+    compile_config._compile_all_devices = True  # a class attribute, not a constructor field
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = compile_config
+
+
 def compile_failure(exc: BaseException) -> str:
     """One line naming why compiling (or running) a step failed, e.g. ``InductorError:
     InvalidCxxCompiler: No working C++ compiler found ...``."""

@@ -12,10 +12,13 @@ from torch import nn
 from sdsprune.errors import SdspruneError
 from sdsprune.export import is_sparse_checkpoint, load_state_dict
 from sdsprune.inference.backends import apply_backend
+from sdsprune.inference.decode import compile_generation
 from sdsprune.models import LoadedModel, load_model
 from sdsprune.utils import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+DECODE_CHOICES = ("eager", "compiled")
 
 
 def load(
@@ -24,6 +27,7 @@ def load(
     backend: str = "dense",
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
+    decode: str = "eager",
     **backend_options,
 ) -> LoadedModel:
     """Load a model folder (dense, or written by ``sdsprune export --format sparse``).
@@ -33,7 +37,14 @@ def load(
     its ``auto`` dtype. ``backend`` (dense, auto, csr, bsr, semi-structured) then swaps the
     pruned layers for sparse kernels; see :func:`sdsprune.inference.apply_backend`. The
     choice per layer is in ``sdsprune.inference.backend_report(loaded.model)``.
+
+    ``decode="compiled"`` makes ``loaded.model.generate()`` decode with a static KV cache
+    and a ``torch.compile``d step (see :func:`~sdsprune.inference.decode.compile_generation`):
+    the fast path for token-by-token generation, at the price of a compile on the first
+    call; ``"eager"`` (the default) leaves generation as transformers sets it up.
     """
+    if decode not in DECODE_CHOICES:
+        raise SdspruneError(f"unknown decode '{decode}' (choose from {', '.join(DECODE_CHOICES)})")
     path = Path(spec).expanduser()
     if path.is_dir() and is_sparse_checkpoint(path):
         dev = resolve_device(device)
@@ -41,6 +52,8 @@ def load(
     else:
         loaded = load_model(str(spec), device=device, dtype=dtype or "auto")
     apply_backend(loaded.model, backend, **backend_options)
+    if decode == "compiled":
+        compile_generation(loaded.model)
     return loaded
 
 
