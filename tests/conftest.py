@@ -67,12 +67,19 @@ def benchmark_module(name: str):
     return module
 
 
-def every_method(*sds_bases: str) -> list[tuple[str, str | None]]:
-    """(method, base) for every base pruner alone, then for SDS on each of ``sds_bases``:
+def every_method(*sds_bases: str) -> list[str]:
+    """The method string of every base pruner alone, then of SDS on each of ``sds_bases``:
     a pruner added to the library is covered by the tests that run every method."""
-    from sdsprune.pruners import BASE_PRUNERS
+    from sdsprune.methods import BASE_METHODS
 
-    return [(name, None) for name in BASE_PRUNERS] + [("sds", base) for base in sds_bases]
+    return [*BASE_METHODS, *(f"sds:{base}" for base in sds_bases)]
+
+
+def cpu_run(**options):
+    """A test's run options: on CPU, without progress bars."""
+    from sdsprune.options import RunOptions
+
+    return RunOptions(device="cpu", progress=False, **options)
 
 
 def byte_tokenizer():

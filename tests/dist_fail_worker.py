@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from sdsprune.errors import SdspruneError
 from sdsprune.models import LoadedModel
+from sdsprune.options import RunOptions
 from sdsprune.prune import PruneProcessor, prune
 
 FAILING_RANK, FAILING_BLOCK = 1, 2
@@ -51,7 +52,8 @@ def run(out: Path) -> None:
 
     loaded = LoadedModel(four_block_model(), byte_tokenizer(), "tiny", None)
     windows = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
-    prune(loaded, method="sparsegpt", calibration=windows, device="cpu", out=out, progress=False)
+    run_options = RunOptions(device="cpu", out=out, progress=False)
+    prune(loaded, "sparsegpt", calibration=windows, run=run_options)
 
 
 def main(mode: str, out: Path) -> None:

@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 
 from sdsprune.models import LoadedModel
+from sdsprune.options import RunOptions
 from sdsprune.prune import prune
-from sdsprune.sds import SDSConfig
 
 CONFIGS = {
     "wanda": dict(method="wanda"),
     "sparsegpt-2of4": dict(method="sparsegpt", sparsity="2:4"),
-    "sds-kd": dict(method="sds", base="wanda", sds=SDSConfig(data_mode="kd")),
-    "sds-block": dict(method="sds", sparsity="2:4", sds=SDSConfig(block_epochs=2, block_batch=4)),
+    "sds-kd": dict(method="sds[data_mode=kd]:wanda"),
+    "sds-block": dict(method="sds[block_epochs=2;block_batch=4]", sparsity="2:4"),
 }
 
 
@@ -31,7 +31,8 @@ def run(name: str, **kwargs) -> tuple[dict, dict]:
 
     model = tiny_model("llama")
     loaded = LoadedModel(model, byte_tokenizer(), "tiny", None)
-    result = prune(loaded, calibration=windows(), device="cpu", progress=False, **kwargs)
+    run_options = RunOptions(device="cpu", progress=False)
+    result = prune(loaded, calibration=windows(), run=run_options, **kwargs)
     layers = {k: v for k, v in result.report["layers"].items()}
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, layers
 

@@ -3,22 +3,15 @@ method at high sparsity."""
 
 import pytest
 import torch
-from conftest import byte_tokenizer, every_method, tiny_model
+from conftest import byte_tokenizer, cpu_run, every_method, tiny_model
 from reference_impl import slow_admm, slow_wanda
 
 from sdsprune import SdspruneError
 from sdsprune.linalg import relative_error
+from sdsprune.methods import ADMM, SDS, DSnoT, PrunerZero, SparseGPT, parse_method
 from sdsprune.models import LoadedModel, model_linears
 from sdsprune.prune import prune
-from sdsprune.pruners import (
-    ADMMPruner,
-    DSnoTPruner,
-    InputStats,
-    PrunerZeroPruner,
-    SparseGPTPruner,
-    SparsityPattern,
-    get_pruner,
-)
+from sdsprune.pruners import InputStats, SparsityPattern
 
 NEW_PRUNERS = ("admm", "dsnot", "pruner-zero")
 
@@ -27,18 +20,22 @@ def windows(count=8, length=24, seed=0):
     return torch.randint(0, 256, (count, length), generator=torch.Generator().manual_seed(seed))
 
 
-def run(arch, method, sparsity, calibration=None, **kwargs):
+def run(arch, method, sparsity, calibration=None):
     model = tiny_model(arch)
     result = prune(
         LoadedModel(model, byte_tokenizer(), arch, None),
-        method=method,
+        method,
         sparsity=sparsity,
         calibration=windows() if calibration is None else calibration,
-        device="cpu",
-        progress=False,
-        **kwargs,
+        run=cpu_run(),
     )
     return model, result
+
+
+def pruner_of(method: str):
+    """The pruner a method string's (SDS: its base's) settings build."""
+    config = parse_method(method)
+    return (config.base if isinstance(config, SDS) else config).pruner()
 
 
 def layer_stats(rows=200, cols=32, seed=0):
@@ -67,7 +64,7 @@ def assert_exact_pattern(weight, pattern, group):
 def test_new_pruners_give_the_exact_pattern_on_every_architecture(arch, method, sparsity):
     model, result = run(arch, method, sparsity)
     pattern = SparsityPattern.parse(sparsity)
-    group = get_pruner(method).unstructured_group
+    group = pruner_of(method).unstructured_group
     for name, layer in model_linears(model).items():
         assert_exact_pattern(layer.weight, pattern, group)
         assert torch.isfinite(layer.weight).all(), name
@@ -78,8 +75,8 @@ def test_new_pruners_give_the_exact_pattern_on_every_architecture(arch, method, 
 
 @pytest.mark.parametrize("base", NEW_PRUNERS)
 def test_new_pruners_work_as_the_sds_base(base):
-    model, result = run("llama", "sds", "0.7", base=base)
-    group = get_pruner(base).unstructured_group
+    model, result = run("llama", f"sds:{base}", "0.7")
+    group = pruner_of(base).unstructured_group
     for layer in model_linears(model).values():
         assert_exact_pattern(layer.weight, SparsityPattern.parse("0.7"), group)
     assert result.report["config"]["base"] == base
@@ -90,7 +87,7 @@ def test_admm_equals_slow_reference_of_the_published_update(spec, nm):
     X, stats = layer_stats()
     W = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
     pattern = SparsityPattern.parse(spec)
-    fast = ADMMPruner().prune(W, stats, pattern)
+    fast = ADMM().pruner().prune(W, stats, pattern)
     slow, slow_mask = slow_admm(W, X, pattern.fraction, nm=nm)
     assert torch.equal(fast.mask, slow_mask)
     torch.testing.assert_close(fast.weight, slow, rtol=1e-4, atol=1e-5)
@@ -102,8 +99,8 @@ def test_admm_beats_sparsegpt_on_the_layer_objective():
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
     for spec in ("0.5", "0.7", "2:4"):
         pattern = SparsityPattern.parse(spec)
-        admm = ADMMPruner().prune(W, stats, pattern).weight
-        sparsegpt = SparseGPTPruner().prune(W, stats, pattern).weight
+        admm = ADMM().pruner().prune(W, stats, pattern).weight
+        sparsegpt = SparseGPT().pruner().prune(W, stats, pattern).weight
         assert relative_error(W, admm, stats.gram) < relative_error(W, sparsegpt, stats.gram)
 
 
@@ -113,8 +110,8 @@ def test_admm_mask_grows_gradually_not_at_once():
     _X, stats = layer_stats(cols=64)
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
     pattern = SparsityPattern.parse("0.7")
-    at_once = ADMMPruner(growth_iterations=1).prune(W, stats, pattern)
-    gradual = ADMMPruner().prune(W, stats, pattern)
+    at_once = ADMM(growth_iterations=1).pruner().prune(W, stats, pattern)
+    gradual = ADMM().pruner().prune(W, stats, pattern)
     assert not torch.equal(at_once.mask, gradual.mask)
     assert relative_error(W, gradual.weight, stats.gram) < relative_error(
         W, at_once.weight, stats.gram
@@ -127,7 +124,7 @@ def test_dsnot_without_cycles_is_its_initial_mask(spec):
     W = torch.randn(16, 32, generator=torch.Generator().manual_seed(4))
     pattern = SparsityPattern.parse(spec)
     nm = (pattern.n, pattern.m) if pattern.is_nm else None
-    outcome = DSnoTPruner(max_cycles=0).prune(W, stats, pattern)
+    outcome = DSnoT(max_cycles=0).pruner().prune(W, stats, pattern)
     _, wanda_mask = slow_wanda(W, X, fraction=pattern.fraction, nm=nm)
     assert torch.equal(outcome.mask, wanda_mask)
 
@@ -139,8 +136,8 @@ def test_dsnot_swaps_cut_the_mean_output_shift_and_keep_the_pattern(spec):
     X, stats = layer_stats()
     W = torch.randn(16, 32, generator=torch.Generator().manual_seed(5))
     pattern = SparsityPattern.parse(spec)
-    before = DSnoTPruner(max_cycles=0).prune(W, stats, pattern)
-    after = DSnoTPruner().prune(W, stats, pattern)
+    before = DSnoT(max_cycles=0).pruner().prune(W, stats, pattern)
+    after = DSnoT().pruner().prune(W, stats, pattern)
     mean = X.mean(0)
     shift_before = ((W - before.weight) @ mean).abs()
     shift_after = ((W - after.weight) @ mean).abs()
@@ -156,13 +153,13 @@ def test_dsnot_initial_method_is_an_option():
     W = torch.randn(16, 32, generator=torch.Generator().manual_seed(6))
     pattern = SparsityPattern.parse("0.5")
     masks = {
-        initial: get_pruner(f"dsnot[initial={initial};max_cycles=0]").prune(W, stats, pattern).mask
+        initial: pruner_of(f"dsnot[initial={initial};max_cycles=0]").prune(W, stats, pattern).mask
         for initial in ("wanda", "sparsegpt", "magnitude")
     }
     assert not torch.equal(masks["wanda"], masks["magnitude"])
     assert not torch.equal(masks["wanda"], masks["sparsegpt"])
-    assert get_pruner("dsnot[initial=sparsegpt]").needs == "gram"
-    assert get_pruner("dsnot").needs == "sumsq"
+    assert DSnoT(initial="sparsegpt").pruner().needs == "gram"
+    assert DSnoT().pruner().needs == "sumsq"
 
 
 def test_pruner_zero_metric_is_squared_weight_times_scaled_norm():
@@ -171,18 +168,18 @@ def test_pruner_zero_metric_is_squared_weight_times_scaled_norm():
     _X, stats = layer_stats()
     W = torch.randn(16, 32, generator=torch.Generator().manual_seed(7))
     pattern = SparsityPattern.parse("0.5")
-    outcome = PrunerZeroPruner().prune(W, stats, pattern)
+    outcome = PrunerZero().pruner().prune(W, stats, pattern)
     assert outcome.mask[:, stats.feature_norms.argmin()].all()
     even = InputStats(count=10, sumsq=torch.ones(32))
     magnitude_rows = W.abs().argsort(dim=1, stable=True)[:, :16]
     expected = torch.zeros_like(W, dtype=torch.bool).scatter_(1, magnitude_rows, True)
-    assert torch.equal(PrunerZeroPruner().prune(W, even, pattern).mask, expected)
+    assert torch.equal(PrunerZero().pruner().prune(W, even, pattern).mask, expected)
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("lasso", "unknown pruning method"),
+        ("lasso", "unknown method"),
         ("dsnot[colour=red]", "bad option 'colour=red' for dsnot"),
         ("dsnot[max_cycles=many]", "expected a int"),
         ("dsnot[initial=oracle]", "initial must be one of"),
@@ -191,26 +188,25 @@ def test_pruner_zero_metric_is_squared_weight_times_scaled_norm():
 )
 def test_bad_pruner_specs_are_refused_with_one_line(spec, message):
     with pytest.raises(SdspruneError, match=message.replace("[", r"\[")):
-        get_pruner(spec)
+        parse_method(spec)
 
 
 def test_pruner_options_reach_the_pruner_through_prune():
     _, result = run("llama", "dsnot[initial=magnitude;max_cycles=3]", "0.5")
     assert result.report["config"]["method"] == "dsnot[initial=magnitude;max_cycles=3]"
     with pytest.raises(SdspruneError, match="bad option"):
-        run("llama", "sds", "0.5", base="admm[speed=11]")
+        run("llama", "sds:admm[speed=11]", "0.5")
 
 
-@pytest.mark.parametrize(("method", "base"), every_method("sparsegpt", "wanda", "admm"))
-def test_eighty_percent_runs_end_to_end_with_sane_numerics(method, base):
+@pytest.mark.parametrize("method", every_method("sparsegpt", "wanda", "admm"))
+def test_eighty_percent_runs_end_to_end_with_sane_numerics(method):
     """80% on a tiny model with fewer calibration tokens (32) than input features (128 in
     the MLP): rank-deficient Gram matrices, where dampening, Cholesky retries and the SDS
     solvers must still give finite weights, exact sparsity and errors below 1 (pruning all
     weights would be 1)."""
     calibration = windows(count=2, length=16)
-    kwargs = {"base": base} if base else {}
-    model, result = run("llama", method, "0.8", calibration=calibration, **kwargs)
-    group = get_pruner(base or method).unstructured_group
+    model, result = run("llama", method, "0.8", calibration=calibration)
+    group = pruner_of(method).unstructured_group
     for name, layer in model_linears(model).items():
         assert torch.isfinite(layer.weight).all(), name
         assert_exact_pattern(layer.weight, SparsityPattern.parse("0.8"), group)

@@ -8,8 +8,9 @@ import torch
 from conftest import tiny_model
 
 from sdsprune.engine import capture_block_inputs, sequential
+from sdsprune.methods import Magnitude
 from sdsprune.models.blocks import block_linears, decoder_blocks
-from sdsprune.pruners import SparsityPattern, get_pruner
+from sdsprune.pruners import SparsityPattern
 from sdsprune.sds import SDSConfig
 from sdsprune.sds import block as refit
 from sdsprune.sds.block import fit_block
@@ -27,7 +28,7 @@ def pruned_block(dtype: torch.dtype):
     linears = block_linears(block)
     with torch.no_grad():
         targets = block_outputs(block, stream)
-        pruner, pattern = get_pruner("magnitude"), SparsityPattern.parse("2:4")
+        pruner, pattern = Magnitude().pruner(), SparsityPattern.parse("2:4")
         for layer in linears.values():
             pruned = pruner.prune(layer.weight.float(), None, pattern).weight
             layer.weight.copy_(pruned.to(dtype))

@@ -10,6 +10,7 @@ import pytest
 
 from sdsprune.compare import Run, compare, parse_runs
 from sdsprune.errors import SdspruneError
+from sdsprune.methods import OWL, SDS, format_method, report_settings
 from sdsprune.models import load_model
 
 WORDS = "the quick brown fox jumps over the lazy dog while a cat sleeps in the sun"
@@ -47,7 +48,7 @@ def fake_prune(monkeypatch):
     """Record every prune call; 'prune' by zeroing nothing, and give SDS runs a figure."""
     calls = []
 
-    def prune(model, *, method, sparsity, base, calibration, **kwargs):
+    def prune(model, method, *, sparsity, calibration, run):
         import matplotlib
 
         matplotlib.use("Agg")
@@ -55,9 +56,10 @@ def fake_prune(monkeypatch):
 
         from sdsprune.sds.figures import render_png
 
-        calls.append((method, base if method == "sds" else None, sparsity, calibration.clone()))
+        stored = report_settings(method)
+        calls.append((stored["method"], stored["base"], sparsity, calibration.windows.clone()))
         report = {"summary": {"sparsity": 0.5}, "timings": {}, "memory": {}}
-        if method == "sds":
+        if isinstance(method, SDS):
             fig, ax = plt.subplots()
             ax.hist([0.0, 1.0])
             report["_figures"] = {"weight_distribution.png": render_png(fig)}
@@ -65,6 +67,11 @@ def fake_prune(monkeypatch):
 
     monkeypatch.setattr(prune_module, "prune", prune)
     return calls
+
+
+def one_run(label: str, sparsity: str | None) -> Run:
+    """The comparison's row for a method string at a sparsity (``dense``: no sparsity)."""
+    return parse_runs([label], [] if label == "dense" else [sparsity])[0]
 
 
 def test_runs_are_dense_once_then_each_method_at_each_sparsity():
@@ -78,8 +85,8 @@ def test_runs_are_dense_once_then_each_method_at_each_sparsity():
         ("sds:wanda", "0.5"),
         ("sds:sparsegpt", "0.5"),
     ]
-    assert Run("sds", "wanda", "2:4").key == "sds-wanda_2-4"
-    assert parse_runs(["dense"], []) == [Run("dense")]
+    assert runs[2].key == "sds-wanda_2-4"
+    assert parse_runs(["dense"], []) == [Run()]
 
 
 @pytest.mark.parametrize(
@@ -244,15 +251,13 @@ def test_sds_runs_made_under_other_defaults_are_recomputed(
 
 
 def test_sds_settings_recompute_only_the_sds_runs(tiny_model_dir, corpus, tmp_path, fake_prune):
-    from sdsprune.sds import SDSConfig
-
     out = tmp_path / "cmp"
     kwargs = _settings(tiny_model_dir, corpus, out, sparsities=["0.5"])
     compare(**kwargs)
     fake_prune.clear()
-    compare(**kwargs, sds=SDSConfig())  # the defaults spelled out: nothing to redo
+    compare(**kwargs, sds=SDS())  # the defaults spelled out: nothing to redo
     assert fake_prune == []
-    compare(**kwargs, sds=SDSConfig.from_text("schedule=staged,adjust_iters=5"))
+    compare(**kwargs, sds=SDS(schedule="staged", adjust_iters=5))
     assert [(m, b, s) for m, b, s, _ in fake_prune] == [("sds", "wanda", "0.5")]
 
 
@@ -307,7 +312,7 @@ def test_markdown_table_with_tasks_marks_best_and_chance():
         ("wanda", "0.5", 20.0, 0.5),
         ("sparsegpt", "0.5", 15.0, 0.55),
     ]:
-        run = Run(method, None, sparsity)
+        run = one_run(method, sparsity)
         runs.append(
             {
                 "run": {"method": method, "base": None, "sparsity": sparsity},
@@ -392,7 +397,7 @@ def test_paper_grid_with_new_bases_and_owl_rows():
     ]
     assert runs[4].key == "sds-sparsegpt-owl_0.7"
     options = parse_runs(["sds:dsnot[initial=sparsegpt;max_cycles=10]"], ["0.6"])[0]
-    assert options.base == "dsnot[initial=sparsegpt;max_cycles=10]"
+    assert options.record()["base"] == "dsnot[initial=sparsegpt;max_cycles=10]"
     assert options.key == "sds-dsnot-initial-sparsegpt-max_cycles-10_0.6"
 
 
@@ -412,14 +417,12 @@ def test_bad_grid_specs_are_refused(methods, message):
 def test_owl_runs_get_owl_and_only_they_depend_on_its_knobs(
     tiny_model_dir, corpus, tmp_path, monkeypatch
 ):
-    from sdsprune.owl import OWLConfig
-
     calls = []
 
-    def prune(model, *, method, sparsity, owl=None, **kwargs):
-        calls.append((method, owl))
+    def prune(model, method, **kwargs):
+        calls.append(format_method(method))
         report = {"summary": {"sparsity": 0.5}, "timings": {}, "memory": {}}
-        if owl is not None:
+        if isinstance(method, OWL):
             report["owl"] = {"blocks": [{"block": 0, "outlier_ratio": 0.1, "sparsity": 0.5}]}
         return prune_module.PruneResult(model=load_model(model), report=report)
 
@@ -429,13 +432,13 @@ def test_owl_runs_get_owl_and_only_they_depend_on_its_knobs(
         tiny_model_dir, corpus, out, methods=["wanda", "wanda+owl"], sparsities=["0.5", "2:4"]
     )
     results = compare(**kwargs)
-    assert calls == [("wanda", None), ("wanda", OWLConfig()), ("wanda", None)]
+    assert calls == ["wanda", "wanda+owl", "wanda"]
     owl_run = results["runs"][1]
     assert owl_run["prune"]["owl"]["blocks"][0]["sparsity"] == 0.5
     assert "| Wanda + OWL | 0.5 |" in (out / "results.md").read_text()
     calls.clear()
-    compare(**kwargs, owl=OWLConfig(lam=0.05))
-    assert calls == [("wanda", OWLConfig(lam=0.05))]
+    compare(**kwargs, owl=OWL(lam=0.05))
+    assert calls == ["wanda+owl[lam=0.05]"]
 
 
 TOY_TASK = {
@@ -527,13 +530,13 @@ def test_a_kept_model_has_the_pruned_weights(tiny_model_dir, corpus, tmp_path):
     import torch
 
     from sdsprune.compare_store import RunStore
+    from sdsprune.options import Calibration
     from sdsprune.prune import prune
 
     settings = {"model": str(tiny_model_dir), "dtype": "float32", "datasets": [], "tasks": []}
     store = RunStore(tmp_path, "magnitude_2-4", settings)
-    pruned = prune(
-        str(tiny_model_dir), method="magnitude", sparsity="2:4", calib=str(corpus), seqlen=32
-    ).model
+    calibration = Calibration(corpus=str(corpus), seqlen=32)
+    pruned = prune(str(tiny_model_dir), "magnitude", sparsity="2:4", calibration=calibration).model
     assert store.kept_model("cpu") is None  # no prune record yet
     store.save_prune_record({"report": {}, "figures": [], "seconds": 1.0})
     store.keep_model(pruned)
@@ -609,7 +612,7 @@ def _run_with_examples(method: str, correct: dict[str, list[int]], base=None) ->
             "per_example": None,
         }
     )
-    run = Run(method, base, None if method == "dense" else "2:4")
+    run = one_run(f"sds:{base}" if base else method, "2:4")
     return {
         "run": {"method": method, "base": base, "sparsity": run.sparsity},
         "key": run.key,
@@ -658,7 +661,7 @@ def test_owl_runs_are_paired_with_the_same_method_at_uniform_sparsity():
     from sdsprune.compare_paired import reference_pairs
 
     def run(method, base=None, owl=False):
-        spec = Run(method, base, None if method == "dense" else "0.7", owl)
+        spec = one_run((f"sds:{base}" if base else method) + ("+owl" if owl else ""), "0.7")
         return {
             "run": {"method": method, "base": base, "sparsity": spec.sparsity, "owl": owl},
             "key": spec.key,

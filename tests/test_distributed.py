@@ -14,6 +14,7 @@ import torch
 from dist_worker import CONFIGS, run
 from safetensors.torch import load_file
 
+from sdsprune.options import Calibration, RunOptions
 from sdsprune.prune import prune
 
 HERE = Path(__file__).parent
@@ -60,8 +61,9 @@ def test_two_processes_match_one_through_the_api(tmp_path):
 def test_two_processes_through_the_cli_with_low_memory(tiny_model_dir, tmp_path):
     corpus = tmp_path / "calib.txt"
     corpus.write_text(CORPUS)
-    options = dict(method="sparsegpt", calib=str(corpus), nsamples=8, seqlen=32, device="cpu")
-    prune(str(tiny_model_dir), out=tmp_path / "one", progress=False, **options)
+    calibration = Calibration(corpus=str(corpus), nsamples=8, seqlen=32)
+    run_options = RunOptions(device="cpu", out=tmp_path / "one", progress=False)
+    prune(str(tiny_model_dir), "sparsegpt", calibration=calibration, run=run_options)
     result = torchrun(
         "-m", "sdsprune", "prune", str(tiny_model_dir), "--method", "sparsegpt",
         "--calib", str(corpus), "--nsamples", "8", "--seqlen", "32", "--device", "cpu",

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, cpu_run, tiny_model
 
 from sdsprune.engine.distributed import layer_owners
 from sdsprune.engine.session import BlockStore, RunSession, current_session, use_session
 from sdsprune.models import LoadedModel, model_linears
 from sdsprune.prune import prune
-from sdsprune.sds import SDSConfig
 from sdsprune.utils import torch_threads
 
 METHODS = [
     dict(method="wanda"),
     dict(method="sparsegpt"),
     dict(method="sparsegpt", sparsity="2:4"),
-    dict(method="sds", base="sparsegpt", sds=SDSConfig()),
+    dict(method="sds:sparsegpt"),
 ]
 
 
@@ -26,7 +25,7 @@ def pruned(seed: int = 0, threads: int | None = None, **options) -> dict[str, to
     model = tiny_model("llama")
     with torch_threads(threads):
         loaded = LoadedModel(model, byte_tokenizer(), "tiny", None)
-        prune(loaded, calibration=windows, device="cpu", progress=False, **options)
+        prune(loaded, calibration=windows, run=cpu_run(), **options)
     return {name: layer.weight.detach().clone() for name, layer in model_linears(model).items()}
 
 

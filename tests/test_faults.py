@@ -212,6 +212,7 @@ def test_nan_weights_from_the_api_without_a_checkpoint():
 
     from sdsprune import SdspruneError
     from sdsprune.models import LoadedModel
+    from sdsprune.options import RunOptions
     from sdsprune.prune import prune
 
     model = tiny_model("llama")
@@ -220,4 +221,4 @@ def test_nan_weights_from_the_api_without_a_checkpoint():
     loaded = LoadedModel(model, byte_tokenizer(), "tiny", None)
     windows = torch.randint(0, 256, (4, 16))
     with pytest.raises(SdspruneError, match="NaN/Inf weights"):
-        prune(loaded, method="wanda", calibration=windows, device="cpu", progress=False)
+        prune(loaded, "wanda", calibration=windows, run=RunOptions(device="cpu", progress=False))

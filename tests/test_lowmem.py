@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdsprune.options import RunOptions
 from sdsprune.prune import prune
-from sdsprune.sds import SDSConfig
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -25,17 +25,21 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     [
         dict(method="wanda"),
         dict(method="sparsegpt", sparsity="2:4"),
-        dict(method="sds", base="wanda", sds=SDSConfig(data_mode="kd")),
-        dict(method="sds", base="sparsegpt", sds=SDSConfig(schedule="staged")),
-        dict(method="sds", sparsity="2:4", sds=SDSConfig(block_epochs=1, block_batch=2)),
+        dict(method="sds[data_mode=kd]:wanda"),
+        dict(method="sds[schedule=staged]:sparsegpt"),
+        dict(method="sds[block_epochs=1;block_batch=2]", sparsity="2:4"),
     ],
     ids=["wanda", "sparsegpt-2of4", "sds-fused-kd", "sds-staged", "sds-block-refit"],
 )
 def test_low_memory_checkpoint_equals_the_in_memory_one(tiny_model_dir, tmp_path, options):
     windows = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
-    common = dict(calibration=windows, device="cpu", progress=False, **options)
-    normal = prune(str(tiny_model_dir), out=tmp_path / "normal", **common)
-    low = prune(str(tiny_model_dir), out=tmp_path / "low", low_memory=True, **common)
+
+    def run(**run_options):
+        options_run = RunOptions(device="cpu", progress=False, **run_options)
+        return prune(str(tiny_model_dir), calibration=windows, run=options_run, **options)
+
+    normal = run(out=tmp_path / "normal")
+    low = run(out=tmp_path / "low", low_memory=True)
     expected, got = weights(tmp_path / "normal"), weights(tmp_path / "low")
     assert expected.keys() == got.keys()
     for name in expected:
@@ -51,8 +55,8 @@ def test_low_memory_output_loads_with_transformers(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
-    prune(str(tiny_model_dir), method="magnitude", calibration=windows, device="cpu",
-          progress=False, out=tmp_path / "low", low_memory=True)  # fmt: skip
+    run = RunOptions(device="cpu", progress=False, out=tmp_path / "low", low_memory=True)
+    prune(str(tiny_model_dir), "magnitude", calibration=windows, run=run)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "low")
     q = model.model.layers[0].self_attn.q_proj.weight
     assert (q == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)

@@ -10,19 +10,20 @@ import os
 
 import pytest
 import torch
-from conftest import benchmark_module, byte_tokenizer, tiny_model
+from conftest import benchmark_module, byte_tokenizer, cpu_run, tiny_model
 
 from sdsprune import SdspruneError
 from sdsprune.engine import capture_block_inputs, run_blocks
 from sdsprune.engine import memory_plan as mp
 from sdsprune.engine.distributed import Distributed
 from sdsprune.engine.stats import StatsCollector
+from sdsprune.methods import SDS, SparseGPT
 from sdsprune.models import LoadedModel, model_linears
+from sdsprune.options import Calibration
 from sdsprune.prune import PruneProcessor, prune
-from sdsprune.pruners import SparsityPattern, get_pruner
+from sdsprune.pruners import SparsityPattern
 from sdsprune.pruners.sparsegpt import inverse_hessian_cholesky
 from sdsprune.runinfo import Timer, resident_bytes
-from sdsprune.sds import SDSConfig
 from sdsprune.sds.solver import _closed_factor
 
 GIB = 2**30
@@ -34,10 +35,11 @@ def windows(count=8, length=24):
     return torch.randint(0, 256, (count, length), generator=torch.Generator().manual_seed(0))
 
 
-def pruned(model=None, **options):
+def pruned(method, model=None, sparsity="0.5", **run_options):
     model = model if model is not None else tiny_model("llama")
     loaded = LoadedModel(model, byte_tokenizer(), "tiny", None)
-    result = prune(loaded, calibration=windows(), device="cpu", progress=False, **options)
+    run = cpu_run(**run_options)
+    result = prune(loaded, method, sparsity=sparsity, calibration=windows(), run=run)
     return {n: la.weight.detach().clone() for n, la in model_linears(model).items()}, result
 
 
@@ -184,9 +186,9 @@ def test_plan_is_in_the_report():
 def test_offloaded_activations_give_identical_results(data_mode):
     """The offload path (activations in CPU memory, each batch moved to the compute device)
     changes where tensors live, never a value."""
-    sds = SDSConfig(data_mode=data_mode, adjust_iters=5)
-    kept, _ = pruned(method="sds", sds=sds, offload_activations="off")
-    offloaded, result = pruned(method="sds", sds=sds, offload_activations="on")
+    sds = SDS(data_mode=data_mode, adjust_iters=5)
+    kept, _ = pruned(sds, offload_activations="off")
+    offloaded, result = pruned(sds, offload_activations="on")
     assert result.report["plan"]["offload"] is True
     for name in kept:
         assert torch.equal(kept[name], offloaded[name]), name
@@ -203,7 +205,7 @@ def test_passes_reuse_one_activation_buffer_and_it_holds_the_right_outputs():
     def snapshot(index, stream, _dense, _records):
         after_block0.setdefault(index, stream.hidden.clone())
 
-    processor = PruneProcessor(get_pruner("sparsegpt"), SparsityPattern.parse("0.5"))
+    processor = PruneProcessor(SparseGPT().pruner(), SparsityPattern.parse("0.5"))
     run_blocks(
         model, stream, processor, torch.device("cpu"), progress=False, on_block_done=snapshot
     )
@@ -226,8 +228,7 @@ def test_staged_keeps_dense_copies_in_the_model_dtype_and_converts_once_per_bloc
 
     monkeypatch.setattr(sequential, "swapped_weights", checking)
     model = tiny_model("llama").to(torch.bfloat16)
-    sds = SDSConfig(schedule="staged", data_mode="kd", adjust_iters=5)
-    _, result = pruned(model, method="sds", sds=sds)
+    _, result = pruned(SDS(schedule="staged", data_mode="kd", adjust_iters=5), model)
     linear_bytes = sum(la.weight.numel() * 2 for la in model_linears(model).values())
     assert result.report["sds"]["dense_copies_mib"] == round(linear_bytes / 2**20, 3)
     assert seen and all(seen)
@@ -236,17 +237,13 @@ def test_staged_keeps_dense_copies_in_the_model_dtype_and_converts_once_per_bloc
 def test_staged_under_low_memory_reads_the_dense_weights_back_from_disk(tiny_model_dir, tmp_path):
     corpus = tmp_path / "calib.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog while pruning. " * 40)
-    options = dict(
-        method="sds",
-        sds=SDSConfig(schedule="staged", data_mode="kd", adjust_iters=5),
-        calib=str(corpus),
-        nsamples=4,
-        seqlen=32,
-        device="cpu",
-        progress=False,
+    sds = SDS(schedule="staged", data_mode="kd", adjust_iters=5)
+    calibration = Calibration(corpus=str(corpus), nsamples=4, seqlen=32)
+    memory = prune(
+        str(tiny_model_dir), sds, calibration=calibration, run=cpu_run(out=tmp_path / "memory")
     )
-    memory = prune(str(tiny_model_dir), out=tmp_path / "memory", **options)
-    disk = prune(str(tiny_model_dir), out=tmp_path / "disk", low_memory=True, **options)
+    low = cpu_run(out=tmp_path / "disk", low_memory=True)
+    disk = prune(str(tiny_model_dir), sds, calibration=calibration, run=low)
     assert disk.report["sds"]["dense_copies_mib"] == 0
     assert memory.report["sds"]["dense_copies_mib"] > 0
     from safetensors.torch import load_file
@@ -309,7 +306,7 @@ def test_fused_sds_solves_each_layer_on_one_rank_only(monkeypatch):
             solved.append(f"{ctx.index}.{name}") or original(self, ctx, name, dense)
         ),
     )
-    _, result = pruned(method="sds", sds=SDSConfig(adjust_iters=5, block_epochs=0))
+    _, result = pruned(SDS(adjust_iters=5, block_epochs=0))
     layers = len(model_linears(tiny_model("llama")))
     assert 0 < len(solved) < layers  # this rank's share, not every layer
     assert set(rank.sources) == {0, 1}  # the rest arrives from rank 0
@@ -406,7 +403,7 @@ def test_damped_factor_restores_the_matrix_it_damps_in_place():
 
 @needs_proc_status
 def test_prune_report_has_each_stages_peak_memory():
-    _, result = pruned(method="sds", sds=SDSConfig(block_epochs=1))
+    _, result = pruned(SDS(block_epochs=1))
     stages = result.report["memory"]["stages"]
     for stage in ("capture", "stats_pass", "solve", "refine", "sds_fused"):
         assert stages[stage]["peak_rss_mib"] > 0, stage
@@ -429,7 +426,7 @@ def test_refit_starts_without_the_solvers_state(monkeypatch):
         refit(self, ctx)
 
     monkeypatch.setattr(pipeline._SDSSteps, "refit_block", watched)
-    pruned(method="sds", sparsity="2:4", sds=SDSConfig(data_mode="kd", block_epochs=1))
+    pruned(SDS(data_mode="kd", block_epochs=1), sparsity="2:4")
     assert seen and all(state == (None, {}, False) for state in seen)
 
 
@@ -558,5 +555,5 @@ def test_prune_plans_the_refit_step_at_the_configured_mini_batch(monkeypatch):
         return fit(net, request, compute)
 
     monkeypatch.setattr(prune_module, "fit_plan", spy)
-    pruned(method="sds", sds=SDSConfig(block_epochs=1, block_batch=2, adjust_iters=5))
+    pruned(SDS(block_epochs=1, block_batch=2, adjust_iters=5))
     assert [request.block_batch for request in requests] == [2]

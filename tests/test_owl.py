@@ -6,9 +6,10 @@ import sys
 
 import pytest
 import torch
-from conftest import byte_tokenizer, every_method, tiny_model
+from conftest import byte_tokenizer, cpu_run, every_method, tiny_model
 
 from sdsprune import SdspruneError
+from sdsprune.methods import OWL, Wanda, parse_method
 from sdsprune.models import LoadedModel, decoder_blocks, model_linears
 from sdsprune.owl import OWLConfig, allocate
 from sdsprune.prune import prune
@@ -18,16 +19,14 @@ def windows(count=8, length=24, seed=0):
     return torch.randint(0, 256, (count, length), generator=torch.Generator().manual_seed(seed))
 
 
-def run_owl(model, method="magnitude", sparsity="0.7", owl=None, **kwargs):
+def run_owl(model, method="magnitude", sparsity="0.7", **owl_settings):
+    """``method`` (a method string) under OWL with ``owl_settings`` (default: the paper's)."""
     return prune(
         LoadedModel(model, byte_tokenizer(), "tiny", None),
-        method=method,
+        OWL(inner=parse_method(method), **owl_settings),
         sparsity=sparsity,
         calibration=windows(),
-        device="cpu",
-        progress=False,
-        owl=owl or OWLConfig(),
-        **kwargs,
+        run=cpu_run(),
     )
 
 
@@ -89,10 +88,10 @@ def test_block_with_more_outliers_is_pruned_less(block):
             )
 
 
-@pytest.mark.parametrize(("method", "base"), every_method("sparsegpt", "wanda"))
-def test_owl_keeps_the_total_sparsity_for_every_method(method, base):
+@pytest.mark.parametrize("method", every_method("sparsegpt", "wanda"))
+def test_owl_keeps_the_total_sparsity_for_every_method(method):
     model = with_outliers(0, arch="opt")
-    result = run_owl(model, method=method, **({"base": base} if base else {}))
+    result = run_owl(model, method=method)
     achieved, rounding = total_sparsity(model)
     assert achieved == pytest.approx(0.7, abs=rounding)
     assert result.report["summary"]["sparsity"] == pytest.approx(achieved)
@@ -102,8 +101,8 @@ def test_owl_keeps_the_total_sparsity_for_every_method(method, base):
 
 
 def test_owl_knobs_change_the_allocation():
-    narrow = run_owl(with_outliers(0), owl=OWLConfig(lam=0.02)).report["owl"]["blocks"]
-    wide = run_owl(with_outliers(0), owl=OWLConfig(lam=0.1)).report["owl"]["blocks"]
+    narrow = run_owl(with_outliers(0), lam=0.02).report["owl"]["blocks"]
+    wide = run_owl(with_outliers(0), lam=0.1).report["owl"]["blocks"]
     assert wide[1]["sparsity"] - wide[0]["sparsity"] == pytest.approx(0.2)
     assert narrow[1]["sparsity"] - narrow[0]["sparsity"] == pytest.approx(0.04)
 
@@ -112,7 +111,7 @@ def test_owl_knobs_change_the_allocation():
     ("kwargs", "message"),
     [
         ({"sparsity": "2:4"}, "needs unstructured sparsity"),
-        ({"owl": OWLConfig(lam=0.4), "sparsity": "0.8"}, "smaller lambda"),
+        ({"lam": 0.4, "sparsity": "0.8"}, "smaller lambda"),
     ],
 )
 def test_owl_refuses_what_it_cannot_do(kwargs, message):
@@ -152,12 +151,10 @@ def test_owl_low_memory_run_equals_the_in_memory_one(tiny_model_dir, tmp_path):
     """The statistics pass reads each block from the checkpoint like the pruning pass."""
     from transformers import AutoModelForCausalLM
 
-    common = dict(
-        method="wanda", sparsity="0.7", calibration=windows(), device="cpu", progress=False
-    )
-    owl = OWLConfig(threshold=2.0)
-    prune(str(tiny_model_dir), out=tmp_path / "mem", owl=owl, **common)
-    prune(str(tiny_model_dir), out=tmp_path / "low", owl=owl, low_memory=True, **common)
+    owl = OWL(inner=Wanda(), threshold=2.0)
+    common = dict(sparsity="0.7", calibration=windows())
+    prune(str(tiny_model_dir), owl, run=cpu_run(out=tmp_path / "mem"), **common)
+    prune(str(tiny_model_dir), owl, run=cpu_run(out=tmp_path / "low", low_memory=True), **common)
     reports = [
         json.loads((tmp_path / n / "sdsprune_report.json").read_text()) for n in ("mem", "low")
     ]
@@ -169,12 +166,7 @@ def test_owl_low_memory_run_equals_the_in_memory_one(tiny_model_dir, tmp_path):
     for name, layer in in_memory.items():
         assert torch.equal(layer.weight, low[name].weight), name
     with pytest.raises(SdspruneError, match="cannot resume a --low-memory run"):
-        prune(
-            str(tiny_model_dir),
-            out=tmp_path / "again",
-            owl=owl,
-            low_memory=True,
-            state_dir=tmp_path / "state",
-            resume=True,
-            **common,
+        again = cpu_run(
+            out=tmp_path / "again", low_memory=True, state_dir=tmp_path / "state", resume=True
         )
+        prune(str(tiny_model_dir), owl, run=again, **common)

@@ -19,6 +19,7 @@ from test_faults import CORPUS, base_args
 
 from sdsprune.cli import main
 from sdsprune.errors import SdspruneError
+from sdsprune.options import RunOptions
 from sdsprune.ownership import STATE_MARKER, atomic_output_dir, claim_state_folder
 
 
@@ -286,9 +287,9 @@ def _kept_state(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
     monkeypatch.setattr(runs, "remove_state", lambda folder: None)
     state = tmp_path / "state"
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(method="wanda", calibration=windows, device="cpu", progress=False)
+    kwargs = dict(method="wanda", calibration=windows)
     loaded = LoadedModel(tiny_model("llama"), byte_tokenizer(), "tiny", None)
-    prune(loaded, state_dir=state, **kwargs)
+    prune(loaded, run=RunOptions(device="cpu", progress=False, state_dir=state), **kwargs)
     return state, kwargs
 
 
@@ -306,7 +307,8 @@ def test_a_tampered_resume_stream_cannot_run_code(tmp_path, monkeypatch):
         torch.save({"hidden": _Payload(marker)}, stream)
     loaded = LoadedModel(tiny_model("llama"), byte_tokenizer(), "tiny", None)
     with pytest.raises(SdspruneError, match="unreadable run state"):
-        prune(loaded, state_dir=state, resume=True, **kwargs)
+        resume = RunOptions(device="cpu", progress=False, state_dir=state, resume=True)
+        prune(loaded, run=resume, **kwargs)
     assert not marker.exists()
 
 

@@ -65,15 +65,16 @@ def test_existing_output_is_refused_unless_overwrite(tiny_model_dir, tmp_path):
 
 
 def test_prune_hands_its_options_on_as_one_object():
-    """Every keyword of prune() travels in PruneOptions (model is the positional input;
-    sparsity and device arrive parsed, as pattern and compute)."""
+    """prune() takes the method's config, the sparsity and two option objects (calibration,
+    run), at most six parameters, and hands them on, checked and parsed, as one object."""
     import dataclasses
     import inspect
 
     from sdsprune.prune import PruneOptions, _prune, prune
 
-    keywords = set(inspect.signature(prune).parameters) - {"model"}
-    fields = {field.name for field in dataclasses.fields(PruneOptions)}
-    renamed = {"sparsity": "pattern", "device": "compute"}
-    assert {renamed.get(name, name) for name in keywords} == fields
+    parameters = list(inspect.signature(prune).parameters)
+    # keywords: the deprecated flat keywords of earlier releases (see sdsprune.keywords)
+    assert parameters == ["model", "method", "sparsity", "calibration", "run", "keywords"]
+    fields = [field.name for field in dataclasses.fields(PruneOptions)]
+    assert fields == ["method", "pattern", "calibration", "run", "compute"]
     assert list(inspect.signature(_prune).parameters) == ["model", "options", "dist", "timer"]

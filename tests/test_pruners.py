@@ -6,27 +6,22 @@ from conftest import byte_tokenizer, tiny_model
 from reference_impl import slow_sequential_prune, slow_sparsegpt, slow_wanda
 
 from sdsprune import SdspruneError
+from sdsprune.methods import SparseGPT, Wanda
 from sdsprune.models import LoadedModel, model_linears
+from sdsprune.options import RunOptions
 from sdsprune.prune import prune
-from sdsprune.pruners import InputStats, SparseGPTPruner, SparsityPattern, WandaPruner
+from sdsprune.pruners import InputStats, SparsityPattern
 
 
 def windows(count=8, length=24, seed=0):
     return torch.randint(0, 256, (count, length), generator=torch.Generator().manual_seed(seed))
 
 
-def run(arch, method, sparsity, **kwargs):
+def run(arch, method, sparsity, **run_options):
     model = tiny_model(arch)
     loaded = LoadedModel(model, byte_tokenizer(), arch, None)
-    result = prune(
-        loaded,
-        method=method,
-        sparsity=sparsity,
-        calibration=windows(),
-        device="cpu",
-        progress=False,
-        **kwargs,
-    )
+    options = RunOptions(device="cpu", progress=False, **run_options)
+    result = prune(loaded, method, sparsity=sparsity, calibration=windows(), run=options)
     return model, result
 
 
@@ -60,7 +55,7 @@ def test_sparsegpt_unstructured_is_exact_per_column_block():
     torch.manual_seed(0)
     W, X = torch.randn(12, 40), torch.randn(200, 40)
     stats = InputStats(count=200, gram=X.T @ X / 200)
-    out = SparseGPTPruner(blocksize=16).prune(W, stats, SparsityPattern.parse("0.5"))
+    out = SparseGPT(blocksize=16).pruner().prune(W, stats, SparsityPattern.parse("0.5"))
     for start in range(0, 40, 16):
         block = out.mask[:, start : start + 16]
         assert block.sum() == int(block.numel() * 0.5)
@@ -71,7 +66,9 @@ def test_sparsegpt_layer_matches_slow_obs_implementation(spec):
     torch.manual_seed(1)
     W, X = torch.randn(10, 32), torch.randn(300, 32) @ torch.randn(32, 32)
     pattern = SparsityPattern.parse(spec)
-    fast = SparseGPTPruner(blocksize=8).prune(W, InputStats(count=300, gram=X.T @ X / 300), pattern)
+    fast = (
+        SparseGPT(blocksize=8).pruner().prune(W, InputStats(count=300, gram=X.T @ X / 300), pattern)
+    )
     nm = (pattern.n, pattern.m) if pattern.is_nm else None
     slow_w, slow_mask = slow_sparsegpt(W, X, pattern.fraction, nm, blocksize=8)
     assert torch.equal(fast.mask, slow_mask)
@@ -158,7 +155,7 @@ def test_sparsegpt_nm_with_m_not_dividing_its_128_column_block(nm):
     torch.manual_seed(4)
     W, X = torch.randn(8, 192), torch.randn(400, 192)
     pattern = SparsityPattern.parse(f"{nm[0]}:{nm[1]}")
-    out = SparseGPTPruner().prune(W, InputStats(count=400, gram=X.T @ X / 400), pattern)
+    out = SparseGPT().pruner().prune(W, InputStats(count=400, gram=X.T @ X / 400), pattern)
     per_group = out.mask.view(8, -1, nm[1]).sum(-1)
     assert (per_group == nm[0]).all()
     expected, mask = slow_sparsegpt(W, X, nm=nm, blocksize=126)
@@ -223,8 +220,10 @@ def test_bad_sparsity_is_refused_before_work(spec, message):
 def test_wanda_reference_on_one_layer():
     torch.manual_seed(2)
     W, X = torch.randn(6, 16), torch.randn(50, 16)
-    out = WandaPruner().prune(
-        W, InputStats(count=50, sumsq=X.square().sum(0)), SparsityPattern.parse("2:4")
+    out = (
+        Wanda()
+        .pruner()
+        .prune(W, InputStats(count=50, sumsq=X.square().sum(0)), SparsityPattern.parse("2:4"))
     )
     expected, mask = slow_wanda(W, X, nm=(2, 4))
     assert torch.equal(out.mask, mask) and torch.equal(out.weight, expected)
@@ -245,11 +244,10 @@ def test_model_copy_is_not_needed_for_in_memory_use():
     loaded = LoadedModel(model, byte_tokenizer(), "opt", None)
     prune(
         loaded,
-        method="magnitude",
+        "magnitude",
         sparsity="0.5",
         calibration=windows(),
-        device="cpu",
-        progress=False,
+        run=RunOptions(device="cpu", progress=False),
     )
     changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
     assert changed and all(".layers." in k for k in changed)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdsprune import SdspruneError
+from sdsprune.options import Calibration, RunOptions
 from sdsprune.ownership import STATE_MARKER
 from sdsprune.prune import prune
 
@@ -53,8 +54,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
 ):
     extra = ["--low-memory"] if low_memory else []
     args = common(tiny_model_dir, corpus) + extra
-    prune(str(tiny_model_dir), method="sparsegpt", calib=str(corpus), nsamples=8, seqlen=32,
-          device="cpu", out=tmp_path / "full", progress=False)  # fmt: skip
+    calibration = Calibration(corpus=str(corpus), nsamples=8, seqlen=32)
+    full = RunOptions(device="cpu", out=tmp_path / "full", progress=False)
+    prune(str(tiny_model_dir), "sparsegpt", calibration=calibration, run=full)
     state = tmp_path / "state"
     marker = tmp_path / "fault"
     killed = cli(
@@ -65,8 +67,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
     assert marker.exists() and (state / "manifest.json").exists()
     assert not (tmp_path / "resumed").exists()
     with pytest.raises(SdspruneError, match="--resume"):  # refuses to silently start over
-        prune(str(tiny_model_dir), method="sparsegpt", calib=str(corpus), nsamples=8,
-              seqlen=32, device="cpu", state_dir=state, progress=False)  # fmt: skip
+        again = RunOptions(device="cpu", state_dir=state, progress=False)
+        prune(str(tiny_model_dir), "sparsegpt", calibration=calibration, run=again)
     resumed = cli(*args, "--out", str(tmp_path / "resumed"), "--state-dir", str(state), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     expected, got = weights(tmp_path / "full"), weights(tmp_path / "resumed")
@@ -107,8 +109,8 @@ def test_resume_refuses_state_of_another_run(tiny_model_dir, tmp_path):
 
     def run(method, resume):
         loaded = LoadedModel(tiny_model("llama"), byte_tokenizer(), "tiny", None)
-        return prune(loaded, method=method, calibration=windows, device="cpu", progress=False,
-                     state_dir=state, resume=resume)  # fmt: skip
+        options = RunOptions(device="cpu", progress=False, state_dir=state, resume=resume)
+        return prune(loaded, method, calibration=windows, run=options)
 
     with pytest.raises(SdspruneError, match="nothing to resume"):
         run("wanda", resume=True)
@@ -163,8 +165,8 @@ def test_damaged_state_is_one_clear_error(tmp_path, monkeypatch, damage, message
 
     def run(resume: bool):
         loaded = LoadedModel(tiny_model("llama"), byte_tokenizer(), "tiny", None)
-        return prune(loaded, method="wanda", calibration=windows, device="cpu", progress=False,
-                     state_dir=state, resume=resume)  # fmt: skip
+        options = RunOptions(device="cpu", progress=False, state_dir=state, resume=resume)
+        return prune(loaded, "wanda", calibration=windows, run=options)
 
     run(resume=False)
     damage(state)

@@ -1,9 +1,10 @@
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, cpu_run, tiny_model
 
 from sdsprune import SdspruneError
 from sdsprune.linalg import largest_eigenvalue, output_energy
+from sdsprune.methods import SDS, parse_method, parse_settings
 from sdsprune.models import LoadedModel, model_linears
 from sdsprune.prune import prune
 from sdsprune.pruners import SparsityPattern
@@ -137,16 +138,13 @@ def run_sds(arch="llama", sparsity="2:4", dtype="float32", windows=8, **config):
     model = tiny_model(arch).to(getattr(torch, dtype))
     loaded = LoadedModel(model, byte_tokenizer(), arch, None)
     calib = torch.randint(0, 256, (windows, 24), generator=torch.Generator().manual_seed(0))
+    base = parse_method(config.pop("base", "sparsegpt"))
     result = prune(
         loaded,
-        method="sds",
-        base=config.pop("base", "sparsegpt"),
+        SDS(base=base, **config),
         sparsity=sparsity,
         calibration=calib,
-        device="cpu",
-        dtype=dtype,
-        progress=False,
-        sds=SDSConfig(**config),
+        run=cpu_run(dtype=dtype),
     )
     return model, result
 
@@ -284,13 +282,7 @@ def test_sds_weight_figure(tmp_path):
     loaded = LoadedModel(model, byte_tokenizer(), "llama", None)
     calib = torch.randint(0, 256, (4, 16))
     result = prune(
-        loaded,
-        method="sds",
-        sparsity="2:4",
-        calibration=calib,
-        device="cpu",
-        progress=False,
-        out=tmp_path / "out",
+        loaded, SDS(), sparsity="2:4", calibration=calib, run=cpu_run(out=tmp_path / "out")
     )
     assert (tmp_path / "out" / "weight_distribution.png").stat().st_size > 10_000
     assert result.report["figures"] == ["weight_distribution.png"]
@@ -320,9 +312,11 @@ def test_power_iteration_bounds_the_largest_eigenvalue():
     assert exact <= estimate <= 1.05 * exact
 
 
-def test_config_from_text_parses_each_field_type():
-    config = SDSConfig.from_text(
-        "schedule=staged, mu=0.5,residual-start=false,rounds=2,figure_layer=none"
+def test_settings_text_parses_each_field_type():
+    config = SDS(
+        **parse_settings(
+            SDS, "schedule=staged, mu=0.5,residual-start=false,rounds=2,figure_layer=none"
+        )
     )
     assert (config.schedule, config.mu, config.residual_start, config.rounds) == (
         "staged",
@@ -331,22 +325,22 @@ def test_config_from_text_parses_each_field_type():
         2,
     )
     assert config.figure_layer is None
-    assert SDSConfig.from_text("") == SDSConfig()
+    assert SDS(**parse_settings(SDS, "")) == SDS()
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("mu", "bad SDS setting 'mu'"),
-        ("temperature=1", "bad SDS setting"),
+        ("mu", "bad option 'mu' for sds"),
+        ("temperature=1", "bad option 'temperature=1' for sds"),
         ("mu=high", "mu=high: expected a float"),
         ("residual_start=maybe", "expected a bool"),
         ("schedule=weekly", "unknown schedule"),
     ],
 )
-def test_config_from_text_rejects_bad_settings(text, message):
+def test_settings_text_rejects_bad_settings(text, message):
     with pytest.raises(SdspruneError, match=message):
-        SDSConfig.from_text(text)
+        SDS(**parse_settings(SDS, text))
 
 
 @pytest.mark.parametrize("arch, windows", [("llama", 0), ("opt", 5), ("gemma3_text", 0)])

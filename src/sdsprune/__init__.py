@@ -15,7 +15,20 @@ from sdsprune.evaluate import PerplexityResult, perplexity
 from sdsprune.evaluate.zeroshot import evaluate_tasks
 from sdsprune.export import export_checkpoint
 from sdsprune.inference import load
+from sdsprune.methods import (
+    ADMM,
+    OWL,
+    SDS,
+    DSnoT,
+    Magnitude,
+    PrunerZero,
+    SparseGPT,
+    Wanda,
+    format_method,
+    parse_method,
+)
 from sdsprune.models import LoadedModel, decoder_blocks, load_model
+from sdsprune.options import Calibration, RunOptions
 from sdsprune.owl import OWLConfig
 from sdsprune.prune import PruneResult, prune
 from sdsprune.pruners import SparsityPattern
@@ -24,22 +37,34 @@ from sdsprune.sds import SDSConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADMM",
+    "OWL",
+    "SDS",
+    "Calibration",
     "Corpus",
+    "DSnoT",
     "LoadedModel",
+    "Magnitude",
     "OWLConfig",
     "PerplexityResult",
     "PruneResult",
+    "PrunerZero",
+    "RunOptions",
     "SDSConfig",
     "SdspruneError",
+    "SparseGPT",
     "SparsityPattern",
+    "Wanda",
     "compare",
     "decoder_blocks",
     "evaluate_model",
     "evaluate_tasks",
     "export_checkpoint",
+    "format_method",
     "load",
     "load_corpus",
     "load_model",
+    "parse_method",
     "perplexity",
     "prune",
     "sample_calibration",

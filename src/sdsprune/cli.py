@@ -13,15 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sdsprune.cli_flags import flag_presets, method_from_flags, with_method_flags
 from sdsprune.data import DEFAULT_CALIB, DEFAULT_CALIB_SEED, DEFAULT_CALIB_SEQLEN, DEFAULT_NSAMPLES
 from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.bigbench import DEFAULT_PROMPT_STYLE
 from sdsprune.evaluate.zeroshot import DEFAULT_SEED as DEFAULT_TASK_SEED
-from sdsprune.owl import OWLConfig
-from sdsprune.sds.config import FUSED_BLOCK_EPOCHS, SDSConfig
-
-SDS_DEFAULTS = SDSConfig()
-OWL_DEFAULTS = OWLConfig()
+from sdsprune.methods import OWL, SDS, SparseGPT, format_method, method_choices, parse_settings
 
 app = typer.Typer(
     name="sdsprune",
@@ -70,12 +67,6 @@ PromptStyleOpt = Annotated[
     ),
 ]
 MaxChunksOpt = Annotated[int | None, typer.Option(help="Evaluate only the first K chunks.")]
-OwlThresholdOpt = Annotated[
-    float, typer.Option(help="OWL's M: a score above M x its block's mean is an outlier.")
-]
-OwlLambdaOpt = Annotated[
-    float, typer.Option(help="OWL's lambda: spread of block sparsities around the target.")
-]
 
 
 def _console() -> Console:
@@ -209,21 +200,19 @@ def _percent(value: float | None, stderr: float | None = None) -> str:
 
 
 @app.command("prune")
+@with_method_flags()
 def prune_command(
     model: ModelArg = "smollm2-135m",
     method: Annotated[
         str,
         typer.Option(
-            help="magnitude, wanda, sparsegpt, admm, dsnot, pruner-zero, or sds (with --base); "
-            "options in brackets, e.g. 'dsnot[initial=sparsegpt]'."
+            help=f"{method_choices()}; options in brackets, e.g. 'dsnot\\[initial=sparsegpt]', "
+            "'sds\\[schedule=staged]:wanda' (the flags below set the same options)."
         ),
-    ] = "sparsegpt",
+    ] = format_method(SparseGPT()),
     sparsity: Annotated[
         str, typer.Option(help="Fraction of zeros (0.5) or N:M, N zeros of every M inputs (2:4).")
     ] = "0.5",
-    base: Annotated[
-        str, typer.Option(help="Base pruner of SDS: any --method except sds.")
-    ] = "sparsegpt",
     calib: CalibOpt = DEFAULT_CALIB,
     nsamples: NsamplesOpt = DEFAULT_NSAMPLES,
     seqlen: CalibSeqlenOpt = DEFAULT_CALIB_SEQLEN,
@@ -237,58 +226,6 @@ def prune_command(
     ] = None,
     eval_seqlen: EvalSeqlenOpt = None,
     max_chunks: MaxChunksOpt = None,
-    schedule: Annotated[
-        str, typer.Option(help="SDS: fused (one pass) or staged (paper order).")
-    ] = "fused",
-    data_mode: Annotated[str, typer.Option(help="SDS re-dense data: sd, dd or kd.")] = "sd",
-    solver: Annotated[
-        str, typer.Option(help="SDS re-dense solver: closed, fista or gd (paper).")
-    ] = "closed",
-    redense_iters: Annotated[int, typer.Option(help="SDS re-dense iterations (fista, gd).")] = 200,
-    lr: Annotated[
-        float, typer.Option(help="SDS learning rate of the gd recipes, x 1/λmax(G).")
-    ] = 0.1,
-    lambda1: Annotated[float, typer.Option(help="SDS L1 weight (scaled, see README).")] = 0.0,
-    lambda2: Annotated[float, typer.Option(help="SDS L2 weight (scaled, see README).")] = 0.0,
-    mu: Annotated[
-        float, typer.Option(help="SDS proximity to the pruned start (scaled; closed, fista).")
-    ] = 1.0,
-    residual_start: Annotated[
-        bool, typer.Option(help="SDS: start re-dense from the pruned weights (off: from dense).")
-    ] = True,
-    adjust: Annotated[
-        str, typer.Option(help="SDS weight adjustment: auto (skip > 3B), always, never.")
-    ] = "auto",
-    adjust_solver: Annotated[
-        str, typer.Option(help="SDS adjustment: accelerated or gd (paper).")
-    ] = "accelerated",
-    adjust_iters: Annotated[int, typer.Option(help="SDS adjustment iterations.")] = 50,
-    adjust_data: Annotated[
-        str, typer.Option(help="SDS adjustment targets: sd (pruned inputs) or kd (dense inputs).")
-    ] = SDS_DEFAULTS.adjust_data,
-    group_sweeps: Annotated[
-        int, typer.Option(help="SDS, N:M only: sweeps of the exact per-group pattern search.")
-    ] = SDS_DEFAULTS.group_sweeps,
-    rounds: Annotated[int, typer.Option(help="SDS re-dense/prune rounds.")] = 1,
-    block_epochs: Annotated[
-        int | None,
-        typer.Option(
-            help="SDS block re-fit epochs over the calibration windows (0: off; default "
-            f"{FUSED_BLOCK_EPOCHS} with the fused schedule, 0 with the staged one)."
-        ),
-    ] = None,
-    block_lr: Annotated[
-        float, typer.Option(help="SDS block re-fit Adam step, x each layer's weight RMS.")
-    ] = SDS_DEFAULTS.block_lr,
-    block_batch: Annotated[
-        int, typer.Option(help="SDS block re-fit windows per optimiser step.")
-    ] = SDS_DEFAULTS.block_batch,
-    block_windows: Annotated[
-        int, typer.Option(help="SDS block re-fit on this many calibration windows (0: all).")
-    ] = SDS_DEFAULTS.block_windows,
-    figure_layer: Annotated[
-        str | None, typer.Option(help="SDS: layer for the weight figure, e.g. 15.mlp.up_proj.")
-    ] = None,
     low_memory: Annotated[
         bool,
         typer.Option(
@@ -310,15 +247,6 @@ def prune_command(
             "magnitude: about 20% of their prune time; free for SparseGPT and SDS)."
         ),
     ] = True,
-    owl: Annotated[
-        bool,
-        typer.Option(
-            help="OWL: a sparsity per block from its outlier ratio, the total unchanged "
-            "(unstructured sparsity only)."
-        ),
-    ] = False,
-    owl_threshold: OwlThresholdOpt = OWL_DEFAULTS.threshold,
-    owl_lambda: OwlLambdaOpt = OWL_DEFAULTS.lam,
     offload_activations: Annotated[
         str,
         typer.Option(
@@ -329,6 +257,7 @@ def prune_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
+    **method_settings,
 ) -> None:
     """Prune a model in one shot (magnitude, Wanda, SparseGPT, ADMM, DSnoT, Pruner-Zero) or
     with SDS.
@@ -336,53 +265,29 @@ def prune_command(
     Under torchrun (torchrun --nproc-per-node K -m sdsprune prune ...) the calibration
     windows are split across the K processes; rank 0 saves and prints.
     """
+    from sdsprune.options import Calibration, RunOptions
     from sdsprune.prune import prune
 
-    sds = SDSConfig(
-        schedule=schedule,
-        data_mode=data_mode,
-        solver=solver,
-        redense_iters=redense_iters,
-        lr=lr,
-        lambda1=lambda1,
-        lambda2=lambda2,
-        mu=mu,
-        residual_start=residual_start,
-        adjust=adjust,
-        adjust_solver=adjust_solver,
-        adjust_iters=adjust_iters,
-        adjust_data=adjust_data,
-        group_sweeps=group_sweeps,
-        rounds=rounds,
-        block_epochs=block_epochs,
-        block_lr=block_lr,
-        block_batch=block_batch,
-        block_windows=block_windows,
-        figure_layer=figure_layer,
-    )
-    result = prune(
-        model,
-        method=method,
-        sparsity=sparsity,
-        base=base,
-        calib=calib,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
+    run = RunOptions(
         device=device,
         dtype=dtype,
         out=out,
         overwrite=overwrite,
-        evaluate=_split_list(eval_dataset) if eval_dataset else (),
+        evaluate=tuple(_split_list(eval_dataset)) if eval_dataset else (),
         eval_seqlen=eval_seqlen,
         max_chunks=max_chunks,
-        sds=sds if method == "sds" else None,
         low_memory=low_memory,
         state_dir=state_dir,
         resume=resume,
         measure_errors=error_report,
-        owl=OWLConfig(threshold=owl_threshold, lam=owl_lambda) if owl else None,
         offload_activations=offload_activations,
+    )
+    result = prune(
+        model,
+        method_from_flags(method, method_settings),
+        sparsity=sparsity,
+        calibration=Calibration(corpus=calib, nsamples=nsamples, seqlen=seqlen, seed=seed),
+        run=run,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun only rank 0 reports
@@ -421,14 +326,15 @@ def _print_prune_summary(report: dict, out) -> None:
 
 
 @app.command("compare")
+@with_method_flags((OWL,), switch=False)
 def compare_command(
     model: ModelArg = "smollm2-135m",
     methods: Annotated[
         str,
         typer.Option(
-            help="Comma-separated: dense, magnitude, wanda, sparsegpt, admm, dsnot, pruner-zero, "
-            "sds:<base> (sds = sds:sparsegpt); a +owl suffix adds OWL rows (e.g. "
-            "sparsegpt+owl, sds:sparsegpt+owl; unstructured sparsities only)."
+            help=f"Comma-separated: dense, {method_choices()} (sds = sds:sparsegpt); a +owl "
+            "suffix adds OWL rows (e.g. sparsegpt+owl, sds:sparsegpt+owl; unstructured "
+            "sparsities only); options in brackets separated by ';' as in prune's --method."
         ),
     ] = "dense,wanda,sparsegpt,sds:wanda,sds:sparsegpt",
     sparsity: Annotated[
@@ -463,8 +369,6 @@ def compare_command(
             "fair to long answers) or acc. Both are stored; changing it recomputes nothing."
         ),
     ] = "acc_norm",
-    owl_threshold: OwlThresholdOpt = OWL_DEFAULTS.threshold,
-    owl_lambda: OwlLambdaOpt = OWL_DEFAULTS.lam,
     out: Annotated[
         str | None,
         typer.Option(
@@ -481,6 +385,7 @@ def compare_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
+    **method_settings,
 ) -> None:
     """Compare dense and pruning methods at several sparsities (resumable; table and plots).
 
@@ -490,7 +395,7 @@ def compare_command(
     from sdsprune.compare import compare, default_out
 
     folder = out or str(default_out(model))
-    sds_config = SDSConfig.from_text(sds) if sds else None
+    owl_settings = flag_presets(method_settings, (OWL,)).get(OWL.name, {})
     results = compare(
         model,
         methods=_split_list(methods),
@@ -507,8 +412,8 @@ def compare_command(
         task_seed=task_seed,
         prompt_style=prompt_style,
         metric=metric,
-        sds=sds_config,
-        owl=OWLConfig(threshold=owl_threshold, lam=owl_lambda),
+        sds=SDS(**parse_settings(SDS, sds)) if sds else None,
+        owl=OWL(**owl_settings),
         keep_models=keep_models,
         out=folder,
         device=device,

@@ -18,7 +18,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,9 +31,20 @@ from sdsprune.data import DEFAULT_CALIB, DEFAULT_CALIB_SEED, DEFAULT_CALIB_SEQLE
 from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.bigbench import DEFAULT_PROMPT_STYLE
 from sdsprune.evaluate.zeroshot import DEFAULT_SEED as DEFAULT_TASK_SEED
+from sdsprune.methods import (
+    OWL,
+    SDS,
+    Method,
+    Presets,
+    changed_settings,
+    format_method,
+    parse_method,
+    report_settings,
+)
 from sdsprune.models import LoadedModel, load_model
 from sdsprune.ownership import claim_work_folder
 from sdsprune.runinfo import library_versions
+from sdsprune.settings import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +62,17 @@ METRICS = {
 }
 # Settings that change only how results are shown, and settings a dense run does not use.
 DISPLAY_ONLY = ("metric",)
-OWL_SUFFIX = "+owl"  # a method spec ending in it prunes with OWL's per-block sparsities
+DENSE = "dense"
 CALIBRATION_ONLY = ("calib", "nsamples", "seqlen", "seed")
 
 
 @dataclass(frozen=True)
 class Run:
-    """One row of the comparison: a method (``sds`` with its base) at one sparsity."""
+    """One row of the comparison: a method at one sparsity, or the dense model."""
 
-    method: str  # dense, a pruner spec (wanda, dsnot[initial=sparsegpt], ...) or sds
-    base: str | None = None  # the SDS base pruner
+    method: Method | None = None  # None: the dense model
     sparsity: str | None = None  # canonical "0.5" / "2:4"; None for dense
-    owl: bool = False  # OWL's per-block sparsities (unstructured only)
-
-    @property
-    def label(self) -> str:
-        name = f"sds:{self.base}" if self.method == "sds" else self.method
-        return name + (OWL_SUFFIX if self.owl else "")
+    label: str = DENSE  # the method string, short of the settings every run shares
 
     @property
     def key(self) -> str:
@@ -75,47 +80,55 @@ class Run:
         name = slug(self.label)
         return name if self.sparsity is None else f"{name}_{self.sparsity.replace(':', '-')}"
 
+    @property
+    def uses(self) -> set[str]:
+        """The shared method settings (``sds``, ``owl``) the run's result depends on."""
+        if self.method is None:
+            return set()
+        return set(report_settings(self.method)) & {SDS.name, OWL.name}
 
-def parse_runs(methods: Sequence[str], sparsities: Sequence[str | float]) -> list[Run]:
+    def record(self) -> dict:
+        """The run as results store it: method (a pruner's string, ``sds`` or ``dense``),
+        SDS's base, the sparsity and whether OWL set the block sparsities."""
+        if self.method is None:
+            return {"method": DENSE, "base": None, "sparsity": None, "owl": False}
+        stored = report_settings(self.method)
+        owl = isinstance(self.method, OWL)
+        return {
+            "method": stored["method"],
+            "base": stored["base"],
+            "sparsity": self.sparsity,
+            "owl": owl,
+        }
+
+
+def parse_runs(
+    methods: Sequence[str], sparsities: Sequence[str | float], presets: Presets | None = None
+) -> list[Run]:
     """``dense`` once, then every pruning method at every sparsity (sparsity-major order).
 
-    A spec ending in ``+owl`` (``sparsegpt+owl``, ``sds:wanda+owl``) prunes with OWL's
-    per-block sparsities; OWL is unstructured-only, so those runs skip N:M sparsities.
+    Method strings are :mod:`sdsprune.methods`' (``wanda``, ``sds:wanda``, ``sparsegpt+owl``)
+    with ``presets`` (the settings every SDS or OWL run shares) filled in. OWL is
+    unstructured-only, so its runs skip N:M sparsities.
     """
-    from sdsprune.pruners import BASE_PRUNERS, SparsityPattern, parse_pruner_spec
+    from sdsprune.pruners import SparsityPattern
 
     if not methods:
         raise SdspruneError("no methods given (e.g. --methods dense,wanda,sparsegpt)")
-    pruned = []
-    for spec in methods:
-        text = spec.strip()
-        owl = text.endswith(OWL_SUFFIX)
-        method, _, base = text.removesuffix(OWL_SUFFIX).partition(":")
-        if method == "dense" and not owl:
-            continue
-        if method == "sds":
-            base = base or "sparsegpt"
-            if base.partition("[")[0] not in BASE_PRUNERS:
-                raise SdspruneError(
-                    f"unknown SDS base '{base}' in '{spec}' (use sds:{', sds:'.join(BASE_PRUNERS)})"
-                )
-            parse_pruner_spec(base)
-        elif method.partition("[")[0] not in BASE_PRUNERS or base:
-            known = ", ".join(["dense", *BASE_PRUNERS, "sds:<base>", f"<method>{OWL_SUFFIX}"])
-            raise SdspruneError(f"unknown method '{spec}' (choose from {known})")
-        else:
-            parse_pruner_spec(method)
-        pruned.append((method, base or None, owl))
+    presets = presets or {}
+    texts = [text.strip() for text in methods]
+    pruned = [parse_method(text, presets) for text in texts if text != DENSE]
     patterns = [SparsityPattern.parse(s) for s in sparsities] if pruned else []
     if pruned and not patterns:
         raise SdspruneError("no sparsity given (e.g. --sparsity 2:4,0.5)")
-    runs = [Run("dense")] if any(m.strip() == "dense" for m in methods) else []
+    runs = [Run()] if DENSE in texts else []
     for pattern in dict.fromkeys(patterns):
-        for method, base, owl in dict.fromkeys(pruned):
-            if owl and pattern.is_nm:
-                log.info("skipping %s at %s: OWL needs unstructured sparsity", method, pattern)
+        for method in dict.fromkeys(pruned):
+            label = format_method(method, presets)
+            if isinstance(method, OWL) and pattern.is_nm:
+                log.info("skipping %s at %s: OWL needs unstructured sparsity", label, pattern)
                 continue
-            runs.append(Run(method, base, str(pattern), owl))
+            runs.append(Run(method, str(pattern), label))
     return runs
 
 
@@ -139,15 +152,15 @@ def compare(
     out: str | Path = "runs/compare",
     device: str = "auto",
     dtype: str = "auto",
-    sds=None,
-    owl=None,
+    sds: SDS | None = None,
+    owl: OWL | None = None,
     keep_models: bool = False,
     progress: bool = True,
 ) -> dict:
     """Run (or resume) a comparison in ``out`` and return the aggregated results.
 
-    ``sds`` is an :class:`sdsprune.sds.SDSConfig` applied to every ``sds:<base>`` run,
-    ``owl`` an :class:`sdsprune.owl.OWLConfig` (default: the paper's) for every ``+owl`` run.
+    ``sds`` holds the settings every ``sds:<base>`` run starts from, ``owl`` those of every
+    ``+owl`` run (default: the paper's); a method string's own options win over them.
     ``metric`` (``acc`` or ``acc_norm``) is the accuracy the table and plots show; both are
     stored, so changing it re-uses every finished run. ``keep_models`` keeps each pruned model
     in ``out/pruned/`` (compact sparse checkpoint), so that evaluating it later on other tasks,
@@ -157,7 +170,8 @@ def compare(
     from sdsprune.data import load_corpus
     from sdsprune.evaluate.zeroshot import check_task_data, check_task_names, expand_suites
 
-    runs = parse_runs(methods, sparsities)
+    shared = {SDS.name: sds or SDS(), OWL.name: owl or OWL()}
+    runs = parse_runs(methods, sparsities, {k: changed_settings(v) for k, v in shared.items()})
     for name in datasets:  # fail on a bad corpus or task name before any pruning
         load_corpus(name, "eval")
     tasks = expand_suites(tasks)
@@ -181,8 +195,9 @@ def compare(
         "prompt_style": prompt_style if tasks else None,
         "metric": metric,
         "dtype": _load_dtype(dtype, device),  # resolved: "auto" and its meaning match
-        "sds": _sds_settings(sds),
-        "owl": _owl_settings(owl),
+        # every knob, the defaults spelled out too: a run computed under another release's
+        # defaults is then recomputed instead of silently reused
+        **{name: settings_of(config) for name, config in shared.items()},
     }
     folder = claim_work_folder(
         out,
@@ -204,8 +219,6 @@ def compare(
         windows=functools.cache(lambda: _calibration(model, calib, nsamples, seqlen, seed)),
         device=device,
         dtype=dtype,
-        sds=sds,
-        owl=owl,
         progress=progress,
         keep_models=keep_models,
     )
@@ -231,21 +244,6 @@ def _without_items(record: dict) -> dict:
     return {**{k: v for k, v in record.items() if k != "chunk_nll"}, "tasks": tasks}
 
 
-def _sds_settings(sds) -> dict:
-    """Every knob, the defaults spelled out too: a run computed under another release's
-    defaults is then recomputed instead of silently reused."""
-    from sdsprune.sds import SDSConfig
-
-    return asdict(sds or SDSConfig())
-
-
-def _owl_settings(owl) -> dict:
-    """Every knob, like :func:`_sds_settings`."""
-    from sdsprune.owl import OWLConfig
-
-    return asdict(owl or OWLConfig())
-
-
 # ----------------------------------------------------------------------------- resume
 def _local_folder(model: str) -> Path | None:
     """The model as a local path, when it is one (its folder must not hold the results)."""
@@ -263,7 +261,7 @@ def _finished(folder: Path, run: Run, settings: dict) -> dict | None:
     stored = _read_json(path)
     if stored is None:
         return None
-    previous, wanted = stored.get("settings"), _run_settings(run, settings)
+    previous, wanted = stored.get("settings"), _settings_for(run, settings)
     same = isinstance(previous, dict) and _run_settings(run, _upgraded(previous)) in (
         wanted,
         earlier_form(wanted),  # SDS/OWL defaults stored as None by earlier releases
@@ -286,11 +284,18 @@ def _upgraded(stored: dict) -> dict:
 
 
 def _run_settings(run: Run, settings: dict) -> dict:
-    """What a run's result depends on: dense ignores calibration, only SDS runs use ``sds``."""
-    ignored = DISPLAY_ONLY + (CALIBRATION_ONLY if run.method == "dense" else ())
-    ignored += ("sds",) if run.method != "sds" else ()
-    ignored += ("owl",) if not run.owl else ()
+    """What a run's result depends on: dense ignores calibration, only SDS runs use ``sds``
+    and only OWL runs ``owl``."""
+    ignored = DISPLAY_ONLY + (CALIBRATION_ONLY if run.method is None else ())
+    ignored += tuple({SDS.name, OWL.name} - run.uses)
     return {k: v for k, v in settings.items() if k not in ignored}
+
+
+def _settings_for(run: Run, settings: dict) -> dict:
+    """The settings a run is computed with: the comparison's, with the run's own SDS and
+    OWL settings (its method string may change some of the shared ones)."""
+    own = report_settings(run.method) if run.method is not None else {}
+    return _run_settings(run, {**settings, **{name: own[name] for name in run.uses}})
 
 
 # ----------------------------------------------------------------------------- running
@@ -328,8 +333,6 @@ class _Context:
     windows: Callable[[], torch.Tensor]  # the calibration windows, sampled on first use
     device: str
     dtype: str
-    sds: object
-    owl: object  # an sdsprune.owl.OWLConfig for the "+owl" runs (None: the paper's)
     progress: bool
     keep_models: bool
 
@@ -340,7 +343,7 @@ def _execute(run: Run, context: _Context) -> dict:
     from sdsprune.compare_store import RunStore, evaluation_keys
     from sdsprune.utils import resolve_device
 
-    run_settings = _run_settings(run, context.settings)
+    run_settings = _settings_for(run, context.settings)
     store = RunStore(context.folder, run.key, run_settings)
     missing = [key for key in evaluation_keys(run_settings) if store.evaluation(key) is None]
     pruned = store.prune_record()
@@ -359,7 +362,7 @@ def _model(run: Run, store, context: _Context) -> tuple[LoadedModel, dict]:
     """The run's model and its prune record: dense, a kept pruned model, or pruned now (and
     kept when asked)."""
     settings = context.settings
-    if run.method == "dense":
+    if run.method is None:
         loaded = load_model(
             settings["model"], device="cpu", dtype=_load_dtype(context.dtype, context.device)
         )
@@ -368,22 +371,16 @@ def _model(run: Run, store, context: _Context) -> tuple[LoadedModel, dict]:
     kept = store.kept_model(context.device)
     if kept is not None:
         return kept, store.prune_record()
-    from sdsprune.owl import OWLConfig
+    from sdsprune.options import Calibration, RunOptions
     from sdsprune.prune import prune
 
     start = time.perf_counter()
     result = prune(
         settings["model"],
-        method=run.method,
+        run.method,
         sparsity=run.sparsity,
-        base=run.base or "sparsegpt",
-        calibration=context.windows(),
-        seed=settings["seed"],
-        device=context.device,
-        dtype=context.dtype,
-        sds=context.sds,
-        owl=(context.owl or OWLConfig()) if run.owl else None,
-        progress=context.progress,
+        calibration=Calibration(windows=context.windows(), seed=settings["seed"]),
+        run=RunOptions(device=context.device, dtype=context.dtype, progress=context.progress),
     )
     seconds = time.perf_counter() - start
     report = result.report
@@ -421,7 +418,7 @@ def _assemble(run: Run, store, pruned: dict) -> dict:
                 tasks.append(row)
                 evaluation_seconds += 0 if row["subtasks"] else row["seconds"]
     return {
-        "run": {"method": run.method, "base": run.base, "sparsity": run.sparsity, "owl": run.owl},
+        "run": run.record(),
         "label": run.label,
         "key": run.key,
         "settings": store.settings,

@@ -32,6 +32,7 @@ from sdsprune.engine import (
 from sdsprune.errors import SdspruneError
 from sdsprune.pruners import SparsityPattern
 from sdsprune.runinfo import Timer
+from sdsprune.settings import setting
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,12 @@ class OWLConfig:
     an outlier above M x the block's mean score) and ``lam`` λ (the spread of block
     sparsities around the target)."""
 
-    threshold: float = 5.0
-    lam: float = 0.08
+    threshold: float = setting(
+        5.0, "OWL's M: a score above M x its block's mean is an outlier.", flag="threshold"
+    )
+    lam: float = setting(
+        0.08, "OWL's lambda: spread of block sparsities around the target.", flag="lambda"
+    )
 
     def __post_init__(self) -> None:
         if self.threshold <= 0 or not 0 <= self.lam < 1:

@@ -7,21 +7,14 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sdsprune.api import check_counts
-from sdsprune.data import (
-    DEFAULT_CALIB,
-    DEFAULT_CALIB_SEED,
-    DEFAULT_CALIB_SEQLEN,
-    DEFAULT_NSAMPLES,
-    load_corpus,
-    sample_calibration,
-)
+from sdsprune.data import load_corpus, sample_calibration
 from sdsprune.data.corpora import tokenize
 from sdsprune.engine import (
     BlockContext,
@@ -37,17 +30,18 @@ from sdsprune.engine.lowmem import LowMemoryStore
 from sdsprune.engine.memory_plan import MemoryPlan, PlanRequest, check_plan, fit_plan
 from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.perplexity import check_seqlen, eval_chunks, evaluate_corpora, with_bos
+from sdsprune.keywords import apply_keywords
 from sdsprune.linalg import relative_error
+from sdsprune.methods import OWL, SDS, BaseMethod, Method, SparseGPT, as_method, report_settings
 from sdsprune.models import LoadedModel, decoder_blocks, load_model, model_linears
+from sdsprune.options import OFFLOAD_CHOICES, Calibration, RunOptions
 from sdsprune.ownership import atomic_output_dir, check_output_folder, check_state_folder
-from sdsprune.pruners import BASE_PRUNERS, Pruner, SparsityPattern, get_pruner, parse_pruner_spec
+from sdsprune.pruners import Pruner, SparsityPattern
 from sdsprune.runinfo import Timer, library_versions, peak_memory
 from sdsprune.utils import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-METHODS = (*BASE_PRUNERS, "sds")
-OFFLOAD_CHOICES = ("auto", "on", "off")
 REPORT_NAME = "sdsprune_report.json"
 
 
@@ -85,132 +79,94 @@ class PruneResult:
 
 @dataclass(frozen=True)
 class PruneOptions:
-    """Every setting of one :func:`prune` call, checked once and passed on as one object
-    (instead of two dozen positional arguments that a reordering would silently swap)."""
+    """Every setting of one :func:`prune` call, checked once and passed on as one object:
+    the method's config, the parsed sparsity, the calibration, the run's options and the
+    device they resolve to."""
 
-    method: str
+    method: Method
     pattern: SparsityPattern
-    base: str
-    calib: str
-    nsamples: int
-    seqlen: int
-    seed: int
+    calibration: Calibration
+    run: RunOptions
     compute: torch.device
-    dtype: str
-    calibration: torch.Tensor | None
-    out: Path | None
-    overwrite: bool
-    evaluate: tuple[str, ...]
-    eval_seqlen: int | None
-    max_chunks: int | None
-    sds: object | None
-    progress: bool
-    low_memory: bool
-    state_dir: Path | None
-    resume: bool
-    measure_errors: bool
-    offload_activations: str
-    owl: object | None = None  # an sdsprune.owl.OWLConfig
+
+    @property
+    def owl(self) -> OWL | None:
+        return self.method if isinstance(self.method, OWL) else None
+
+    @property
+    def pruning(self) -> BaseMethod | SDS:
+        """The method that prunes (the one OWL gives its per-block sparsities to)."""
+        return self.method.inner if isinstance(self.method, OWL) else self.method
+
+    @property
+    def sds(self) -> SDS | None:
+        return self.pruning if isinstance(self.pruning, SDS) else None
 
     @property
     def staged(self) -> bool:
-        return self.method == "sds" and getattr(self.sds, "schedule", "fused") == "staged"
+        return self.sds is not None and self.sds.schedule == "staged"
+
+    @property
+    def progress(self) -> bool:
+        return self.run.progress
 
 
 def prune(
     model: str | LoadedModel,
+    method: Method | str = SparseGPT(),
     *,
-    method: str = "sparsegpt",
     sparsity: str | float | SparsityPattern = "0.5",
-    base: str = "sparsegpt",
-    calib: str = DEFAULT_CALIB,
-    nsamples: int = DEFAULT_NSAMPLES,
-    seqlen: int = DEFAULT_CALIB_SEQLEN,
-    seed: int = DEFAULT_CALIB_SEED,
-    device: str = "auto",
-    dtype: str = "auto",
-    calibration: torch.Tensor | None = None,
-    out: str | Path | None = None,
-    overwrite: bool = False,
-    evaluate: list[str] | tuple[str, ...] = (),
-    eval_seqlen: int | None = None,
-    max_chunks: int | None = None,
-    sds=None,
-    progress: bool = True,
-    low_memory: bool = False,
-    state_dir: str | Path | None = None,
-    resume: bool = False,
-    measure_errors: bool = True,
-    owl=None,
-    offload_activations: str = "auto",
+    calibration: Calibration | torch.Tensor | None = None,
+    run: RunOptions | None = None,
+    **keywords,
 ) -> PruneResult:
     """Prune ``model`` with ``method`` at ``sparsity`` and optionally save and evaluate it.
 
-    ``calibration`` (windows x seqlen token ids) overrides sampling from ``calib``, so that
-    several methods can be compared on exactly the same windows. ``sds`` is an
-    :class:`sdsprune.sds.SDSConfig` for ``method="sds"`` (``base`` then names its pruner).
-
-    ``low_memory`` keeps only one block's weights in memory (needs ``out``); ``state_dir``
-    saves the state after every block and ``resume`` continues from it. Under ``torchrun``
-    the calibration windows are split across the processes (see sdsprune.engine).
-    ``measure_errors=False`` leaves Wanda's and magnitude's per-layer output errors out of
-    the report: measuring them costs ~20% of those methods' time (methods with a Gram matrix
-    get them almost free and always report them). ``offload_activations`` (``auto``, ``on``,
-    ``off``) keeps the calibration activations in CPU memory and moves one batch at a time to
-    the device; ``auto`` does so when the memory plan says the device would not hold them.
-
-    ``method`` (and ``base``) may carry pruner options, e.g. ``dsnot[initial=sparsegpt]``.
-    ``owl`` is an :class:`sdsprune.owl.OWLConfig`: a sparsity per block from its outlier
-    ratio, the model's total unchanged (unstructured sparsity only).
+    ``model`` is a spec (alias, folder, hub id), loaded here, or a :class:`LoadedModel`,
+    whose weights are then pruned in place (``PruneResult.model`` is that same object).
+    ``method`` is a config from :mod:`sdsprune.methods` (``SparseGPT()``,
+    ``SDS(base=Wanda())``, ``OWL(inner=...)``) or a method string (``"sds:wanda"``).
+    ``calibration`` says which windows to prune with (a tensor: those windows, the same for
+    several methods); ``run`` how and where to run and what to write (see
+    :class:`sdsprune.options.RunOptions`). Under ``torchrun`` the calibration windows are
+    split across the processes (see sdsprune.engine). The flat keywords of earlier releases
+    (``base=``, ``sds=``, ``nsamples=``, ``device=``, ...) still work, deprecated (see
+    :mod:`sdsprune.keywords`).
     """
     timer = Timer()
+    method, calibration, run = as_method(method), Calibration.of(calibration), run or RunOptions()
+    if keywords:
+        method, calibration, run = apply_keywords(method, calibration, run, keywords)
     pattern = SparsityPattern.parse(sparsity)
-    if method != "sds" and method.partition("[")[0] not in BASE_PRUNERS:
-        raise SdspruneError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    parse_pruner_spec(base if method == "sds" else method)  # bad options: refused now
-    if method != "sds" and base != "sparsegpt":
-        raise SdspruneError(f"--base applies to --method sds only (got --method {method})")
-    if owl is not None:
-        owl.check(pattern, low_memory=low_memory, resume=resume)
-    if offload_activations not in OFFLOAD_CHOICES:
+    if isinstance(method, OWL):
+        method.check(pattern, low_memory=run.low_memory, resume=run.resume)
+    if run.offload_activations not in OFFLOAD_CHOICES:
         raise SdspruneError(
-            f"unknown offload setting '{offload_activations}' "
+            f"unknown offload setting '{run.offload_activations}' "
             f"(choose from {', '.join(OFFLOAD_CHOICES)})"
         )
-    check_counts(max_chunks=max_chunks)
-    _check_folders(model, out, overwrite, state_dir, inputs={"the calibration text": calib})
-    options = PruneOptions(
-        method=method,
-        pattern=pattern,
-        base=base,
-        calib=calib,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
-        compute=resolve_device(device),
-        dtype=dtype,
-        calibration=calibration,
-        out=Path(out) if out is not None else None,
-        overwrite=overwrite,
-        evaluate=tuple(evaluate),
-        eval_seqlen=eval_seqlen,
-        max_chunks=max_chunks,
-        sds=sds,
-        progress=progress,
-        low_memory=low_memory,
-        state_dir=Path(state_dir) if state_dir is not None else None,
-        resume=resume,
-        measure_errors=measure_errors,
-        offload_activations=offload_activations,
-        owl=owl,
+    check_counts(max_chunks=run.max_chunks)
+    _check_folders(
+        model,
+        run.out,
+        run.overwrite,
+        run.state_dir,
+        inputs={"the calibration text": calibration.corpus},
     )
+    run = replace(
+        run,
+        out=Path(run.out) if run.out is not None else None,
+        state_dir=Path(run.state_dir) if run.state_dir is not None else None,
+        evaluate=tuple(run.evaluate),
+    )
+    options = PruneOptions(method, pattern, calibration, run, resolve_device(run.device))
     runs.check_options(
         model=model,
-        low_memory=low_memory,
-        out=out,
-        evaluate=evaluate,
-        state_dir=state_dir,
-        resume=resume,
+        low_memory=run.low_memory,
+        out=run.out,
+        evaluate=run.evaluate,
+        state_dir=run.state_dir,
+        resume=run.resume,
         staged=options.staged,
     )
     with distributed_from_env(options.compute) as dist:
@@ -246,11 +202,11 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
     """The body of :func:`prune`, inside the distributed group (if any)."""
     opts = options
     if dist is not None and dist.rank != 0:
-        opts = replace(opts, progress=False)
-    eval_corpora = [load_corpus(name, "eval") for name in opts.evaluate]
-    dtype = _dtype_for(opts.dtype, opts.compute)
+        opts = replace(opts, run=replace(opts.run, progress=False))
+    eval_corpora = [load_corpus(name, "eval") for name in opts.run.evaluate]
+    dtype = _dtype_for(opts.run.dtype, opts.compute)
     with timer.stage("load"):
-        if opts.low_memory:
+        if opts.run.low_memory:
             loaded = runs.load_skeleton(model, resolve_dtype(dtype, opts.compute))
         elif isinstance(model, LoadedModel):
             loaded = model
@@ -259,43 +215,39 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
     net = loaded.model
     linears = model_linears(net)
     opts.pattern.check_layers(linears)
-    _check_figure_layer(getattr(opts.sds, "figure_layer", None), linears)
-    calibration = opts.calibration
-    check_seqlen(net, opts.seqlen if calibration is None else calibration.shape[1])
-    _check_eval_inputs(loaded, eval_corpora, opts.eval_seqlen or opts.seqlen)
-    if not opts.low_memory:  # a low-memory run checks each block as it reads it
+    _check_figure_layer(opts.sds.figure_layer if opts.sds else None, linears)
+    sampling, calibration = opts.calibration, opts.calibration.windows
+    check_seqlen(net, sampling.seqlen if calibration is None else calibration.shape[1])
+    _check_eval_inputs(loaded, eval_corpora, opts.run.eval_seqlen or sampling.seqlen)
+    if not opts.run.low_memory:  # a low-memory run checks each block as it reads it
         _check_finite_weights(linears)
     with timer.stage("calibration"):
         if calibration is None:
             calibration = sample_calibration(
-                load_corpus(opts.calib, "calib"),
+                load_corpus(sampling.corpus, "calib"),
                 loaded.tokenizer,
-                opts.nsamples,
-                opts.seqlen,
-                opts.seed,
+                sampling.nsamples,
+                sampling.seqlen,
+                sampling.seed,
             )
         windows = with_bos(calibration, net, loaded.tokenizer)
+    method = report_settings(opts.method)
     config = {
         "model": loaded.spec,
-        "method": opts.method,
-        "base": opts.base if opts.method == "sds" else None,
+        "method": method.pop("method"),
+        "base": method.pop("base"),
         "sparsity": str(opts.pattern),
-        "calib": opts.calib if opts.calibration is None else "given",
+        "calib": sampling.corpus if sampling.windows is None else "given",
         "nsamples": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
-        "seed": opts.seed,
+        "seed": sampling.seed,
         "device": str(opts.compute),
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
+        **method,  # every SDS and OWL setting, where used
     }
-    if opts.method == "sds":
-        from sdsprune.sds import SDSConfig
-
-        opts = replace(opts, sds=opts.sds or SDSConfig())
-        config["sds"] = asdict(opts.sds)
-    if opts.owl is not None:
-        config["owl"] = asdict(opts.owl)
     # A damaged or mismatched state is refused before the plan is printed: one error line.
-    runs.check_state(net, config, windows, dist=dist, state_dir=opts.state_dir, resume=opts.resume)
+    state_dir, resume = opts.run.state_dir, opts.run.resume
+    runs.check_state(net, config, windows, dist=dist, state_dir=state_dir, resume=resume)
     plan = _memory_plan(net, opts, windows, dist)
     session_scope = runs.run_session(
         net,
@@ -303,10 +255,10 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
         config,
         windows,
         dist=dist,
-        low_memory=opts.low_memory,
-        out=opts.out,
-        state_dir=opts.state_dir,
-        resume=opts.resume,
+        low_memory=opts.run.low_memory,
+        out=opts.run.out,
+        state_dir=opts.run.state_dir,
+        resume=opts.run.resume,
     )
     with session_scope as session, use_session(session):
         session.offload_activations = plan.offload
@@ -321,26 +273,28 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
             pattern, owl_report = owl_sparsity(
                 net, local, pattern, opts.owl, opts.compute, timer, opts.progress
             )
-        if opts.method == "sds":
+        if opts.sds is not None:
             from sdsprune.sds import run_sds
 
             layers, extras = run_sds(
-                net, local, opts.base, pattern, opts.sds, opts.compute, timer, opts.progress
+                net, local, opts.sds.base, pattern, opts.sds, opts.compute, timer, opts.progress
             )
         else:
-            processor = PruneProcessor(get_pruner(opts.method), pattern, opts.measure_errors)
+            pruner = opts.pruning.pruner()
+            processor = PruneProcessor(pruner, pattern, opts.run.measure_errors)
             layers = _run_one_shot(net, local, processor, opts.compute, timer, opts.progress)
             extras = {}
         prune_seconds = time.perf_counter() - start
-        if opts.low_memory or dist is not None:
-            config.update(low_memory=opts.low_memory, processes=1 if dist is None else dist.world)
+        if opts.run.low_memory or dist is not None:
+            low_memory = opts.run.low_memory
+            config.update(low_memory=low_memory, processes=1 if dist is None else dist.world)
         report = {
             "config": config,
             "versions": library_versions(),
             "timings": {**timer.rounded(), "prune_total": round(prune_seconds, 3)},
             "memory": {**peak_memory(), "stages": timer.stage_peaks()},
             "plan": plan.to_dict(),
-            "summary": _summary(net, layers, session.store if opts.low_memory else None),
+            "summary": _summary(net, layers, session.store if opts.run.low_memory else None),
             "layers": layers,
             **extras,
         }
@@ -355,15 +309,12 @@ def _finish_run(
     """Save, then evaluate, on the main process only: a failing evaluation cannot lose the
     pruned model, and the saved state is dropped as soon as the model is safe."""
     if not session.is_main:
-        runs.finish(session, opts.state_dir)
+        runs.finish(session, opts.run.state_dir)
         return PruneResult(model=loaded, report=report, out=None)
     store = session.store if isinstance(session.store, LowMemoryStore) else None
-    saved = (
-        save_pruned(loaded, report, opts.out, opts.overwrite, store)
-        if opts.out is not None
-        else None
-    )
-    runs.finish(session, opts.state_dir)
+    out = opts.run.out
+    saved = save_pruned(loaded, report, out, opts.run.overwrite, store) if out else None
+    runs.finish(session, opts.run.state_dir)
     if eval_corpora:
         report["evaluation"] = _evaluate_saved(loaded, eval_corpora, opts, timer, saved)
         report["timings"] = {**timer.rounded(), "prune_total": round(prune_seconds, 3)}
@@ -378,8 +329,8 @@ def _evaluate_saved(loaded, eval_corpora, opts: PruneOptions, timer, saved) -> l
         return _evaluate(
             loaded,
             eval_corpora,
-            opts.eval_seqlen or opts.seqlen,
-            opts.max_chunks,
+            opts.run.eval_seqlen or opts.calibration.seqlen,
+            opts.run.max_chunks,
             opts.compute,
             timer,
             opts.progress,
@@ -428,23 +379,28 @@ def _memory_plan(net, opts: PruneOptions, windows: torch.Tensor, dist) -> Memory
     would not fit (see sdsprune.engine.memory_plan)."""
     world = 1 if dist is None else dist.world
     local = -(-windows.shape[0] // world)
-    sds = opts.sds if opts.method == "sds" else None
+    sds = opts.sds
+    sds_terms = {}
+    if sds is not None:
+        sds_terms = dict(
+            dense_stream=sds.dense_stream,
+            dense_statistics=sds.dense_statistics,
+            block_epochs=sds.block_epochs,
+            block_windows=-(-sds.block_windows // world),
+            block_batch=sds.block_batch,
+            schedule=sds.schedule,
+            adjust_iters=sds.adjust_iters,
+            solver=sds.solver,
+        )
     request = PlanRequest(
         windows=local,
         seqlen=int(windows.shape[1]),
         batch=pick_batch_size(local, int(windows.shape[1])),
-        method=opts.method,
-        base=opts.base if sds is not None else None,
-        dense_stream=getattr(sds, "dense_stream", False),
-        dense_statistics=getattr(sds, "dense_statistics", False),
-        block_epochs=getattr(sds, "block_epochs", 0),
-        block_windows=-(-getattr(sds, "block_windows", 0) // world),
-        block_batch=getattr(sds, "block_batch", 4),
-        schedule=getattr(sds, "schedule", "fused"),
-        adjust_iters=getattr(sds, "adjust_iters", 0),
-        solver=getattr(sds, "solver", "closed"),
-        low_memory=opts.low_memory,
-        offload=opts.offload_activations,
+        method=opts.pruning.name,
+        base=sds.base.name if sds is not None else None,
+        low_memory=opts.run.low_memory,
+        offload=opts.run.offload_activations,
+        **sds_terms,
     )
     plan, request = fit_plan(net, request, opts.compute)
     if opts.progress:

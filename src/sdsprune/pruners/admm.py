@@ -22,8 +22,7 @@ from sdsprune.pruners.patterns import SparsityPattern, layer_mask, nm_mask
 
 
 class ADMMPruner(Pruner):
-    """Defaults are the published code's: 20 iterations, mask grown over the first 15,
-    ρ = 1 and dampening 0.1 x mean(diag G) in the normalised basis."""
+    """Its settings and their defaults (the published code's): :class:`sdsprune.methods.ADMM`."""
 
     name = "admm"
     needs = "gram"
@@ -31,10 +30,10 @@ class ADMMPruner(Pruner):
 
     def __init__(
         self,
-        iterations: int = 20,
-        growth_iterations: int = 15,
-        rho: float = 1.0,
-        percdamp: float = 0.1,
+        iterations: int,
+        growth_iterations: int,
+        rho: float,
+        percdamp: float,
     ):
         if not 0 < growth_iterations <= iterations:
             raise ValueError("need 0 < growth_iterations <= iterations")

@@ -23,18 +23,17 @@ INITIAL_METHODS = ("wanda", "sparsegpt", "magnitude")
 
 
 class DSnoTPruner(Pruner):
-    """Defaults are the published code's: Wanda initial mask, at most 50 swaps per row,
-    threshold 0.1 on |e_i|, regrowing score divided by the input variance (power 1)."""
+    """Its settings and their defaults (the published code's): :class:`sdsprune.methods.DSnoT`."""
 
     name = "dsnot"
     unstructured_group = "row"  # swaps keep every row's count, like Wanda's groups
 
     def __init__(
         self,
-        initial: str = "wanda",
-        max_cycles: int = 50,
-        update_threshold: float = 0.1,
-        variance_power: float = 1.0,
+        initial: str,
+        max_cycles: int,
+        update_threshold: float,
+        variance_power: float,
     ):
         if initial not in INITIAL_METHODS:
             raise ValueError(f"initial must be one of {', '.join(INITIAL_METHODS)}")

@@ -27,7 +27,7 @@ class SparseGPTPruner(Pruner):
     needs = "gram"
     unstructured_group = "layer"
 
-    def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
+    def __init__(self, blocksize: int, percdamp: float):
         self.blocksize = blocksize
         self.percdamp = percdamp
 

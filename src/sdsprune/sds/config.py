@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from sdsprune.errors import SdspruneError
+from sdsprune.settings import setting
 
 SCHEDULES = ("fused", "staged")
 DATA_MODES = ("sd", "dd", "kd")
@@ -17,7 +18,7 @@ EARLY_EXIT_PARAMS = 3_000_000_000  # the paper skips the adjustment above ~3B pa
 FUSED_BLOCK_EPOCHS = 2  # the block re-fit's default with the fused schedule (README ablation)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SDSConfig:
     """Sparse-Dense-Sparse settings.
 
@@ -42,30 +43,41 @@ class SDSConfig:
     calibration windows, which bounds its cost whatever the calibration size.
     """
 
-    schedule: str = "fused"
-    data_mode: str = "sd"
-    solver: str = "closed"
-    redense_iters: int = 200
-    lr: float = 0.1
-    lambda1: float = 0.0
-    lambda2: float = 0.0
-    mu: float = 1.0
-    residual_start: bool = True
-    adjust: str = "auto"
-    adjust_solver: str = "accelerated"
-    adjust_iters: int = 50
-    adjust_data: str = "sd"
-    group_sweeps: int = 0
-    rounds: int = 1
-    block_epochs: int | None = None
-    block_lr: float = 0.01
-    block_batch: int = 4
-    block_windows: int = 16
-    figure_layer: str | None = None
+    schedule: str = setting("fused", "SDS: fused (one pass) or staged (paper order).")
+    data_mode: str = setting("sd", "SDS re-dense data: sd, dd or kd.")
+    solver: str = setting("closed", "SDS re-dense solver: closed, fista or gd (paper).")
+    redense_iters: int = setting(200, "SDS re-dense iterations (fista, gd).")
+    lr: float = setting(0.1, "SDS learning rate of the gd recipes, x 1/λmax(G).")
+    lambda1: float = setting(0.0, "SDS L1 weight (scaled, see README).")
+    lambda2: float = setting(0.0, "SDS L2 weight (scaled, see README).")
+    mu: float = setting(1.0, "SDS proximity to the pruned start (scaled; closed, fista).")
+    residual_start: bool = setting(
+        True, "SDS: start re-dense from the pruned weights (off: from dense)."
+    )
+    adjust: str = setting("auto", "SDS weight adjustment: auto (skip > 3B), always, never.")
+    adjust_solver: str = setting("accelerated", "SDS adjustment: accelerated or gd (paper).")
+    adjust_iters: int = setting(50, "SDS adjustment iterations.")
+    adjust_data: str = setting(
+        "sd", "SDS adjustment targets: sd (pruned inputs) or kd (dense inputs)."
+    )
+    group_sweeps: int = setting(0, "SDS, N:M only: sweeps of the exact per-group pattern search.")
+    rounds: int = setting(1, "SDS re-dense/prune rounds.")
+    block_epochs: int | None = setting(
+        None,
+        "SDS block re-fit epochs over the calibration windows (0: off; default "
+        f"{FUSED_BLOCK_EPOCHS} with the fused schedule, 0 with the staged one).",
+    )
+    block_lr: float = setting(0.01, "SDS block re-fit Adam step, x each layer's weight RMS.")
+    block_batch: int = setting(4, "SDS block re-fit windows per optimiser step.")
+    block_windows: int = setting(16, "SDS block re-fit on this many calibration windows (0: all).")
+    figure_layer: str | None = setting(
+        None, "SDS: layer for the weight figure, e.g. 15.mlp.up_proj."
+    )
 
     def __post_init__(self) -> None:
-        if self.block_epochs is None:
-            self.block_epochs = FUSED_BLOCK_EPOCHS if self.schedule == "fused" else 0
+        if self.block_epochs is None:  # frozen: set once, here
+            default = FUSED_BLOCK_EPOCHS if self.schedule == "fused" else 0
+            object.__setattr__(self, "block_epochs", default)
         for value, allowed, what in (
             (self.schedule, SCHEDULES, "schedule"),
             (self.data_mode, DATA_MODES, "data mode"),
@@ -107,47 +119,8 @@ class SDSConfig:
         re-fit needs only the dense block's outputs, which cost no statistics."""
         return self.data_mode != "sd" or self.adjust_data == "kd"
 
-    @classmethod
-    def from_text(cls, text: str) -> SDSConfig:
-        """Settings from ``"key=value,key=value"`` (e.g. ``schedule=staged,mu=0.5``).
-
-        Lets commands that run several methods (``compare``) take every SDS knob through one
-        option instead of repeating each of ``prune``'s flags.
-        """
-        types = {f.name: f.type for f in fields(cls)}
-        values: dict[str, object] = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            key, sep, raw = item.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in types:
-                raise SdspruneError(
-                    f"bad SDS setting '{item}': use key=value with keys {', '.join(types)}"
-                )
-            values[key] = _parse_value(key, raw.strip(), types[key])
-        return cls(**values)
-
     def adjusts(self, parameters: int) -> bool:
         """The early-exit rule: ``auto`` skips the adjustment on models above ~3B parameters."""
         if self.adjust == "auto":
             return parameters <= EARLY_EXIT_PARAMS
         return self.adjust == "always"
-
-
-def _parse_value(key: str, raw: str, kind: str) -> object:
-    """``raw`` as the field's type (annotations are strings under postponed evaluation)."""
-    optional = kind.endswith(" | None")
-    kind = kind.removesuffix(" | None")
-    if optional and raw.lower() in ("", "none"):
-        return None
-    try:
-        if kind == "bool":
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1", "yes")
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError:
-        raise SdspruneError(f"SDS setting {key}={raw}: expected a {kind}") from None
-    return raw

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -16,7 +18,7 @@ from sdsprune.engine import (
 )
 from sdsprune.linalg import output_energy
 from sdsprune.models.blocks import model_linears
-from sdsprune.pruners import Pruner, SparsityPattern, get_pruner
+from sdsprune.pruners import Pruner, SparsityPattern
 from sdsprune.runinfo import Timer
 from sdsprune.sds.block import fit_block
 from sdsprune.sds.config import SDSConfig
@@ -24,6 +26,9 @@ from sdsprune.sds.figures import StageRecorder
 from sdsprune.sds.groups import refine_groups
 from sdsprune.sds.originals import DenseOriginals
 from sdsprune.sds.solver import adjust, redense
+
+if TYPE_CHECKING:  # methods imports this package: SDS's settings are its config
+    from sdsprune.methods import BaseMethod
 
 STAGES = ("first_prune", "redense", "second_prune", "adjusted", "final")
 
@@ -204,7 +209,7 @@ class _StagedSecondPrune(_StagedPass):
 def run_sds(
     net: nn.Module,
     windows: torch.Tensor,
-    base: str,
+    base: BaseMethod,
     pattern: SparsityPattern,
     config: SDSConfig,
     device: torch.device,
@@ -214,11 +219,11 @@ def run_sds(
     """Run SDS over the whole model; returns per-layer records and report extras."""
     parameters = sum(p.numel() for p in net.parameters())
     recorder = StageRecorder(config.figure_layer or default_figure_layer(net))
-    steps = _SDSSteps(get_pruner(base), pattern, config, config.adjusts(parameters), recorder)
+    steps = _SDSSteps(base.pruner(), pattern, config, config.adjusts(parameters), recorder)
     batch = pick_batch_size(*windows.shape)
     with timer.stage("capture"):
         stream = capture_block_inputs(net, windows, device, batch)
-    label = f"sds-{base} {pattern}"
+    label = f"sds-{base.name} {pattern}"
     if config.schedule == "fused":
         dense = stream.clone() if config.dense_stream else None
         with timer.stage("sds_fused"):
