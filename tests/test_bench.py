@@ -305,3 +305,84 @@ def test_static_decode_that_dense_cannot_run_is_skipped_for_all(sparse_dir, monk
     assert "static decode skipped for dense: dense failed: ValueError" in "\n".join(
         render_notes(report)
     )
+
+
+class FakeLlamaCpp:
+    """A llama.cpp runner that answers at once: the peer rows' plumbing, not llama.cpp."""
+
+    def __init__(self, tokens: list[int] | None = None) -> None:
+        self.tokens, self.closed = tokens, False
+
+    def prefill_seconds(self, ids: list[int]) -> float:
+        return 0.004 * len(ids)
+
+    def decode_seconds(self, ids: list[int], steps: int) -> float:
+        return 0.02
+
+    def greedy_tokens(self, ids: list[int], steps: int) -> list[int]:
+        return self.tokens or [0] * steps
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_llamacpp_rows_sit_beside_the_backends_at_batch_one(sparse_dir, monkeypatch):
+    from sdsprune import bench, bench_peers
+
+    runner = FakeLlamaCpp()
+
+    def start(folder, precisions, workdir, context, say):
+        assert workdir.is_dir() and context == TINY.prompt_tokens + TINY.decode_tokens
+        peers = [bench_peers.PeerContender(bench_peers.peer_name(p), runner) for p in precisions]
+        loads = {
+            p.name: {"kernels": {"llama.cpp": "f32"}, "load_seconds": 0.1, "gguf_mib": 1.0}
+            for p in peers
+        }
+        return peers, loads, {}
+
+    monkeypatch.setattr(bench, "start_peers", start)
+    settings = dataclasses.replace(TINY, llamacpp=("f32",))
+    report = run_bench(sparse_dir, backends=["dense", "auto"], settings=settings)
+    assert runner.closed
+    peer_rows = [row for row in report["results"] if row["backend"] == "llama.cpp f32"]
+    assert {(row["workload"], row["batch"]) for row in peer_rows} == {("prefill", 1), ("decode", 1)}
+    decode = {
+        row["backend"]: row
+        for row in report["results"]
+        if row["workload"] == "decode" and row["batch"] == 1
+    }
+    for row in decode.values():
+        assert row["peer"] == "llama.cpp f32"
+        assert row["speedup_vs_peer"] == pytest.approx(0.02 / row["seconds"]["median"], rel=1e-2)
+    assert all("speedup_vs_peer" not in row for row in report["results"] if row["batch"] == 2)
+    assert report["peers"]["llama.cpp f32"]["same_greedy_tokens_as_dense"] in (True, False)
+    streaming = report["streaming"]
+    assert set(streaming["decode_weights_mib"]) == {"dense", "auto", "llama.cpp f32"}
+    assert streaming["bandwidth_gib_s"] > 0
+    from rich.console import Console
+
+    console = Console(width=250, record=True)
+    console.print(render_table(report))
+    assert "vs llama.cpp f32" in console.export_text()
+    notes = "\n".join(render_notes(report))
+    assert "llama.cpp f32: GGUF 1.0 MiB" in notes and "decode step reads" in notes
+
+
+def test_llamacpp_rows_are_skipped_with_the_reason_when_it_is_missing(sparse_dir, monkeypatch):
+    from sdsprune import bench_peers
+
+    monkeypatch.setattr(
+        bench_peers, "llamacpp_problem", lambda: "llama-cpp-python is not installed"
+    )
+    settings = dataclasses.replace(TINY, llamacpp=("f32", "q8_0"), repeats=1)
+    report = run_bench(sparse_dir, backends=["dense"], settings=settings)
+    assert report["skipped"] == {
+        "llama.cpp f32": "llama-cpp-python is not installed",
+        "llama.cpp q8_0": "llama-cpp-python is not installed",
+    }
+    assert report["peers"] == {}
+
+
+def test_an_unknown_llamacpp_precision_is_refused_before_loading(sparse_dir):
+    with pytest.raises(SdspruneError, match=r"llama\.cpp precisions must be among f32, bf16, q8_0"):
+        run_bench(sparse_dir, settings=dataclasses.replace(TINY, llamacpp=("q4",)))

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,6 +31,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdsprune.bench_peers import (
+    PEER_PREFIX,
+    check_precisions,
+    close_peers,
+    greedy_agreement,
+    start_peers,
+)
 from sdsprune.errors import SdspruneError
 from sdsprune.export import check_model_folder, is_sparse_checkpoint, read_manifest
 from sdsprune.export.checkpoint import PART_SEPARATOR, SPARSE_WEIGHTS
@@ -43,6 +51,7 @@ from sdsprune.inference.decode import (
     new_cache,
     prefill,
 )
+from sdsprune.inference.gemv import measure_stream_bandwidth
 from sdsprune.models import decoder_blocks, model_linears
 from sdsprune.ownership import write_file_atomic
 from sdsprune.runinfo import library_versions, peak_memory
@@ -62,7 +71,8 @@ class BenchSettings:
     timed in each. ``compile_backend``: torch.compile's backend for static decode (inductor
     generates fused kernels; tests use a faster one). ``ceiling``: also time eager decoding
     with the decoder blocks' linears skipped, to give each backend's bytes ceiling
-    (:func:`bytes_ceilings`).
+    (:func:`bytes_ceilings`). ``llamacpp``: GGUF precisions (f32, bf16, q8_0) of the
+    checkpoint to time in llama.cpp beside the backends (:mod:`sdsprune.bench_peers`).
     """
 
     repeats: int = 5
@@ -74,6 +84,7 @@ class BenchSettings:
     decode_modes: tuple[str, ...] = ("eager",)
     compile_backend: str = "inductor"
     ceiling: bool = True
+    llamacpp: tuple[str, ...] = ()
 
 
 @dataclass
@@ -84,6 +95,12 @@ class _Contender:
     # (workload, decode mode, batch) -> seconds: per call (prefill) or per token (decode)
     samples: dict[tuple[str, str, int], list[float]] = field(default_factory=dict)
     peak_cuda_mib: float | None = None
+
+    def runs(self, kind: str, mode: str, batch: int) -> bool:
+        return kind == "prefill" or mode in self.steps  # a static step may be skipped
+
+    def seconds(self, kind: str, mode: str, ids: torch.Tensor, settings, dev) -> float:
+        return _run_workload(self, kind, mode, ids, settings, dev)
 
 
 def default_backends(device: torch.device) -> list[str]:
@@ -121,7 +138,16 @@ def run_bench(
     static = _prepare_steps(contenders, settings, dev, say)
     checks = _check_outputs(contenders, settings, dev)
     skipped_linears = _skipped_linears(folder, dev, torch_dtype) if settings.ceiling else None
-    _measure(contenders + ([skipped_linears] if skipped_linears else []), settings, dev, say)
+    with tempfile.TemporaryDirectory(prefix="sdsprune-gguf-") as workdir:
+        peers, peer_loads, peer_skipped = start_peers(
+            folder, settings.llamacpp, Path(workdir), _cache_tokens(settings), say
+        )
+        try:
+            peer_checks = _check_peers(peers, contenders[0], settings, dev)
+            timed = contenders + ([skipped_linears] if skipped_linears else []) + peers
+            _measure(timed, settings, dev, say)
+        finally:
+            close_peers(peers)
     report = {
         "model": str(folder),
         "checkpoint": _checkpoint_info(folder, contenders[0].model),
@@ -131,8 +157,10 @@ def run_bench(
         "settings": settings.__dict__
         | {"batch_sizes": list(settings.batch_sizes), "decode_modes": list(settings.decode_modes)},
         "backends": {c.name: loads[c.name] | checks[c.name] for c in contenders},
-        "skipped": skipped,
-        "results": _summarise(contenders, settings.prompt_tokens),
+        "peers": {p.name: peer_loads[p.name] | peer_checks[p.name] for p in peers},
+        "skipped": skipped | peer_skipped,
+        "results": _summarise([*contenders, *peers], settings.prompt_tokens),
+        "streaming": _streaming(contenders, peer_loads, dev, torch_dtype),
         "ceiling": bytes_ceilings(contenders, skipped_linears, loads) if skipped_linears else None,
         "memory": peak_memory(),
         "versions": library_versions(),
@@ -140,6 +168,43 @@ def run_bench(
     if static is not None:
         report["static_decode"] = static
     return report
+
+
+def _check_peers(peers: list, dense: _Contender, settings: BenchSettings, dev) -> dict:
+    """Each peer's greedy tokens against dense torch's, on the prompt the backends are
+    checked on."""
+    if not peers:
+        return {}
+    ids = _inputs(settings, 1, min(settings.prompt_tokens, 32), dev, _vocab(dense.model))
+    with torch.inference_mode():
+        dense_tokens, _ = _greedy_decode(dense.model, ids, settings)
+    return {peer.name: greedy_agreement(peer, ids, dense_tokens) for peer in peers}
+
+
+def _streaming(contenders: list[_Contender], peer_loads: dict, dev, dtype) -> dict | None:
+    """What a batch-1 decode step must read, per backend, and the fastest it could read it.
+
+    ``decode_weights_mib``: the block linears and the LM head in the form each backend holds
+    them (a tied head counted once; llama.cpp: its GGUF's size). ``bandwidth_gib_s``: how fast
+    this package's streaming kernel reads one large weight here, in this run; the ratio is
+    each backend's floor in ms per token (what no engine reading those bytes beats)."""
+    bandwidth = measure_stream_bandwidth(dtype) if dev.type == "cpu" else None
+    if bandwidth is None:
+        return None
+    mib = {c.name: round(_decode_weight_bytes(c.model) / 2**20, 1) for c in contenders}
+    mib |= {name: info["gguf_mib"] for name, info in peer_loads.items()}
+    return {
+        "bandwidth_gib_s": round(bandwidth, 2),
+        "decode_weights_mib": mib,
+        "floor_ms_per_token": {k: round(v / 1024 / bandwidth * 1e3, 2) for k, v in mib.items()},
+    }
+
+
+def _decode_weight_bytes(model: nn.Module) -> int:
+    report = backend_report(model)
+    linears = report.linear_bytes() if report else 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return linears + (weight_bytes(head) if head is not None else 0)
 
 
 class _SkippedLinear(nn.Module):
@@ -199,6 +264,7 @@ def _check_settings(settings: BenchSettings) -> None:
         raise SdspruneError("repeats, prompt tokens and decode tokens must be at least 1")
     if not settings.batch_sizes or min(settings.batch_sizes) < 1:
         raise SdspruneError("batch sizes must be positive integers, e.g. 1,8")
+    check_precisions(tuple(settings.llamacpp))
     unknown = [mode for mode in settings.decode_modes if mode not in DECODE_MODES]
     if not settings.decode_modes or unknown:
         raise SdspruneError(
@@ -565,13 +631,13 @@ def _measure(contenders: list[_Contender], settings: BenchSettings, dev, say) ->
         order = contenders[shift:] + contenders[:shift]
         for kind, mode, batch in workloads:
             for contender in order:
-                if kind == "decode" and mode not in contender.steps:  # static skipped
+                if not contender.runs(kind, mode, batch):
                     continue
-                seconds = _run_workload(contender, kind, mode, inputs[batch], settings, dev)
+                seconds = contender.seconds(kind, mode, inputs[batch], settings, dev)
                 if round_index >= settings.warmup:
                     contender.samples.setdefault((kind, mode, batch), []).append(seconds)
     if dev.type == "cuda":
-        _record_cuda_peaks(contenders, inputs, settings, dev)
+        _record_cuda_peaks([c for c in contenders if c.steps], inputs, settings, dev)
 
 
 def _run_workload(
@@ -662,6 +728,7 @@ def _summarise(contenders: list[_Contender], prompt_tokens: int) -> list[dict]:
     dense samples of the same workload and mode only. Static decode rows also compare with
     the same backend's eager decode: for dense, that is the overhead cut alone."""
     dense = contenders[0]
+    peer = next((c for c in contenders if c.name.startswith(PEER_PREFIX)), None)
     rows = []
     for contender in contenders:
         for key, samples in contender.samples.items():
@@ -684,7 +751,12 @@ def _summarise(contenders: list[_Contender], prompt_tokens: int) -> list[dict]:
             if mode == "static" and eager:
                 row["speedup_vs_eager"] = round(statistics.median(eager) / stats["median"], 3)
                 row["verdict_vs_eager"] = _verdict(samples, eager)
-            if contender.peak_cuda_mib is not None:
+            if peer is not None and key in peer.samples:
+                row["speedup_vs_peer"] = round(
+                    statistics.median(peer.samples[key]) / stats["median"], 3
+                )
+                row["peer"] = peer.name
+            if getattr(contender, "peak_cuda_mib", None) is not None:
                 row["peak_cuda_mib"] = round(contender.peak_cuda_mib, 1)
             rows.append(row)
     return rows
@@ -733,13 +805,15 @@ def render_table(report: dict):
     )
     table = Table(title=title)
     versus_eager = any("speedup_vs_eager" in row for row in report["results"])
+    peer = next((row["peer"] for row in report["results"] if "peer" in row), None)
     columns = ["backend", "kernels", "workload", "batch", "median", "IQR", "vs dense", "verdict"]
-    for column in columns + (["vs eager"] if versus_eager else []):
+    columns += (["vs eager"] if versus_eager else []) + ([f"vs {peer}"] if peer else [])
+    for column in columns:
         table.add_column(
             column, justify="left" if column in ("backend", "kernels", "workload") else "right"
         )
     for row in report["results"]:
-        kernels = report["backends"][row["backend"]]["kernels"]
+        kernels = {**report["backends"], **report.get("peers", {})}[row["backend"]]["kernels"]
         low, high = row["iqr"]
         cells = [
             row["backend"],
@@ -755,6 +829,8 @@ def render_table(report: dict):
         ]
         if versus_eager:  # its verdict is in the JSON, and dense's in the notes
             cells.append(f"{row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else "")
+        if peer:
+            cells.append(f"{row['speedup_vs_peer']:.2f}x" if "speedup_vs_peer" in row else "")
         table.add_row(*cells)
     return table
 
@@ -794,10 +870,37 @@ def render_notes(report: dict) -> list[str]:
             notes.append(
                 f"{name} runs dense everywhere: its 'vs dense' column is this run's noise floor"
             )
+    notes += _peer_notes(report.get("peers", {}))
     notes += _ceiling_notes(report.get("ceiling"))
+    notes += _streaming_notes(report.get("streaming"))
     memory = ", ".join(f"{k} {v}" for k, v in report["memory"].items())
     notes.append(f"process peak memory (all backends together): {memory}")
     return notes
+
+
+def _peer_notes(peers: dict) -> list[str]:
+    return [
+        f"{name}: GGUF {info['gguf_mib']} MiB, written and loaded in {info['load_seconds']} s, "
+        + (
+            "same greedy tokens as dense"
+            if info["same_greedy_tokens_as_dense"]
+            else "greedy tokens differ from dense torch's"
+        )
+        for name, info in peers.items()
+    ]
+
+
+def _streaming_notes(streaming: dict | None) -> list[str]:
+    if not streaming:
+        return []
+    floors = ", ".join(
+        f"{name} {mib} MiB -> {streaming['floor_ms_per_token'][name]} ms"
+        for name, mib in streaming["decode_weights_mib"].items()
+    )
+    return [
+        f"weights a batch-1 decode step reads, and the time to read them at "
+        f"{streaming['bandwidth_gib_s']} GiB/s (streaming kernel, this run): {floors}"
+    ]
 
 
 def _ceiling_notes(ceiling: dict | None) -> list[str]:

@@ -16,6 +16,8 @@ tied to the embeddings.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,3 +56,22 @@ class GemvLinear(NativeLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=gemv"
+
+
+def measure_stream_bandwidth(dtype: torch.dtype, mib: int = 256, passes: int = 5) -> float | None:
+    """GiB/s at which the streaming kernel reads a ``mib``-MiB weight at one token (the best
+    of ``passes``): a bandwidth the machine delivers to a plain loop, against which the bytes
+    of each decode step give its floor. None where the kernel cannot build."""
+    if dtype not in (torch.float32, torch.bfloat16) or build_problem(extension()) is not None:
+        return None
+    columns = 1024
+    rows = mib * 2**20 // (columns * torch.empty((), dtype=dtype).element_size())
+    weight = torch.ones(rows, columns, dtype=dtype)
+    x = torch.ones(1, columns, dtype=dtype)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(passes + 1):  # the first pass faults the pages in
+            start = time.perf_counter()
+            extension().dense_linear(x, weight, MAX_GEMV_TOKENS)
+            best = min(best, time.perf_counter() - start)
+    return weight.numel() * weight.element_size() / best / 2**30
