@@ -43,6 +43,13 @@ def pruned(method, model=None, sparsity="0.5", **run_options):
     return {n: la.weight.detach().clone() for n, la in model_linears(model).items()}, result
 
 
+def sds_terms(**terms) -> mp.MethodTerms:
+    """SDS's plan terms (SparseGPT base, closed-form re-dense) without adjustment steps or a
+    block re-fit, unless ``terms`` set them."""
+    plain = SDS(adjust_iters=0, block_epochs=0, block_windows=0).plan_terms()
+    return dataclasses.replace(plain, **terms)
+
+
 def llama_8b_shaped():
     """Llama-3-8B's shapes on the meta device: no memory, exact dimensions."""
     from accelerate import init_empty_weights
@@ -55,7 +62,7 @@ def llama_8b_shaped():
 
 def test_plan_of_an_8b_model_counts_activations_and_grams_exactly(monkeypatch):
     monkeypatch.setattr(mp, "_free_memory", lambda compute: (None, None))
-    request = mp.PlanRequest(windows=128, seqlen=2048, batch=4, method="sparsegpt", base=None)
+    request = mp.PlanRequest(windows=128, seqlen=2048, batch=4, terms=SparseGPT().plan_terms())
     plan = mp.plan_run(llama_8b_shaped(), request, torch.device("cpu"), measure=False)
     items = {what.split(" (")[0]: size for what, size, _ in plan.items}
     assert items["activations"] == 128 * 2048 * 4096 * 2  # one bf16 stream: 2 GiB
@@ -64,10 +71,7 @@ def test_plan_of_an_8b_model_counts_activations_and_grams_exactly(monkeypatch):
         windows=128,
         seqlen=2048,
         batch=4,
-        method="sds",
-        base="sparsegpt",
-        dense_stream=True,
-        dense_statistics=True,
+        terms=sds_terms(dense_stream=True, dense_statistics=True),
     )
     plan_kd = mp.plan_run(llama_8b_shaped(), kd, torch.device("cpu"), measure=False)
     kd_items = {what.split(" (")[0]: size for what, size, _ in plan_kd.items}
@@ -79,7 +83,7 @@ def test_plan_of_an_8b_model_counts_activations_and_grams_exactly(monkeypatch):
 def gpu_plan(monkeypatch, free_gib: float, offload: str):
     monkeypatch.setattr(mp, "_free_memory", lambda compute: (int(free_gib * GIB), 512 * GIB))
     request = mp.PlanRequest(
-        windows=128, seqlen=2048, batch=4, method="sparsegpt", base=None, offload=offload
+        windows=128, seqlen=2048, batch=4, terms=SparseGPT().plan_terms(), offload=offload
     )
     return request, mp.plan_run(llama_8b_shaped(), request, torch.device("cuda"), measure=False)
 
@@ -119,9 +123,8 @@ def test_plan_lowers_the_forward_batch_before_refusing(monkeypatch):
     offers; at fewer windows a batch it fits, so the run goes on at that batch."""
     monkeypatch.setattr(mp, "_free_memory", lambda compute: (None, None))
     request = mp.PlanRequest(
-        windows=8, seqlen=2048, batch=4, method="sds", base="sparsegpt",
-        dense_stream=True, dense_statistics=True,
-    )  # fmt: skip
+        windows=8, seqlen=2048, batch=4, terms=sds_terms(dense_stream=True, dense_statistics=True)
+    )
     net = llama_8b_shaped()
     peaks = {
         b: mp.plan_run(net, dataclasses.replace(request, batch=b), CPU, False).device_peak
@@ -144,7 +147,7 @@ def test_plan_lowers_the_forward_batch_before_refusing(monkeypatch):
 def test_prune_at_a_lowered_batch_captures_in_that_batch_and_matches(monkeypatch):
     prune_module = importlib.import_module("sdsprune.prune")  # the package exports prune()
     reference, _ = pruned(method="sparsegpt")
-    request = mp.PlanRequest(windows=8, seqlen=24, batch=8, method="sparsegpt", base=None)
+    request = mp.PlanRequest(windows=8, seqlen=24, batch=8, terms=SparseGPT().plan_terms())
     peaks = {
         b: mp.plan_run(tiny_model("llama"), dataclasses.replace(request, batch=b), CPU, False)
         for b in (4, 8)
@@ -319,9 +322,7 @@ def test_plan_time_counts_the_block_refit_on_its_windows(monkeypatch):
     net = llama_8b_shaped()
 
     def flops(**refit) -> float:
-        request = mp.PlanRequest(
-            windows=128, seqlen=2048, batch=4, method="sds", base="sparsegpt", **refit
-        )
+        request = mp.PlanRequest(windows=128, seqlen=2048, batch=4, terms=sds_terms(**refit))
         return mp.plan_run(net, request, torch.device("cpu"), measure=False).flops
 
     without = flops()
@@ -454,10 +455,9 @@ def test_plan_budgets_the_refits_optimiser_state_and_fp32_block(monkeypatch):
         windows=8,
         seqlen=2048,
         batch=2,
-        method="sds",
-        base="sparsegpt",
-        block_epochs=2,
-        solver="fista",  # its scratch (1.9 GB) is below the re-fit's, which is then the item
+        # an iterative re-dense: its scratch (1.9 GB) is below the re-fit's, which is then
+        # the item
+        terms=sds_terms(block_epochs=2, redense="iterative"),
     )
     plan = mp.plan_run(net, refit, CPU, measure=False)
     solver = next(size for what, size, _ in plan.items if what.startswith("solver scratch"))
@@ -470,10 +470,8 @@ def test_plan_budgets_the_refits_optimiser_state_and_fp32_block(monkeypatch):
 
 def refit_request(**options) -> mp.PlanRequest:
     """An SDS kd-free request with the block re-fit on (its dense stream gives the targets)."""
-    settings = dict(
-        windows=128, seqlen=2048, batch=4, method="sds", base="sparsegpt", dense_stream=True
-    )
-    return mp.PlanRequest(**{**settings, "block_epochs": 2, **options})
+    terms = sds_terms(dense_stream=True, **{"block_epochs": 2, **options})
+    return mp.PlanRequest(windows=128, seqlen=2048, batch=4, terms=terms)
 
 
 def planned_items(net, request) -> dict[str, int]:
@@ -556,4 +554,32 @@ def test_prune_plans_the_refit_step_at_the_configured_mini_batch(monkeypatch):
 
     monkeypatch.setattr(prune_module, "fit_plan", spy)
     pruned(SDS(block_epochs=1, block_batch=2, adjust_iters=5))
-    assert [request.block_batch for request in requests] == [2]
+    assert [request.terms.block_batch for request in requests] == [2]
+
+
+def test_the_engine_names_no_method():
+    """Each method config reports its own plan terms: no method's or solver's name is spelled
+    anywhere in the engine, so a new method changes no engine code."""
+    from pathlib import Path
+
+    from sdsprune.methods import BASE_METHODS, OWL
+    from sdsprune.sds.config import REDENSE_SOLVERS, SCHEDULES
+
+    names = [*BASE_METHODS, SDS.name, OWL.name, *REDENSE_SOLVERS, *SCHEDULES]
+    for path in Path(mp.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert not [name for name in names if f'"{name}"' in text], path.name
+
+
+def test_each_method_reports_what_its_pruning_pass_holds():
+    from sdsprune.methods import OWL, DSnoT, Magnitude, Wanda
+
+    assert Magnitude().plan_terms().statistics == "none"
+    assert Wanda().plan_terms().statistics == "sumsq"
+    assert DSnoT(initial="sparsegpt").plan_terms().statistics == "gram"
+    assert SparseGPT().plan_terms().factors_hessian
+    sds = SDS(base=Wanda(), solver="fista", schedule="staged", data_mode="kd")
+    terms = sds.plan_terms()
+    assert (terms.statistics, terms.factors_hessian, terms.redense) == ("gram", False, "iterative")
+    assert terms.staged and terms.dense_statistics and terms.block_epochs == 0
+    assert OWL(inner=sds).plan_terms() == terms  # OWL's statistics pass comes first, alone

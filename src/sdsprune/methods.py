@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from sdsprune.engine.memory_plan import MethodTerms
 from sdsprune.errors import SdspruneError
 from sdsprune.owl import OWLConfig
 from sdsprune.pruners import (
@@ -67,6 +68,10 @@ class BaseMethod:
         except ValueError as exc:  # the constructor's own check of a value
             raise SdspruneError(f"pruner '{format_method(self)}': {exc}") from None
 
+    def plan_terms(self) -> MethodTerms:
+        """What the memory plan counts for it: its statistics, and no solver of its own."""
+        return MethodTerms(statistics=self.pruner().needs)
+
 
 @dataclass(frozen=True)
 class Magnitude(BaseMethod):
@@ -89,6 +94,10 @@ class SparseGPT(BaseMethod):
     pruner_class: ClassVar[type[Pruner]] = SparseGPTPruner
     blocksize: int = setting(128, "SparseGPT: columns a lazy-update block prunes at once.")
     percdamp: float = setting(0.01, "SparseGPT: Hessian dampening, x the mean of its diagonal.")
+
+    def plan_terms(self) -> MethodTerms:
+        """The Gram matrix, factorised once per input, and one update product per layer."""
+        return MethodTerms(factors_hessian=True, factorisations=1, layer_products=1)
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,25 @@ class SDS(SDSConfig):
         if not isinstance(self.base, BaseMethod):
             raise SdspruneError(f"the base of SDS must be a one-shot pruner (got {self.base!r})")
 
+    def plan_terms(self) -> MethodTerms:
+        """Its base's solver, the re-dense's, Grams (the dense model's too for dd/kd), the
+        dense stream, the block re-fit and the staged schedule's passes and copies."""
+        return MethodTerms(
+            statistics="gram",
+            factors_hessian=self.base.plan_terms().factors_hessian,
+            redense="factored" if self.solver == "closed" else "iterative",
+            factorisations=3,  # the Hessian twice (two base prunings), the re-dense once
+            # two base prunings, the re-dense target and solve, the stage errors, each adjust
+            # step
+            layer_products=2 + 2 + 1 + self.adjust_iters,
+            dense_stream=self.dense_stream,
+            dense_statistics=self.dense_statistics,
+            block_epochs=self.block_epochs,
+            block_windows=self.block_windows,
+            block_batch=self.block_batch,
+            staged=self.schedule == "staged",
+        )
+
 
 @dataclass(frozen=True)
 class OWL(OWLConfig):
@@ -160,6 +188,10 @@ class OWL(OWLConfig):
         super().__post_init__()
         if not isinstance(self.inner, BaseMethod | SDS):
             raise SdspruneError(f"OWL runs a pruner or SDS (got {self.inner!r})")
+
+    def plan_terms(self) -> MethodTerms:
+        """Its method's (the statistics pass runs before, with the method's memory free)."""
+        return self.inner.plan_terms()
 
 
 Method = BaseMethod | SDS | OWL

@@ -379,28 +379,15 @@ def _memory_plan(net, opts: PruneOptions, windows: torch.Tensor, dist) -> Memory
     would not fit (see sdsprune.engine.memory_plan)."""
     world = 1 if dist is None else dist.world
     local = -(-windows.shape[0] // world)
-    sds = opts.sds
-    sds_terms = {}
-    if sds is not None:
-        sds_terms = dict(
-            dense_stream=sds.dense_stream,
-            dense_statistics=sds.dense_statistics,
-            block_epochs=sds.block_epochs,
-            block_windows=-(-sds.block_windows // world),
-            block_batch=sds.block_batch,
-            schedule=sds.schedule,
-            adjust_iters=sds.adjust_iters,
-            solver=sds.solver,
-        )
+    terms = opts.method.plan_terms()  # the re-fit's windows are split across processes
+    terms = replace(terms, block_windows=-(-terms.block_windows // world))
     request = PlanRequest(
         windows=local,
         seqlen=int(windows.shape[1]),
         batch=pick_batch_size(local, int(windows.shape[1])),
-        method=opts.pruning.name,
-        base=sds.base.name if sds is not None else None,
+        terms=terms,
         low_memory=opts.run.low_memory,
         offload=opts.run.offload_activations,
-        **sds_terms,
     )
     plan, request = fit_plan(net, request, opts.compute)
     if opts.progress:

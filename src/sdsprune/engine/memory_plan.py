@@ -35,48 +35,60 @@ _SHARED_INPUTS = (
 
 
 @dataclass(frozen=True)
+class MethodTerms:
+    """What a pruning method adds to a block's memory and time, in the plan's own terms.
+
+    Each method config reports its terms (``plan_terms()`` in :mod:`sdsprune.methods`), so
+    the plan needs no method's name: a new method states what it holds and computes.
+    """
+
+    statistics: str = "gram"  # per-layer input statistics: none, sumsq or gram (in x in)
+    factors_hessian: bool = False  # the pruner factors each input's Gram (OBS updates)
+    redense: str | None = None  # a re-dense solve: "factored" (closed form) or "iterative"
+    factorisations: int = 0  # in³ factorisations per distinct layer input (FLOPs)
+    layer_products: int = 0  # out x in x in products per layer (FLOPs)
+    dense_stream: bool = False  # the dense model runs alongside (kd/dd inputs, re-fit targets)
+    dense_statistics: bool = False  # ... and its inputs' Grams and cross-Grams are collected
+    block_epochs: int = 0  # each block is re-fitted with Adam for this many epochs ...
+    block_windows: int = 0  # ... on this many of this process's windows (0: all of them) ...
+    block_batch: int = 1  # ... this many windows a step
+    staged: bool = False  # three passes over the model, with dense copies of every block
+
+
+@dataclass(frozen=True)
 class PlanRequest:
     """What the plan depends on besides the model's shapes."""
 
     windows: int  # calibration windows this process holds
     seqlen: int
     batch: int
-    method: str
-    base: str | None
-    dense_stream: bool = False  # the dense model runs alongside (kd/dd inputs, re-fit targets)
-    dense_statistics: bool = False  # ... and its inputs' Grams and cross-Grams are collected
-    block_epochs: int = 0  # SDS re-fits each block with Adam for this many epochs ...
-    block_windows: int = 0  # ... on this many of this process's windows (0: all of them) ...
-    block_batch: int = 4  # ... this many windows a step (SDSConfig's default)
-    schedule: str = "fused"
-    adjust_iters: int = 0
-    solver: str = "closed"
+    terms: MethodTerms
     low_memory: bool = False
     offload: str = "auto"  # auto, on, off
 
     @property
     def block_refit(self) -> bool:
-        return self.method == "sds" and self.block_epochs > 0
+        return self.terms.block_epochs > 0
 
     @property
     def refit_tokens(self) -> int:
         """Tokens one re-fit epoch runs through the block (forward and backward)."""
         if not self.block_refit:
             return 0
-        windows = min(self.block_windows or self.windows, self.windows)
+        windows = min(self.terms.block_windows or self.windows, self.windows)
         return windows * self.seqlen
 
     @property
     def refit_on_every_window(self) -> bool:
         """Whether the re-fit runs on all windows: only then does it keep its outputs (the
         next block's inputs); on a subset (the default) it allocates no output buffer."""
-        return self.block_refit and not 0 < self.block_windows < self.windows
+        return self.block_refit and not 0 < self.terms.block_windows < self.windows
 
     @property
     def refit_step_windows(self) -> int:
         """Windows one re-fit step runs forward and backward at once: its mini-batch, in
         pieces of at most the forward batch."""
-        return min(self.block_batch, self.batch)
+        return min(self.terms.block_batch, self.batch)
 
 
 @dataclass
@@ -184,25 +196,24 @@ def plan_run(
     """
     shapes = _shapes(net)
     plan = MemoryPlan(device=str(compute), batch=request.batch)
+    terms = request.terms
     tokens = request.windows * request.seqlen
     batch_tokens = request.batch * request.seqlen
-    sds = request.method == "sds"
-    dense_stream = sds and request.dense_stream
+    dense_stream = terms.dense_stream
     refit = request.block_refit
-    staged = sds and request.schedule == "staged"
-    buffers = 1 + dense_stream + staged + _refit_output_buffers(shapes, request)
+    buffers = 1 + dense_stream + terms.staged + _refit_output_buffers(shapes, request)
     activations = buffers * tokens * shapes.hidden * shapes.dtype_bytes
-    needs = "gram" if sds else {"magnitude": "none", "wanda": "sumsq"}.get(request.method, "gram")
-    gram_sets = 1 + 2 * (sds and request.dense_statistics)
-    statistics = gram_sets * sum(4 * w * w for w in shapes.group_inputs) if needs == "gram" else 0
+    gram_sets = 1 + 2 * terms.dense_statistics
+    grams = gram_sets * sum(4 * w * w for w in shapes.group_inputs)
+    statistics = grams if terms.statistics == "gram" else 0
     weights = shapes.block_params * shapes.dtype_bytes + shapes.linear_params * 4
-    kept_inputs = dense_stream and request.dense_statistics  # kd's cross-Grams read them
+    kept_inputs = dense_stream and terms.dense_statistics  # kd's cross-Grams read them
     forward = _forward_scratch(shapes, request.batch, request.seqlen, kept_inputs)
     refit_note = ""
     if refit:  # the re-fit's fp32 forwards and backwards come after the statistics pass's
         forward = max(forward, _refit_forward(shapes, request))
         refit_note = "; the re-fit's in fp32, with autograd's"
-    solver, cached = _solver_scratch(shapes, request)
+    solver, cached = _solver_scratch(shapes, terms)
     solver = max(solver, _refit_scratch(shapes) if refit else 0)
     plan.device_free, plan.host_available = _free_memory(compute)
     fixed = weights + statistics + forward + solver + cached
@@ -221,7 +232,7 @@ def plan_run(
         (f"forward scratch ({batch_tokens} tokens a batch{refit_note})", forward, device),
         ("solver scratch (widest layer) + cached factors", solver + cached, device),
     ]
-    if sds and request.schedule == "staged" and not request.low_memory:
+    if terms.staged and not request.low_memory:
         copies = shapes.blocks * shapes.linear_params * shapes.dtype_bytes
         plan.items.append(("staged: dense copies of every block (model dtype)", copies, host))
     plan.device_peak = sum(size for _, size, where in plan.items if where == device)
@@ -287,22 +298,22 @@ def _refit_output_buffers(shapes: _Shapes, request: PlanRequest) -> int:
     return 2 if shapes.dtype_bytes >= 4 else 1
 
 
-def _solver_scratch(shapes: _Shapes, request: PlanRequest) -> tuple[int, int]:
+def _solver_scratch(shapes: _Shapes, terms: MethodTerms) -> tuple[int, int]:
     """(transient scratch of the widest layer's solve, factors cached for the block)."""
     out, width = max(
         ((o, i) for _, o, i in shapes.layers), key=lambda oi: oi[0] * oi[1] + oi[1] ** 2
     )
-    pruner = request.base if request.method == "sds" else request.method
-    if pruner == "sparsegpt":
+    if terms.factors_hessian:
         base = 2 * out * width * 4 + out * width + 3 * width * width * 4
         cached = sum(4 * w * w for w in shapes.group_inputs)
     else:  # scores, mask, selected values and int64 indices of half the entries
         base, cached = out * width * (4 + 1 + 6), 0
-    if request.method != "sds":
+    if terms.redense is None:
         return base, cached
-    closed = 2 * width * width * 8 + 3 * out * width * 8 if request.solver == "closed" else 0
+    factored = terms.redense == "factored"
+    closed = 2 * width * width * 8 + 3 * out * width * 8 if factored else 0
     iterative = 8 * out * width * 4  # start, target, iterates, momentum, best, gradient
-    if request.solver == "closed":
+    if factored:
         cached += sum(8 * w * w for w in shapes.group_inputs)
     return max(base, closed, iterative), cached
 
@@ -320,19 +331,14 @@ def _refit_scratch(shapes: _Shapes) -> int:
 
 def _block_flops(shapes: _Shapes, request: PlanRequest, tokens: int, dense: bool) -> float:
     """Matmul FLOPs of one block: forwards, Gram accumulation, factorisations, solver steps."""
-    passes = (2 + dense) * (3 if request.schedule == "staged" and request.method == "sds" else 1)
+    terms = request.terms
+    passes = (2 + dense) * (3 if terms.staged else 1)
     forward = passes * _forward_flops(shapes, tokens, request.seqlen)
-    grams = (1 + 2 * request.dense_statistics) * sum(
-        2 * tokens * w * w for w in shapes.group_inputs
-    )
+    grams = (1 + 2 * terms.dense_statistics) * sum(2 * tokens * w * w for w in shapes.group_inputs)
     factor = sum(2 * w**3 for w in shapes.group_inputs)
     per_layer = sum(2 * o * i * i for _, o, i in shapes.layers)  # one (out x in x in) product
-    if request.method == "sds":
-        # two base prunings, the re-dense target and solve, the stage errors, each adjust step
-        solves = (2 + 2 + 1 + request.adjust_iters) * per_layer
-        refit = _refit_flops(shapes, request)
-        return forward + grams + 3 * factor + solves + refit  # Hessian twice, re-dense once
-    return forward + grams + (factor + per_layer if request.method == "sparsegpt" else 0)
+    solves = terms.factorisations * factor + terms.layer_products * per_layer
+    return forward + grams + solves + _refit_flops(shapes, request)
 
 
 def _refit_flops(shapes: _Shapes, request: PlanRequest) -> float:
@@ -341,7 +347,7 @@ def _refit_flops(shapes: _Shapes, request: PlanRequest) -> float:
     bf16/fp16 block's once more: after the cast back)."""
     if not request.block_refit:
         return 0.0
-    epochs = request.block_epochs
+    epochs = request.terms.block_epochs
     measurements = epochs + 1 + (shapes.dtype_bytes < 4)
     return (3 * epochs + measurements) * _forward_flops(
         shapes, request.refit_tokens, request.seqlen
@@ -402,7 +408,7 @@ def _shortfall(plan: MemoryPlan, request: PlanRequest) -> str | None:
     host_need = plan.host_extra if on_gpu else plan.device_peak  # on CPU: one and the same
     if plan.host_available is not None and host_need > HEADROOM * plan.host_available:
         hint = "lower --nsamples or --seqlen"
-        if request.method == "sds" and request.schedule == "staged" and not request.low_memory:
+        if request.terms.staged and not request.low_memory:
             hint = "use --low-memory (the staged dense copies are then read from disk) or " + hint
         return (
             f"this run needs about {_gib(host_need)} more CPU memory but "
