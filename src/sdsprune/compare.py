@@ -93,12 +93,11 @@ class Run:
         if self.method is None:
             return {"method": DENSE, "base": None, "sparsity": None, "owl": False}
         stored = report_settings(self.method)
-        owl = isinstance(self.method, OWL)
         return {
             "method": stored["method"],
             "base": stored["base"],
             "sparsity": self.sparsity,
-            "owl": owl,
+            "owl": isinstance(self.method, OWL),
         }
 
 

@@ -157,8 +157,8 @@ class SDS(SDSConfig):
             factors_hessian=self.base.plan_terms().factors_hessian,
             redense="factored" if self.solver == "closed" else "iterative",
             factorisations=3,  # the Hessian twice (two base prunings), the re-dense once
-            # two base prunings, the re-dense target and solve, the stage errors, each adjust
-            # step
+            # products: two base prunings, the re-dense target and solve, the stage errors,
+            # and one per adjustment step
             layer_products=2 + 2 + 1 + self.adjust_iters,
             dense_stream=self.dense_stream,
             dense_statistics=self.dense_statistics,
@@ -223,26 +223,30 @@ def parse_method(text: str, presets: Presets | None = None) -> Method:
     presets = presets or {}
     match = _SPEC.match(text.strip().replace(" ", ""))
     if match is None:
-        raise SdspruneError(f"unknown method '{text}' (choose from {method_choices()})")
+        raise _unknown(text)
     name, options = _named(match["head"], text)
     if name == SDS.name:
         method = _sds(options, match["base"], text, presets)
     elif match["base"] is not None:
-        raise SdspruneError(f"unknown method '{text}' (choose from {method_choices()})")
+        raise _unknown(text)
     else:
         method = _base(name, options, text, presets)
     if match["wrapper"] is None:
         return method
     wrapper, options = _named(match["wrapper"], text)
     if wrapper != OWL.name:
-        raise SdspruneError(f"unknown method '{text}' (choose from {method_choices()})")
+        raise _unknown(text)
     return _build(OWL, options, presets, inner=method)
+
+
+def _unknown(text: str) -> SdspruneError:
+    return SdspruneError(f"unknown method '{text}' (choose from {method_choices()})")
 
 
 def _named(term: str, text: str) -> tuple[str, str]:
     match = _NAMED.match(term)
     if match is None:
-        raise SdspruneError(f"unknown method '{text}' (choose from {method_choices()})")
+        raise _unknown(text)
     return match["name"], match["options"] or ""
 
 
@@ -258,7 +262,7 @@ def _sds(options: str, base: str | None, text: str, presets: Presets) -> SDS:
 
 def _base(name: str, options: str, text: str, presets: Presets) -> BaseMethod:
     if name not in BASE_METHODS:
-        raise SdspruneError(f"unknown method '{text}' (choose from {method_choices()})")
+        raise _unknown(text)
     return _build(BASE_METHODS[name], options, presets)
 
 
