@@ -12,6 +12,17 @@ Example (the README's table; about 4 minutes a run on 2 cores, nothing else runn
     python benchmarks/sparse_cpu.py --checkpoint 50%=runs/sgpt-50 --checkpoint 70%=runs/sgpt-70 \\
         --checkpoint 2:4=runs/sgpt-24 --dtypes float32,bfloat16 --threads 2,1 \\
         --out benchmarks/results/sparse-cpu
+
+With ``--decode-modes eager,static --llamacpp f32,bf16,q8_0`` every run also times the fast
+path (``auto`` with a static KV cache and a compiled step, as ``load(..., decode="compiled")``
+gives ``generate()``) and llama.cpp on GGUFs of the same checkpoint (the dense model's speed
+there: llama.cpp computes the zeros), and ``OUT/decode.md`` holds the table a CPU user
+decides from: every decode path against torch's dense eager decode and against llama.cpp,
+with the bytes a step reads and the floor they give (about 8 minutes a run)::
+
+    python benchmarks/sparse_cpu.py --checkpoint dense=<dense folder> --checkpoint 50%=... \\
+        --decode-modes eager,static --llamacpp f32,bf16,q8_0 --batch-sizes 1,8 \\
+        --dtypes float32,bfloat16 --out benchmarks/results/cpu-decode
 """
 
 from __future__ import annotations
@@ -53,7 +64,11 @@ def run_one(label: str, folder: Path, dtype: str, threads: int, settings, out: P
 
 def rows_of(report: dict) -> list[dict]:
     """One table row per batch: auto's decode and prefill against dense, with the ceiling."""
-    results = {(r["backend"], r["workload"], r["batch"]): r for r in report["results"]}
+    results = {
+        (r["backend"], r["workload"], r["batch"]): r
+        for r in report["results"]
+        if r.get("mode", "eager") == "eager" or r["workload"] == "prefill"
+    }
     backends = report["backends"]
     rows = []
     for batch in report["settings"]["batch_sizes"]:
@@ -108,10 +123,91 @@ def markdown(reports: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PEERS = ("llama.cpp f32", "llama.cpp bf16", "llama.cpp q8_0")
+
+
+def decode_rows(report: dict) -> list[dict]:
+    """Per decode path and batch: ms/token and its ratios to dense eager and to each
+    llama.cpp precision timed in the same run (batch 1 only for llama.cpp)."""
+    decode = {
+        (r["backend"], r["mode"], r["batch"]): r["seconds"]["median"]
+        for r in report["results"]
+        if r["workload"] == "decode"
+    }
+    prefill = {
+        (r["backend"], r["batch"]): r["seconds"]["median"]
+        for r in report["results"]
+        if r["workload"] == "prefill"
+    }
+    streaming = report.get("streaming") or {}
+    rows = []
+    for (backend, mode, batch), seconds in sorted(decode.items()):
+        if backend in PEERS and mode != "eager":
+            continue  # one row per llama.cpp precision (its decode has no modes)
+        dense = decode[("dense", "eager", batch)]
+        peers = {
+            p: decode[(p, "eager", batch)] / seconds for p in PEERS if (p, "eager", batch) in decode
+        }
+        rows.append(
+            {
+                "label": report["label"],
+                "dtype": report["dtype"],
+                "batch": batch,
+                "path": backend if backend in PEERS else f"{backend} {mode}",
+                "ms": seconds * 1e3,
+                "vs_dense_eager": dense / seconds,
+                "vs_peers": peers,
+                "prefill_vs_dense": prefill[("dense", batch)] / prefill[(backend, batch)]
+                if (backend, batch) in prefill
+                else None,
+                "mib": streaming.get("decode_weights_mib", {}).get(backend),
+                "floor_ms": streaming.get("floor_ms_per_token", {}).get(backend),
+            }
+        )
+    return rows
+
+
+def decode_markdown(reports: list[dict]) -> str:
+    cpus = sorted({r.get("cpu", "?") for r in reports})
+    bandwidths = sorted(
+        {(r.get("streaming") or {}).get("bandwidth_gib_s") for r in reports} - {None}
+    )
+    lines = [
+        f"CPU: {', '.join(cpus)}; torch's default threads ({', '.join(sorted({str(r['threads']) for r in reports}))}). "
+        "One `bench` run per checkpoint and dtype: dense and `auto` in torch, eager decode "
+        "(transformers' dynamic cache) and static (static cache + compiled step, what "
+        '`load(..., decode="compiled")` gives `generate()`), and llama.cpp on GGUFs of the '
+        "same checkpoint (it computes the zeros: the dense model's speed). ms/token medians "
+        f"of the run; ratios > 1 mean faster. MiB: weights a batch-1 step reads; floor: "
+        f"those bytes at the bandwidth the streaming kernel measured in the run "
+        f"({', '.join(f'{b}' for b in bandwidths)} GiB/s).",
+        "",
+        "| checkpoint | dtype | batch | decode path | ms/token | vs torch dense eager "
+        "| vs llama.cpp f32 | vs llama.cpp bf16 | vs llama.cpp q8_0 | prefill vs dense "
+        "| MiB read | floor ms |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = [row for report in reports for row in decode_rows(report)]
+    for row in sorted(rows, key=lambda r: (r["label"], r["dtype"], r["batch"], r["path"])):
+        peers = [f"{row['vs_peers'][p]:.2f}x" if p in row["vs_peers"] else "" for p in PEERS]
+        prefill = f"{row['prefill_vs_dense']:.2f}x" if row["prefill_vs_dense"] else ""
+        mib = f"{row['mib']:.0f}" if row["mib"] else ""
+        floor = f"{row['floor_ms']:.1f}" if row["floor_ms"] else ""
+        lines.append(
+            f"| {row['label']} | {row['dtype']} | {row['batch']} | {row['path']} "
+            f"| {row['ms']:.1f} | {row['vs_dense_eager']:.2f}x | {' | '.join(peers)} "
+            f"| {prefill} | {mib} | {floor} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def summarise(out: Path) -> Path:
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    reports = [r for r in reports if "label" in r]
     path = out / "results.md"
-    path.write_text(markdown([r for r in reports if "label" in r]))
+    path.write_text(markdown(reports))
+    if any(r.get("peers") or "static_decode" in r for r in reports):
+        (out / "decode.md").write_text(decode_markdown(reports))
     return path
 
 
@@ -122,10 +218,15 @@ def main() -> None:
     parser.add_argument("--threads", default=str(torch.get_num_threads()))
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--decode-modes", default="eager")
+    parser.add_argument("--llamacpp", default="", help="GGUF precisions, e.g. f32,bf16,q8_0")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     settings = BenchSettings(
-        repeats=args.repeats, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(","))
+        repeats=args.repeats,
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        decode_modes=tuple(args.decode_modes.split(",")),
+        llamacpp=tuple(p for p in args.llamacpp.split(",") if p),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     for threads in (int(t) for t in args.threads.split(",")):

@@ -748,7 +748,7 @@ def _summarise(contenders: list[_Contender], prompt_tokens: int) -> list[dict]:
                 **_rates(workload, batch * prompt_tokens, stats),
             }
             eager = contender.samples.get(("decode", "eager", batch))
-            if mode == "static" and eager:
+            if mode == "static" and eager and isinstance(contender, _Contender):
                 row["speedup_vs_eager"] = round(statistics.median(eager) / stats["median"], 3)
                 row["verdict_vs_eager"] = _verdict(samples, eager)
             if peer is not None and key in peer.samples:
