@@ -386,3 +386,9 @@ def test_llamacpp_rows_are_skipped_with_the_reason_when_it_is_missing(sparse_dir
 def test_an_unknown_llamacpp_precision_is_refused_before_loading(sparse_dir):
     with pytest.raises(SdspruneError, match=r"llama\.cpp precisions must be among f32, bf16, q8_0"):
         run_bench(sparse_dir, settings=dataclasses.replace(TINY, llamacpp=("q4",)))
+
+
+def test_cli_bench_passes_llamacpp_precisions_and_refuses_unknown_ones(sparse_dir, capsys):
+    code, _, err = run_cli(capsys, "bench", str(sparse_dir), "--llamacpp", "f32,q4")
+    assert code == 2 and "llama.cpp precisions must be among f32, bf16, q8_0" in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1

@@ -509,6 +509,13 @@ def bench_command(
             "Backends are compared with dense in the same mode."
         ),
     ] = "eager",
+    llamacpp: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated GGUF precisions (f32, bf16, q8_0): also time the checkpoint "
+            "in llama.cpp, on the same token ids and threads (batch 1; needs the llamacpp extra)."
+        ),
+    ] = "",
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default: torch's).")
     ] = None,
@@ -539,6 +546,7 @@ def bench_command(
         decode_tokens=decode_tokens,
         batch_sizes=tuple(_split_ints(batch_sizes)),
         decode_modes=tuple(_split_list(decode)),
+        llamacpp=tuple(_split_list(llamacpp)) if llamacpp else (),
     )
     report = run_bench(
         model_dir,
