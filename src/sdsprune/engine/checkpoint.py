@@ -245,19 +245,24 @@ class Checkpointer:
         return saved
 
     def _read_manifest(self) -> dict | None:
-        path = self.folder / MANIFEST
-        if not path.exists():
-            return None
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise SdspruneError(f"unreadable run state {path}: {exc}") from exc
-        if not _well_formed(manifest):
-            raise SdspruneError(
-                f"damaged run state {path} (not the manifest sdsprune writes); delete "
-                f"{self.folder} to start over"
-            )
-        return manifest
+        return read_manifest(self.folder)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """A run state's manifest, or None when there is none; a damaged one is refused."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SdspruneError(f"unreadable run state {path}: {exc}") from exc
+    if not _well_formed(manifest):
+        raise SdspruneError(
+            f"damaged run state {path} (not the manifest sdsprune writes); delete "
+            f"{folder} to start over"
+        )
+    return manifest
 
 
 def _well_formed(manifest: object) -> bool:

@@ -17,12 +17,11 @@ import torch
 from torch import nn
 
 from sdsprune.engine.checkpoint import (
-    MANIFEST,
     Checkpointer,
-    _well_formed,
     block_file,
     blocks_prefix,
     fingerprint,
+    read_manifest,
     remove_state,
 )
 from sdsprune.engine.distributed import Distributed
@@ -90,7 +89,7 @@ def check_state(
         return
     folder = Path(state_dir)
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     if manifest is None:
         if resume:
             raise SdspruneError(f"nothing to resume in {folder} (no saved state there)")
@@ -114,23 +113,6 @@ def check_state(
     files = [block_file(folder / "blocks", index) for index in range(done + 1)] if rank == 0 else []
     for path in [*files, folder / f"stream-rank{rank}-block{done:05d}.safetensors"]:
         _check_state_file(path, folder)
-
-
-def _read_manifest(folder: Path) -> dict | None:
-    """The state's manifest, or None when there is none (as ``Checkpointer`` reads it)."""
-    path = folder / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SdspruneError(f"unreadable run state {path}: {exc}") from exc
-    if not _well_formed(manifest):
-        raise SdspruneError(
-            f"damaged run state {path} (not the manifest sdsprune writes); delete "
-            f"{folder} to start over"
-        )
-    return manifest
 
 
 def _check_state_file(path: Path, folder: Path) -> None:
