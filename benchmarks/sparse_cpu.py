@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -54,11 +55,15 @@ def run_one(label: str, folder: Path, dtype: str, threads: int, settings, out: P
         print(f"kept {target}")
         return
     print(f"bench {label} {dtype} {threads} thread(s)", flush=True)
+    load_before = os.getloadavg()
     with torch_threads(threads):
         report = run_bench(
             folder, backends=["dense", "auto"], dtype=dtype, settings=settings, progress=print
         )
     report["label"], report["cpu"] = label, cpu_name()
+    # other processes' load shows here: timings are ratios within the run, but llama.cpp's
+    # threads spin while they wait, so it loses more than torch on a loaded machine
+    report["load_average"] = {"before": load_before, "after": os.getloadavg()}
     write_json(report, target)
 
 
@@ -180,7 +185,7 @@ def decode_markdown(reports: list[dict]) -> str:
         "same checkpoint (it computes the zeros: the dense model's speed). ms/token medians "
         f"of the run; ratios > 1 mean faster. MiB: weights a batch-1 step reads; floor: "
         f"those bytes at the bandwidth the streaming kernel measured in the run "
-        f"({', '.join(f'{b}' for b in bandwidths)} GiB/s).",
+        f"({', '.join(f'{b}' for b in bandwidths)} GiB/s). {_loads(reports)}",
         "",
         "| checkpoint | dtype | batch | decode path | ms/token | vs torch dense eager "
         "| vs llama.cpp f32 | vs llama.cpp bf16 | vs llama.cpp q8_0 | prefill vs dense "
@@ -199,6 +204,23 @@ def decode_markdown(reports: list[dict]) -> str:
             f"| {prefill} | {mib} | {floor} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _loads(reports: list[dict]) -> str:
+    """The 1-minute load averages seen around the runs (other processes on the machine)."""
+    seen = [
+        value
+        for r in reports
+        for value in (
+            r.get("load_average", {}).get("before"),
+            r.get("load_average", {}).get("after"),
+        )
+        if value
+    ]
+    if not seen:
+        return ""
+    low, high = min(v[0] for v in seen), max(v[0] for v in seen)
+    return f"Load average (1 min) around the runs: {low:.1f}-{high:.1f} on {os.cpu_count()} cores."
 
 
 def summarise(out: Path) -> Path:
