@@ -227,7 +227,8 @@ template <typename V>
 static void kernel_mm(const float* x, int64_t T, int64_t stride, const V* values,
                       const int64_t* offsets, const uint16_t* masks, int64_t out, float* y) {
   const int64_t chunks = stride / CHUNK;
-  rows_mm(x, T, stride, out, offsets[out], [&](int64_t o) {
+  // work per row is per chunk, kept or not: the grain counts the dense-equivalent weights
+  rows_mm(x, T, stride, out, out * stride, [&](int64_t o) {
     return PackedRow<V>{values + offsets[o], masks + o * chunks};
   }, y);
 }
