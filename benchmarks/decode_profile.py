@@ -94,12 +94,10 @@ def pruned_2of4_model(spec: str, seed: int = 0) -> nn.Module:
     windows = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(seed))
     result = sdsprune.prune(
         loaded,
-        method="magnitude",
+        sdsprune.Magnitude(),
         sparsity="2:4",
         calibration=windows,
-        device="cpu",
-        progress=False,
-        measure_errors=False,
+        run=sdsprune.RunOptions(device="cpu", progress=False, measure_errors=False),
     )
     return result.model.model
 

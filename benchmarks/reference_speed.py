@@ -244,11 +244,10 @@ def main() -> None:
         start = time.perf_counter()
         result = sdsprune.prune(
             loaded,
-            method=method,
+            method,
             sparsity=pattern,
             calibration=windows,
-            device="cpu",
-            progress=False,
+            run=sdsprune.RunOptions(device="cpu", progress=False),
         )
         wall = time.perf_counter() - start
         t = result.report["timings"]

@@ -40,15 +40,15 @@ from pathlib import Path
 import torch
 from llama3_shapes import llama_3_8b_config
 
+from sdsprune.methods import SDS, SparseGPT
 from sdsprune.runinfo import resident_bytes
-from sdsprune.sds import SDSConfig
 
 # SDS as an 8B run does it: the adjustment is skipped above 3B parameters (adjust=auto);
 # this 2-block model is smaller, so that is said explicitly.
 CONFIGS = {
-    "sparsegpt": dict(method="sparsegpt"),
-    "sds-sd": dict(method="sds", data_mode="sd", adjust="never"),
-    "sds-kd": dict(method="sds", data_mode="kd", adjust="never"),
+    "sparsegpt": SparseGPT(),
+    "sds-sd": SDS(base=SparseGPT(), data_mode="sd", adjust="never"),
+    "sds-kd": SDS(base=SparseGPT(), data_mode="kd", adjust="never"),
 }
 DTYPES = ("bfloat16", "float32")
 PASSES = ("capture", "stats_pass", "output_pass")
@@ -99,18 +99,13 @@ def run_one(name: str, dtype: str, args) -> dict:
     tokenizer = _tokenizer()
     windows = torch.randint(0, 32000, (args.windows, args.seqlen), generator=torch.Generator())
     baseline = resident_bytes() / 2**20
-    options = dict(CONFIGS[name])
-    method = options.pop("method")
-    sds = sdsprune.SDSConfig(**options) if method == "sds" else None
     start = time.perf_counter()
     result = sdsprune.prune(
         LoadedModel(model, tokenizer, "llama-3-8b-shaped", None),
-        method=method,
+        CONFIGS[name],
         sparsity="2:4",
         calibration=windows,
-        device="cpu",
-        progress=False,
-        sds=sds,
+        run=sdsprune.RunOptions(device="cpu", progress=False),
     )
     seconds = time.perf_counter() - start
     timings = result.report["timings"]
@@ -158,7 +153,7 @@ def extrapolate(row: dict) -> dict:
     """
     times = row["per_block_seconds"]
     passes = sum(times[stage] for stage in PASSES) * TOKENS_8B / row["tokens"]
-    refit_windows = SDSConfig().block_windows
+    refit_windows = SDS().block_windows
     windows = row.get("windows", row["tokens"] // SEQLEN_8B)
     refine = times.get("refine", 0.0) * (
         min(refit_windows, WINDOWS_8B) / min(refit_windows, windows)

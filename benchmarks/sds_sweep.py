@@ -16,26 +16,36 @@ import copy
 import json
 
 from sdsprune.data import load_corpus, sample_calibration
+from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.perplexity import evaluate_corpora
+from sdsprune.methods import SDS, Method, parse_method
 from sdsprune.models import load_model
+from sdsprune.options import RunOptions
 from sdsprune.prune import prune
-from sdsprune.sds import SDSConfig
+
+
+def method_of(settings: dict) -> Method:
+    """The method ``settings`` describe: ``method`` (default ``sds``) and, for SDS, ``base``
+    (default ``sparsegpt``) and the SDS settings (the rest)."""
+    settings = dict(settings)
+    method = settings.pop("method", "sds")
+    pruner = settings.pop("base", "sparsegpt")
+    if method == "sds":
+        return SDS(**settings, base=parse_method(pruner))
+    if parse_method(pruner) != SDS().base:
+        raise SdspruneError(f"base applies to method sds only (got method {method})")
+    return parse_method(method)
 
 
 def run_config(base, windows, sparsity: str, settings: dict) -> dict:
     """Prune a copy of ``base`` with ``settings`` (``method``/``base`` keys, the rest SDS)."""
-    settings = dict(settings)
-    method = settings.pop("method", "sds")
-    pruner = settings.pop("base", "sparsegpt")
     loaded = copy.deepcopy(base)
     result = prune(
         loaded,
-        method=method,
-        base=pruner,
+        method_of(settings),
         sparsity=sparsity,
         calibration=windows,
-        sds=SDSConfig(**settings) if method == "sds" else None,
-        progress=False,
+        run=RunOptions(progress=False),
     )
     sds = result.report.get("sds", {})
     extra = {k: v for k, v in sds.items() if k.startswith("mean")}

@@ -96,7 +96,8 @@ def calibration(args) -> torch.Tensor:
 
 
 def run_method(args, windows, method, device, dtype, out: Path | None = None, **extra):
-    """Prune (or only evaluate, for ``dense``) and return perplexity, time and memory."""
+    """Prune (or only evaluate, for ``dense``) and return perplexity, time and memory
+    (``extra``: more of the prune's ``RunOptions``)."""
     import sdsprune
 
     on_gpu = device.startswith("cuda")
@@ -112,21 +113,18 @@ def run_method(args, windows, method, device, dtype, out: Path | None = None, **
         ppl, plan, weights = report["results"][0]["perplexity"], None, None
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else None
     else:
-        result = sdsprune.prune(
-            MODEL,
-            method=method,
-            sparsity=PATTERN,
-            calibration=windows,
+        options = sdsprune.RunOptions(
             device=device,
             dtype=dtype,
             out=out,
             overwrite=True,
-            evaluate=["wiki"],
+            evaluate=("wiki",),
             eval_seqlen=args.eval_seqlen,
             max_chunks=args.max_chunks,
             progress=False,
             **extra,
         )
+        result = sdsprune.prune(MODEL, method, sparsity=PATTERN, calibration=windows, run=options)
         ppl = result.report["evaluation"][0]["perplexity"]
         plan = result.report["plan"]["device_peak"] / 2**20
         weights = {k: v.detach().cpu() for k, v in result.model.model.state_dict().items()}
