@@ -146,3 +146,29 @@ def test_linears_of_a_dense_model_under_auto_are_all_streamed():
     assert sum(isinstance(m, GemvLinear) for m in model.modules()) == count
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_without_the_kernels_auto_keeps_torchs_dense_layers_and_head(monkeypatch):
+    from sdsprune.inference import gemv
+
+    monkeypatch.setattr(gemv, "extension", lambda: "gemv needs a C++ compiler to build its kernel")
+    model = tiny_model("llama")
+    report = apply_backend(model, "auto")
+    assert report.head == "dense"
+    assert set(report.counts()) == {"dense"}
+    assert not any(isinstance(m, GemvLinear) for m in model.modules())
+
+
+def test_compiled_decode_without_a_compiler_stays_eager_with_a_reason(
+    tiny_model_dir, monkeypatch, caplog
+):
+    from sdsprune.inference import loader
+
+    monkeypatch.setattr(loader, "has_compiler", lambda: False)
+    with caplog.at_level("WARNING", logger="sdsprune"):
+        loaded = load(tiny_model_dir, backend="auto", decode="compiled")
+    assert loaded.model.generation_config.cache_implementation != "static"
+    assert "needs a C++ compiler" in caplog.text
+    ids = torch.randint(0, 256, (1, 4))
+    with torch.inference_mode():
+        assert loaded.model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 7)

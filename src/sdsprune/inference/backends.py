@@ -168,7 +168,7 @@ def apply_backend(
     """
     if backend not in BACKENDS:
         raise SdspruneError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
-    device = _model_device(model)
+    device = model_device(model)
     if backend == "semi-structured" and converters is None:
         problem = semi_structured_device_problem(device)
         if problem:
@@ -273,7 +273,7 @@ def backend_report(model: nn.Module) -> BackendReport | None:
     return getattr(model, REPORT_ATTR, None)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 

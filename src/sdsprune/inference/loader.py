@@ -11,8 +11,9 @@ from torch import nn
 
 from sdsprune.errors import SdspruneError
 from sdsprune.export import is_sparse_checkpoint, load_state_dict
-from sdsprune.inference.backends import apply_backend
+from sdsprune.inference.backends import apply_backend, model_device
 from sdsprune.inference.decode import compile_generation
+from sdsprune.inference.native import has_compiler
 from sdsprune.models import LoadedModel, load_model
 from sdsprune.utils import resolve_device, resolve_dtype
 
@@ -53,8 +54,17 @@ def load(
         loaded = load_model(str(spec), device=device, dtype=dtype or "auto")
     apply_backend(loaded.model, backend, **backend_options)
     if decode == "compiled":
-        compile_generation(loaded.model)
+        _compile_if_possible(loaded.model)
     return loaded
+
+
+def _compile_if_possible(model: nn.Module) -> None:
+    """Set up compiled generation, or say why generation stays eager: inductor builds C++
+    for a CPU model, and without a compiler the first ``generate`` would fail instead."""
+    if model_device(model).type == "cpu" and not has_compiler():
+        log.warning("decode='compiled' needs a C++ compiler for the CPU; generation stays eager")
+        return
+    compile_generation(model)
 
 
 def _load_sparse(folder: Path, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
