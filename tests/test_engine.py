@@ -1,4 +1,4 @@
-"""Engine behaviour: determinism, layer ownership across ranks, run sessions."""
+"""Engine behaviour: determinism, layer ownership across ranks, the explicit runtime."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import byte_tokenizer, cpu_run, tiny_model
 
+from sdsprune.engine import BlockProcessor, BlockStore, Runtime, capture_block_inputs, run_blocks
 from sdsprune.engine.distributed import layer_owners
-from sdsprune.engine.session import BlockStore, RunSession, current_session, use_session
 from sdsprune.models import LoadedModel, model_linears
 from sdsprune.prune import prune
 from sdsprune.utils import torch_threads
@@ -55,9 +55,28 @@ def test_layer_owners_balance_and_agree():
     assert set(layer_owners(["a"], {"a": 1}, 3).values()) == {0}
 
 
-def test_default_session_is_plain_and_sessions_nest():
-    assert type(current_session().store) is BlockStore and current_session().dist is None
-    session = RunSession()
-    with use_session(session):
-        assert current_session() is session
-    assert current_session() is not session
+class _Untouched(BlockProcessor):
+    """Changes no weight: the pass only propagates the activations."""
+
+    def process(self, ctx) -> None:
+        pass
+
+
+def test_default_runtime_is_plain():
+    runtime = Runtime()
+    assert type(runtime.store) is BlockStore and runtime.dist is None and runtime.is_main
+    assert runtime.checkpoint is None and runtime.passes == 0
+
+
+def test_capture_and_run_blocks_honour_the_runtime_they_are_given_and_only_it():
+    cpu, model = torch.device("cpu"), tiny_model("llama")
+    windows = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(0))
+    runtime = Runtime(offload_activations=True, tokens_per_batch=2 * 24)
+    stream = capture_block_inputs(model, windows, cpu, runtime=runtime)
+    assert (stream.batch_size, stream.compute) == (2, cpu)
+    plain = capture_block_inputs(model, windows, cpu)  # a default runtime: nothing shared
+    assert (plain.batch_size, plain.compute) == (8, None)
+    run_blocks(model, stream, _Untouched(), cpu, progress=False, runtime=runtime)
+    run_blocks(model, plain, _Untouched(), cpu, progress=False)
+    assert runtime.passes == 1
+    torch.testing.assert_close(stream.hidden, plain.hidden)

@@ -157,9 +157,10 @@ def test_prune_at_a_lowered_batch_captures_in_that_batch_and_matches(monkeypatch
     batches = []
     capture = prune_module.capture_block_inputs
 
-    def spy(net, windows, device, batch_size):
-        batches.append(batch_size)
-        return capture(net, windows, device, batch_size)
+    def spy(*args, **kwargs):
+        stream = capture(*args, **kwargs)
+        batches.append(stream.batch_size)
+        return stream
 
     monkeypatch.setattr(prune_module, "capture_block_inputs", spy)
     weights, result = pruned(method="sparsegpt")

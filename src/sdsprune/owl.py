@@ -14,7 +14,7 @@ equal blocks). Any base pruner (and SDS) then prunes block b at s_b.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -22,12 +22,9 @@ from torch import nn
 from sdsprune.engine import (
     BlockContext,
     BlockProcessor,
-    RunSession,
+    Runtime,
     capture_block_inputs,
-    current_session,
-    pick_batch_size,
     run_blocks,
-    use_session,
 )
 from sdsprune.errors import SdspruneError
 from sdsprune.pruners import SparsityPattern
@@ -110,12 +107,15 @@ def owl_sparsity(
     device: torch.device,
     timer: Timer,
     progress: bool = True,
+    *,
+    runtime: Runtime,
 ) -> tuple[BlockSparsity, dict]:
-    """Run the statistics pass and return the per-block sparsities and their report."""
+    """Run the statistics pass with the run's ``runtime`` and return the per-block
+    sparsities and their report."""
     config.check(target)
     with timer.stage("owl_stats"):
-        stream = capture_block_inputs(net, windows, device, pick_batch_size(*windows.shape))
-        records = _count_outliers(net, stream, config, device, timer, progress)
+        stream = capture_block_inputs(net, windows, device, runtime=runtime)
+        records = _count_outliers(net, stream, config, device, timer, progress, runtime)
     ratios, sizes = _per_block(records)
     blocks = allocate(ratios, sizes, target.fraction, config.lam)
     report = {
@@ -129,21 +129,20 @@ def owl_sparsity(
     return BlockSparsity(target, tuple(blocks)), report
 
 
-def _count_outliers(net, stream, config, device, timer, progress) -> dict[str, dict]:
-    """The pass runs outside the run's checkpointing: it changes no weight and is cheap to
-    redo, and the pass numbers of the pruning passes stay those of a run without OWL."""
-    session = current_session()
-    scratch = RunSession(store=session.store, dist=session.dist)
-    with use_session(scratch):
-        return run_blocks(
-            net,
-            stream,
-            OutlierCounter(config.threshold),
-            device,
-            desc="owl outliers",
-            progress=progress,
-            timer=timer,
-        )
+def _count_outliers(net, stream, config, device, timer, progress, runtime) -> dict[str, dict]:
+    """The pass runs outside the run's checkpointing, on a copy of its runtime: it changes
+    no weight and is cheap to redo, and the pass numbers of the pruning passes stay those
+    of a run without OWL."""
+    return run_blocks(
+        net,
+        stream,
+        OutlierCounter(config.threshold),
+        device,
+        desc="owl outliers",
+        progress=progress,
+        timer=timer,
+        runtime=replace(runtime, checkpoint=None),
+    )
 
 
 def _per_block(records: dict[str, dict]) -> tuple[list[float], list[int]]:

@@ -19,11 +19,11 @@ from sdsprune.data.corpora import tokenize
 from sdsprune.engine import (
     BlockContext,
     BlockProcessor,
+    Runtime,
     capture_block_inputs,
     pick_batch_size,
     run_blocks,
     runs,
-    use_session,
 )
 from sdsprune.engine.distributed import distributed_from_env
 from sdsprune.engine.lowmem import LowMemoryStore
@@ -249,20 +249,19 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
     state_dir, resume = opts.run.state_dir, opts.run.resume
     runs.check_state(net, config, windows, dist=dist, state_dir=state_dir, resume=resume)
     plan = _memory_plan(net, opts, windows, dist)
-    session_scope = runs.run_session(
+    runtime_scope = runs.open_runtime(
         net,
         loaded,
         config,
         windows,
+        plan=plan,
         dist=dist,
         low_memory=opts.run.low_memory,
         out=opts.run.out,
         state_dir=opts.run.state_dir,
         resume=opts.run.resume,
     )
-    with session_scope as session, use_session(session):
-        session.offload_activations = plan.offload
-        session.tokens_per_batch = plan.batch * int(windows.shape[1])
+    with runtime_scope as runtime:
         local = windows if dist is None else dist.shard(windows)
         start = time.perf_counter()
         owl_report = None
@@ -271,18 +270,28 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
             from sdsprune.owl import owl_sparsity
 
             pattern, owl_report = owl_sparsity(
-                net, local, pattern, opts.owl, opts.compute, timer, opts.progress
+                net, local, pattern, opts.owl, opts.compute, timer, opts.progress, runtime=runtime
             )
         if opts.sds is not None:
             from sdsprune.sds import run_sds
 
             layers, extras = run_sds(
-                net, local, opts.sds.base, pattern, opts.sds, opts.compute, timer, opts.progress
+                net,
+                local,
+                opts.sds.base,
+                pattern,
+                opts.sds,
+                opts.compute,
+                timer,
+                opts.progress,
+                runtime=runtime,
             )
         else:
             pruner = opts.pruning.pruner()
             processor = PruneProcessor(pruner, pattern, opts.run.measure_errors)
-            layers = _run_one_shot(net, local, processor, opts.compute, timer, opts.progress)
+            layers = _run_one_shot(
+                net, local, processor, opts.compute, timer, opts.progress, runtime
+            )
             extras = {}
         prune_seconds = time.perf_counter() - start
         if opts.run.low_memory or dist is not None:
@@ -294,27 +303,27 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
             "timings": {**timer.rounded(), "prune_total": round(prune_seconds, 3)},
             "memory": {**peak_memory(), "stages": timer.stage_peaks()},
             "plan": plan.to_dict(),
-            "summary": _summary(net, layers, session.store if opts.run.low_memory else None),
+            "summary": _summary(net, layers, runtime.store if opts.run.low_memory else None),
             "layers": layers,
             **extras,
         }
         if owl_report is not None:
             report["owl"] = owl_report
-        return _finish_run(loaded, report, opts, session, eval_corpora, timer, prune_seconds)
+        return _finish_run(loaded, report, opts, runtime, eval_corpora, timer, prune_seconds)
 
 
 def _finish_run(
-    loaded, report, opts: PruneOptions, session, eval_corpora, timer, prune_seconds
+    loaded, report, opts: PruneOptions, runtime: Runtime, eval_corpora, timer, prune_seconds
 ) -> PruneResult:
     """Save, then evaluate, on the main process only: a failing evaluation cannot lose the
     pruned model, and the saved state is dropped as soon as the model is safe."""
-    if not session.is_main:
-        runs.finish(session, opts.run.state_dir)
+    if not runtime.is_main:
+        runs.finish(runtime, opts.run.state_dir)
         return PruneResult(model=loaded, report=report, out=None)
-    store = session.store if isinstance(session.store, LowMemoryStore) else None
+    store = runtime.store if isinstance(runtime.store, LowMemoryStore) else None
     out = opts.run.out
     saved = save_pruned(loaded, report, out, opts.run.overwrite, store) if out else None
-    runs.finish(session, opts.run.state_dir)
+    runs.finish(runtime, opts.run.state_dir)
     if eval_corpora:
         report["evaluation"] = _evaluate_saved(loaded, eval_corpora, opts, timer, saved)
         report["timings"] = {**timer.rounded(), "prune_total": round(prune_seconds, 3)}
@@ -403,9 +412,11 @@ def _dtype_for(dtype: str, compute: torch.device) -> str:
     return "bfloat16" if compute.type == "cuda" else "float32"
 
 
-def _run_one_shot(net, windows, processor: PruneProcessor, compute, timer, progress) -> dict:
+def _run_one_shot(
+    net, windows, processor: PruneProcessor, compute, timer, progress, runtime: Runtime
+) -> dict:
     with timer.stage("capture"):
-        stream = capture_block_inputs(net, windows, compute, pick_batch_size(*windows.shape))
+        stream = capture_block_inputs(net, windows, compute, runtime=runtime)
     with timer.stage("prune"):
         return run_blocks(
             net,
@@ -415,6 +426,7 @@ def _run_one_shot(net, windows, processor: PruneProcessor, compute, timer, progr
             desc=f"{processor.pruner.name} {processor.pattern}",
             progress=progress,
             timer=timer,
+            runtime=runtime,
         )
 
 

@@ -1,8 +1,8 @@
 """The sequential block-wise engine: capture, statistics, and the per-block driver."""
 
 from sdsprune.engine.capture import ActivationStream, capture_block_inputs, pick_batch_size
+from sdsprune.engine.runtime import BlockStore, Runtime
 from sdsprune.engine.sequential import BlockContext, BlockProcessor, run_blocks
-from sdsprune.engine.session import BlockStore, RunSession, current_session, use_session
 from sdsprune.engine.stats import StatsCollector
 
 __all__ = [
@@ -10,11 +10,9 @@ __all__ = [
     "BlockContext",
     "BlockProcessor",
     "BlockStore",
-    "RunSession",
+    "Runtime",
     "StatsCollector",
     "capture_block_inputs",
-    "current_session",
     "pick_batch_size",
     "run_blocks",
-    "use_session",
 ]

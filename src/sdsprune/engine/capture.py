@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sdsprune.engine.session import current_session
+from sdsprune.engine.runtime import DEFAULT_TOKENS_PER_BATCH, Runtime
 from sdsprune.errors import SdspruneError
 from sdsprune.models.blocks import decoder_blocks
 
@@ -79,29 +79,39 @@ class ActivationStream:
         )
 
 
-def pick_batch_size(nsamples: int, seqlen: int, tokens_per_batch: int | None = None) -> int:
+def pick_batch_size(
+    nsamples: int, seqlen: int, tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH
+) -> int:
     """The largest divisor of ``nsamples`` that keeps a batch near ``tokens_per_batch``
-    (by default the run session's, which the memory plan lowers when a batch would not fit).
+    (a run's runtime holds the memory plan's, lowered when a batch would not fit).
 
     A divisor keeps every batch the same shape, so the captured masks fit every batch.
     """
-    budget = tokens_per_batch or current_session().tokens_per_batch
-    limit = max(1, budget // seqlen)
+    limit = max(1, tokens_per_batch // seqlen)
     return max(d for d in range(1, min(limit, nsamples) + 1) if nsamples % d == 0)
 
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int
+    model: nn.Module,
+    windows: torch.Tensor,
+    device: torch.device,
+    batch_size: int | None = None,
+    *,
+    runtime: Runtime | None = None,
 ) -> ActivationStream:
     """Run the model up to the first block for every window, and once through all blocks'
     entry points to learn each block's keyword arguments (they may differ per block).
 
     Only the modules outside the blocks visit ``device``; the blocks stay where they are.
-    When the run session offloads activations, each batch's hidden states go to CPU
-    memory as soon as they are captured, so the device never holds all of them.
+    ``batch_size`` defaults to what the runtime's tokens per batch allow. When the runtime
+    offloads activations, each batch's hidden states go to CPU memory as soon as they are
+    captured, so the device never holds all of them.
     """
-    offload = current_session().offload_activations
+    runtime = Runtime() if runtime is None else runtime
+    if batch_size is None:
+        batch_size = pick_batch_size(*windows.shape, runtime.tokens_per_batch)
+    offload = runtime.offload_activations
     blocks = decoder_blocks(model)
     originals = list(blocks)
     records = [{} for _ in originals]

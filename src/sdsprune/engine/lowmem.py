@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sdsprune.engine.checkpoint import block_file, block_tensors, blocks_prefix, save_block
-from sdsprune.engine.session import BlockStore
+from sdsprune.engine.runtime import BlockStore
 from sdsprune.errors import SdspruneError
 from sdsprune.models.blocks import block_linears
 

@@ -1,4 +1,4 @@
-"""Setting up a run's session for ``prune()``: low-memory stores, state folders, saving.
+"""Setting up a run's runtime for ``prune()``: low-memory stores, state folders, saving.
 
 Kept out of ``prune.py`` so that the public entry point only plumbs options through.
 """
@@ -26,7 +26,8 @@ from sdsprune.engine.checkpoint import (
 )
 from sdsprune.engine.distributed import Distributed
 from sdsprune.engine.lowmem import LowMemoryStore, SafetensorsSource, build_skeleton
-from sdsprune.engine.session import BlockStore, RunSession
+from sdsprune.engine.memory_plan import MemoryPlan
+from sdsprune.engine.runtime import BlockStore, Runtime
 from sdsprune.errors import SdspruneError
 from sdsprune.models.blocks import decoder_blocks
 
@@ -84,7 +85,7 @@ def check_state(
     """Before the memory plan is printed: a state folder that cannot be resumed (damaged,
     of another run, past the model's end) or that holds an unfinished run while not
     resuming is refused as one error, with nothing printed or written before it. Reads
-    only the manifest and the files' headers; ``run_session`` reads the state itself."""
+    only the manifest and the files' headers; ``open_runtime`` reads the state itself."""
     if state_dir is None:
         return
     folder = Path(state_dir)
@@ -135,19 +136,21 @@ def _fingerprint(config: dict, windows: torch.Tensor, world: int) -> str:
 
 
 @contextlib.contextmanager
-def run_session(
+def open_runtime(
     net: nn.Module,
     loaded,
     config: dict,
     windows: torch.Tensor,
     *,
+    plan: MemoryPlan,
     dist: Distributed | None,
     low_memory: bool,
     out,
     state_dir,
     resume: bool,
-) -> Iterator[RunSession]:
-    """The session for one prune run; removes scratch state when the run succeeds."""
+) -> Iterator[Runtime]:
+    """The runtime of one prune run, as the memory plan sizes it; removes scratch state
+    when the run ends."""
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     checkpoint = None
     if state_dir is not None:
@@ -174,17 +177,23 @@ def run_session(
             done=checkpoint.done_blocks if checkpoint is not None else 0,
         )
     try:
-        yield RunSession(store=store, dist=dist, checkpoint=checkpoint)
+        yield Runtime(
+            store=store,
+            dist=dist,
+            checkpoint=checkpoint,
+            offload_activations=plan.offload,
+            tokens_per_batch=plan.batch * int(windows.shape[1]),
+        )
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def finish(session: RunSession, state_dir) -> None:
+def finish(runtime: Runtime, state_dir) -> None:
     """After the output is safely written: the saved state is no longer needed."""
-    if session.dist is not None:
-        session.dist.barrier()
-    if state_dir is not None and session.is_main:
+    if runtime.dist is not None:
+        runtime.dist.barrier()
+    if state_dir is not None and runtime.is_main:
         remove_state(Path(state_dir))
 
 

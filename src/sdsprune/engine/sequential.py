@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from sdsprune.engine.capture import ActivationStream
 from sdsprune.engine.checkpoint import blocks_prefix, inject_fault
 from sdsprune.engine.distributed import Distributed, layer_owners, reduce_stats
-from sdsprune.engine.session import current_session
+from sdsprune.engine.runtime import Runtime
 from sdsprune.engine.stats import StatsCollector
 from sdsprune.errors import SdspruneError
 from sdsprune.models.blocks import block_linears, decoder_blocks
@@ -130,40 +130,41 @@ def run_blocks(
     on_block_done=None,
     start_block: int = 0,
     timer: Timer | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, dict]:
     """Process every decoder block in order; returns per-layer records ``"i.name" -> dict``.
 
-    The installed :class:`~sdsprune.engine.session.RunSession` decides where blocks live
-    between turns (memory or disk), whether other ranks share the work, and whether the
-    state is saved after each block (and restored first, when resuming).
+    The run's :class:`~sdsprune.engine.runtime.Runtime` (by default a plain one) decides
+    where blocks live between turns (memory or disk), whether other ranks share the work,
+    and whether the state is saved after each block (and restored first, when resuming).
     """
-    session = current_session()
-    pass_index = session.passes
-    session.passes += 1
+    runtime = Runtime() if runtime is None else runtime
+    pass_index = runtime.passes
+    runtime.passes += 1
     blocks = decoder_blocks(model)
-    prefix = blocks_prefix(model) if session.checkpoint is not None else ""
+    prefix = blocks_prefix(model) if runtime.checkpoint is not None else ""
     records: dict[str, dict] = {}
-    if session.checkpoint is not None:
-        start_block, records = session.checkpoint.restore(
-            pass_index, blocks, prefix, stream, dense_stream, session.store.persists_blocks
+    if runtime.checkpoint is not None:
+        start_block, records = runtime.checkpoint.restore(
+            pass_index, blocks, prefix, stream, dense_stream, runtime.store.persists_blocks
         )
     bar = tqdm(
         total=len(blocks),
         initial=start_block,
         desc=desc,
         unit="block",
-        disable=not progress or not session.is_main,
+        disable=not progress or not runtime.is_main,
     )
     for index in range(start_block, len(blocks)):
         block = blocks[index]
-        home = session.store.fetch(index, block, device)
+        home = runtime.store.fetch(index, block, device)
         ctx = _process_block(
-            index, block, stream, dense_stream, processor, device, timer or Timer(), session.dist
+            index, block, stream, dense_stream, processor, device, timer or Timer(), runtime.dist
         )
-        session.store.release(index, block, home)
+        runtime.store.release(index, block, home)
         records.update({f"{index}.{name}": rec for name, rec in ctx.records.items()})
-        if session.checkpoint is not None:
-            session.checkpoint.save(
+        if runtime.checkpoint is not None:
+            runtime.checkpoint.save(
                 pass_index,
                 index,
                 block,
@@ -171,7 +172,7 @@ def run_blocks(
                 stream,
                 dense_stream,
                 records,
-                session.store.persists_blocks,
+                runtime.store.persists_blocks,
             )
         if on_block_done is not None:
             on_block_done(index, stream, dense_stream, records)

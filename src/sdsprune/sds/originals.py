@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sdsprune.engine.lowmem import LowMemoryStore
-from sdsprune.engine.session import BlockStore
+from sdsprune.engine.runtime import BlockStore
 from sdsprune.models.blocks import block_linears, decoder_blocks
 
 

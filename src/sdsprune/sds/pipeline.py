@@ -11,9 +11,8 @@ from sdsprune.engine import (
     ActivationStream,
     BlockContext,
     BlockProcessor,
+    Runtime,
     capture_block_inputs,
-    current_session,
-    pick_batch_size,
     run_blocks,
 )
 from sdsprune.linalg import output_energy
@@ -215,14 +214,16 @@ def run_sds(
     device: torch.device,
     timer: Timer,
     progress: bool = True,
+    *,
+    runtime: Runtime,
 ) -> tuple[dict[str, dict], dict]:
-    """Run SDS over the whole model; returns per-layer records and report extras."""
+    """Run SDS over the whole model with the run's ``runtime``; returns per-layer records
+    and report extras."""
     parameters = sum(p.numel() for p in net.parameters())
     recorder = StageRecorder(config.figure_layer or default_figure_layer(net))
     steps = _SDSSteps(base.pruner(), pattern, config, config.adjusts(parameters), recorder)
-    batch = pick_batch_size(*windows.shape)
     with timer.stage("capture"):
-        stream = capture_block_inputs(net, windows, device, batch)
+        stream = capture_block_inputs(net, windows, device, runtime=runtime)
     label = f"sds-{base.name} {pattern}"
     if config.schedule == "fused":
         dense = stream.clone() if config.dense_stream else None
@@ -236,9 +237,10 @@ def run_sds(
                 desc=label,
                 progress=progress,
                 timer=timer,
+                runtime=runtime,
             )
     else:
-        records, copies = _run_staged(net, stream, steps, device, timer, label, progress)
+        records, copies = _run_staged(net, stream, steps, device, timer, label, progress, runtime)
     extras = {
         "sds": {
             "adjusted": steps.adjusting,
@@ -253,9 +255,11 @@ def run_sds(
     return records, extras
 
 
-def _run_staged(net, stream, steps, device, timer, label, progress) -> tuple[dict, int]:
+def _run_staged(
+    net, stream, steps, device, timer, label, progress, runtime: Runtime
+) -> tuple[dict, int]:
     """The three passes; returns the records and the bytes the dense copies held."""
-    originals = DenseOriginals(net, current_session().store)
+    originals = DenseOriginals(net, runtime.store)
     initial = stream.clone()
     records: dict[str, dict] = {}
 
@@ -271,6 +275,7 @@ def _run_staged(net, stream, steps, device, timer, label, progress) -> tuple[dic
                 desc=f"{label} {mark}",
                 progress=progress,
                 timer=timer,
+                runtime=runtime,
             )
             _merge(records, more)
 

@@ -1,16 +1,13 @@
 """How the engine runs this time: where blocks live, who else computes, what is saved.
 
-``run_blocks`` is called by pipelines the engine does not own (``prune``'s one-shot path,
-the SDS schedules), and those calls do not pass low-memory, distributed or checkpoint
-options. ``prune()`` instead installs a :class:`RunSession` for the duration of a run, and
-``run_blocks`` reads it: the pipelines stay unchanged and the default session costs nothing.
+A :class:`Runtime` is built once per run (``prune()`` builds it from the run's options and
+memory plan, see ``engine.runs``) and handed explicitly to every ``capture_block_inputs``
+and ``run_blocks`` call of that run, through the method's pipeline. Both default to a fresh
+plain runtime (in memory, one process, nothing saved), so simple callers need not build one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,6 +17,9 @@ from torch import nn
 if TYPE_CHECKING:
     from sdsprune.engine.checkpoint import Checkpointer
     from sdsprune.engine.distributed import Distributed
+
+# A block's forward batch in tokens, unless the memory plan lowers it.
+DEFAULT_TOKENS_PER_BATCH = 8192
 
 
 class BlockStore:
@@ -39,35 +39,17 @@ class BlockStore:
 
 
 @dataclass
-class RunSession:
-    """Options of the current run that ``run_blocks`` honours (see the module docstring)."""
+class Runtime:
+    """The options of one run that capture and ``run_blocks`` honour, and the count of
+    passes so far (a checkpoint names its pass, so a resumed run knows where it was)."""
 
     store: BlockStore = field(default_factory=BlockStore)
     dist: Distributed | None = None
     checkpoint: Checkpointer | None = None
     passes: int = 0  # run_blocks calls so far in this run
     offload_activations: bool = False  # keep calibration activations in CPU memory
-    tokens_per_batch: int = 8192  # a block's forward batch (the memory plan may lower it)
+    tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH  # the memory plan may lower it
 
     @property
     def is_main(self) -> bool:
         return self.dist is None or self.dist.rank == 0
-
-
-_SESSION: contextvars.ContextVar[RunSession | None] = contextvars.ContextVar(
-    "sdsprune_session", default=None
-)
-
-
-def current_session() -> RunSession:
-    """The installed session, or a fresh default one (plain in-memory, single process)."""
-    return _SESSION.get() or RunSession()
-
-
-@contextlib.contextmanager
-def use_session(session: RunSession) -> Iterator[RunSession]:
-    token = _SESSION.set(session)
-    try:
-        yield session
-    finally:
-        _SESSION.reset(token)
