@@ -118,30 +118,6 @@ def test_verdicts_need_a_rank_test_at_the_level_of_four_separated_samples():
     assert _verdict(fast, [0.071 + 0.001 * i for i in range(15)]) == "faster"
 
 
-@pytest.mark.parametrize("sizes", [(4, 4), (5, 5), (3, 6), (6, 2)])
-def test_rank_test_p_equals_enumerating_every_ordering(sizes):
-    import itertools
-
-    from sdsprune.bench import _rank_test_p
-
-    n, m = sizes
-    g = torch.Generator().manual_seed(n * 10 + m)
-    first = torch.rand(n, generator=g).tolist()
-    second = (torch.rand(m, generator=g) + 0.3).tolist()
-    pooled = first + second
-
-    def wins(chosen):
-        a = [pooled[i] for i in chosen]
-        b = [pooled[i] for i in range(n + m) if i not in chosen]
-        return sum(x < y for x in a for y in b)
-
-    observed = wins(range(n))
-    null = [wins(c) for c in itertools.combinations(range(n + m), n)]
-    low = sum(u <= observed for u in null) / len(null)
-    high = sum(u >= observed for u in null) / len(null)
-    assert _rank_test_p(first, second) == pytest.approx(min(1.0, 2 * min(low, high)))
-
-
 def test_default_backends_on_cpu():
     assert default_backends(torch.device("cpu")) == [
         "dense",

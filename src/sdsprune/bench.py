@@ -15,11 +15,9 @@ mode, so a sparse speedup is not confused with the overhead cut, which is report
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import logging
-import math
 import statistics
 import tempfile
 import time
@@ -55,6 +53,7 @@ from sdsprune.inference.gemv import measure_stream_bandwidth
 from sdsprune.models import decoder_blocks, model_linears
 from sdsprune.ownership import write_file_atomic
 from sdsprune.runinfo import library_versions, peak_memory
+from sdsprune.stats import rank_test_p
 from sdsprune.utils import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -694,33 +693,9 @@ def _verdict(backend: list[float], dense: list[float]) -> str:
     """
     if min(len(backend), len(dense)) < MIN_SAMPLES_FOR_VERDICT:
         return "too few repeats"
-    if _rank_test_p(backend, dense) > VERDICT_LEVEL:
+    if rank_test_p(backend, dense) > VERDICT_LEVEL:
         return "no clear difference"
     return "faster" if statistics.median(backend) < statistics.median(dense) else "slower"
-
-
-def _rank_test_p(first: list[float], second: list[float]) -> float:
-    """Two-sided exact p-value of the Mann-Whitney U test (ties count one half)."""
-    wins = sum((a < b) + 0.5 * (a == b) for a in first for b in second)
-    counts = _u_distribution(len(first), len(second))
-    total = sum(counts)
-    at_most = sum(counts[: math.floor(wins) + 1]) / total
-    at_least = sum(counts[math.ceil(wins) :]) / total
-    return min(1.0, 2 * min(at_most, at_least))
-
-
-@functools.cache
-def _u_distribution(n: int, m: int) -> tuple[int, ...]:
-    """How many of the C(n+m, n) orderings of two samples give U = 0, 1, ..., n·m: the
-    coefficients of the Gaussian binomial [n+m choose n]_q, as a product of
-    (1 - q^(m+i)) / (1 - q^i) for i = 1..n (each division exact)."""
-    poly = [1] + [0] * (n * m)
-    for i in range(1, n + 1):
-        for k in range(len(poly) - 1, m + i - 1, -1):  # times (1 - q^(m+i))
-            poly[k] -= poly[k - m - i]
-        for k in range(i, len(poly)):  # divided by (1 - q^i)
-            poly[k] += poly[k - i]
-    return tuple(poly)
 
 
 def _summarise(contenders: list[_Contender], prompt_tokens: int) -> list[dict]:

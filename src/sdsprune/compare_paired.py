@@ -1,7 +1,7 @@
 """Paired differences between the runs of a comparison, and how the outputs show them.
 
 Every run is scored on the same chunks and the same examples, so each pruned run is compared
-item by item (see :mod:`sdsprune.evaluate.paired`) with dense, for ``sds:<base>`` with its
+item by item (see :mod:`sdsprune.stats`) with dense, for ``sds:<base>`` with its
 base method at the same sparsity, and for an OWL run with the same run at uniform sparsity
 (what OWL adds): perplexity as a ratio, accuracy as a difference in points, each with a 95%
 paired bootstrap interval.
@@ -9,9 +9,7 @@ paired bootstrap interval.
 
 from __future__ import annotations
 
-from sdsprune.evaluate.paired import RESAMPLES, SEED, Stratum
-from sdsprune.evaluate.paired import accuracy_difference as _accuracy_difference
-from sdsprune.evaluate.paired import perplexity_ratio as _perplexity_ratio
+from sdsprune.stats import RESAMPLES, SEED, Stratum, accuracy_difference, perplexity_ratio
 
 
 def reference_pairs(runs: list[dict]) -> list[tuple[dict, dict]]:
@@ -92,7 +90,7 @@ def _ratio(run: dict, reference: dict, dataset: str) -> dict | None:
     reference_nll = reference.get("chunk_nll", {}).get(dataset)
     if not method_nll or not reference_nll or len(method_nll) != len(reference_nll):
         return None
-    return _perplexity_ratio(method_nll, reference_nll).to_dict()
+    return perplexity_ratio(method_nll, reference_nll).to_dict()
 
 
 def _accuracy(run: dict, reference: dict, tasks: list[str], metric: str) -> dict | None:
@@ -106,7 +104,7 @@ def _accuracy(run: dict, reference: dict, tasks: list[str], metric: str) -> dict
             if mine is None or theirs is None or mine["doc_id"] != theirs["doc_id"]:
                 return None
             strata.append(Stratum(mine[metric], theirs[metric], 1 / (len(tasks) * len(leaves))))
-    return _accuracy_difference(strata).to_dict() if strata else None
+    return accuracy_difference(strata).to_dict() if strata else None
 
 
 def _leaves(run: dict, task: str) -> list[str]:

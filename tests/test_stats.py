@@ -1,15 +1,17 @@
-"""Paired bootstrap intervals, checked by hand on cases small enough to write out."""
+"""Paired bootstrap intervals and the rank test, checked by hand or by enumeration on cases
+small enough to write out."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 
+from sdsprune import stats
 from sdsprune.errors import SdspruneError
-from sdsprune.evaluate import paired
-from sdsprune.evaluate.paired import Stratum, accuracy_difference, perplexity_ratio
+from sdsprune.stats import Stratum, accuracy_difference, perplexity_ratio, rank_test_p
 
 # Per-example differences method - reference: [+1, 0, -1].
 METHOD = np.array([1, 1, 0])
@@ -20,10 +22,10 @@ INDICES = np.array([[0, 0, 0], [0, 1, 2], [2, 2, 1], [1, 1, 1], [0, 2, 2]])
 
 def test_resampled_interval_equals_a_hand_computation():
     differences = [METHOD - REFERENCE]
-    resampled = paired.resampled_statistic(differences, [1.0], [INDICES])
+    resampled = stats.resampled_statistic(differences, [1.0], [INDICES])
     # Means of [1,1,1], [1,0,-1], [-1,-1,0], [0,0,0], [1,-1,-1]:
     assert resampled == pytest.approx([1, 0, -2 / 3, 0, -1 / 3])
-    low, high = paired.percentile_interval(resampled)
+    low, high = stats.percentile_interval(resampled)
     # Sorted: -2/3, -1/3, 0, 0, 1. The 2.5th percentile sits at position 0.025 * 4 = 0.1,
     # the 97.5th at 3.9 (linear interpolation between neighbours).
     assert low == pytest.approx(-2 / 3 + 0.1 * (1 / 3))
@@ -33,7 +35,7 @@ def test_resampled_interval_equals_a_hand_computation():
 def test_strata_are_resampled_separately_and_weighted():
     second = [np.array([1.0, 1.0]), np.array([0.0, 1.0])]  # differences [1, 0]
     rows = np.array([[0, 0], [1, 1], [0, 1], [1, 0], [1, 1]])
-    resampled = paired.resampled_statistic(
+    resampled = stats.resampled_statistic(
         [METHOD - REFERENCE, second[0] - second[1]], [0.5, 0.5], [INDICES, rows]
     )
     first_means = np.array([1, 0, -2 / 3, 0, -1 / 3])
@@ -45,16 +47,16 @@ def test_public_function_uses_the_seeded_draws():
     """The interval is the percentile interval of the resamples ``draw_indices`` gives, and
     the estimate is the difference on all examples (not a bootstrap mean)."""
     interval = accuracy_difference([Stratum(METHOD, REFERENCE)], resamples=5, seed=3)
-    indices = paired.draw_indices([3], 5, 3)
-    expected = paired.percentile_interval(
-        paired.resampled_statistic([METHOD - REFERENCE], [1.0], indices)
+    indices = stats.draw_indices([3], 5, 3)
+    expected = stats.percentile_interval(
+        stats.resampled_statistic([METHOD - REFERENCE], [1.0], indices)
     )
     assert (interval.low, interval.high) == pytest.approx(expected)
     assert interval.estimate == 0.0 and interval.items == 3 and interval.resamples == 5
     again = accuracy_difference([Stratum(METHOD, REFERENCE)], resamples=5, seed=3)
     assert again == interval
     # Drawn in blocks: more resamples than one block still give one index row each.
-    assert paired.draw_indices([4, 7], 600, 0)[1].shape == (600, 7)
+    assert stats.draw_indices([4, 7], 600, 0)[1].shape == (600, 7)
 
 
 def test_identical_methods_give_an_interval_containing_zero():
@@ -93,3 +95,23 @@ def test_unpaired_values_are_refused():
         accuracy_difference([Stratum(np.ones(3), np.ones(4))])
     with pytest.raises(SdspruneError, match="at least one"):
         accuracy_difference([])
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (5, 5), (3, 6), (6, 2)])
+def test_rank_test_p_equals_enumerating_every_ordering(sizes):
+    n, m = sizes
+    rng = np.random.default_rng(n * 10 + m)
+    first = rng.random(n).tolist()
+    second = (rng.random(m) + 0.3).tolist()
+    pooled = first + second
+
+    def wins(chosen):
+        a = [pooled[i] for i in chosen]
+        b = [pooled[i] for i in range(n + m) if i not in chosen]
+        return sum(x < y for x in a for y in b)
+
+    observed = wins(range(n))
+    null = [wins(c) for c in itertools.combinations(range(n + m), n)]
+    low = sum(u <= observed for u in null) / len(null)
+    high = sum(u >= observed for u in null) / len(null)
+    assert rank_test_p(first, second) == pytest.approx(min(1.0, 2 * min(low, high)))

@@ -1,20 +1,27 @@
-"""Paired bootstrap intervals: is the difference between two models on the same data real?
+"""The statistics behind ``compare`` and ``bench``: is a measured difference real?
 
-Every model of a comparison is scored on the *same* examples and the *same* perplexity chunks,
-so the question "is A better than B" is about the per-item differences, not about two
-independent accuracies: two pruned models that agree on 90% of the examples differ far less
-than their separate standard errors suggest. The bootstrap resamples the items (with
-replacement, the same items for both models) and reads the 95% interval off the resampled
-statistic; an interval that excludes "no difference" (0, or a ratio of 1) is significant.
+**Paired bootstrap intervals** (``compare``). Every model of a comparison is scored on the
+*same* examples and the *same* perplexity chunks, so the question "is A better than B" is
+about the per-item differences, not about two independent accuracies: two pruned models that
+agree on 90% of the examples differ far less than their separate standard errors suggest. The
+bootstrap resamples the items (with replacement, the same items for both models) and reads
+the 95% interval off the resampled statistic; an interval that excludes "no difference" (0,
+or a ratio of 1) is significant.
 
 A suite of tasks is resampled *within* each task (a stratified bootstrap) and combined with
 the weights of the suite mean, so a task with few examples contributes its own uncertainty.
 Perplexity is ``exp(mean chunk NLL)``, so the ratio of two perplexities on resampled chunks is
 ``exp(mean of the paired NLL differences)``: the same machinery with an exponential at the end.
+
+**An exact rank test** (``bench``). Whether one backend's timings tend to be smaller than
+another's: the two-sided Mann-Whitney U test (:func:`rank_test_p`), with the exact
+distribution of U, so that it holds for the handful of repeats a benchmark runs.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -157,3 +164,27 @@ def _interval(differences, weights, indices, *, null: float, transform) -> Inter
         resamples=len(indices[0]),
         items=sum(len(d) for d in differences),
     )
+
+
+def rank_test_p(first: list[float], second: list[float]) -> float:
+    """Two-sided exact p-value of the Mann-Whitney U test (ties count one half)."""
+    wins = sum((a < b) + 0.5 * (a == b) for a in first for b in second)
+    counts = u_distribution(len(first), len(second))
+    total = sum(counts)
+    at_most = sum(counts[: math.floor(wins) + 1]) / total
+    at_least = sum(counts[math.ceil(wins) :]) / total
+    return min(1.0, 2 * min(at_most, at_least))
+
+
+@functools.cache
+def u_distribution(n: int, m: int) -> tuple[int, ...]:
+    """How many of the C(n+m, n) orderings of two samples give U = 0, 1, ..., n·m: the
+    coefficients of the Gaussian binomial [n+m choose n]_q, as a product of
+    (1 - q^(m+i)) / (1 - q^i) for i = 1..n (each division exact)."""
+    poly = [1] + [0] * (n * m)
+    for i in range(1, n + 1):
+        for k in range(len(poly) - 1, m + i - 1, -1):  # times (1 - q^(m+i))
+            poly[k] -= poly[k - m - i]
+        for k in range(i, len(poly)):  # divided by (1 - q^i)
+            poly[k] += poly[k - i]
+    return tuple(poly)
