@@ -8,14 +8,14 @@ import shutil
 
 import pytest
 
-from sdsprune.compare import Run, compare, parse_runs
+from sdsprune.compare import Run, compare, mean_accuracy, parse_runs, results_markdown
 from sdsprune.errors import SdspruneError
 from sdsprune.methods import OWL, SDS, format_method, report_settings
 from sdsprune.models import load_model
 
 WORDS = "the quick brown fox jumps over the lazy dog while a cat sleeps in the sun"
 prune_module = importlib.import_module("sdsprune.prune")
-compare_module = importlib.import_module("sdsprune.compare")
+compare_run = importlib.import_module("sdsprune.compare.run")
 
 
 @pytest.fixture
@@ -206,13 +206,13 @@ def test_run_files_from_before_prompt_styles_are_reused(
     assert fake_prune == []
     # Older files with tasks were scored with BIG-bench's listed-choices prompts.
     old = {"tasks": ["bigbench:winowhy"], "limit": 100}
-    assert compare_module._upgraded(old) == {**old, "prompt_style": "bigbench"}
+    assert compare_run._upgraded(old) == {**old, "prompt_style": "bigbench"}
 
 
 def _restore_sds_settings(out, key: str, sds) -> None:
     """Rewrite every stored piece of run ``key`` (run file, prune record, evaluations) as if
     it had been made with SDS settings ``sds``."""
-    from sdsprune.compare_store import RunStore
+    from sdsprune.compare.store import RunStore
 
     path = out / "runs" / f"{key}.json"
     stored = json.loads(path.read_text())
@@ -350,7 +350,7 @@ def test_markdown_table_with_tasks_marks_best_and_chance():
         "task_seed": 42,
         "prompt_style": "cloze",
     }
-    table = compare_module.results_markdown({"settings": settings, "runs": runs})
+    table = results_markdown({"settings": settings, "runs": runs})
     assert "| Method | Sparsity | wiki PPL ↓ | winowhy ↑ |" in table
     assert "Mean acc" not in table  # one task: no mean column repeating it
     assert "| SparseGPT | 0.5 | **15.00** | 55.0 |" in table
@@ -361,9 +361,7 @@ def test_markdown_table_with_tasks_marks_best_and_chance():
     ) in table
     assert "(lm-evaluation-harness acc: total answer log-likelihood)" in table
 
-    normed = compare_module.results_markdown(
-        {"settings": {**settings, "metric": "acc_norm"}, "runs": runs}
-    )
+    normed = results_markdown({"settings": {**settings, "metric": "acc_norm"}, "runs": runs})
     assert "| SparseGPT | 0.5 | **15.00** | 65.0 |" in normed
     assert "acc_norm: answer log-likelihood per byte" in normed
     assert "One standard error: about 3.0 points." in normed
@@ -378,7 +376,7 @@ def test_mean_accuracy_counts_each_requested_task_once():
             {"task": "bigbench:cause_and_effect", "acc": 0.8},
         ],
     }
-    assert compare_module.mean_accuracy(run, "acc") == pytest.approx(0.7)
+    assert mean_accuracy(run, "acc") == pytest.approx(0.7)
 
 
 def test_paper_grid_with_new_bases_and_owl_rows():
@@ -529,7 +527,7 @@ def test_without_kept_models_only_missing_evaluations_are_computed(
 def test_a_kept_model_has_the_pruned_weights(tiny_model_dir, corpus, tmp_path):
     import torch
 
-    from sdsprune.compare_store import RunStore
+    from sdsprune.compare.store import RunStore
     from sdsprune.options import Calibration
     from sdsprune.prune import prune
 
@@ -624,7 +622,7 @@ def _run_with_examples(method: str, correct: dict[str, list[int]], base=None) ->
 
 def test_paired_mean_difference_is_the_difference_of_the_table_means():
     """A composite task counts once, as the mean of its subtasks, in the paired mean too."""
-    from sdsprune.compare_paired import paired_comparisons
+    from sdsprune.compare.paired import paired_comparisons
 
     dense = _run_with_examples(
         "dense",
@@ -644,7 +642,7 @@ def test_paired_mean_difference_is_the_difference_of_the_table_means():
     )
     settings = {"datasets": [], "tasks": ["bigbench:winowhy", "bigbench:cause_and_effect"]}
     (comparison,) = paired_comparisons([dense, wanda], settings, "acc_norm")
-    expected = compare_module.mean_accuracy(wanda) - compare_module.mean_accuracy(dense)
+    expected = mean_accuracy(wanda) - mean_accuracy(dense)
     assert comparison["mean"]["estimate"] == pytest.approx(expected)
     assert comparison["tasks"]["bigbench:winowhy"]["estimate"] == pytest.approx(-0.25)
     assert comparison["tasks"]["bigbench:cause_and_effect"]["estimate"] == pytest.approx(
@@ -658,7 +656,7 @@ def test_paired_mean_difference_is_the_difference_of_the_table_means():
 
 def test_owl_runs_are_paired_with_the_same_method_at_uniform_sparsity():
     """What OWL adds is read from an OWL run against its uniform twin, not only against dense."""
-    from sdsprune.compare_paired import reference_pairs
+    from sdsprune.compare.paired import reference_pairs
 
     def run(method, base=None, owl=False):
         spec = one_run((f"sds:{base}" if base else method) + ("+owl" if owl else ""), "0.7")

@@ -59,7 +59,7 @@ def load_model(
         return LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, spec=spec, path=folder)
     source = str(folder) if folder is not None else spec
     model = _from_pretrained(source, torch_dtype)
-    tokenizer = _load_tokenizer(source)
+    tokenizer = load_tokenizer(source)
     model.eval()
     model.to(dev)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=folder)
@@ -160,7 +160,8 @@ def _listing(names: list[str], shown: int = 3) -> str:
     )
 
 
-def _load_tokenizer(source: str):
+def load_tokenizer(source: str):
+    """The tokenizer of a local folder or a hub id (from the cache when the hub is unreachable)."""
     from transformers import AutoTokenizer
 
     try:

@@ -6,7 +6,8 @@ import os
 import textwrap
 from pathlib import Path
 
-from sdsprune.compare_paired import error_bar
+from sdsprune.compare.paired import find, primary_reference
+from sdsprune.compare.report import mean_accuracy, shown_metric
 
 # One colour per method across every plot, so a reader matches bars at a glance.
 _COLORS = {
@@ -73,8 +74,6 @@ def _plain_log_ticks(ax) -> None:
 
 def accuracy_plot(folder: Path, results: dict) -> str | None:
     """Mean zero-shot accuracy per method and sparsity, with the mean chance level."""
-    from sdsprune.compare import mean_accuracy, shown_metric
-
     metric = shown_metric(results["settings"])
     tasks = results["settings"]["tasks"]
     what = "mean" if len(tasks) > 1 else tasks[0]  # the paired interval of what is plotted
@@ -118,6 +117,27 @@ def _mean_baseline(results: dict) -> float | None:
     if not chances or None in chances:
         return None
     return sum(chances) / len(chances)
+
+
+def error_bar(results: dict, run: dict, what: str, value: float) -> tuple[float, float] | None:
+    """(below, above) ``value`` for a plot's error bar: the interval of the run's difference to
+    its primary reference, carried over to the bar (a ratio scales it, points shift it)."""
+    runs = results["runs"]
+    comparison = find(results.get("paired") or [], run, primary_reference(run, runs))
+    if comparison is None:
+        return None
+    if what in comparison["perplexity"]:
+        interval = comparison["perplexity"][what]
+        if interval is None:
+            return None
+        scale = value / interval["estimate"]
+        return value - scale * interval["low"], scale * interval["high"] - value
+    interval = comparison["mean"] if what == "mean" else comparison["tasks"].get(what)
+    if interval is None:
+        return None
+    return 100 * (interval["estimate"] - interval["low"]), 100 * (
+        interval["high"] - interval["estimate"]
+    )
 
 
 def _bars(ax, results: dict, value_of, fmt: str, errors_of=None) -> list[float]:

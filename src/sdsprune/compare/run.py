@@ -1,14 +1,6 @@
-"""``compare()``: dense and several pruning methods at several sparsities, side by side.
-
-Every method prunes a fresh copy of the model on the *same* calibration windows (sampled
-once), then each result is evaluated with the same corpora and tasks. Each finished run is
-written to ``<out>/runs/<run>.json`` atomically, so an interrupted comparison resumes where it
-stopped: runs whose file exists with the same settings are not recomputed. Each evaluation
-(and, with ``keep_models``, each pruned model) is stored on its own (see
-:mod:`sdsprune.compare_store`), so a changed task list or evaluation setting computes only
-what is missing. At the end the folder gets ``results.json``, ``results.md`` (a table laid
-out like the papers', with paired bootstrap intervals) and plots.
-"""
+"""The comparison driver: ``compare()`` lists the runs, reuses those already finished with
+the same settings, prunes and evaluates the rest one by one (each written to
+``<out>/runs/<run>.json`` atomically), then writes the outputs."""
 
 from __future__ import annotations
 
@@ -23,10 +15,16 @@ from pathlib import Path
 
 import torch
 
-from sdsprune.compare_paired import paired_comparisons
-from sdsprune.compare_store import earlier_form
-from sdsprune.compare_store import read_json as _read_json
-from sdsprune.compare_store import write_json_atomic as _write_json_atomic
+from sdsprune.compare.paired import paired_comparisons
+from sdsprune.compare.plots import accuracy_plot, perplexity_plot
+from sdsprune.compare.report import METRICS, results_markdown
+from sdsprune.compare.store import (
+    RunStore,
+    earlier_form,
+    evaluation_keys,
+    read_json,
+    write_json_atomic,
+)
 from sdsprune.data import DEFAULT_CALIB, DEFAULT_CALIB_SEED, DEFAULT_CALIB_SEQLEN, DEFAULT_NSAMPLES
 from sdsprune.errors import SdspruneError
 from sdsprune.evaluate.bigbench import DEFAULT_PROMPT_STYLE
@@ -55,11 +53,6 @@ FIGURES_DIR = "figures"
 # Bump when a run file's content changes meaning, so old files are recomputed.
 # 2: per-example correctness and per-chunk NLLs (for paired intervals) in every run file.
 RUN_FORMAT = 2
-# The accuracies a table can show, as its caption names them.
-METRICS = {
-    "acc_norm": "lm-evaluation-harness acc_norm: answer log-likelihood per byte",
-    "acc": "lm-evaluation-harness acc: total answer log-likelihood",
-}
 # Settings that change only how results are shown, and settings a dense run does not use.
 DISPLAY_ONLY = ("metric",)
 DENSE = "dense"
@@ -257,7 +250,7 @@ def run_file(folder: Path, run: Run) -> Path:
 def _finished(folder: Path, run: Run, settings: dict) -> dict | None:
     """The stored result of ``run`` if it was computed with exactly these settings."""
     path = run_file(folder, run)
-    stored = _read_json(path)
+    stored = read_json(path)
     if stored is None:
         return None
     previous, wanted = stored.get("settings"), _settings_for(run, settings)
@@ -301,10 +294,10 @@ def _settings_for(run: Run, settings: dict) -> dict:
 def _calibration(model: str, calib: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """The windows every method prunes with (sampled once; a run only needs the tokenizer)."""
     from sdsprune.data import load_corpus, sample_calibration
-    from sdsprune.models.loading import _load_tokenizer, resolve_model_folder
+    from sdsprune.models.loading import load_tokenizer, resolve_model_folder
 
     folder = resolve_model_folder(model)
-    tokenizer = _load_tokenizer(str(folder) if folder is not None else model)
+    tokenizer = load_tokenizer(str(folder) if folder is not None else model)
     return sample_calibration(load_corpus(calib, "calib"), tokenizer, nsamples, seqlen, seed)
 
 
@@ -339,7 +332,6 @@ class _Context:
 def _execute(run: Run, context: _Context) -> dict:
     """Evaluate what is not stored yet (pruning first, unless the pruned model was kept), then
     assemble the run's record from its stored pieces and write the run's file atomically."""
-    from sdsprune.compare_store import RunStore, evaluation_keys
     from sdsprune.utils import resolve_device
 
     run_settings = _settings_for(run, context.settings)
@@ -353,7 +345,7 @@ def _execute(run: Run, context: _Context) -> dict:
             store.save_evaluation(key, _evaluate(loaded, key, context.progress))
         del loaded
     record = _assemble(run, store, pruned)
-    _write_json_atomic(run_file(context.folder, run), record)
+    write_json_atomic(run_file(context.folder, run), record)
     return record
 
 
@@ -399,8 +391,6 @@ def _model(run: Run, store, context: _Context) -> tuple[LoadedModel, dict]:
 
 def _assemble(run: Run, store, pruned: dict) -> dict:
     """A run's record from its prune record and its stored evaluations, in settings order."""
-    from sdsprune.compare_store import evaluation_keys
-
     perplexity: dict[str, float] = {}
     chunk_nll: dict[str, list[float]] = {}
     tasks: list[dict] = []
@@ -483,9 +473,7 @@ def _save_figures(folder: Path, run: Run, figures: dict) -> list[str]:
 # ----------------------------------------------------------------------------- outputs
 def write_outputs(folder: Path, results: dict) -> None:
     """results.json, results.md and the plots, each replaced atomically."""
-    from sdsprune.compare_plots import accuracy_plot, perplexity_plot
-
-    _write_json_atomic(folder / "results.json", results)
+    write_json_atomic(folder / "results.json", results)
     plots = [perplexity_plot(folder, results)]
     if results["settings"]["tasks"]:
         plots.append(accuracy_plot(folder, results))
@@ -493,182 +481,6 @@ def write_outputs(folder: Path, results: dict) -> None:
     tmp = folder / ".results.md.tmp"
     tmp.write_text(markdown)
     os.replace(tmp, folder / "results.md")
-
-
-def task_columns(results: dict) -> list[str]:
-    """Task rows shown as columns: leaves and composite means, in the order first seen."""
-    names: dict[str, None] = {}
-    for run in results["runs"]:
-        for row in run["tasks"]:
-            names.setdefault(row["task"], None)
-    return list(names)
-
-
-def mean_accuracy(run: dict, metric: str = "acc_norm") -> float | None:
-    """Mean ``metric`` over the requested tasks (a composite counts once, as its mean)."""
-    requested = set(run["settings"]["tasks"])
-    rows = [row for row in run["tasks"] if row["task"] in requested]
-    return sum(row[metric] for row in rows) / len(rows) if rows else None
-
-
-def shown_metric(settings: dict) -> str:
-    """The accuracy a table shows; results written before the choice existed showed acc."""
-    return settings.get("metric", "acc")
-
-
-def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
-    """A table laid out like the pruning papers': method x sparsity, perplexity then accuracy,
-    each pruned value with its paired interval; then every paired difference in words."""
-    from sdsprune.compare_paired import cell_note, markdown_section
-
-    settings = results["settings"]
-    datasets = settings["datasets"]
-    tasks = [t for t in task_columns(results) if t in settings["tasks"]]
-    metric = shown_metric(settings)
-    header = ["Method", "Sparsity", *(f"{d} PPL ↓" for d in datasets)]
-    header += [_short_task(t) + " ↑" for t in tasks]
-    with_mean = len(tasks) > 1  # a mean over one task would repeat its column
-    if with_mean:
-        header.append(f"Mean {metric} ↑")
-    lines = [f"# Pruning comparison: {settings['model']}", "", _protocol_line(settings), ""]
-    lines += [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
-    ]
-    best = _best_per_sparsity(results["runs"], datasets)
-    paired = results.get("paired") or []
-    for run in results["runs"]:
-        cells = [_method_name(run), run["run"]["sparsity"] or "0%"]
-        for dataset in datasets:
-            value = run["perplexity"].get(dataset)
-            text = "—" if value is None else f"{value:.2f}"
-            note = cell_note(paired, run, results["runs"], dataset)
-            cells.append((f"**{text}**" if (run["key"], dataset) in best else text) + note)
-        by_task = {row["task"]: row for row in run["tasks"]}
-        for task in tasks:
-            note = "" if with_mean else cell_note(paired, run, results["runs"], task)
-            cells.append(f"{100 * by_task[task][metric]:.1f}{note}" if task in by_task else "—")
-        if with_mean:
-            mean = mean_accuracy(run, metric)
-            note = cell_note(paired, run, results["runs"], "mean")
-            cells.append("—" if mean is None else f"{100 * mean:.1f}{note}")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Bold: lowest perplexity at that sparsity. Accuracies in % ({METRICS[metric]})."]
-    if paired:
-        lines.append(
-            "In parentheses: the paired difference to the base method (SDS rows) or to dense "
-            "(other rows), perplexity as a ratio and accuracy in points, with its 95% interval "
-            "(see Paired differences)."
-        )
-    if tasks:
-        lines.append(_task_note(results, tasks))
-    lines += markdown_section(results, _name_with_sparsity)
-    lines += [
-        "",
-        "## Cost",
-        "",
-        "| Method | Sparsity | prune s | total s | achieved sparsity |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for run in results["runs"]:
-        achieved = run["prune"].get("summary", {}).get("sparsity")
-        lines.append(
-            f"| {_method_name(run)} | {run['run']['sparsity'] or '0%'} | "
-            f"{_seconds(run['seconds']['prune'])} | {run['seconds']['total']:.0f} | "
-            + ("—" if achieved is None else f"{100 * achieved:.1f}%")
-            + " |"
-        )
-    figures = [f for run in results["runs"] for f in run["figures"]]
-    if plots or figures:
-        lines += ["", "## Figures", ""]
-        lines += [f"![{Path(p).stem}]({p})" for p in [*plots, *figures]]
-    return "\n".join(lines) + "\n"
-
-
-def _name_with_sparsity(run: dict) -> str:
-    return f"{_method_name(run)} {run['run']['sparsity'] or ''}".strip()
-
-
-def _seconds(value: float | None) -> str:
-    return "—" if value is None else f"{value:.0f}"
-
-
-def _method_name(run: dict) -> str:
-    method, base = run["run"]["method"], run["run"]["base"]
-    names = {
-        "dense": "Dense",
-        "magnitude": "Magnitude",
-        "wanda": "Wanda",
-        "sparsegpt": "SparseGPT",
-        "admm": "ADMM",
-        "dsnot": "DSnoT",
-        "pruner-zero": "Pruner-Zero",
-    }
-    name = f"SDS ({names.get(base, base)})" if method == "sds" else names.get(method, method)
-    return name + (" + OWL" if run["run"].get("owl") else "")
-
-
-def _short_task(task: str) -> str:
-    return task.removeprefix("bigbench:")
-
-
-def _protocol_line(settings: dict) -> str:
-    chunks = "all" if settings["max_chunks"] is None else f"first {settings['max_chunks']}"
-    text = (
-        f"Calibration: {settings['nsamples']} x {settings['seqlen']} tokens of `{settings['calib']}` "
-        f"(seed {settings['seed']}), the same windows for every method. Perplexity: "
-        f"{settings['eval_seqlen']}-token chunks ({chunks})."
-    )
-    if settings["tasks"]:
-        limit = (
-            "all examples"
-            if settings["limit"] is None
-            else f"at most {settings['limit']} examples per task"
-        )
-        text += (
-            f" Zero-shot: {limit} (seed {settings['task_seed']}), "
-            f"{settings['prompt_style']} prompts."
-        )
-    return text
-
-
-def _task_note(results: dict, tasks: list[str]) -> str:
-    dense = next((run for run in results["runs"] if run["run"]["method"] == "dense"), None)
-    rows = {row["task"]: row for row in (dense or results["runs"][0])["tasks"]}
-    parts = [_baselines(_short_task(t), rows[t]) for t in tasks if t in rows]
-    parts = [part for part in parts if part]
-    key = shown_metric(results["settings"]) + "_stderr"
-    errors = [rows[t][key] for t in tasks if t in rows and rows[t].get(key)]
-    note = (
-        "Chance level (uniform guess; constant answer where a task has one answer set): "
-        f"{', '.join(parts)}."
-        if parts
-        else ""
-    )
-    if errors:  # small --limit values make accuracies noisy; say how noisy
-        note += f" One standard error: about {100 * max(errors):.1f} points."
-    return note.strip()
-
-
-def _baselines(task: str, row: dict) -> str:
-    from sdsprune.evaluate.zeroshot import baselines
-
-    values = baselines(row)
-    return f"{task} {' / '.join(f'{100 * v:.1f}' for v in values)}" if values else ""
-
-
-def _best_per_sparsity(runs: list[dict], datasets: Sequence[str]) -> set[tuple[str, str]]:
-    best: dict[tuple[str, str], tuple[float, str]] = {}
-    for run in runs:
-        sparsity = run["run"]["sparsity"]
-        if sparsity is None:
-            continue
-        for dataset in datasets:
-            value = run["perplexity"].get(dataset)
-            key = (sparsity, dataset)
-            if value is not None and (key not in best or value < best[key][0]):
-                best[key] = (value, run["key"])
-    return {(key, dataset) for (_sparsity, dataset), (_value, key) in best.items()}
 
 
 def slug(text: str) -> str:
