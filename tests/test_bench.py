@@ -11,14 +11,8 @@ import torch
 from test_export import pruned_dir
 from torch._dynamo import register_backend
 
-from sdsprune.bench import (
-    BenchSettings,
-    _verdict,
-    default_backends,
-    render_notes,
-    render_table,
-    run_bench,
-)
+from sdsprune.bench import BenchSettings, default_backends, render_notes, render_table, run_bench
+from sdsprune.bench.report import _verdict
 from sdsprune.errors import SdspruneError
 from sdsprune.export import export_checkpoint
 from sdsprune.inference.decode import new_cache
@@ -166,7 +160,7 @@ def test_cli_export_and_bench(tmp_path, capsys):
 
 
 def test_layer_speedups_summarise_autos_timings():
-    from sdsprune.bench import _layer_speedups
+    from sdsprune.bench.run import _layer_speedups
     from sdsprune.inference import BackendReport, LayerChoice
 
     layers = [
@@ -263,14 +257,14 @@ def test_a_failing_compiler_falls_back_to_the_uncompiled_static_cache(
 
 def test_static_decode_that_dense_cannot_run_is_skipped_for_all(sparse_dir, monkeypatch):
     """Without a dense baseline no static ratio means anything: eager results only."""
-    from sdsprune import bench
+    from sdsprune.bench import run as bench_run
 
     def no_static_cache(model, mode, max_tokens):
         if mode == "static":
             raise ValueError("this architecture has no static cache")
         return new_cache(model, mode, max_tokens)
 
-    monkeypatch.setattr(bench, "new_cache", no_static_cache)
+    monkeypatch.setattr(bench_run, "new_cache", no_static_cache)
     report = run_bench(sparse_dir, backends=["csr"], settings=STATIC)
     static = report["static_decode"]
     assert static["skipped"] == dict.fromkeys(
@@ -303,7 +297,8 @@ class FakeLlamaCpp:
 
 
 def test_llamacpp_rows_sit_beside_the_backends_at_batch_one(sparse_dir, monkeypatch):
-    from sdsprune import bench, bench_peers
+    from sdsprune.bench import peers as bench_peers
+    from sdsprune.bench import run as bench_run
 
     runner = FakeLlamaCpp()
 
@@ -316,7 +311,7 @@ def test_llamacpp_rows_sit_beside_the_backends_at_batch_one(sparse_dir, monkeypa
         }
         return peers, loads, {}
 
-    monkeypatch.setattr(bench, "start_peers", start)
+    monkeypatch.setattr(bench_run, "start_peers", start)
     settings = dataclasses.replace(TINY, llamacpp=("f32",))
     report = run_bench(sparse_dir, backends=["dense", "auto"], settings=settings)
     assert runner.closed
@@ -345,7 +340,7 @@ def test_llamacpp_rows_sit_beside_the_backends_at_batch_one(sparse_dir, monkeypa
 
 
 def test_llamacpp_rows_are_skipped_with_the_reason_when_it_is_missing(sparse_dir, monkeypatch):
-    from sdsprune import bench_peers
+    from sdsprune.bench import peers as bench_peers
 
     monkeypatch.setattr(
         bench_peers, "llamacpp_problem", lambda: "llama-cpp-python is not installed"
