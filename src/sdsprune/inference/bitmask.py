@@ -39,9 +39,9 @@ CHUNK = 16  # inputs per mask
 MAX_KERNEL_TOKENS = 8  # above this, tile expansion + dense GEMM (the kernel re-reads per 4)
 TILE_BYTES = 4 * 2**20  # scratch of the tiled expansion (see the module docstring)
 MIN_TILE_ROWS = 256
-# values are read 16 at a time (the bfloat16 and AVX2 paths load a full vector and then
-# spread it), so the flat value array carries this many zeros past its end
-PADDING = CHUNK
+# values are read a full vector at a time and then spread (the bfloat16 dot-product path
+# reads 32), so the flat value array carries this many zeros past its end
+PADDING = 2 * CHUNK
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -223,6 +223,67 @@ static void rows_mm(const float* x, int64_t T, int64_t stride, int64_t out, int6
   });
 }
 
+#if defined(__AVX512F__)
+// One token, bfloat16 values, on CPUs with AVX512-BF16 and AVX512-VBMI2 (checked at run
+// time; the rest of the file needs neither): 32 weights at a time (two chunks' masks) are
+// spread as 16-bit lanes by one vpexpandw and multiplied in pairs by vdpbf16ps against the
+// activations rounded to bfloat16 once per call (a bfloat16 model's activations already
+// are; float32 activations take the general path), with float32 accumulation: half the
+// spreads of the float32 path and no widening (1.8x faster in cache, one thread, AMD EPYC).
+#define BF16DP __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vbmi2")))
+// acc + the next 32 weights (chunks c and c + 1; keep masks off a missing last chunk) . x
+BF16DP static inline __m512 dp_pair(__m512 acc, const uint16_t* xb, const uint16_t*& v,
+                                    const uint16_t* m, int64_t c, uint32_t keep) {
+  const uint32_t bits = (uint32_t(m[c]) | (uint32_t(m[c + (keep >> 16 ? 1 : 0)]) << 16)) & keep;
+  const __m512i w = _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v));
+  v += _mm_popcnt_u32(bits);
+  return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_loadu_si512(xb + c * CHUNK));
+}
+
+BF16DP static void bf16dp_range(const uint16_t* xb, int64_t chunks, const uint16_t* values,
+                                const int64_t* offsets, const uint16_t* masks, int64_t begin,
+                                int64_t end, float* y) {
+  for (int64_t o = begin; o < end; ++o) {
+    const uint16_t* v = values + offsets[o];
+    const uint16_t* m = masks + o * chunks;
+    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();  // two chains in flight
+    int64_t c = 0;
+    for (; c + 4 <= chunks; c += 4) {
+      even = dp_pair(even, xb, v, m, c, 0xFFFFFFFFu);
+      odd = dp_pair(odd, xb, v, m, c + 2, 0xFFFFFFFFu);
+    }
+    for (; c < chunks; c += 2)  // xb is padded to whole pairs of chunks
+      even = dp_pair(even, xb, v, m, c, c + 1 < chunks ? 0xFFFFFFFFu : 0xFFFFu);
+    y[o] = _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
+  }
+}
+
+// (a lambda does not take the target attribute, so the loop body is a function of its own)
+static void bf16dp_rows(const uint16_t* xb, int64_t chunks, const uint16_t* values,
+                        const int64_t* offsets, const uint16_t* masks, int64_t out, float* y) {
+  at::parallel_for(0, out, grain(out * chunks * CHUNK, out, 1), [&](int64_t begin, int64_t end) {
+    bf16dp_range(xb, chunks, values, offsets, masks, begin, end, y);
+  });
+}
+
+// x (stride floats) rounded to bfloat16, zero-padded to a whole pair of chunks
+BF16DP static std::vector<uint16_t> to_bf16_pairs(const float* x, int64_t stride) {
+  std::vector<uint16_t> xb((stride + 2 * CHUNK - 1) / (2 * CHUNK) * 2 * CHUNK, 0);
+  for (int64_t i = 0; i < stride; i += CHUNK) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
+    _mm256_storeu_si256((__m256i*)(xb.data() + i), (__m256i)h);
+  }
+  return xb;
+}
+
+static bool has_bf16dp() {
+  static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2");
+  return yes;
+}
+#else
+static bool has_bf16dp() { return false; }
+#endif
+
 template <typename V>
 static void kernel_mm(const float* x, int64_t T, int64_t stride, const V* values,
                       const int64_t* offsets, const uint16_t* masks, int64_t out, float* y) {
@@ -315,6 +376,14 @@ torch::Tensor bitmask_linear(torch::Tensor input, torch::Tensor values, torch::T
   auto y = torch::empty({T, out}, x.options());
   const uint16_t* m = reinterpret_cast<const uint16_t*>(masks.data_ptr());
   const int64_t* off = offsets.data_ptr<int64_t>();
+#if defined(__AVX512F__)
+  if (values.scalar_type() == torch::kBFloat16 && input.scalar_type() == torch::kBFloat16 &&
+      T == 1 && has_bf16dp()) {
+    const auto xb = to_bf16_pairs(x.data_ptr<float>(), stride);
+    bf16dp_rows(xb.data(), masks.size(1), ptr<uint16_t>(values), off, m, out, y.data_ptr<float>());
+    return y.view(shape).to(input.scalar_type());
+  }
+#endif
   if (values.scalar_type() == torch::kBFloat16)
     kernel_mm(x.data_ptr<float>(), T, stride, ptr<uint16_t>(values), off, m, out, y.data_ptr<float>());
   else
