@@ -218,14 +218,7 @@ class Checkpointer:
         """Every saved block is there and whole (safetensors checks its header against the
         file's size, so this reads no weights): a damaged state is one clear error."""
         for index in range(done + 1):
-            path = block_file(self.blocks_dir, index)
-            try:
-                with safe_open(str(path), framework="pt"):
-                    pass
-            except Exception as exc:  # missing file, or safetensors' own error type
-                raise SdspruneError(
-                    f"unreadable run state {path} ({exc}); delete {self.folder} to start over"
-                ) from exc
+            check_state_file(block_file(self.blocks_dir, index), self.folder)
 
     def _stream_path(self, index: int) -> Path:
         return self.folder / f"stream-rank{self.rank}-block{index:05d}.safetensors"
@@ -303,3 +296,15 @@ def inject_fault(index: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "pause":
         time.sleep(120)
+
+
+def check_state_file(path: Path, folder: Path) -> None:
+    """The file is there and whole: safetensors checks its header against the file's size,
+    so this reads no tensors (a truncated or foreign file is refused)."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # missing file, or safetensors' own error type
+        raise SdspruneError(
+            f"unreadable run state {path} ({exc}); delete {folder} to start over"
+        ) from exc

@@ -20,6 +20,7 @@ from sdsprune.engine.checkpoint import (
     Checkpointer,
     block_file,
     blocks_prefix,
+    check_state_file,
     fingerprint,
     read_manifest,
     remove_state,
@@ -113,21 +114,7 @@ def check_state(
         )
     files = [block_file(folder / "blocks", index) for index in range(done + 1)] if rank == 0 else []
     for path in [*files, folder / f"stream-rank{rank}-block{done:05d}.safetensors"]:
-        _check_state_file(path, folder)
-
-
-def _check_state_file(path: Path, folder: Path) -> None:
-    """The file is there and whole: safetensors checks its header against the file's size,
-    so this reads no tensors (a truncated or foreign file is refused)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except Exception as exc:  # missing file, or safetensors' own error type
-        raise SdspruneError(
-            f"unreadable run state {path} ({exc}); delete {folder} to start over"
-        ) from exc
+        check_state_file(path, folder)
 
 
 def _fingerprint(config: dict, windows: torch.Tensor, world: int) -> str:
