@@ -200,7 +200,7 @@ SKIPPED_LINEARS = "linears skipped"
 
 def _skipped_linears(folder: Path, dev, dtype) -> _Contender:
     """The dense model with every decoder-block linear skipped (its outputs zeros)."""
-    model = load(folder, backend="dense", device=dev, dtype=dtype).model
+    model = load(folder, backend="dense", device=dev, dtype=dtype, decode="eager").model
     blocks = decoder_blocks(model)
     for name, layer in model_linears(model).items():
         index, path = name.split(".", 1)
@@ -305,7 +305,7 @@ def _load_all(folder: Path, names: list[str], dev, dtype, say) -> tuple[list, di
         say(f"loading {folder.name} with backend {name}")
         before = _cuda_allocated(dev)
         start = time.perf_counter()
-        loaded = load(folder, backend=name, device=dev, dtype=dtype)
+        loaded = load(folder, backend=name, device=dev, dtype=dtype, decode="eager")
         seconds = time.perf_counter() - start
         report = backend_report(loaded.model)
         kernels = report.counts() if report else {"dense": 0}

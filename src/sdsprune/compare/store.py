@@ -151,7 +151,7 @@ class RunStore:
         if self.prune_record() is None or not (folder / "config.json").exists():
             return None
         log.info("reusing the pruned model kept in %s", folder)
-        return load(folder, device=device)
+        return load(folder, device=device, decode="eager")
 
     def keep_model(self, loaded: LoadedModel) -> None:
         """Save ``loaded`` as a compact sparse checkpoint (written whole, or not at all)."""

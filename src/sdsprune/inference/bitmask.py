@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from sdsprune.inference.native import NativeLinear, build, build_problem, dtype_problem
+from sdsprune.inference.step_source import STEP_SOURCE
 
 CHUNK = 16  # inputs per mask
 MAX_KERNEL_TOKENS = 8  # above this, tile expansion + dense GEMM (the kernel re-reads per 4)
@@ -429,7 +430,7 @@ TORCH_LIBRARY_IMPL(sdsprune, CPU, m) {
 @functools.cache
 def extension():
     """The compiled kernel for this CPU, or a string saying why it is unavailable."""
-    module = build("bitmask", _SOURCE, ["bitmask_linear", "dense_linear"])
+    module = build("bitmask", _SOURCE + STEP_SOURCE, ["bitmask_linear", "dense_linear"])
     if not isinstance(module, str):
         torch.library.register_fake("sdsprune::bitmask_linear", _bitmask_linear_fake)
         torch.library.register_fake("sdsprune::dense_linear", _dense_linear_fake)

@@ -4,9 +4,11 @@
   Python, as ``model(token, cache=...)`` runs by default;
 - ``static``: transformers' ``StaticCache`` (allocated once for the whole sequence and
   updated in place, so that every step has the same shapes) and the one-token step compiled
-  by ``torch.compile`` (one graph, static shapes: one compilation per batch size).
+  by ``torch.compile`` (one graph, static shapes: one compilation per batch size);
+- ``fused``: the same static cache, and the step as one C++ loop over the blocks
+  (:mod:`sdsprune.inference.fused`; Llama-family models on the CPU, nothing to compile).
 
-Prefill runs eagerly in both modes: it is one call per sequence, and compiling it for each
+Prefill runs eagerly in every mode: it is one call per sequence, and compiling it for each
 prompt length would cost more than it saves. Like ``generate``, it asks the model for the
 last position's logits only (``logits_to_keep=1``, where the model's forward takes it): the
 logits of every prompt position would cost a (tokens x vocab) head product and buffer
@@ -23,9 +25,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from sdsprune.inference.fused import FusedDecoder, cache_problem
 from sdsprune.utils import cache_keyword
 
-DECODE_MODES = ("eager", "static")
+DECODE_MODES = ("eager", "static", "fused")
 
 # Before each compiled step dynamo checks guards on every module attribute the graph read:
 # about 4 ms per step on the default model (2,000 captured calls), as much as all its other
@@ -45,7 +48,7 @@ def new_cache(model: nn.Module, mode: str, max_tokens: int) -> object:
     """
     from transformers import DynamicCache, StaticCache
 
-    if mode == "static":
+    if mode in ("static", "fused"):
         return StaticCache(config=model.config, max_cache_len=max_tokens)
     return DynamicCache(config=model.config)
 
@@ -98,6 +101,23 @@ def compiled_step(model: nn.Module, name: str, backend: str = "inductor") -> Ste
     code = step.__code__.replace(co_name=f"decode_step_{name}")
     own = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
     return torch.compile(own, backend=backend, fullgraph=True, dynamic=False, options=_FEW_GUARDS)
+
+
+def fused_step(model: nn.Module) -> Step:
+    """:func:`eager_step` as the fused C++ step on a static cache (raises ``ValueError``
+    with the reason for a model it cannot serve, see
+    :func:`~sdsprune.inference.fused.fused_problem`)."""
+    decoder = FusedDecoder(model)
+
+    def step(token: torch.Tensor, cache: object) -> tuple[torch.Tensor, torch.Tensor]:
+        problem = cache_problem(cache, token.shape[0])
+        if problem is not None:
+            raise ValueError(problem)
+        positions = cache.layers[0].cumulative_length.expand(token.shape[0])
+        logits = decoder(token[:, 0], positions, cache)
+        return logits, logits.argmax(dim=-1, keepdim=True)
+
+    return step
 
 
 def compile_generation(model: nn.Module, backend: str = "inductor") -> None:

@@ -77,7 +77,7 @@ def write_gguf(folder: Path, path: Path, precision: str) -> Path:
     config = _config(folder)
     arch = _arch(config)
     vocab = _vocabulary(folder, config.vocab_size)
-    model = load(folder, backend="dense").model
+    model = load(folder, backend="dense", decode="eager").model
     tensors = {name: t.detach().float() for name, t in model.state_dict().items()}
     del model
     path.parent.mkdir(parents=True, exist_ok=True)

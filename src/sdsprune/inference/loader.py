@@ -13,13 +13,14 @@ from sdsprune.errors import SdspruneError
 from sdsprune.export import is_sparse_checkpoint, load_state_dict
 from sdsprune.inference.backends import apply_backend, model_device
 from sdsprune.inference.decode import compile_generation
+from sdsprune.inference.fused import enable_fused_decode, fused_problem
 from sdsprune.inference.native import has_compiler
 from sdsprune.models import LoadedModel, load_model
 from sdsprune.utils import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-DECODE_CHOICES = ("eager", "compiled")
+DECODE_CHOICES = ("auto", "fused", "compiled", "eager")
 
 
 def load(
@@ -28,7 +29,7 @@ def load(
     backend: str = "dense",
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
-    decode: str = "eager",
+    decode: str = "auto",
     **backend_options,
 ) -> LoadedModel:
     """Load a model folder (dense, or written by ``sdsprune export --format sparse``).
@@ -39,10 +40,17 @@ def load(
     pruned layers for sparse kernels; see :func:`sdsprune.inference.apply_backend`. The
     choice per layer is in ``sdsprune.inference.backend_report(loaded.model)``.
 
-    ``decode="compiled"`` makes ``loaded.model.generate()`` decode with a static KV cache
-    and a ``torch.compile``d step (see :func:`~sdsprune.inference.decode.compile_generation`):
-    the fast path for token-by-token generation, at the price of a compile on the first
-    call; ``"eager"`` (the default) leaves generation as transformers sets it up.
+    ``decode`` sets how ``loaded.model.generate()`` runs its one-token steps:
+
+    - ``"fused"``: a static KV cache and each step as one C++ loop over the blocks, through
+      the layers' own kernels (:mod:`~sdsprune.inference.fused`; Llama, Mistral and Qwen2
+      models on the CPU): the fastest path, nothing to compile. Where it cannot serve the
+      model, a warning says why and ``"compiled"`` is used instead;
+    - ``"compiled"``: a static KV cache and a ``torch.compile``d step (any model; see
+      :func:`~sdsprune.inference.decode.compile_generation`), at the price of a compile on
+      the first call;
+    - ``"eager"``: generation as transformers sets it up;
+    - ``"auto"`` (the default): ``"fused"`` where it can serve the model, else ``"eager"``.
     """
     if decode not in DECODE_CHOICES:
         raise SdspruneError(f"unknown decode '{decode}' (choose from {', '.join(DECODE_CHOICES)})")
@@ -53,9 +61,23 @@ def load(
     else:
         loaded = load_model(str(spec), device=device, dtype=dtype or "auto")
     apply_backend(loaded.model, backend, **backend_options)
-    if decode == "compiled":
-        _compile_if_possible(loaded.model)
+    _set_up_decode(loaded.model, decode)
     return loaded
+
+
+def _set_up_decode(model: nn.Module, decode: str) -> None:
+    """Install the decode path ``decode`` asks for (see :func:`load`), falling back as it says."""
+    if decode in ("auto", "fused"):
+        problem = fused_problem(model) if model_device(model).type == "cpu" else "not a CPU model"
+        if problem is None:
+            enable_fused_decode(model)
+            return
+        if decode == "auto":
+            log.debug("fused decode not used: %s", problem)
+            return
+        log.warning("decode='fused' cannot serve this model (%s); compiling instead", problem)
+    if decode in ("fused", "compiled"):
+        _compile_if_possible(model)
 
 
 def _compile_if_possible(model: nn.Module) -> None:

@@ -55,7 +55,7 @@ def load_model(
     if folder is not None and _is_sparse_export(folder):
         from sdsprune.inference.loader import load  # it reads the compact format
 
-        loaded = load(folder, device=dev, dtype=torch_dtype)
+        loaded = load(folder, device=dev, dtype=torch_dtype, decode="eager")
         return LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, spec=spec, path=folder)
     source = str(folder) if folder is not None else spec
     model = _from_pretrained(source, torch_dtype)
