@@ -25,6 +25,7 @@ caches, outputs it does not compute such as hidden states) to the model's own fo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -205,17 +206,23 @@ def _fused_forward(forward: Callable, decoder: FusedDecoder) -> Callable:
     """``forward`` with one-token calls on a filled static cache sent to ``decoder``."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    # transformers 5.x passes (and returns) the cache as ``cache``, 4.x as ``past_key_values``
+    fields = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
+    output_name = "cache" if "cache" in fields else "past_key_values"
+
     @functools.wraps(forward)
-    def fused(input_ids=None, past_key_values=None, **kwargs):
-        if not _is_fused_step(input_ids, past_key_values, kwargs):
-            return forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
-        index = int(past_key_values.layers[0].cumulative_length)
-        positions = kwargs.get("position_ids")
+    def fused(input_ids=None, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        rest = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+        if not _is_fused_step(input_ids, cache, rest):
+            return forward(input_ids=input_ids, **kwargs)
+        index = int(cache.layers[0].cumulative_length)
+        positions = rest.get("position_ids")
         if positions is None:
             positions = torch.full((input_ids.shape[0],), index, dtype=torch.long)
-        keep = _keep_mask(kwargs.get("attention_mask"))
-        logits = decoder(input_ids[:, 0], positions.reshape(-1), past_key_values, keep)
-        return CausalLMOutputWithPast(logits=logits.unsqueeze(1), past_key_values=past_key_values)
+        keep = _keep_mask(rest.get("attention_mask"), index + 1)
+        logits = decoder(input_ids[:, 0], positions.reshape(-1), cache, keep)
+        return CausalLMOutputWithPast(logits=logits.unsqueeze(1), **{output_name: cache})
 
     return fused
 
@@ -234,19 +241,37 @@ _HANDLED = {
 
 def _is_fused_step(input_ids, cache, kwargs) -> bool:
     """Whether this forward call is one the fused step computes exactly: one token per
-    sequence, no gradients, a 2-d attention mask (or none), a cache it can write."""
+    sequence, no gradients, a 2-d attention mask, a 4-d one of one query row (what
+    ``generate`` passes with a static cache), or none, and a cache it can write."""
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1:
         return False
     if set(kwargs) - _HANDLED or torch.is_grad_enabled() or kwargs.get("use_cache") is False:
         return False
     mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() != 2:
+    if mask is not None and not _is_keep_mask(mask):
         return False
     return cache_problem(cache, input_ids.shape[0]) is None
 
 
-def _keep_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A 2-d attention mask of ones is no mask; otherwise uint8 (batch, positions)."""
-    if mask is None or bool(mask.all()):
+def _is_keep_mask(mask: object) -> bool:
+    """A 2-d mask (batch, positions) of 0/1, or a 4-d (batch, 1, 1, positions) one, boolean
+    (True: attend) or additive (0: attend)."""
+    if not isinstance(mask, torch.Tensor):
+        return False
+    if mask.dim() == 2:
+        return True
+    return mask.dim() == 4 and mask.shape[1:3] == (1, 1)
+
+
+def _keep_mask(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The first ``length`` positions of an attention mask as uint8 (batch, length), or None
+    where they are all attended to."""
+    if mask is None:
+        return None
+    if mask.dim() == 4:
+        mask = mask[:, 0, 0]
+        mask = mask if mask.dtype == torch.bool else mask == 0
+    mask = mask[:, :length]
+    if bool(mask.all()):
         return None
     return mask.to(torch.uint8).contiguous()
