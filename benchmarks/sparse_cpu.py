@@ -13,15 +13,17 @@ Example (the README's table; about 4 minutes a run on 2 cores, nothing else runn
         --checkpoint 2:4=runs/sgpt-24 --dtypes float32,bfloat16 --threads 2,1 \\
         --out benchmarks/results/sparse-cpu
 
-With ``--decode-modes eager,static --llamacpp f32,bf16,q8_0`` every run also times the fast
-path (``auto`` with a static KV cache and a compiled step, as ``load(..., decode="compiled")``
-gives ``generate()``) and llama.cpp on GGUFs of the same checkpoint (the dense model's speed
-there: llama.cpp computes the zeros), and ``OUT/decode.md`` holds the table a CPU user
-decides from: every decode path against torch's dense eager decode and against llama.cpp,
-with the bytes a step reads and the floor they give (about 8 minutes a run)::
+With ``--decode-modes eager,fused,static --llamacpp f32,bf16,q8_0`` every run also times
+the fast paths (``fused``: a static KV cache and the step as one C++ loop over the blocks,
+what ``load(..., backend="auto")`` gives ``generate()`` by default; ``static``: the same
+cache and a compiled step, ``decode="compiled"``) and llama.cpp on GGUFs of the same
+checkpoint (the dense model's speed there: llama.cpp computes the zeros), and
+``OUT/decode.md`` holds the table a CPU user decides from: every decode path against
+torch's dense eager decode and against llama.cpp, with the bytes a step reads and the floor
+they give (about 8 minutes a run)::
 
     python benchmarks/sparse_cpu.py --checkpoint dense=<dense folder> --checkpoint 50%=... \\
-        --decode-modes eager,static --llamacpp f32,bf16,q8_0 --batch-sizes 1,8 \\
+        --decode-modes eager,fused --llamacpp f32,bf16,q8_0 --batch-sizes 1,8 \\
         --dtypes float32,bfloat16 --out benchmarks/results/cpu-decode
 """
 
@@ -180,8 +182,9 @@ def decode_markdown(reports: list[dict]) -> str:
     lines = [
         f"CPU: {', '.join(cpus)}; torch's default threads ({', '.join(sorted({str(r['threads']) for r in reports}))}). "
         "One `bench` run per checkpoint and dtype: dense and `auto` in torch, eager decode "
-        "(transformers' dynamic cache) and static (static cache + compiled step, what "
-        '`load(..., decode="compiled")` gives `generate()`), and llama.cpp on GGUFs of the '
+        "(transformers' dynamic cache), fused (static cache + the step as one C++ loop over "
+        'the blocks, what `load(..., backend="auto")` gives `generate()`), static (static '
+        'cache + compiled step, `decode="compiled"`) where timed, and llama.cpp on GGUFs of the '
         "same checkpoint (it computes the zeros: the dense model's speed). ms/token medians "
         f"of the run; ratios > 1 mean faster. MiB: weights a batch-1 step reads; floor: "
         f"those bytes at the bandwidth the streaming kernel measured in the run "
@@ -228,7 +231,7 @@ def summarise(out: Path) -> Path:
     reports = [r for r in reports if "label" in r]
     path = out / "results.md"
     path.write_text(markdown(reports))
-    if any(r.get("peers") or "static_decode" in r for r in reports):
+    if any(r.get("peers") or "static_decode" in r or "fused_decode" in r for r in reports):
         (out / "decode.md").write_text(decode_markdown(reports))
     return path
 

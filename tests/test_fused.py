@@ -199,6 +199,11 @@ def test_fused_problem_names_the_models_it_does_not_serve():
     model.model.layers[1].self_attn.o_proj = nn.Identity()
     assert fused_problem(model) == "layers.1.self_attn.o_proj: Identity layers are not fused"
     assert "float32 or bfloat16" in fused_problem(tiny_model("llama").double())
+    windowed = tiny_model("mistral")
+    windowed.config.sliding_window = 8  # Mistral v0.1: a static cache of sliding layers
+    assert "sliding window" in fused_problem(windowed)
+    qwen = tiny_model("qwen2")  # a sliding_window value, but use_sliding_window off
+    assert not qwen.config.use_sliding_window and fused_problem(qwen) is None
 
 
 def test_load_fused_on_a_model_it_cannot_serve_warns_and_falls_back(tmp_path, monkeypatch, caplog):

@@ -504,9 +504,10 @@ def bench_command(
     decode: Annotated[
         str,
         typer.Option(
-            help="Comma-separated decode modes: eager (dynamic KV cache), static (pre-allocated "
-            "KV cache and a torch.compile'd decode step; compiling takes minutes per backend). "
-            "Backends are compared with dense in the same mode."
+            help="Comma-separated decode modes: eager (dynamic KV cache), fused (pre-allocated "
+            "KV cache and the step as one C++ loop over the blocks; Llama, Mistral, Qwen2 on "
+            "CPU), static (pre-allocated KV cache and a torch.compile'd step; compiling takes "
+            "minutes per backend). Backends are compared with dense in the same mode."
         ),
     ] = "eager",
     llamacpp: Annotated[

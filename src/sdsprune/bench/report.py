@@ -73,7 +73,7 @@ def summarise(contenders: list, prompt_tokens: int) -> list[dict]:
                 **_rates(workload, batch * prompt_tokens, stats),
             }
             eager = contender.samples.get(("decode", "eager", batch))
-            if mode == "static" and eager and not isinstance(contender, PeerContender):
+            if mode != "eager" and eager and not isinstance(contender, PeerContender):
                 row["speedup_vs_eager"] = round(statistics.median(eager) / stats["median"], 3)
                 row["verdict_vs_eager"] = _verdict(samples, eager)
             if peer is not None and key in peer.samples:
@@ -164,13 +164,14 @@ def render_notes(report: dict) -> list[str]:
     """Lines that belong under the table: skipped backends, memory, output agreement."""
     notes = [f"skipped {name}: {why}" for name, why in report["skipped"].items()]
     notes += _static_notes(report)
+    fused = report.get("fused_decode", {}).get("skipped", {})
+    notes += [f"fused decode skipped for {k}: {v}" for k, v in fused.items()]
     for name, info in report["backends"].items():
-        check = info.get("static_vs_eager")
-        static = (
-            f", static vs eager decode: max |logit diff| {check['max_abs_logit_diff']}, "
+        static = "".join(
+            f", {mode} vs eager decode: max |logit diff| {check['max_abs_logit_diff']}, "
             + ("same greedy tokens" if check["same_greedy_tokens"] else "greedy tokens DIFFER")
-            if check
-            else ""
+            for mode in ("static", "fused")
+            if (check := info.get(f"{mode}_vs_eager"))
         )
         greedy = info.get("same_greedy_tokens_as_dense")
         agreement = (

@@ -28,6 +28,7 @@ from sdsprune.inference.decode import (
     compile_failure,
     compiled_step,
     eager_step,
+    fused_step,
     new_cache,
     prefill,
 )
@@ -111,7 +112,7 @@ def run_bench(
     names = ["dense", *dict.fromkeys(n for n in requested if n != "dense")]
     say = progress or (lambda _msg: None)
     contenders, loads, skipped = _load_all(folder, names, dev, torch_dtype, say)
-    static = _prepare_steps(contenders, settings, dev, say)
+    mode_info = _prepare_steps(contenders, settings, dev, say)
     checks = _check_outputs(contenders, settings, dev)
     skipped_linears = _skipped_linears(folder, dev, torch_dtype) if settings.ceiling else None
     with tempfile.TemporaryDirectory(prefix="sdsprune-gguf-") as workdir:
@@ -141,8 +142,7 @@ def run_bench(
         "memory": peak_memory(),
         "versions": library_versions(),
     }
-    if static is not None:
-        report["static_decode"] = static
+    report |= mode_info
     return report
 
 
@@ -387,21 +387,50 @@ def _cache_tokens(settings: BenchSettings) -> int:
     return settings.prompt_tokens + settings.decode_tokens
 
 
-def _prepare_steps(contenders: list[_Contender], settings: BenchSettings, dev, say) -> dict | None:
+def _prepare_steps(contenders: list[_Contender], settings: BenchSettings, dev, say) -> dict:
     """Give every contender its decode step per mode; compile the static ones now, untimed.
+    Returns the report's part on the static and fused modes (``static_decode``,
+    ``fused_decode``), where they were asked for.
 
     When dense cannot be compiled, the compiler itself fails (no C++ compiler, an inductor
     error): every backend then decodes with the static cache uncompiled, and the report says
     why. When only another backend fails (an op dynamo cannot trace), that backend's static
     decode is skipped with the reason: timed uncompiled against compiled dense, it would mix
-    the overhead cut into its sparse speedup. Returns the static mode's part of the report
-    (None when static decoding was not asked for).
+    the overhead cut into its sparse speedup.
     """
+    info = {}
     if "eager" in settings.decode_modes:
         for contender in contenders:
             contender.steps["eager"] = eager_step(contender.model)
-    if "static" not in settings.decode_modes:
-        return None
+    if "fused" in settings.decode_modes:
+        info["fused_decode"] = {"skipped": _add_fused_steps(contenders, settings, dev)}
+    if "static" in settings.decode_modes:
+        info["static_decode"] = _add_static_steps(contenders, settings, dev, say)
+    return info
+
+
+def _add_fused_steps(contenders: list[_Contender], settings: BenchSettings, dev) -> dict:
+    """Each contender's fused step (warmed up at every batch size); returns why a contender
+    has none. Without dense's, none is timed: its rows would have no baseline."""
+    skipped = {}
+    for contender in contenders:
+        try:
+            step = fused_step(contender.model)
+            _warm_up(contender.model, step, "fused", settings, dev)
+        except ValueError as exc:
+            skipped[contender.name] = str(exc)
+            continue
+        contender.steps["fused"] = step
+    if contenders[0].name in skipped:
+        for contender in contenders[1:]:
+            contender.steps.pop("fused", None)
+            skipped.setdefault(contender.name, "dense has no fused step")
+    return skipped
+
+
+def _add_static_steps(contenders: list[_Contender], settings: BenchSettings, dev, say) -> dict:
+    """Every contender's static step, compiled (see :func:`_prepare_steps`); returns the
+    report's ``static_decode`` part."""
     info = {
         "compile_backend": settings.compile_backend,
         "compiled": True,
@@ -465,14 +494,14 @@ def _static_step(
             if compile_step
             else eager_step(model)
         )
-        _warm_up(model, step, settings, dev)
+        _warm_up(model, step, "static", settings, dev)
     except Exception as exc:  # dynamo and inductor fail in many exception types
         return compile_failure(exc)
     return step
 
 
-def _warm_up(model: nn.Module, step: Step, settings: BenchSettings, dev) -> None:
-    """Two static decode steps at each batch size: compiles what the timed runs will call.
+def _warm_up(model: nn.Module, step: Step, mode: str, settings: BenchSettings, dev) -> None:
+    """Two decode steps in ``mode`` at each batch size: compiles what the timed runs will call.
 
     Dynamo's hints on a failure are silenced: the failure is reported with its reason.
     """
@@ -481,7 +510,7 @@ def _warm_up(model: nn.Module, step: Step, settings: BenchSettings, dev) -> None
         warnings.simplefilter("ignore")
         for batch in settings.batch_sizes:
             ids = _inputs(settings, batch, settings.prompt_tokens, dev, vocab)
-            _decode(model, step, "static", ids, 2, _cache_tokens(settings), dev)
+            _decode(model, step, mode, ids, 2, _cache_tokens(settings), dev)
 
 
 def _check_outputs(contenders: list[_Contender], settings: BenchSettings, dev) -> dict:
@@ -507,10 +536,11 @@ def _check_outputs(contenders: list[_Contender], settings: BenchSettings, dev) -
                 # backend's free greedy decoding equals dense's (by induction on the steps)
                 "same_greedy_tokens_as_dense": torch.equal(chosen, dense_tokens),
             }
-            if "static" in contender.steps:
-                checks[contender.name]["static_vs_eager"] = _static_vs_eager(
-                    contender, static_ids, settings
-                )
+            for mode in ("static", "fused"):
+                if mode in contender.steps:
+                    checks[contender.name][f"{mode}_vs_eager"] = _mode_vs_eager(
+                        contender, mode, static_ids, settings
+                    )
     return checks
 
 
@@ -536,12 +566,12 @@ def _greedy_decode(
     return torch.cat(chosen, dim=-1), torch.stack(logits)
 
 
-def _static_vs_eager(contender: _Contender, ids: torch.Tensor, settings) -> dict:
-    """Greedy decoding in eager mode, with the static step fed the same tokens: its largest
+def _mode_vs_eager(contender: _Contender, mode: str, ids: torch.Tensor, settings) -> dict:
+    """Greedy decoding in eager mode, with ``mode``'s step fed the same tokens: its largest
     logit difference over the steps, and whether every greedy choice is the same."""
-    model, eager, static = contender.model, eager_step(contender.model), contender.steps["static"]
+    model, eager, static = contender.model, eager_step(contender.model), contender.steps[mode]
     eager_cache = new_cache(model, "eager", _cache_tokens(settings))
-    static_cache = new_cache(model, "static", _cache_tokens(settings))
+    static_cache = new_cache(model, mode, _cache_tokens(settings))
     token = prefill(model, ids, eager_cache)
     prefill(model, ids, static_cache)
     diff, same = 0.0, True

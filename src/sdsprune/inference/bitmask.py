@@ -202,25 +202,32 @@ static int64_t grain(int64_t weights, int64_t rows, int64_t tokens) {
   return std::max<int64_t>(16, (65536 + per_row - 1) / per_row);
 }
 
+// Rows [begin, end) of y (T, out) = x (T, stride) times the rows' transpose, on this thread.
+template <typename RowAt>
+static void rows_range(const float* x, int64_t T, int64_t stride, int64_t out, RowAt row_at,
+                       int64_t begin, int64_t end, float* y) {
+  const int64_t chunks = stride / CHUNK;
+  for (int64_t o = begin; o < end; ++o) {
+    for (int64_t t0 = 0; t0 < T; t0 += 4) {
+      const float* xt = x + t0 * stride;
+      float* yt = y + t0 * out + o;
+      switch (std::min<int64_t>(4, T - t0)) {
+        case 1: row_tokens<decltype(row_at(o)), 1>(xt, stride, row_at(o), chunks, yt, out); break;
+        case 2: row_tokens<decltype(row_at(o)), 2>(xt, stride, row_at(o), chunks, yt, out); break;
+        case 3: row_tokens<decltype(row_at(o)), 3>(xt, stride, row_at(o), chunks, yt, out); break;
+        default: row_tokens<decltype(row_at(o)), 4>(xt, stride, row_at(o), chunks, yt, out);
+      }
+    }
+  }
+}
+
 // y (T, out) = x (T, stride; zero-padded to whole chunks) times the rows' transpose, row o
 // read by row_at(o); weights: how many the rows hold in all (sets the parallel grain).
 template <typename RowAt>
 static void rows_mm(const float* x, int64_t T, int64_t stride, int64_t out, int64_t weights,
                     RowAt row_at, float* y) {
-  const int64_t chunks = stride / CHUNK;
   at::parallel_for(0, out, grain(weights, out, T), [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      for (int64_t t0 = 0; t0 < T; t0 += 4) {
-        const float* xt = x + t0 * stride;
-        float* yt = y + t0 * out + o;
-        switch (std::min<int64_t>(4, T - t0)) {
-          case 1: row_tokens<decltype(row_at(o)), 1>(xt, stride, row_at(o), chunks, yt, out); break;
-          case 2: row_tokens<decltype(row_at(o)), 2>(xt, stride, row_at(o), chunks, yt, out); break;
-          case 3: row_tokens<decltype(row_at(o)), 3>(xt, stride, row_at(o), chunks, yt, out); break;
-          default: row_tokens<decltype(row_at(o)), 4>(xt, stride, row_at(o), chunks, yt, out);
-        }
-      }
-    }
+    rows_range(x, T, stride, out, row_at, begin, end, y);
   });
 }
 
@@ -267,13 +274,18 @@ static void bf16dp_rows(const uint16_t* xb, int64_t chunks, const uint16_t* valu
   });
 }
 
-// x (stride floats) rounded to bfloat16, zero-padded to a whole pair of chunks
-BF16DP static std::vector<uint16_t> to_bf16_pairs(const float* x, int64_t stride) {
-  std::vector<uint16_t> xb((stride + 2 * CHUNK - 1) / (2 * CHUNK) * 2 * CHUNK, 0);
+// x (stride floats, whole chunks) rounded to bfloat16 into xb
+BF16DP static void to_bf16(const float* x, int64_t stride, uint16_t* xb) {
   for (int64_t i = 0; i < stride; i += CHUNK) {
     const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
-    _mm256_storeu_si256((__m256i*)(xb.data() + i), (__m256i)h);
+    _mm256_storeu_si256((__m256i*)(xb + i), (__m256i)h);
   }
+}
+
+// x (stride floats) rounded to bfloat16, zero-padded to a whole pair of chunks
+static std::vector<uint16_t> to_bf16_pairs(const float* x, int64_t stride) {
+  std::vector<uint16_t> xb((stride + 2 * CHUNK - 1) / (2 * CHUNK) * 2 * CHUNK, 0);
+  to_bf16(x, stride, xb.data());
   return xb;
 }
 

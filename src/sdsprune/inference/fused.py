@@ -60,6 +60,8 @@ def fused_problem(model: nn.Module) -> str | None:
         )
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"the fused step computes SiLU MLPs, not {config.hidden_act}"
+    if _sliding_window(config):
+        return "the fused step attends over the whole cache (this model has a sliding window)"
     problem = build_problem(extension())
     if problem is not None:
         return problem
@@ -68,6 +70,16 @@ def fused_problem(model: nn.Module) -> str | None:
         if reason is not None:
             return f"{name}: {reason}"
     return None
+
+
+def _sliding_window(config) -> bool:
+    """Whether transformers gives this model's static cache sliding-window layers (Mistral
+    v0.1's 4096 positions; Qwen2 only with ``use_sliding_window``)."""
+    if getattr(config, "model_type", "") == "qwen2" and not getattr(
+        config, "use_sliding_window", False
+    ):
+        return False
+    return bool(getattr(config, "sliding_window", None))
 
 
 def _plan_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
