@@ -21,7 +21,7 @@ from sdsprune.inference.fused import (
 )
 from sdsprune.inference.gemv import gemv_problem
 from sdsprune.models import model_linears
-from sdsprune.utils import cache_keyword
+from sdsprune.utils import cache_keyword, torch_threads
 
 pytestmark = pytest.mark.skipif(
     gemv_problem(nn.Linear(16, 16)) is not None, reason="the CPU kernels do not build here"
@@ -117,6 +117,18 @@ def test_fused_step_matches_the_eager_step_at_every_cache_length(
         assert_same_caches(*caches, tolerance=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_step_splits_rows_over_any_thread_count(threads):
+    """The rows of each layer are split over torch's threads by bytes, whatever their number
+    (one thread: no barrier at all; three: parts that do not divide the rows evenly)."""
+    model = pruned_model("llama")
+    apply_backend(model, "bitmask")
+    with torch_threads(threads):
+        for (logits, ids), (fused_logits, fused_ids) in list(decode_both(model, 2))[:-1]:
+            assert (fused_logits - logits).abs().max().item() <= 1e-4 * logits.abs().max().item()
+            assert torch.equal(fused_ids, ids)
+
+
 def test_bfloat16_fused_step_is_within_bfloat16_rounding_of_the_eager_step():
     """The fused step keeps activations in float32 (only the weights and the cache are
     bfloat16, and the inputs of the bfloat16 dot-product kernel are rounded), where
@@ -204,6 +216,9 @@ def test_fused_problem_names_the_models_it_does_not_serve():
     assert "sliding window" in fused_problem(windowed)
     qwen = tiny_model("qwen2")  # a sliding_window value, but use_sliding_window off
     assert not qwen.config.use_sliding_window and fused_problem(qwen) is None
+    dynamic = tiny_model("llama")
+    dynamic.model.rotary_emb.rope_type = "dynamic"  # frequencies that grow with the length
+    assert "dynamic rotary scaling" in fused_problem(dynamic)
 
 
 def test_load_fused_on_a_model_it_cannot_serve_warns_and_falls_back(tmp_path, monkeypatch, caplog):

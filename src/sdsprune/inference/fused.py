@@ -49,6 +49,9 @@ _BLOCK_LINEARS = (
     ("mlp", "down_proj"),
 )
 KIND_DENSE, KIND_BITMASK, KIND_NM24 = 0, 1, 2
+# rotary scalings whose frequencies change with the sequence length (the others are fixed
+# at load, so the step reads them once)
+_MOVING_ROPE = ("dynamic", "longrope")
 
 
 def fused_problem(model: nn.Module) -> str | None:
@@ -60,6 +63,11 @@ def fused_problem(model: nn.Module) -> str | None:
         )
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"the fused step computes SiLU MLPs, not {config.hidden_act}"
+    rope = getattr(getattr(getattr(model, "model", None), "rotary_emb", None), "rope_type", None)
+    if rope in _MOVING_ROPE:
+        return (
+            f"the fused step keeps the rotary frequencies fixed ({rope} rotary scaling moves them)"
+        )
     if _sliding_window(config):
         return "the fused step attends over the whole cache (this model has a sliding window)"
     problem = build_problem(extension())
@@ -161,7 +169,6 @@ class FusedDecoder:
             float(getattr(body.rotary_emb, "attention_scaling", 1.0)),
         ]
         self.plan = torch.classes.sdsprune.DecodePlan(tensors, ints, floats)
-        self.layers = len(body.layers)
 
     def __call__(
         self,

@@ -8,6 +8,7 @@ them, and the extension is compiled once.
 STEP_SOURCE = r"""
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <atomic>
+#include <thread>
 #include <cmath>
 #include <omp.h>
 
@@ -24,6 +25,7 @@ static float* fptr(at::Tensor& t) { return t.data_ptr<float>(); }
 // decode step are microseconds long, shorter than a sleeping thread takes to wake.
 class SpinBarrier {
  public:
+  static constexpr int SPINS_BEFORE_YIELD = 4096;
   explicit SpinBarrier(int threads) : threads_(threads) {}
   void wait() {
     if (threads_ == 1) return;
@@ -32,7 +34,11 @@ class SpinBarrier {
       arrived_.store(0, std::memory_order_relaxed);
       phase_.fetch_add(1, std::memory_order_release);
     } else {
-      while (phase_.load(std::memory_order_acquire) == phase) _mm_pause();
+      // past a few tens of microseconds the awaited thread is likely off its core (more
+      // threads than cores, or a busy machine): give the core away instead of spinning on
+      for (int spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins) {
+        if (spins < SPINS_BEFORE_YIELD) _mm_pause(); else std::this_thread::yield();
+      }
     }
   }
 
