@@ -11,7 +11,7 @@ from conftest import byte_tokenizer, tiny_config, tiny_model
 from test_export import prune_weight
 from torch import nn
 
-from sdsprune.inference import apply_backend, load
+from sdsprune.inference import apply_backend, backend_report, load
 from sdsprune.inference.decode import eager_step, fused_step, new_cache, prefill
 from sdsprune.inference.fused import (
     FusedDecoder,
@@ -192,6 +192,24 @@ def test_generate_through_the_default_load_gives_eager_greedy_tokens(tiny_model_
     assert len(actual.logits) == len(expected.logits) == 10
     for got, want in zip(actual.logits, expected.logits, strict=True):
         assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+def test_auto_packs_every_pruned_layer_for_the_fused_step_and_races_otherwise(tmp_path):
+    """With the fused step, bytes set the speed: auto gives every pruned layer the bitmask
+    kernel without a race; decoding eagerly, it races (here with a timer under which dense
+    always wins, so no layer is packed)."""
+    folder = tmp_path / "pruned"
+    pruned_model("llama").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    fused = backend_report(load(folder, backend="auto").model)
+    assert set(fused.counts()) == {"bitmask"}
+    assert all("fused decode step" in layer.reason for layer in fused.layers)
+
+    def dense_wins(candidates, tokens):
+        return {kernel: (1e-6 if kernel == "dense" else 1.0) for kernel in candidates}
+
+    eager = backend_report(load(folder, backend="auto", decode="eager", timer=dense_wins).model)
+    assert "bitmask" not in eager.counts()
 
 
 def test_fused_problem_names_the_models_it_does_not_serve():

@@ -38,7 +38,10 @@ def load(
     bit-identical; dense specs (aliases, folders, hub ids) go through ``load_model`` with
     its ``auto`` dtype. ``backend`` (dense, auto, csr, bsr, semi-structured) then swaps the
     pruned layers for sparse kernels; see :func:`sdsprune.inference.apply_backend`. The
-    choice per layer is in ``sdsprune.inference.backend_report(loaded.model)``.
+    choice per layer is in ``sdsprune.inference.backend_report(loaded.model)``. Where the
+    model will decode through the fused step, ``auto`` gives every pruned layer the bitmask
+    kernel without timing (the packed form reads the fewest bytes, and bytes set the fused
+    step's speed); elsewhere it races the kernels per layer.
 
     ``decode`` sets how ``loaded.model.generate()`` runs its one-token steps:
 
@@ -60,15 +63,21 @@ def load(
         loaded = _load_sparse(path, dev, None if dtype is None else resolve_dtype(dtype, dev))
     else:
         loaded = load_model(str(spec), device=device, dtype=dtype or "auto")
-    apply_backend(loaded.model, backend, **backend_options)
+    fused = decode in ("auto", "fused") and _fused_problem(loaded.model) is None
+    apply_backend(loaded.model, backend, fused_decode=fused, **backend_options)
     _set_up_decode(loaded.model, decode)
     return loaded
+
+
+def _fused_problem(model: nn.Module) -> str | None:
+    """Why the fused step cannot serve ``model`` (None when it can)."""
+    return fused_problem(model) if model_device(model).type == "cpu" else "not a CPU model"
 
 
 def _set_up_decode(model: nn.Module, decode: str) -> None:
     """Install the decode path ``decode`` asks for (see :func:`load`), falling back as it says."""
     if decode in ("auto", "fused"):
-        problem = fused_problem(model) if model_device(model).type == "cpu" else "not a CPU model"
+        problem = _fused_problem(model)
         if problem is None:
             enable_fused_decode(model)
             return
