@@ -20,7 +20,9 @@ cache and a compiled step, ``decode="compiled"``) and llama.cpp on GGUFs of the 
 checkpoint (the dense model's speed there: llama.cpp computes the zeros), and
 ``OUT/decode.md`` holds the table a CPU user decides from: every decode path against
 torch's dense eager decode and against llama.cpp, with the bytes a step reads and the floor
-they give (about 8 minutes a run)::
+they give (about 8 minutes a run). ``--backends dense,auto,bitmask`` also times every pruned
+layer packed (what ``load`` gives a model that decodes through the fused step; the bench's
+``auto`` races its layers for eager calls)::
 
     python benchmarks/sparse_cpu.py --checkpoint dense=<dense folder> --checkpoint 50%=... \\
         --decode-modes eager,fused --llamacpp f32,bf16,q8_0 --batch-sizes 1,8 \\
@@ -51,7 +53,15 @@ def cpu_name() -> str:
     return f"{name} ({cpu_capability()}, bf16 {'native' if native_bf16 else 'emulated'})"
 
 
-def run_one(label: str, folder: Path, dtype: str, threads: int, settings, out: Path) -> None:
+def run_one(
+    label: str,
+    folder: Path,
+    dtype: str,
+    threads: int,
+    settings,
+    out: Path,
+    backends: tuple[str, ...] = ("dense", "auto"),
+) -> None:
     target = out / f"{label.replace(':', 'of').replace('%', '')}-{dtype}-t{threads}.json"
     if target.exists():
         print(f"kept {target}")
@@ -60,7 +70,7 @@ def run_one(label: str, folder: Path, dtype: str, threads: int, settings, out: P
     load_before = os.getloadavg()
     with torch_threads(threads):
         report = run_bench(
-            folder, backends=["dense", "auto"], dtype=dtype, settings=settings, progress=print
+            folder, backends=list(backends), dtype=dtype, settings=settings, progress=print
         )
     report["label"], report["cpu"] = label, cpu_name()
     # other processes' load shows here: timings are ratios within the run, but llama.cpp's
@@ -245,8 +255,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--decode-modes", default="eager")
     parser.add_argument("--llamacpp", default="", help="GGUF precisions, e.g. f32,bf16,q8_0")
+    parser.add_argument(
+        "--backends",
+        default="dense,auto",
+        help="torch backends (bitmask: every pruned layer packed, as `load` serves the fused step)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    backends = tuple(args.backends.split(","))
     settings = BenchSettings(
         repeats=args.repeats,
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
@@ -258,7 +274,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for spec in args.checkpoint:
                 label, folder = spec.split("=", 1)
-                run_one(label, Path(folder), dtype, threads, settings, args.out)
+                run_one(label, Path(folder), dtype, threads, settings, args.out, backends)
                 print(f"table: {summarise(args.out)}", flush=True)
 
 
