@@ -113,8 +113,7 @@ def fused_step(model: nn.Module) -> Step:
         problem = cache_problem(cache, token.shape[0])
         if problem is not None:
             raise ValueError(problem)
-        positions = cache.layers[0].cumulative_length.expand(token.shape[0])
-        logits = decoder(token[:, 0], positions, cache)
+        logits = decoder(token[:, 0], cache)
         return logits, logits.argmax(dim=-1, keepdim=True)
 
     return step

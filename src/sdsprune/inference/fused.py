@@ -173,19 +173,23 @@ class FusedDecoder:
     def __call__(
         self,
         ids: torch.Tensor,
-        positions: torch.Tensor,
         cache: object,
-        keep: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Float32 logits (batch, vocab) of ``ids`` (batch,) at rotary ``positions``
-        (batch,), their keys and values written into the filled static ``cache`` (see
-        :func:`cache_problem`) after its last position; ``keep`` (batch, >= that position
-        + 1) marks the cache positions each sequence may attend to (None: all)."""
+        """Float32 logits (batch, vocab) of ``ids`` (batch,), their keys and values written
+        into the filled static ``cache`` (see :func:`cache_problem`) after its last position.
+        ``positions`` (batch,): their rotary positions (None: that cache position);
+        ``attention_mask``: 2-d, or 4-d with one query row, of the positions each sequence
+        attends to (None: all)."""
         layers = cache.layers
         index = int(layers[0].cumulative_length)
+        if positions is None:
+            positions = layers[0].cumulative_length.expand(ids.shape[0])
+        keep = _keep_mask(attention_mask, index + 1)
         return self.plan.step(
             ids,
-            positions,
+            positions.reshape(-1),
             index,
             _EMPTY if keep is None else keep,
             [layer.keys for layer in layers],
@@ -235,12 +239,9 @@ def _fused_forward(forward: Callable, decoder: FusedDecoder) -> Callable:
         rest = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
         if not _is_fused_step(input_ids, cache, rest):
             return forward(input_ids=input_ids, **kwargs)
-        index = int(cache.layers[0].cumulative_length)
-        positions = rest.get("position_ids")
-        if positions is None:
-            positions = torch.full((input_ids.shape[0],), index, dtype=torch.long)
-        keep = _keep_mask(rest.get("attention_mask"), index + 1)
-        logits = decoder(input_ids[:, 0], positions.reshape(-1), cache, keep)
+        logits = decoder(
+            input_ids[:, 0], cache, rest.get("position_ids"), rest.get("attention_mask")
+        )
         return CausalLMOutputWithPast(logits=logits.unsqueeze(1), **{output_name: cache})
 
     return fused
