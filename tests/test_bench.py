@@ -17,7 +17,14 @@ from sdsprune.errors import SdspruneError
 from sdsprune.export import export_checkpoint
 from sdsprune.inference.decode import new_cache
 
-TINY = BenchSettings(repeats=3, warmup=0, prompt_tokens=6, decode_tokens=2, batch_sizes=(1, 2))
+TINY = BenchSettings(
+    repeats=3,
+    warmup=0,
+    prompt_tokens=6,
+    decode_tokens=2,
+    batch_sizes=(1, 2),
+    decode_modes=("eager",),
+)
 COMPILED: list[int] = []  # graphs compiled by the counting backend, one entry each
 
 
@@ -94,6 +101,24 @@ def test_report_has_every_backend_workload_and_batch(sparse_dir):
     assert render_table(report).row_count == len(report["results"])
 
 
+@pytest.mark.parametrize(("arch", "mode"), [("llama", "fused"), ("opt", "eager")])
+def test_auto_decode_times_what_load_gives_a_user(tmp_path, arch, mode):
+    """The default decode mode is load's: fused where the fused step serves the model (and
+    auto then packs every pruned layer for it, as load does), else eager."""
+    from sdsprune.inference.bitmask import extension
+
+    if mode == "fused" and isinstance(extension(), str):
+        pytest.skip(extension())
+    folder = pruned_dir(tmp_path, "unstructured", arch)
+    report = run_bench(
+        folder, backends=["auto"], settings=dataclasses.replace(TINY, decode_modes=("auto",))
+    )
+    assert report["settings"]["decode_modes"] == [mode]
+    assert {row["mode"] for row in report["results"] if row["workload"] == "decode"} == {mode}
+    if mode == "fused":
+        assert set(report["backends"]["auto"]["kernels"]) == {"bitmask"}
+
+
 def test_verdicts_need_a_rank_test_at_the_level_of_four_separated_samples():
     dense = [1.0, 1.1, 1.2, 1.02, 1.05]
     assert _verdict([0.5, 0.55, 0.6, 0.5, 0.52], dense) == "faster"
@@ -130,7 +155,7 @@ def test_bad_settings_are_user_errors(sparse_dir, tmp_path):
         run_bench(tmp_path, settings=TINY)
     with pytest.raises(SdspruneError, match="unknown backend"):
         run_bench(sparse_dir, backends=["gpu-magic"], settings=TINY)
-    with pytest.raises(SdspruneError, match="decode modes must be among eager, static"):
+    with pytest.raises(SdspruneError, match="decode modes must be among auto, eager, static"):
         run_bench(sparse_dir, settings=dataclasses.replace(TINY, decode_modes=("jit",)))
 
 

@@ -21,7 +21,9 @@ from sdsprune.utils import torch_threads
 # multiple of the 16-input chunk and a row count below one parallel task
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (40, 37), (3, 16), (7, 1)]
 KEPT = (0.0, 0.3, 0.5, 0.7, 1.0)  # fraction of weights kept: empty rows up to full rows
-TOKENS = (1, 2, 3, 4, 5, 8, 9, 16)  # the kernel's token blocks and tails, then tiled GEMM
+TOKENS = (1, 2, 3, 4, 5, 8, 9, 16)  # the kernel's token blocks and tails, then a prompt's path
+# a prompt's register blocks of 8, 4, 2 and 1 vectors of 16 tokens, tails, two passes of 128
+PROMPT_TOKENS = (9, 16, 40, 136, 300)
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +104,49 @@ def test_kernel_matches_dense_for_every_shape_density_and_token_count(
                 assert_matches(module.dense_forward(x), dense_product(linear, x), dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prompts_expand_tile_by_tile_with_a_last_partial_tile(ext, dtype):
-    """Tiles of 7 rows over 40 rows: five whole tiles and one of 5 rows."""
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+def test_both_prompt_paths_match_dense_for_every_shape_density_and_token_count(
+    ext, out_features, in_features
+):
+    """A prompt is multiplied straight from the packed form (float32, up to 60% kept) or
+    through the tiled expansion into torch's GEMM; both are checked on their own here."""
+    from sdsprune.inference.bitmask import pack_bitmask
+
+    for kept in KEPT:
+        linear = sparse_linear(out_features, in_features, kept, bias=False)
+        values, offsets, masks = pack_bitmask(linear.weight)
+        for tokens in PROMPT_TOKENS:
+            x = torch.randn(tokens, in_features)
+            expected = dense_product(linear, x)
+            sparse = ext.sparse_mm(x, values, offsets, masks, in_features)
+            assert_matches(sparse, expected, torch.float32)
+            assert_matches(
+                ext.tiled_mm(x, values, offsets, masks, in_features, 7), expected, torch.float32
+            )
+
+
+@pytest.mark.parametrize(("kept", "path"), [(0.3, "sparse_mm"), (0.6, "sparse_mm"), (0.7, "tiled")])
+def test_a_float32_prompt_takes_the_packed_product_where_enough_weights_are_pruned(ext, kept, path):
     from sdsprune.inference.bitmask import BitmaskLinear
 
-    linear = sparse_linear(40, 37, 0.5, dtype)
+    linear = sparse_linear(64, 96, kept, bias=False)
+    module = BitmaskLinear(linear)
+    x = torch.randn(20, 96)
+    packed = (module.values, module.offsets, module.masks, 96)
+    tiled = ext.tiled_mm(x, *packed, module._tile_rows)
+    chosen = ext.sparse_mm(x, *packed) if path == "sparse_mm" else tiled
+    with torch.no_grad():
+        assert torch.equal(module(x), chosen)
+        assert_matches(module(x), dense_product(linear, x), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompts_expand_tile_by_tile_with_a_last_partial_tile(ext, dtype):
+    """Tiles of 7 rows over 40 rows: five whole tiles and one of 5 rows (80% kept: a float32
+    prompt takes the tiled path there)."""
+    from sdsprune.inference.bitmask import BitmaskLinear
+
+    linear = sparse_linear(40, 37, 0.8, dtype)
     module = BitmaskLinear(linear)
     module._tile_rows = 7
     x = torch.randn(3, 11, 37).to(dtype)
@@ -117,13 +156,14 @@ def test_prompts_expand_tile_by_tile_with_a_last_partial_tile(ext, dtype):
 
 def test_kernel_gives_the_same_bits_whatever_the_thread_count(ext):
     """Each row is summed by one thread in a fixed order, so the row split over threads
-    leaves no row out and changes no bit (the tiled GEMM above 8 tokens is torch's own)."""
+    leaves no row out and changes no bit, for one token and for a prompt (50% kept: the
+    product from the packed form)."""
     from sdsprune.inference.bitmask import BitmaskLinear
 
     for out_features, in_features in SHAPES:
         linear = sparse_linear(out_features, in_features, 0.5)
         module = BitmaskLinear(linear)
-        for tokens in (1, 3, 8, 12):
+        for tokens in (1, 3, 8, 12, 140):
             x = torch.randn(tokens, in_features)
             with torch.no_grad():
                 outputs = []
@@ -131,8 +171,7 @@ def test_kernel_gives_the_same_bits_whatever_the_thread_count(ext):
                     with torch_threads(threads):
                         outputs.append(module(x))
             assert_matches(outputs[0], dense_product(linear, x), torch.float32)
-            if tokens <= 8:
-                assert torch.equal(outputs[0], outputs[1])
+            assert torch.equal(outputs[0], outputs[1])
 
 
 AVX2_CHECK = textwrap.dedent(
@@ -151,7 +190,7 @@ AVX2_CHECK = textwrap.dedent(
                 with torch.no_grad():
                     linear.weight.copy_(weight)
                 module = bitmask.BitmaskLinear(linear)
-                for tokens in (1, 2, 5, 9):
+                for tokens in (1, 2, 5, 9, 40, 136):
                     x = torch.randn(tokens, in_features).to(dtype)
                     with torch.no_grad():
                         expected = torch.nn.functional.linear(
@@ -201,7 +240,7 @@ def test_backend_on_a_model_matches_dense_and_holds_only_packed_weights(ext, dty
     assert not any(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     with torch.no_grad():
-        for tokens in (1, 10):  # the kernel, then the tiled expansion
+        for tokens in (1, 10):  # the kernel, then a prompt's path
             torch.testing.assert_close(
                 model(ids[:, :tokens]).logits.float(),
                 reference(ids[:, :tokens]).logits.float(),

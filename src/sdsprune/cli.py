@@ -504,12 +504,13 @@ def bench_command(
     decode: Annotated[
         str,
         typer.Option(
-            help="Comma-separated decode modes: eager (dynamic KV cache), fused (pre-allocated "
+            help="Comma-separated decode modes: auto (what sdsprune.load gives: fused where "
+            "it can serve the model, else eager), eager (dynamic KV cache), fused (pre-allocated "
             "KV cache and the step as one C++ loop over the blocks; Llama, Mistral, Qwen2 on "
             "CPU), static (pre-allocated KV cache and a torch.compile'd step; compiling takes "
             "minutes per backend). Backends are compared with dense in the same mode."
         ),
-    ] = "eager",
+    ] = "auto",
     llamacpp: Annotated[
         str,
         typer.Option(

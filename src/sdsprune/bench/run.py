@@ -10,7 +10,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,13 @@ from sdsprune.bench.report import summarise
 from sdsprune.errors import SdspruneError
 from sdsprune.export import check_model_folder, is_sparse_checkpoint, read_manifest
 from sdsprune.export.checkpoint import PART_SEPARATOR, SPARSE_WEIGHTS
-from sdsprune.inference import available_kernels, backend_report, load, weight_bytes
+from sdsprune.inference import (
+    apply_backend,
+    available_kernels,
+    backend_report,
+    load,
+    weight_bytes,
+)
 from sdsprune.inference.decode import (
     DECODE_MODES,
     Step,
@@ -33,6 +39,7 @@ from sdsprune.inference.decode import (
     prefill,
 )
 from sdsprune.inference.gemv import measure_stream_bandwidth
+from sdsprune.inference.loader import fused_decode_problem
 from sdsprune.models import decoder_blocks, model_linears
 from sdsprune.runinfo import library_versions, peak_memory
 from sdsprune.utils import resolve_device, resolve_dtype
@@ -44,8 +51,10 @@ log = logging.getLogger(__name__)
 class BenchSettings:
     """What is measured; the defaults take a few minutes for a 135M model on 2 CPU cores.
 
-    ``decode_modes``: eager and/or static decoding (:data:`DECODE_MODES`); every backend is
-    timed in each. ``compile_backend``: torch.compile's backend for static decode (inductor
+    ``decode_modes``: eager, fused and/or static decoding (:data:`DECODE_MODES`); every
+    backend is timed in each. ``auto`` (the default) is what ``sdsprune.load`` gives a user:
+    fused where the fused step can serve the model, else eager. Where fused is timed,
+    ``auto`` packs its layers as ``load`` does for the fused step. ``compile_backend``: torch.compile's backend for static decode (inductor
     generates fused kernels; tests use a faster one). ``ceiling``: also time eager decoding
     with the decoder blocks' linears skipped, to give each backend's bytes ceiling
     (:func:`bytes_ceilings`). ``llamacpp``: GGUF precisions (f32, bf16, q8_0) of the
@@ -58,7 +67,7 @@ class BenchSettings:
     decode_tokens: int = 16
     batch_sizes: tuple[int, ...] = (1, 8)
     seed: int = 0
-    decode_modes: tuple[str, ...] = ("eager",)
+    decode_modes: tuple[str, ...] = ("auto",)
     compile_backend: str = "inductor"
     ceiling: bool = True
     llamacpp: tuple[str, ...] = ()
@@ -111,7 +120,10 @@ def run_bench(
     # dense is always measured, first: it is the baseline of every speedup.
     names = ["dense", *dict.fromkeys(n for n in requested if n != "dense")]
     say = progress or (lambda _msg: None)
-    contenders, loads, skipped = _load_all(folder, names, dev, torch_dtype, say)
+    contenders, loads, skipped, modes = _load_all(
+        folder, names, dev, torch_dtype, say, settings.decode_modes
+    )
+    settings = replace(settings, decode_modes=modes)
     mode_info = _prepare_steps(contenders, settings, dev, say)
     checks = _check_outputs(contenders, settings, dev)
     skipped_linears = _skipped_linears(folder, dev, torch_dtype) if settings.ceiling else None
@@ -241,10 +253,10 @@ def _check_settings(settings: BenchSettings) -> None:
     if not settings.batch_sizes or min(settings.batch_sizes) < 1:
         raise SdspruneError("batch sizes must be positive integers, e.g. 1,8")
     check_precisions(tuple(settings.llamacpp))
-    unknown = [mode for mode in settings.decode_modes if mode not in DECODE_MODES]
+    unknown = [mode for mode in settings.decode_modes if mode not in ("auto", *DECODE_MODES)]
     if not settings.decode_modes or unknown:
         raise SdspruneError(
-            f"decode modes must be among {', '.join(DECODE_MODES)} "
+            f"decode modes must be among auto, {', '.join(DECODE_MODES)} "
             f"(got {', '.join(settings.decode_modes) or 'none'})"
         )
 
@@ -299,13 +311,21 @@ def _check_sparse_folder(folder: Path) -> None:
         )
 
 
-def _load_all(folder: Path, names: list[str], dev, dtype, say) -> tuple[list, dict, dict]:
+def _load_all(
+    folder: Path, names: list[str], dev, dtype, say, modes: tuple[str, ...]
+) -> tuple[list, dict, dict, tuple[str, ...]]:
+    """Every backend's model (dense first), and the decode modes with ``auto`` resolved on
+    the dense model. Each backend is applied as ``load`` applies it for those modes: where
+    the fused step is timed, ``auto`` packs every pruned layer for it."""
     contenders, loads, skipped = [], {}, {}
     for name in names:
         say(f"loading {folder.name} with backend {name}")
         before = _cuda_allocated(dev)
         start = time.perf_counter()
-        loaded = load(folder, backend=name, device=dev, dtype=dtype, decode="eager")
+        loaded = load(folder, backend="dense", device=dev, dtype=dtype, decode="eager")
+        if name == "dense":
+            modes = resolve_decode_modes(modes, loaded.model)
+        apply_backend(loaded.model, name, fused_decode="fused" in modes)
         seconds = time.perf_counter() - start
         report = backend_report(loaded.model)
         kernels = report.counts() if report else {"dense": 0}
@@ -326,7 +346,14 @@ def _load_all(folder: Path, names: list[str], dev, dtype, say) -> tuple[list, di
         if dev.type == "cuda":
             loads[name]["cuda_weights_mib"] = round((_cuda_allocated(dev) - before) / 2**20, 1)
         contenders.append(_Contender(name, loaded.model))
-    return contenders, loads, skipped
+    return contenders, loads, skipped, modes
+
+
+def resolve_decode_modes(modes: Sequence[str], model: nn.Module) -> tuple[str, ...]:
+    """``modes`` with ``auto`` replaced by what ``load(decode="auto")`` gives ``model``:
+    fused where the fused step can serve it, else eager (duplicates dropped)."""
+    chosen = "eager" if fused_decode_problem(model) else "fused"
+    return tuple(dict.fromkeys(chosen if mode == "auto" else mode for mode in modes))
 
 
 def _layer_speedups(report) -> dict[str, dict[int, float]]:

@@ -68,6 +68,8 @@ static inline vec zero() { return {_mm512_setzero_ps()}; }
 static inline vec load_x(const float* x) { return {_mm512_loadu_ps(x)}; }
 static inline vec fmadd(vec a, vec b, vec c) { return {_mm512_fmadd_ps(a.r, b.r, c.r)}; }
 static inline vec add(vec a, vec b) { return {_mm512_add_ps(a.r, b.r)}; }
+static inline vec broadcast(float w) { return {_mm512_set1_ps(w)}; }
+constexpr int SPMM_VECS = 8;  // accumulators of 16 tokens each (of 32 registers)
 static inline float hsum(vec a) { return _mm512_reduce_add_ps(a.r); }
 // The chunk's weights: the next popcount(m) values spread to the set bits, zeros elsewhere.
 // (a full load, then the register form: the memory form of vexpandps is microcoded on AMD
@@ -99,6 +101,8 @@ static inline vec fmadd(vec a, vec b, vec c) {
   return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
 }
 static inline vec add(vec a, vec b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+static inline vec broadcast(float w) { return {_mm256_set1_ps(w), _mm256_set1_ps(w)}; }
+constexpr int SPMM_VECS = 4;  // accumulators of 16 tokens each (two of 16 registers each)
 static inline float hsum(vec a) {
   const __m256 s8 = _mm256_add_ps(a.lo, a.hi);
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
@@ -345,7 +349,7 @@ static torch::Tensor scratch_for(int64_t elements, const torch::TensorOptions& o
 
 // Many tokens: y (T, out) = x W^T, the columns of y tile by tile of rows of W expanded into
 // one scratch buffer (the GEMM writes each tile's columns in place: ldc = out).
-static torch::Tensor tiled_mm(const torch::Tensor& x, torch::Tensor values, torch::Tensor offsets,
+torch::Tensor tiled_mm(const torch::Tensor& x, torch::Tensor values, torch::Tensor offsets,
                               torch::Tensor masks, int64_t in, int64_t tile_rows) {
   const int64_t out = masks.size(0), chunks = masks.size(1), stride = chunks * CHUNK;
   auto xw = x.to(values.scalar_type());
@@ -366,8 +370,122 @@ static torch::Tensor tiled_mm(const torch::Tensor& x, torch::Tensor values, torc
   return y;
 }
 
+// Many tokens straight from the packed form (float32 values), so a prompt's work shrinks
+// with the weights kept: per kept weight w = W[o][k], y[t][o] += w * x[t][k] for a block of
+// tokens at once, with x transposed (xt: row k holds x[.][k] for every token) so each kept
+// weight is one broadcast and one multiply-add per 16 tokens. Inputs are taken SPMM_CHUNKS
+// chunks at a time (their block of xt stays in L1) and each row's kept positions in the
+// block are listed once, then used for every token block.
+constexpr int64_t SPMM_CHUNKS = 4;
+
+// The column offsets (k * ldx) of the set bits of masks m[0 .. chunks) of one row, the
+// first chunk being input k0; returns how many.
+struct SetBits {
+  alignas(32) int32_t position[256][8];
+  SetBits() {
+    for (int b = 0; b < 256; ++b) {
+      int k = 0;
+      for (int i = 0; i < 8; ++i) position[b][i] = 0;
+      for (int i = 0; i < 8; ++i)
+        if ((b >> i) & 1) position[b][k++] = i;
+    }
+  }
+};
+static const SetBits SET_BITS;
+static int64_t kept_columns(const uint16_t* m, int64_t chunks, int64_t k0, int64_t ldx, int32_t* idx) {
+  int64_t n = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int half = 0; half < 2; ++half) {
+      const uint32_t bits = (uint32_t(m[c]) >> (8 * half)) & 0xFF;
+      const __m256i at = _mm256_add_epi32(_mm256_load_si256((const __m256i*)SET_BITS.position[bits]),
+                                          _mm256_set1_epi32(int32_t(k0 + c * CHUNK + 8 * half)));
+      _mm256_storeu_si256((__m256i*)(idx + n), _mm256_mullo_epi32(at, _mm256_set1_epi32(int32_t(ldx))));
+      n += _mm_popcnt_u32(bits);
+    }
+  }
+  return n;
+}
+
+// yt[16 * NV tokens] (+)= sum over the n kept weights v[i] of v[i] * xt[idx[i] + tokens]
+template <int NV>
+static inline void kept_columns_mm(const float* xt, const int32_t* idx, const float* v, int64_t n,
+                                   float* yt, bool first) {
+  vec acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = first ? zero() : load_x(yt + CHUNK * j);
+  for (int64_t i = 0; i < n; ++i) {
+    const vec w = broadcast(v[i]);
+    const float* x = xt + idx[i];
+    for (int j = 0; j < NV; ++j) acc[j] = fmadd(w, load_x(x + CHUNK * j), acc[j]);
+  }
+  for (int j = 0; j < NV; ++j) store(yt + CHUNK * j, acc[j]);
+}
+
+// yt[tokens] (+)= the rows' products for `tokens` tokens (a multiple of 16) starting at the
+// xt and yt given, in register blocks of SPMM_VECS, 4, 2 and 1 vectors.
+static void kept_columns_tokens(const float* xt, const int32_t* idx, const float* v, int64_t n,
+                                float* yt, int64_t tokens, bool first) {
+  int64_t t = 0;
+  for (; t + SPMM_VECS * CHUNK <= tokens; t += SPMM_VECS * CHUNK)
+    kept_columns_mm<SPMM_VECS>(xt + t, idx, v, n, yt + t, first);
+  if (SPMM_VECS > 4 && t + 4 * CHUNK <= tokens) {
+    kept_columns_mm<4>(xt + t, idx, v, n, yt + t, first);
+    t += 4 * CHUNK;
+  }
+  if (t + 2 * CHUNK <= tokens) {
+    kept_columns_mm<2>(xt + t, idx, v, n, yt + t, first);
+    t += 2 * CHUNK;
+  }
+  if (t < tokens) kept_columns_mm<1>(xt + t, idx, v, n, yt + t, first);
+}
+
+// Rows [begin, end) of one pass of yt (out, width) from its block of xt (inputs, width).
+static void spmm_rows(const float* xt, int64_t width, const float* values, const int64_t* offsets,
+                      const uint16_t* masks, int64_t chunks, int64_t begin, int64_t end, float* yt) {
+  std::vector<int32_t> idx(SPMM_CHUNKS * CHUNK + 8);  // the table stores 8 at a time
+  std::vector<int64_t> next(offsets + begin, offsets + end);  // each row's next kept value
+  for (int64_t c0 = 0; c0 < chunks; c0 += SPMM_CHUNKS) {
+    const int64_t c1 = std::min(chunks, c0 + SPMM_CHUNKS);
+    for (int64_t o = begin; o < end; ++o) {
+      const int64_t n = kept_columns(masks + o * chunks + c0, c1 - c0, c0 * CHUNK, width, idx.data());
+      kept_columns_tokens(xt, idx.data(), values + next[o - begin], n, yt + o * width, width, c0 == 0);
+      next[o - begin] += n;
+    }
+  }
+}
+
+// Many tokens, float32 values: y (T, out) = x W^T from the packed form (see above), in
+// passes of up to SPMM_PASS tokens, each with its own contiguous block of xt and yt (one
+// strided xt would put a pass's rows in few cache sets).
+constexpr int64_t SPMM_PASS = 128;  // a pass's xt block of SPMM_CHUNKS x 16 inputs: 32 KiB
+torch::Tensor sparse_mm(const torch::Tensor& x, const torch::Tensor& values,
+                               const torch::Tensor& offsets, const torch::Tensor& masks, int64_t in) {
+  const int64_t T = x.size(0), out = masks.size(0), chunks = masks.size(1);
+  auto y = torch::empty({T, out}, x.options());
+  const float* V = values.data_ptr<float>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const uint16_t* m = reinterpret_cast<const uint16_t*>(masks.data_ptr());
+  for (int64_t t0 = 0; t0 < T; t0 += SPMM_PASS) {
+    const int64_t tokens = std::min(SPMM_PASS, T - t0);
+    const int64_t width = (tokens + CHUNK - 1) / CHUNK * CHUNK;
+    auto xt = torch::zeros({chunks * CHUNK, width}, x.options());
+    xt.narrow(0, 0, in).narrow(1, 0, tokens).copy_(x.narrow(0, t0, tokens).t());
+    auto yt = torch::empty({out, width}, x.options());
+    const float* X = xt.data_ptr<float>();
+    float* Y = yt.data_ptr<float>();
+    at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+      spmm_rows(X, width, V, off, m, chunks, begin, end, Y);
+    });
+    y.narrow(0, t0, tokens).copy_(yt.narrow(1, 0, tokens).t());
+  }
+  return y;
+}
+
+// Up to this share of weights kept, sparse_mm serves a float32 prompt; above, tiled_mm.
+constexpr double SPARSE_MM_MAX_KEPT = 0.6;
+
 // activations (..., in) times the packed weight -> (..., out) in the activations' dtype. Up to
-// max_kernel_tokens tokens: the kernel (float32 accumulation); more: tiled_mm.
+// max_kernel_tokens tokens: the kernel (float32 accumulation); more: sparse_mm (float32
+// values, sparse enough) or tiled_mm.
 torch::Tensor bitmask_linear(torch::Tensor input, torch::Tensor values, torch::Tensor offsets,
                              torch::Tensor masks, int64_t in, int64_t max_kernel_tokens,
                              int64_t tile_rows) {
@@ -381,9 +499,13 @@ torch::Tensor bitmask_linear(torch::Tensor input, torch::Tensor values, torch::T
   const int64_t T = x2d.size(0);
   auto shape = input.sizes().vec();
   shape.back() = out;
-  if (T > max_kernel_tokens)
-    return tiled_mm(x2d.contiguous(), values, offsets, masks, in, tile_rows)
-        .view(shape).to(input.scalar_type());
+  if (T > max_kernel_tokens) {
+    const double kept = double(offsets.data_ptr<int64_t>()[out]) / double(std::max<int64_t>(1, out * in));
+    auto y = values.scalar_type() == torch::kFloat32 && kept <= SPARSE_MM_MAX_KEPT
+                 ? sparse_mm(x2d.to(torch::kFloat32).contiguous(), values, offsets, masks, in)
+                 : tiled_mm(x2d.contiguous(), values, offsets, masks, in, tile_rows);
+    return y.view(shape).to(input.scalar_type());
+  }
   auto x = x2d.to(torch::kFloat32).contiguous();
   if (stride != in) x = torch::constant_pad_nd(x, {0, stride - in});
   auto y = torch::empty({T, out}, x.options());
@@ -442,7 +564,11 @@ TORCH_LIBRARY_IMPL(sdsprune, CPU, m) {
 @functools.cache
 def extension():
     """The compiled kernel for this CPU, or a string saying why it is unavailable."""
-    module = build("bitmask", _SOURCE + STEP_SOURCE, ["bitmask_linear", "dense_linear"])
+    module = build(
+        "bitmask",
+        _SOURCE + STEP_SOURCE,
+        ["bitmask_linear", "dense_linear", "sparse_mm", "tiled_mm"],
+    )
     if not isinstance(module, str):
         torch.library.register_fake("sdsprune::bitmask_linear", _bitmask_linear_fake)
         torch.library.register_fake("sdsprune::dense_linear", _dense_linear_fake)

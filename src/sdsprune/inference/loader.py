@@ -63,21 +63,22 @@ def load(
         loaded = _load_sparse(path, dev, None if dtype is None else resolve_dtype(dtype, dev))
     else:
         loaded = load_model(str(spec), device=device, dtype=dtype or "auto")
-    fused = decode in ("auto", "fused") and _fused_problem(loaded.model) is None
+    fused = decode in ("auto", "fused") and fused_decode_problem(loaded.model) is None
     apply_backend(loaded.model, backend, fused_decode=fused, **backend_options)
     _set_up_decode(loaded.model, decode)
     return loaded
 
 
-def _fused_problem(model: nn.Module) -> str | None:
-    """Why the fused step cannot serve ``model`` (None when it can)."""
+def fused_decode_problem(model: nn.Module) -> str | None:
+    """Why the fused step cannot serve ``model`` (None when it can): what ``decode="auto"``
+    asks before it chooses the fused step."""
     return fused_problem(model) if model_device(model).type == "cpu" else "not a CPU model"
 
 
 def _set_up_decode(model: nn.Module, decode: str) -> None:
     """Install the decode path ``decode`` asks for (see :func:`load`), falling back as it says."""
     if decode in ("auto", "fused"):
-        problem = _fused_problem(model)
+        problem = fused_decode_problem(model)
         if problem is None:
             enable_fused_decode(model)
             return
