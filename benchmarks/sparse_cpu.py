@@ -80,30 +80,38 @@ def run_one(
 
 
 def rows_of(report: dict) -> list[dict]:
-    """One table row per batch: auto's decode and prefill against dense, with the ceiling."""
+    """One table row per batch: auto's decode (in the run's first decode mode, what
+    ``load`` gives by default) and prefill against dense, with the ceiling: Amdahl from the
+    linears' measured share for eager decoding, the step's bytes ratio for the fused step."""
+    mode = report["settings"]["decode_modes"][0]
     results = {
         (r["backend"], r["workload"], r["batch"]): r
         for r in report["results"]
-        if r.get("mode", "eager") == "eager" or r["workload"] == "prefill"
+        if r.get("mode", "eager") == mode or r["workload"] == "prefill"
     }
     backends = report["backends"]
     rows = []
     for batch in report["settings"]["batch_sizes"]:
         decode, prefill = results[("auto", "decode", batch)], results[("auto", "prefill", batch)]
         dense_decode = results[("dense", "decode", batch)]
-        ceiling = (report.get("ceiling") or {}).get("speedup", {}).get("auto", {})
+        if mode == "eager":
+            ceiling = (report.get("ceiling") or {}).get("speedup", {}).get("auto", {})
+            ceiling = ceiling.get(batch, ceiling.get(str(batch)))
+        else:
+            ceiling = (report.get("streaming") or {}).get("bytes_ratio", {}).get("auto")
         rows.append(
             {
                 "label": report["label"],
                 "dtype": report["dtype"],
                 "threads": report["threads"],
                 "batch": batch,
+                "mode": mode,
                 "kernels": backends["auto"]["kernels"],
                 "dense_ms": dense_decode["value"],
                 "auto_ms": decode["value"],
                 "decode_speedup": decode["speedup_vs_dense"],
                 "decode_verdict": decode["verdict"],
-                "ceiling": ceiling.get(batch, ceiling.get(str(batch))),
+                "ceiling": ceiling,
                 "prefill_speedup": prefill["speedup_vs_dense"],
                 "prefill_verdict": prefill["verdict"],
                 "memory_ratio": backends["auto"]["weights_mib"] / backends["dense"]["weights_mib"],
@@ -118,20 +126,24 @@ def rows_of(report: dict) -> list[dict]:
 def markdown(reports: list[dict]) -> str:
     cpus = sorted({r.get("cpu", "?") for r in reports})
     lines = [
-        f"CPU: {', '.join(cpus)}. Dense and `auto` in the same run; decode: eager, "
-        "ms/token (median); prefill: one prompt per sequence; ceiling: the decode speedup "
-        "the linears' bytes allow (Amdahl with the linears' share measured in the run).",
+        f"CPU: {', '.join(cpus)}. Dense and `auto` in the same run, each as `sdsprune.load` "
+        "gives it; decode ms/token (median) in the run's decode mode (fused: the step as one "
+        "C++ loop; eager: transformers' loop); prefill: one prompt per sequence; ceiling: "
+        "the decode speedup the bytes allow (fused: dense's step bytes over auto's; eager: "
+        "Amdahl with the linears' share measured in the run).",
         "",
-        "| checkpoint | dtype | threads | batch | auto kernels | dense decode ms | auto decode ms "
-        "| decode vs dense | ceiling | prefill vs dense | weights MiB (vs dense) | greedy = dense |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| checkpoint | dtype | threads | batch | decode | auto kernels | dense decode ms "
+        "| auto decode ms | decode vs dense | ceiling | prefill vs dense "
+        "| weights MiB (vs dense) | greedy = dense |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     rows = [row for report in reports for row in rows_of(report)]
     for row in sorted(rows, key=lambda r: (r["label"], r["dtype"], -r["threads"], r["batch"])):
         kernels = ", ".join(f"{k} {v}" for k, v in row["kernels"].items())
         ceiling = f"{row['ceiling']:.2f}x" if row["ceiling"] else ""
         lines.append(
-            f"| {row['label']} | {row['dtype']} | {row['threads']} | {row['batch']} | {kernels} "
+            f"| {row['label']} | {row['dtype']} | {row['threads']} | {row['batch']} "
+            f"| {row['mode']} | {kernels} "
             f"| {row['dense_ms']:.1f} | {row['auto_ms']:.1f} "
             f"| {row['decode_speedup']:.2f}x ({row['decode_verdict']}) | {ceiling} "
             f"| {row['prefill_speedup']:.2f}x ({row['prefill_verdict']}) "
@@ -161,7 +173,7 @@ def decode_rows(report: dict) -> list[dict]:
     for (backend, mode, batch), seconds in sorted(decode.items()):
         if backend in PEERS and mode != "eager":
             continue  # one row per llama.cpp precision (its decode has no modes)
-        dense = decode[("dense", "eager", batch)]
+        dense = decode.get(("dense", "eager", batch))  # absent when eager was not timed
         peers = {
             p: decode[(p, "eager", batch)] / seconds for p in PEERS if (p, "eager", batch) in decode
         }
@@ -172,7 +184,7 @@ def decode_rows(report: dict) -> list[dict]:
                 "batch": batch,
                 "path": backend if backend in PEERS else f"{backend} {mode}",
                 "ms": seconds * 1e3,
-                "vs_dense_eager": dense / seconds,
+                "vs_dense_eager": dense / seconds if dense else None,
                 "vs_peers": peers,
                 "prefill_vs_dense": prefill[("dense", batch)] / prefill[(backend, batch)]
                 if (backend, batch) in prefill
@@ -207,16 +219,20 @@ def decode_markdown(reports: list[dict]) -> str:
     ]
     rows = [row for report in reports for row in decode_rows(report)]
     for row in sorted(rows, key=lambda r: (r["label"], r["dtype"], r["batch"], r["path"])):
-        peers = [f"{row['vs_peers'][p]:.2f}x" if p in row["vs_peers"] else "" for p in PEERS]
-        prefill = f"{row['prefill_vs_dense']:.2f}x" if row["prefill_vs_dense"] else ""
+        peers = [_ratio(row["vs_peers"].get(p)) for p in PEERS]
+        prefill = _ratio(row["prefill_vs_dense"])
         mib = f"{row['mib']:.0f}" if row["mib"] else ""
         floor = f"{row['floor_ms']:.1f}" if row["floor_ms"] else ""
         lines.append(
             f"| {row['label']} | {row['dtype']} | {row['batch']} | {row['path']} "
-            f"| {row['ms']:.1f} | {row['vs_dense_eager']:.2f}x | {' | '.join(peers)} "
+            f"| {row['ms']:.1f} | {_ratio(row['vs_dense_eager'])} | {' | '.join(peers)} "
             f"| {prefill} | {mib} | {floor} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value else ""
 
 
 def _loads(reports: list[dict]) -> str:
@@ -253,7 +269,7 @@ def main() -> None:
     parser.add_argument("--threads", default=str(torch.get_num_threads()))
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--decode-modes", default="eager")
+    parser.add_argument("--decode-modes", default="auto")
     parser.add_argument("--llamacpp", default="", help="GGUF precisions, e.g. f32,bf16,q8_0")
     parser.add_argument(
         "--backends",

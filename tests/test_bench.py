@@ -117,6 +117,11 @@ def test_auto_decode_times_what_load_gives_a_user(tmp_path, arch, mode):
     assert {row["mode"] for row in report["results"] if row["workload"] == "decode"} == {mode}
     if mode == "fused":
         assert set(report["backends"]["auto"]["kernels"]) == {"bitmask"}
+        assert report["ceiling"] is None  # the Amdahl ceiling needs eager decoding
+    mib = report["streaming"]["decode_weights_mib"]
+    assert report["streaming"]["bytes_ratio"]["auto"] == pytest.approx(
+        mib["dense"] / mib["auto"], abs=2e-3
+    )
 
 
 def test_verdicts_need_a_rank_test_at_the_level_of_four_separated_samples():

@@ -223,10 +223,16 @@ def _streaming_notes(streaming: dict | None) -> list[str]:
         f"{name} {mib} MiB -> {streaming['floor_ms_per_token'][name]} ms"
         for name, mib in streaming["decode_weights_mib"].items()
     )
-    return [
+    notes = [
         f"weights a batch-1 decode step reads, and the time to read them at "
         f"{streaming['bandwidth_gib_s']} GiB/s (streaming kernel, this run): {floors}"
     ]
+    ratios = ", ".join(f"{name} {x:.2f}x" for name, x in streaming.get("bytes_ratio", {}).items())
+    if ratios:
+        notes.append(
+            f"  dense's bytes over each backend's (the ceiling of a step that only reads weights): {ratios}"
+        )
+    return notes
 
 
 def _ceiling_notes(ceiling: dict | None) -> list[str]:

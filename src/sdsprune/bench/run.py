@@ -126,7 +126,10 @@ def run_bench(
     settings = replace(settings, decode_modes=modes)
     mode_info = _prepare_steps(contenders, settings, dev, say)
     checks = _check_outputs(contenders, settings, dev)
-    skipped_linears = _skipped_linears(folder, dev, torch_dtype) if settings.ceiling else None
+    # the Amdahl ceiling needs eager decoding with the linears skipped (the fused step
+    # refuses such a model; its ceiling is the step's bytes ratio, see _streaming)
+    with_ceiling = settings.ceiling and "eager" in settings.decode_modes
+    skipped_linears = _skipped_linears(folder, dev, torch_dtype) if with_ceiling else None
     with tempfile.TemporaryDirectory(prefix="sdsprune-gguf-") as workdir:
         peers, peer_loads, peer_skipped = start_peers(
             folder, settings.llamacpp, Path(workdir), _cache_tokens(settings), say
@@ -175,16 +178,20 @@ def _streaming(contenders: list[_Contender], peer_loads: dict, dev, dtype) -> di
     ``decode_weights_mib``: the block linears and the LM head in the form each backend holds
     them (a tied head counted once; llama.cpp: its GGUF's size). ``bandwidth_gib_s``: how fast
     this package's streaming kernel reads one large weight here, in this run; the ratio is
-    each backend's floor in ms per token (what no engine reading those bytes beats)."""
+    each backend's floor in ms per token (what no engine reading those bytes beats).
+    ``bytes_ratio``: dense's bytes over each backend's, the decode speedup a step that only
+    read its weights would get (the ceiling of the fused step, which is little else)."""
     bandwidth = measure_stream_bandwidth(dtype) if dev.type == "cpu" else None
     if bandwidth is None:
         return None
     mib = {c.name: round(_decode_weight_bytes(c.model) / 2**20, 1) for c in contenders}
     mib |= {name: info["gguf_mib"] for name, info in peer_loads.items()}
+    dense_mib = mib[contenders[0].name]
     return {
         "bandwidth_gib_s": round(bandwidth, 2),
         "decode_weights_mib": mib,
         "floor_ms_per_token": {k: round(v / 1024 / bandwidth * 1e3, 2) for k, v in mib.items()},
+        "bytes_ratio": {c.name: round(dense_mib / mib[c.name], 3) for c in contenders[1:]},
     }
 
 
