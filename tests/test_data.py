@@ -7,20 +7,48 @@ from sdsprune import SdspruneError, load_corpus, sample_calibration
 from sdsprune.data.wiki import clean_article
 
 
-def test_wiki_splits_are_disjoint_and_deterministic():
-    calib = load_corpus("wiki", "calib")
-    evaluation = load_corpus("wiki", "eval")
-    assert len(calib.documents) == 51 and len(evaluation.documents) == 51
-    assert not set(calib.documents) & set(evaluation.documents)
-    assert 200_000 < len(evaluation.text.split()) < 260_000
-    assert load_corpus("wiki", "eval").text == evaluation.text
+SPLIT_NAMES = ("calib", "valid", "eval")
+
+
+@pytest.mark.parametrize("name", ["wiki", "news"])
+def test_the_three_splits_share_no_text(name):
+    splits = {split: load_corpus(name, split) for split in SPLIT_NAMES}
+    for first, second in (("calib", "valid"), ("calib", "eval"), ("valid", "eval")):
+        assert not set(splits[first].documents) & set(splits[second].documents), (first, second)
+    assert all(len(splits[split].text.split()) > 10_000 for split in SPLIT_NAMES)
+    assert load_corpus(name, "eval").text == splits["eval"].text  # deterministic
+
+
+def test_wiki_validation_takes_the_end_of_the_even_articles_not_what_eval_scores():
+    """The evaluation protocols score the start of ``eval``; ``valid`` is carved from its end,
+    so those numbers are the ones they were before ``valid`` existed."""
+    from sdsprune.data.wiki import VALID_ARTICLES, split_articles
+
+    articles = [f"article {i}" for i in range(102)]
+    parts = split_articles(articles)
+    assert parts["calib"] == articles[1::2]
+    assert parts["eval"] + parts["valid"] == articles[0::2]
+    assert len(parts["valid"]) == VALID_ARTICLES
+    calib, valid, evaluation = (load_corpus("wiki", split) for split in SPLIT_NAMES)
+    assert (len(calib.documents), len(valid.documents), len(evaluation.documents)) == (51, 17, 34)
+    assert 130_000 < len(evaluation.text.split()) < 180_000
+
+
+def test_a_spec_can_name_its_split():
+    valid = load_corpus("wiki:valid")  # what eval and compare ask for: "eval" by default
+    assert valid.name == "wiki:valid" and valid.split == "valid"
+    assert valid.text == load_corpus("wiki", "valid").text
+    assert load_corpus("news:valid", "calib").documents == load_corpus("news", "valid").documents
+    with pytest.raises(SdspruneError, match="unknown split 'test'"):
+        load_corpus("wiki:test")
+    with pytest.raises(SdspruneError, match="wiki:valid or news:valid"):
+        load_corpus("c4:valid")
 
 
 def test_news_splits_alternate_the_articles_of_the_lee_corpus():
-    calib = load_corpus("news", "calib")
-    evaluation = load_corpus("news", "eval")
-    assert len(calib.documents) == 150 and len(evaluation.documents) == 150
-    assert len(set(calib.documents) & set(evaluation.documents)) == 2  # the corpus repeats some
+    calib, valid, evaluation = (load_corpus("news", split) for split in SPLIT_NAMES)
+    assert len(evaluation.documents) == 150
+    assert len(valid.documents) + len(calib.documents) == 148  # 2 repeat eval articles
     assert evaluation.documents[0].startswith("Hundreds of people have been forced to vacate")
     assert 25_000 < len(evaluation.text.split()) < 35_000
 

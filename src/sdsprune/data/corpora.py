@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 from sdsprune.data.news import news_split
-from sdsprune.data.wiki import WIKI_SPLITS, wiki_split
+from sdsprune.data.wiki import wiki_split
 from sdsprune.errors import SdspruneError
 
 HUB_CORPORA = ("wikitext2", "ptb", "c4")
-SPLITS = ("calib", "eval")
+SPLITS = ("calib", "valid", "eval")
+BUNDLED_CORPORA = ("wiki", "news")
 # What prune, compare and their commands calibrate on unless told otherwise: SparseGPT's and
 # Wanda's 128 windows of 2048 tokens, sampled with seed 0 from the bundled Wikipedia excerpt.
 DEFAULT_CALIB = "wiki"
@@ -50,23 +51,36 @@ class Corpus:
 def load_corpus(spec: str, split: str = "eval") -> Corpus:
     """Load ``wiki``, ``news``, ``wikitext2``, ``ptb``, ``c4`` or a local ``.txt``/``.jsonl`` file.
 
-    ``split`` is ``calib`` (training/calibration text) or ``eval`` (held-out text); a local
-    file is used whole for either.
+    ``split`` is ``calib`` (training/calibration text), ``valid`` (held-out text for choosing
+    settings) or ``eval`` (held-out text for reporting); a local file is used whole for any.
+    A spec ``name:split`` (``wiki:valid``, ``news:valid``, ``wikitext2:valid``) names a split
+    itself, whatever ``split`` asks, so any command that evaluates on a corpus can evaluate
+    on the validation split; the corpus then carries that name in every report.
     """
+    name, split = split_spec(spec, split)
     if split not in SPLITS:
-        raise SdspruneError(f"unknown split '{split}' (use calib or eval)")
-    if spec == "wiki":
-        assert split in WIKI_SPLITS
-        corpus = Corpus("wiki", split, wiki_split(split))
-    elif spec == "news":
-        corpus = Corpus("news", split, news_split(split))
-    elif spec in HUB_CORPORA:
-        corpus = _hub_corpus(spec, split)
+        raise SdspruneError(f"unknown split '{split}' (use {', '.join(SPLITS)})")
+    if name == "wiki":
+        corpus = Corpus(spec, split, wiki_split(split))
+    elif name == "news":
+        corpus = Corpus(spec, split, news_split(split))
+    elif name in HUB_CORPORA:
+        corpus = _hub_corpus(name, split)
+        corpus.name = spec
     else:
         corpus = _file_corpus(Path(spec).expanduser(), split)
     if not corpus.text.strip():
         raise SdspruneError(f"corpus '{spec}' ({split}) is empty")
     return corpus
+
+
+def split_spec(spec: str, split: str) -> tuple[str, str]:
+    """(corpus name, split) of a spec: ``wiki:valid`` -> (wiki, valid); a plain name (or a
+    file path) keeps ``split``."""
+    name, _, suffix = spec.rpartition(":")
+    if name in (*BUNDLED_CORPORA, *HUB_CORPORA):
+        return name, suffix
+    return spec, split
 
 
 def _file_corpus(path: Path, split: str) -> Corpus:
@@ -110,16 +124,18 @@ def _hub_corpus(name: str, split: str) -> Corpus:
 
         go_offline_unless_reachable()
 
+        hub_split = {"calib": "train", "valid": "validation", "eval": "test"}[split]
         if name == "wikitext2":
-            data = load_dataset(
-                "wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test"
-            )
+            data = load_dataset("wikitext", "wikitext-2-raw-v1", split=hub_split)
             return Corpus(name, split, list(data["text"]), joiner="\n\n")
         if name == "ptb":
-            data = load_dataset(
-                "ptb_text_only", "penn_treebank", split="train" if split == "calib" else "test"
-            )
+            data = load_dataset("ptb_text_only", "penn_treebank", split=hub_split)
             return Corpus(name, split, list(data["sentence"]), joiner=" ")
+        if split == "valid":
+            raise SdspruneError(
+                "c4's evaluation already reads its validation shard: choose settings on "
+                "wiki:valid or news:valid"
+            )
         shard = (
             {"train": "en/c4-train.00000-of-01024.json.gz"}
             if split == "calib"
