@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import shutil
 
 import pytest
@@ -685,3 +686,68 @@ def test_owl_runs_are_paired_with_the_same_method_at_uniform_sparsity():
         ("sds-sparsegpt-owl_0.7", "dense"),
         ("wanda-owl_0.7", "dense"),
     }
+
+
+def _run_with_chunks(label: str, sparsity: str | None, ppl: float) -> dict:
+    """A run record whose two wiki chunks both have perplexity ``ppl``."""
+    run = one_run(label, sparsity)
+    method, _, base = label.partition(":")
+    return {
+        "run": {"method": method, "base": base or None, "sparsity": sparsity},
+        "label": run.label,
+        "key": run.key,
+        "settings": {"tasks": []},
+        "perplexity": {"wiki": ppl},
+        "chunk_nll": {"wiki": [math.log(ppl)] * 2},
+        "tasks": [],
+        "prune": {},
+        "figures": [],
+        "seconds": {"prune": 1.0, "total": 2.0},
+    }
+
+
+def test_gap_closed_is_shown_for_sds_runs_with_a_base_and_dense():
+    """SDS 46.54 over SparseGPT 72.22 with dense 18.30 closes 32% of the gap; a run without a
+    base (or SDS whose base is not in the comparison) shows a dash."""
+    from sdsprune.compare.paired import paired_comparisons
+
+    runs = [
+        _run_with_chunks("dense", None, 18.30),
+        _run_with_chunks("sparsegpt", "2:4", 72.22),
+        _run_with_chunks("sds:sparsegpt", "2:4", 46.54),
+        _run_with_chunks("sds:wanda", "2:4", 50.0),  # its base, Wanda, is not compared
+    ]
+    settings = {
+        "model": "m",
+        "calib": "wiki",
+        "nsamples": 4,
+        "seqlen": 8,
+        "seed": 0,
+        "datasets": ["wiki"],
+        "tasks": [],
+        "eval_seqlen": 8,
+        "max_chunks": None,
+    }
+    paired = paired_comparisons(runs, settings, "acc_norm")
+    gaps = {(c["run"], c["reference"]): c["gap_closed"] for c in paired}
+    assert gaps[("sds-sparsegpt_2-4", "sparsegpt_2-4")]["wiki"]["estimate"] == pytest.approx(
+        math.log(72.22 / 46.54) / math.log(72.22 / 18.30)
+    )
+    assert [key for key, gap in gaps.items() if gap is not None] == [
+        ("sds-sparsegpt_2-4", "sparsegpt_2-4")
+    ]
+    table = results_markdown({"settings": settings, "runs": runs, "paired": paired})
+    assert "| Method | Sparsity | wiki PPL ↓ | wiki gap closed ↑ |" in table
+    assert (
+        "| SDS (SparseGPT) | 2:4 | **46.54** (0.64x, 95% CI 0.64-0.64) | 32% (95% CI 32 to 32%) |"
+        in table
+    )
+    assert "| SparseGPT | 2:4 | 72.22 (3.95x, 95% CI 3.95-3.95) | — |" in table
+    assert "| SDS (Wanda) | 2:4 | 50.00 (2.73x, 95% CI 2.73-2.73) | — |" in table
+    assert "| Dense | 0% | 18.30 | — |" in table
+    assert "closes 32% (95% CI 32 to 32%) of the wiki gap to dense" in table
+    # Without dense there is no gap to close: the table keeps its earlier columns.
+    without_dense = runs[1:]
+    paired = paired_comparisons(without_dense, settings, "acc_norm")
+    table = results_markdown({"settings": settings, "runs": without_dense, "paired": paired})
+    assert "gap closed" not in table and "| SDS (SparseGPT) | 2:4 | **46.54** (0.64x" in table

@@ -6,7 +6,6 @@ import torch
 from sdsprune import SdspruneError, load_corpus, sample_calibration
 from sdsprune.data.wiki import clean_article
 
-
 SPLIT_NAMES = ("calib", "valid", "eval")
 
 

@@ -115,3 +115,66 @@ def test_rank_test_p_equals_enumerating_every_ordering(sizes):
     low = sum(u <= observed for u in null) / len(null)
     high = sum(u >= observed for u in null) / len(null)
     assert rank_test_p(first, second) == pytest.approx(min(1.0, 2 * min(low, high)))
+
+
+# Per-chunk NLLs of a base pruner, the method built on it and the dense model.
+BASE_NLL = np.array([4.0, 4.4, 4.2, 4.6])
+METHOD_NLL = np.array([3.5, 3.9, 3.8, 4.0])
+DENSE_NLL = np.array([2.9, 3.0, 3.1, 3.2])
+
+
+def test_gap_closed_equals_a_hand_computation():
+    """Log-perplexities are mean chunk NLLs: 4.3 (base), 3.8 (method), 3.05 (dense), so the
+    method closes 0.5 / 1.25 = 40% of the gap; each resample draws the same chunks for all."""
+    share = stats.gap_closed(METHOD_NLL, BASE_NLL, DENSE_NLL, resamples=50, seed=3)
+    ppl = {
+        name: math.exp(nll.mean())
+        for name, nll in [("base", BASE_NLL), ("method", METHOD_NLL), ("dense", DENSE_NLL)]
+    }
+    by_hand = math.log(ppl["base"] / ppl["method"]) / math.log(ppl["base"] / ppl["dense"])
+    assert abs(share.estimate - 0.4) < 1e-9 and abs(share.estimate - by_hand) < 1e-9
+    (rows,) = stats.draw_indices([4], 50, 3)
+    resampled = [
+        (BASE_NLL[r] - METHOD_NLL[r]).mean() / (BASE_NLL[r] - DENSE_NLL[r]).mean() for r in rows
+    ]
+    assert (share.low, share.high) == pytest.approx(stats.percentile_interval(np.array(resampled)))
+    assert share.low <= share.estimate <= share.high
+    assert share.null == 0.0 and share.significant and share.resamples == 50 and share.items == 4
+    assert share.to_dict()["significant"] is True
+
+
+def test_gap_closed_of_identical_chunks_has_a_zero_width_interval():
+    """The worked example: base 72.22, SDS 46.54, dense 18.30 closes 32% of the gap."""
+    base, method, dense = (np.full(6, math.log(ppl)) for ppl in (72.22, 46.54, 18.30))
+    share = stats.gap_closed(method, base, dense)
+    expected = math.log(72.22 / 46.54) / math.log(72.22 / 18.30)
+    assert abs(share.estimate - expected) < 1e-9 and round(share.estimate, 3) == 0.320
+    assert share.low == pytest.approx(share.estimate, abs=1e-12)
+    assert share.high == pytest.approx(share.estimate, abs=1e-12)
+    worse = stats.gap_closed(base + 0.1, base, dense)  # worse than the base: a negative share
+    assert worse.estimate < 0 and worse.high < 0
+
+
+def test_gap_closed_needs_a_clear_gap_and_paired_chunks():
+    """No share of a gap that may not exist: the base as good as dense gives None."""
+    assert stats.gap_closed(METHOD_NLL, DENSE_NLL, DENSE_NLL) is None
+    noisy = DENSE_NLL + np.array([0.3, -0.3, 0.2, -0.2])  # no better or worse on average
+    assert stats.gap_closed(METHOD_NLL, noisy, DENSE_NLL) is None
+    with pytest.raises(SdspruneError, match="same items"):
+        stats.gap_closed(METHOD_NLL, BASE_NLL, DENSE_NLL[:3])
+
+
+def test_gap_closed_leaves_out_resamples_without_a_gap():
+    """One chunk on which the base beats dense: resamples that draw it four times or more
+    (under 2.5% of them) have no gap to close; the interval is read from the others."""
+    dense = np.full(20, 3.0)
+    base = dense + np.r_[np.full(19, 0.1), -0.5]
+    method = base - 0.05
+    share = stats.gap_closed(method, base, dense)
+    (rows,) = stats.draw_indices([20], stats.RESAMPLES, stats.SEED)
+    gaps = (base[rows] - dense[rows]).mean(axis=1)
+    kept = gaps > 0
+    assert 0 < stats.RESAMPLES - share.resamples == (~kept).sum() < 0.025 * stats.RESAMPLES
+    expected = stats.percentile_interval(0.05 / gaps[kept])
+    assert (share.low, share.high) == pytest.approx(expected)
+    assert share.estimate == pytest.approx(0.05 / ((19 * 0.1 - 0.5) / 20))

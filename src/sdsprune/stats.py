@@ -12,6 +12,8 @@ A suite of tasks is resampled *within* each task (a stratified bootstrap) and co
 the weights of the suite mean, so a task with few examples contributes its own uncertainty.
 Perplexity is ``exp(mean chunk NLL)``, so the ratio of two perplexities on resampled chunks is
 ``exp(mean of the paired NLL differences)``: the same machinery with an exponential at the end.
+The share of the base method's gap to dense that a method closes (:func:`gap_closed`) is a
+ratio of two such means, resampled on the same chunks for all three models.
 
 **An exact rank test** (``bench``). Whether one backend's timings tend to be smaller than
 another's: the two-sided Mann-Whitney U test (:func:`rank_test_p`), with the exact
@@ -98,6 +100,50 @@ def perplexity_ratio(
     )
     indices = draw_indices([len(differences[0])], resamples, seed)
     return _interval(differences, weights, indices, null=1.0, transform=np.exp)
+
+
+def gap_closed(
+    method_nll: Sequence[float],
+    base_nll: Sequence[float],
+    dense_nll: Sequence[float],
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Interval | None:
+    """Share of the base's log-perplexity gap to dense that the method closes, with its interval.
+
+    ``ln(PPL_base / PPL_method) / ln(PPL_base / PPL_dense)``: 1 means the method reaches dense,
+    0 no better than its base, below 0 worse than its base. A ratio to the base does not say
+    how near dense the method comes (0.64x closes all of a 1.56x gap but a third of a 4x
+    one); the share says how much of what pruning lost the method recovers.
+
+    Log-perplexities are mean chunk NLLs, so the share is ``mean(base - method) / mean(base -
+    dense)``, and each resample draws the same chunks for all three models. The share exists
+    only while the base is worse than dense: None unless that gap is itself significant (the
+    lower end of its interval above 0). Then at most about (1 - LEVEL) / 2 of the resamples have
+    no gap; they are left out of the interval, and ``resamples`` counts those kept.
+    """
+    (recovered, gap), _ = _paired_differences(
+        [
+            Stratum(np.asarray(base_nll), np.asarray(method_nll)),
+            Stratum(np.asarray(base_nll), np.asarray(dense_nll)),
+        ]
+    )
+    indices = draw_indices([len(gap)], resamples, seed)
+    resampled_gap = resampled_statistic([gap], [1.0], indices)
+    if percentile_interval(resampled_gap)[0] <= 0:
+        return None
+    kept = resampled_gap > 0
+    shares = resampled_statistic([recovered], [1.0], indices)[kept] / resampled_gap[kept]
+    low, high = percentile_interval(shares)
+    return Interval(
+        estimate=float(recovered.mean() / gap.mean()),
+        low=low,
+        high=high,
+        null=0.0,
+        resamples=int(kept.sum()),
+        items=len(gap),
+    )
 
 
 def draw_indices(sizes: Sequence[int], resamples: int, seed: int) -> list[np.ndarray]:

@@ -4,18 +4,26 @@ Every run is scored on the same chunks and the same examples, so each pruned run
 item by item (see :mod:`sdsprune.stats`) with dense, for ``sds:<base>`` with its
 base method at the same sparsity, and for an OWL run with the same run at uniform sparsity
 (what OWL adds): perplexity as a ratio, accuracy as a difference in points, each with a 95%
-paired bootstrap interval.
+paired bootstrap interval. An SDS run also gets, per corpus, the share of its base's
+log-perplexity gap to dense that it closes (when dense is in the comparison).
 """
 
 from __future__ import annotations
 
-from sdsprune.stats import RESAMPLES, SEED, Stratum, accuracy_difference, perplexity_ratio
+from sdsprune.stats import (
+    RESAMPLES,
+    SEED,
+    Stratum,
+    accuracy_difference,
+    gap_closed,
+    perplexity_ratio,
+)
 
 
 def reference_pairs(runs: list[dict]) -> list[tuple[dict, dict]]:
     """(run, reference) pairs: each SDS run against its base at the same sparsity, each OWL run
     against the same method at uniform sparsity, then each pruned run against dense."""
-    dense = next((run for run in runs if run["run"]["method"] == "dense"), None)
+    dense = _dense_run(runs)
     pairs = []
     for run in runs:
         if run["run"]["method"] == "dense":
@@ -32,7 +40,11 @@ def primary_reference(run: dict, runs: list[dict]) -> dict | None:
     """What a run's table cell is compared with: its base for SDS (what SDS adds), else dense."""
     if run["run"]["method"] == "dense":
         return None
-    return _base_run(run, runs) or next((r for r in runs if r["run"]["method"] == "dense"), None)
+    return _base_run(run, runs) or _dense_run(runs)
+
+
+def _dense_run(runs: list[dict]) -> dict | None:
+    return next((run for run in runs if run["run"]["method"] == "dense"), None)
 
 
 def _base_run(run: dict, runs: list[dict]) -> dict | None:
@@ -55,8 +67,11 @@ def _uniform_run(run: dict, runs: list[dict]) -> dict | None:
 
 def paired_comparisons(runs: list[dict], settings: dict, metric: str) -> list[dict]:
     """For each pair: perplexity ratios per corpus, accuracy differences per task and for the
-    suite mean (``metric``), as interval dicts; None where the items do not match."""
+    suite mean (``metric``), as interval dicts; None where the items do not match. An SDS run
+    against its base also gets the share of the gap to dense it closes per corpus
+    (``gap_closed``; None for other pairs and without a dense run)."""
     requested = list(settings["tasks"])
+    dense = _dense_run(runs)
     comparisons = []
     for run, reference in reference_pairs(runs):
         tasks = {
@@ -71,6 +86,11 @@ def paired_comparisons(runs: list[dict], settings: dict, metric: str) -> list[di
                 "perplexity": {
                     dataset: _ratio(run, reference, dataset) for dataset in settings["datasets"]
                 },
+                "gap_closed": (
+                    _gaps_closed(run, reference, dense, settings["datasets"])
+                    if dense is not None and reference is _base_run(run, runs)
+                    else None
+                ),
                 "tasks": tasks,
                 "mean": _accuracy(run, reference, requested, metric) if len(tasks) > 1 else None,
                 "metric": metric,
@@ -91,6 +111,18 @@ def _ratio(run: dict, reference: dict, dataset: str) -> dict | None:
     if not method_nll or not reference_nll or len(method_nll) != len(reference_nll):
         return None
     return perplexity_ratio(method_nll, reference_nll).to_dict()
+
+
+def _gaps_closed(run: dict, base: dict, dense: dict, datasets: list[str]) -> dict:
+    """Per corpus: the share of ``base``'s log-perplexity gap to ``dense`` that ``run`` closes;
+    None where the chunks do not match or the base is not clearly worse than dense."""
+    shares = {}
+    for dataset in datasets:
+        nll = [r.get("chunk_nll", {}).get(dataset) for r in (run, base, dense)]
+        paired = all(nll) and len({len(values) for values in nll}) == 1
+        interval = gap_closed(*nll) if paired else None
+        shares[dataset] = None if interval is None else interval.to_dict()
+    return shares
 
 
 def _accuracy(run: dict, reference: dict, tasks: list[str], metric: str) -> dict | None:

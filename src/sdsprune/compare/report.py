@@ -44,7 +44,10 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
     datasets = settings["datasets"]
     tasks = [t for t in task_columns(results) if t in settings["tasks"]]
     metric = shown_metric(settings)
-    header = ["Method", "Sparsity", *(f"{d} PPL ↓" for d in datasets)]
+    paired = results.get("paired") or []
+    gaps = any(c.get("gap_closed") for c in paired)  # absent from results of earlier releases
+    columns = ("PPL ↓", "gap closed ↑") if gaps else ("PPL ↓",)
+    header = ["Method", "Sparsity", *(f"{d} {column}" for d in datasets for column in columns)]
     header += [_short_task(t) + " ↑" for t in tasks]
     with_mean = len(tasks) > 1  # a mean over one task would repeat its column
     if with_mean:
@@ -55,7 +58,6 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
     ]
     best = _best_per_sparsity(results["runs"], datasets)
-    paired = results.get("paired") or []
     for run in results["runs"]:
         cells = [_method_name(run), run["run"]["sparsity"] or "0%"]
         for dataset in datasets:
@@ -63,6 +65,8 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
             text = "—" if value is None else f"{value:.2f}"
             note = cell_note(paired, run, results["runs"], dataset)
             cells.append((f"**{text}**" if (run["key"], dataset) in best else text) + note)
+            if gaps:
+                cells.append(gap_cell(paired, run, results["runs"], dataset))
         by_task = {row["task"]: row for row in run["tasks"]}
         for task in tasks:
             note = "" if with_mean else cell_note(paired, run, results["runs"], task)
@@ -78,6 +82,13 @@ def results_markdown(results: dict, plots: Sequence[str] = ()) -> str:
             "In parentheses: the paired difference to the base method (SDS rows) or to dense "
             "(other rows), perplexity as a ratio and accuracy in points, with its 95% interval "
             "(see Paired differences)."
+        )
+    if gaps:
+        lines.append(
+            "Gap closed: the share of the base method's log-perplexity gap to dense that SDS "
+            "closes, ln(PPL base / PPL SDS) / ln(PPL base / PPL dense) (100%: as good as dense, "
+            "0%: no better than the base), with its 95% paired interval; — for runs without a "
+            "base method, or where the base is not clearly worse than dense."
         )
     if tasks:
         lines.append(_task_note(results, tasks))
@@ -202,6 +213,13 @@ def points_text(interval: dict) -> str:
     return f"{100 * interval['estimate']:+.1f}, 95% CI {low:+.1f} to {high:+.1f}"
 
 
+def share_text(interval: dict) -> str:
+    """``32% (95% CI 28 to 36%)`` (a share of the gap to dense; "to", as a bound may be
+    negative)."""
+    low, high = 100 * interval["low"], 100 * interval["high"]
+    return f"{100 * interval['estimate']:.0f}% (95% CI {low:.0f} to {high:.0f}%)"
+
+
 def verdict(interval: dict) -> str:
     """Plain words for a reader who does not read intervals."""
     if interval["significant"]:
@@ -220,6 +238,14 @@ def cell_note(comparisons: list[dict], run: dict, runs: list[dict], what: str) -
         return "" if interval is None else f" ({ratio_text(interval)})"
     interval = comparison["mean"] if what == "mean" else comparison["tasks"].get(what)
     return "" if interval is None else f" ({points_text(interval)})"
+
+
+def gap_cell(comparisons: list[dict], run: dict, runs: list[dict], dataset: str) -> str:
+    """``32% (95% CI 28 to 36%)``: the share of the gap to dense a run closes on ``dataset``,
+    against its base method; a dash without one (or without dense)."""
+    comparison = find(comparisons, run, primary_reference(run, runs)) or {}
+    interval = (comparison.get("gap_closed") or {}).get(dataset)
+    return _or_dash(interval, share_text)
 
 
 def markdown_section(results: dict, name_of) -> list[str]:
@@ -268,12 +294,15 @@ def _sentence(comparison: dict, run: str, reference: str, datasets: list[str]) -
     """``- SDS (SparseGPT) 2:4 vs SparseGPT 2:4: wiki perplexity 0.86x (95% CI 0.83-0.88):
     significant; mean accuracy +0.4 points (95% CI -1.0 to +1.8): not significant (...).``"""
     parts = []
+    gaps = comparison.get("gap_closed") or {}
     for dataset in datasets:
         if (i := comparison["perplexity"][dataset]) is not None:
             parts.append(
                 f"{dataset} perplexity {i['estimate']:.2f}x (95% CI {i['low']:.2f}-"
                 f"{i['high']:.2f}): {verdict(i)}"
             )
+        if (share := gaps.get(dataset)) is not None:
+            parts.append(f"closes {share_text(share)} of the {dataset} gap to dense")
     accuracy = comparison["mean"] or next(iter(comparison["tasks"].values()), None)
     if accuracy is not None:
         label = "mean accuracy" if comparison["mean"] else "accuracy"
