@@ -169,14 +169,15 @@ def decode_rows(report: dict) -> list[dict]:
         if r["workload"] == "prefill"
     }
     streaming = report.get("streaming") or {}
+    first_mode = report["settings"]["decode_modes"][0]
     rows = []
     for (backend, mode, batch), seconds in sorted(decode.items()):
-        if backend in PEERS and mode != "eager":
-            continue  # one row per llama.cpp precision (its decode has no modes)
-        dense = decode.get(("dense", "eager", batch))  # absent when eager was not timed
-        peers = {
-            p: decode[(p, "eager", batch)] / seconds for p in PEERS if (p, "eager", batch) in decode
-        }
+        if backend in PEERS and mode != first_mode:
+            continue  # one row per llama.cpp precision (timed again in each mode)
+        # torch's dense eager decode where the run timed it, else dense through the same path
+        dense = decode.get(("dense", "eager", batch)) or decode.get(("dense", mode, batch))
+        # llama.cpp as timed in the same mode's rounds
+        peers = {p: decode[(p, mode, batch)] / seconds for p in PEERS if (p, mode, batch) in decode}
         rows.append(
             {
                 "label": report["label"],
@@ -212,7 +213,7 @@ def decode_markdown(reports: list[dict]) -> str:
         f"those bytes at the bandwidth the streaming kernel measured in the run "
         f"({', '.join(f'{b}' for b in bandwidths)} GiB/s). {_loads(reports)}",
         "",
-        "| checkpoint | dtype | batch | decode path | ms/token | vs torch dense eager "
+        "| checkpoint | dtype | batch | decode path | ms/token | vs torch dense (eager if timed) "
         "| vs llama.cpp f32 | vs llama.cpp bf16 | vs llama.cpp q8_0 | prefill vs dense "
         "| MiB read | floor ms |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -252,6 +253,37 @@ def _loads(reports: list[dict]) -> str:
     return f"Load average (1 min) around the runs: {low:.1f}-{high:.1f} on {os.cpu_count()} cores."
 
 
+def summary_markdown(reports: list[dict]) -> str:
+    """The short table (the README's): batch 1 at the default thread count, per checkpoint
+    and dtype, auto's decode against dense torch and llama.cpp at the same precision."""
+    threads = max(r["threads"] for r in reports)
+    lines = [
+        f"CPU: {', '.join(sorted({r.get('cpu', '?') for r in reports}))}; {threads} threads, "
+        "batch 1, prompt 128 tokens, 16 decoded tokens; ratios within each run.",
+        "",
+        "| checkpoint | dtype | decode ms/token | vs dense (torch) | vs llama.cpp, same dtype "
+        "| bytes ceiling | prompt vs dense | weights vs dense |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    peer_of = {"float32": "llama.cpp f32", "bfloat16": "llama.cpp bf16"}
+    chosen = [r for r in reports if r["threads"] == threads]
+    for report in sorted(
+        chosen, key=lambda r: (r["dtype"] != "float32", r["label"] != "dense", r["label"])
+    ):
+        row = next(row for row in rows_of(report) if row["batch"] == 1)
+        peer = next(
+            (d for d in decode_rows(report) if d["path"].startswith("auto") and d["batch"] == 1),
+            None,
+        )
+        versus_peer = _ratio((peer or {}).get("vs_peers", {}).get(peer_of.get(row["dtype"], "")))
+        lines.append(
+            f"| {row['label']} | {row['dtype']} | {row['auto_ms']:.1f} "
+            f"| {row['decode_speedup']:.2f}x | {versus_peer} | {_ratio(row['ceiling'])} "
+            f"| {row['prefill_speedup']:.2f}x | {row['memory_ratio']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def summarise(out: Path) -> Path:
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     reports = [r for r in reports if "label" in r]
@@ -259,6 +291,8 @@ def summarise(out: Path) -> Path:
     path.write_text(markdown(reports))
     if any(r.get("peers") or "static_decode" in r or "fused_decode" in r for r in reports):
         (out / "decode.md").write_text(decode_markdown(reports))
+    if reports:
+        (out / "summary.md").write_text(summary_markdown(reports))
     return path
 
 
