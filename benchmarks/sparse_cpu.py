@@ -182,6 +182,7 @@ def decode_rows(report: dict) -> list[dict]:
             {
                 "label": report["label"],
                 "dtype": report["dtype"],
+                "threads": report["threads"],
                 "batch": batch,
                 "path": backend if backend in PEERS else f"{backend} {mode}",
                 "ms": seconds * 1e3,
@@ -203,7 +204,7 @@ def decode_markdown(reports: list[dict]) -> str:
         {(r.get("streaming") or {}).get("bandwidth_gib_s") for r in reports} - {None}
     )
     lines = [
-        f"CPU: {', '.join(cpus)}; torch's default threads ({', '.join(sorted({str(r['threads']) for r in reports}))}). "
+        f"CPU: {', '.join(cpus)}; threads as in each row (llama.cpp runs with the same count). "
         "One `bench` run per checkpoint and dtype: dense and `auto` in torch, eager decode "
         "(transformers' dynamic cache), fused (static cache + the step as one C++ loop over "
         'the blocks, what `load(..., backend="auto")` gives `generate()`), static (static '
@@ -213,19 +214,22 @@ def decode_markdown(reports: list[dict]) -> str:
         f"those bytes at the bandwidth the streaming kernel measured in the run "
         f"({', '.join(f'{b}' for b in bandwidths)} GiB/s). {_loads(reports)}",
         "",
-        "| checkpoint | dtype | batch | decode path | ms/token | vs torch dense (eager if timed) "
+        "| checkpoint | dtype | threads | batch | decode path | ms/token "
+        "| vs torch dense (eager if timed) "
         "| vs llama.cpp f32 | vs llama.cpp bf16 | vs llama.cpp q8_0 | prefill vs dense "
         "| MiB read | floor ms |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = [row for report in reports for row in decode_rows(report)]
-    for row in sorted(rows, key=lambda r: (r["label"], r["dtype"], r["batch"], r["path"])):
+    for row in sorted(
+        rows, key=lambda r: (r["label"], r["dtype"], -r["threads"], r["batch"], r["path"])
+    ):
         peers = [_ratio(row["vs_peers"].get(p)) for p in PEERS]
         prefill = _ratio(row["prefill_vs_dense"])
         mib = f"{row['mib']:.0f}" if row["mib"] else ""
         floor = f"{row['floor_ms']:.1f}" if row["floor_ms"] else ""
         lines.append(
-            f"| {row['label']} | {row['dtype']} | {row['batch']} | {row['path']} "
+            f"| {row['label']} | {row['dtype']} | {row['threads']} | {row['batch']} | {row['path']} "
             f"| {row['ms']:.1f} | {_ratio(row['vs_dense_eager'])} | {' | '.join(peers)} "
             f"| {prefill} | {mib} | {floor} |"
         )

@@ -14,13 +14,19 @@ does each half of 8 with one permute from a 256-entry index table and a lane mas
 split over threads as torch splits a dense GEMM; each row serves up to four tokens while it
 is in L1.
 
-For calls with more tokens than ``MAX_KERNEL_TOKENS`` (a prompt), the rows are expanded tile
-by tile into one scratch buffer that feeds torch's dense GEMM: the layer holds only its
+For calls with more tokens than ``MAX_KERNEL_TOKENS`` (a prompt), a float32 layer with at
+most 60% of its weights kept is multiplied from the packed form too (``sparse_mm``): per kept
+weight, one broadcast and one multiply-add per 16 tokens against the activations transposed,
+so a prompt's work shrinks with the weights pruned (``benchmarks/prompt_paths.py`` times it
+against torch's GEMM on the default model's layers). Other layers (bfloat16, whose dense GEMM
+runs on the CPU's bf16 dot products; denser ones) are expanded tile by tile into one scratch
+buffer that feeds torch's dense GEMM (``tiled_mm``): either way the layer holds only its
 packed form, and no weight stays expanded (the scratch buffer, one per thread and dtype, is
-kept for the next call: a few MiB, not a copy of the model). Tiles are about ``TILE_BYTES`` and at least
-``MIN_TILE_ROWS`` rows: on the default model's layers (50%, 128 tokens, 2 threads) 64 KiB
-tiles ran at 0.63x dense's speed, 256 KiB at 0.90x, 1 MiB at 0.99x and 4 MiB (a whole layer
-there) at 1.14x, as the GEMM on each tile needs enough rows to run at full speed.
+kept for the next call: a few MiB, not a copy of the model). Tiles are about ``TILE_BYTES``
+and at least ``MIN_TILE_ROWS`` rows: on the default model's layers (50%, 128 tokens, 2
+threads) 64 KiB tiles ran at 0.63x dense's speed, 256 KiB at 0.90x, 1 MiB at 0.99x and 4 MiB
+(a whole layer there) at 1.14x, as the GEMM on each tile needs enough rows to run at full
+speed.
 
 The kernel is registered as the op ``torch.ops.sdsprune.bitmask_linear`` (with a fake for
 tracing), so ``torch.compile`` keeps it in a compiled decode step.
@@ -666,7 +672,8 @@ class BitmaskLinear(NativeLinear):
 
     Up to ``MAX_KERNEL_TOKENS`` tokens per call the kernel multiplies from the packed form
     (float32 accumulation; bfloat16 weights stay bfloat16, bit-exact); more tokens go through
-    the tiled expansion into torch's dense GEMM in the weight's dtype.
+    ``sparse_mm`` (float32, up to 60% kept) or the tiled expansion into torch's dense GEMM in
+    the weight's dtype (see the module docstring).
     """
 
     kernel = "bitmask"
@@ -683,7 +690,7 @@ class BitmaskLinear(NativeLinear):
         return self._linear(x, MAX_KERNEL_TOKENS)
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Every call through the tiled expansion, whatever its token count."""
+        """Every call through the prompt path, whatever its token count."""
         return self._linear(x, 0)
 
     def _linear(self, x: torch.Tensor, max_kernel_tokens: int) -> torch.Tensor:

@@ -162,12 +162,13 @@ class SemiStructuredLinear(SparseLinear):
 
 
 class SwitchedLinear(nn.Module):
-    """A sparse kernel for calls of up to ``max_tokens`` tokens, its dense form above.
+    """A sparse kernel for calls of up to ``max_tokens`` tokens, its prompt path above.
 
-    What ``auto`` keeps where a kernel wins only for few tokens (decode) and dense GEMM wins
-    for many (a prompt): the token count of each call picks the path at run time. Above the
-    limit the kernel's ``dense_forward`` rebuilds the dense weight for that call only (the
-    bitmask kernel tile by tile), so the layer holds one copy of its weights: the packed one.
+    What ``auto`` keeps where a kernel wins only for few tokens (decode) and its prompt path
+    for many: the token count of each call picks the path at run time. Above the limit the
+    kernel's ``dense_forward`` serves the call from the packed weight (bitmask: multiplied
+    from the packed form, or its dense weight rebuilt tile by tile for that call only; nm24:
+    rebuilt whole), so the layer holds one copy of its weights: the packed one.
     """
 
     def __init__(self, sparse: nn.Module, max_tokens: int) -> None:
@@ -181,7 +182,7 @@ class SwitchedLinear(nn.Module):
         return self.sparse(x) if tokens <= self.max_tokens else self.sparse.dense_forward(x)
 
     def extra_repr(self) -> str:
-        return f"up to {self.max_tokens} tokens: {self.kernel}, above: its weight expanded"
+        return f"up to {self.max_tokens} tokens: {self.kernel}, above: its prompt path"
 
 
 def csr_problem(linear: nn.Linear) -> str | None:
