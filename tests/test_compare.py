@@ -19,6 +19,19 @@ prune_module = importlib.import_module("sdsprune.prune")
 compare_run = importlib.import_module("sdsprune.compare.run")
 
 
+# the settings of a comparison on wiki perplexity (tests add their tasks)
+WIKI_SETTINGS = {
+    "model": "m",
+    "calib": "wiki",
+    "nsamples": 4,
+    "seqlen": 8,
+    "seed": 0,
+    "datasets": ["wiki"],
+    "eval_seqlen": 8,
+    "max_chunks": None,
+}
+
+
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
@@ -338,15 +351,8 @@ def test_markdown_table_with_tasks_marks_best_and_chance():
             }
         )
     settings = {
-        "model": "m",
-        "calib": "wiki",
-        "nsamples": 4,
-        "seqlen": 8,
-        "seed": 0,
-        "datasets": ["wiki"],
+        **WIKI_SETTINGS,
         "tasks": ["bigbench:winowhy"],
-        "eval_seqlen": 8,
-        "max_chunks": None,
         "limit": 10,
         "task_seed": 42,
         "prompt_style": "cloze",
@@ -717,17 +723,7 @@ def test_gap_closed_is_shown_for_sds_runs_with_a_base_and_dense():
         _run_with_chunks("sds:sparsegpt", "2:4", 46.54),
         _run_with_chunks("sds:wanda", "2:4", 50.0),  # its base, Wanda, is not compared
     ]
-    settings = {
-        "model": "m",
-        "calib": "wiki",
-        "nsamples": 4,
-        "seqlen": 8,
-        "seed": 0,
-        "datasets": ["wiki"],
-        "tasks": [],
-        "eval_seqlen": 8,
-        "max_chunks": None,
-    }
+    settings = {**WIKI_SETTINGS, "tasks": []}
     paired = paired_comparisons(runs, settings, "acc_norm")
     gaps = {(c["run"], c["reference"]): c["gap_closed"] for c in paired}
     assert gaps[("sds-sparsegpt_2-4", "sparsegpt_2-4")]["wiki"]["estimate"] == pytest.approx(

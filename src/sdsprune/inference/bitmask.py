@@ -495,8 +495,11 @@ torch::Tensor sparse_mm(const torch::Tensor& x, const torch::Tensor& values,
   for (int64_t t0 = 0; t0 < T; t0 += SPMM_PASS) {
     const int64_t tokens = std::min(SPMM_PASS, T - t0);
     const int64_t width = (tokens + CHUNK - 1) / CHUNK * CHUNK;
-    auto xt = torch::zeros({chunks * CHUNK, width}, x.options());
+    // x's block transposed; only the padding (inputs past in, tokens past this pass) zeroed
+    auto xt = torch::empty({chunks * CHUNK, width}, x.options());
     xt.narrow(0, 0, in).narrow(1, 0, tokens).copy_(x.narrow(0, t0, tokens).t());
+    xt.narrow(0, in, chunks * CHUNK - in).zero_();
+    xt.narrow(1, tokens, width - tokens).zero_();
     auto yt = torch::empty({out, width}, x.options());
     const float* X = xt.data_ptr<float>();
     float* Y = yt.data_ptr<float>();
