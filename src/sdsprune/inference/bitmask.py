@@ -466,6 +466,12 @@ static void kept_columns_tokens(const float* xt, const int32_t* idx, const float
   if (t < tokens) kept_columns_mm<1>(xt + t, idx, v, n, yt + t, first);
 }
 
+// The values of a row a few rows ahead are prefetched: one block's run of them (up to 256
+// bytes) starts a whole row's values away from the last, a stride the hardware's
+// prefetchers miss when the runs are line-aligned (every block of a 2:4 row holds 32).
+constexpr int64_t SPMM_PREFETCH_ROWS = 4;
+constexpr int64_t SPMM_PREFETCH_LINES = 5;
+
 // Rows [begin, end) of one pass of yt (out, width) from its block of xt (inputs, width).
 static void spmm_rows(const float* xt, int64_t width, const float* values, const int64_t* offsets,
                       const uint16_t* masks, int64_t chunks, int64_t begin, int64_t end, float* yt) {
@@ -474,6 +480,11 @@ static void spmm_rows(const float* xt, int64_t width, const float* values, const
   for (int64_t c0 = 0; c0 < chunks; c0 += SPMM_CHUNKS) {
     const int64_t c1 = std::min(chunks, c0 + SPMM_CHUNKS);
     for (int64_t o = begin; o < end; ++o) {
+      if (o + SPMM_PREFETCH_ROWS < end) {
+        const char* ahead = reinterpret_cast<const char*>(values + next[o + SPMM_PREFETCH_ROWS - begin]);
+        for (int64_t line = 0; line < SPMM_PREFETCH_LINES; ++line)
+          _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+      }
       const int64_t n = kept_columns(masks + o * chunks + c0, c1 - c0, c0 * CHUNK, width, idx.data());
       kept_columns_tokens(xt, idx.data(), values + next[o - begin], n, yt + o * width, width, c0 == 0);
       next[o - begin] += n;
