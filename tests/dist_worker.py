@@ -18,21 +18,24 @@ CONFIGS = {
     "sparsegpt-2of4": dict(method="sparsegpt", sparsity="2:4"),
     "sds-kd": dict(method="sds[data_mode=kd]:wanda"),
     "sds-block": dict(method="sds[block_epochs=2;block_batch=4]", sparsity="2:4"),
+    "sds-distill": dict(
+        method="sds[block_epochs=0;distill_epochs=2;distill_batch=4]", sparsity="2:4", windows=16
+    ),
 }
 
 
-def windows() -> torch.Tensor:
-    return torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
+def calibration(count: int) -> torch.Tensor:
+    return torch.randint(0, 256, (count, 24), generator=torch.Generator().manual_seed(0))
 
 
-def run(name: str, **kwargs) -> tuple[dict, dict]:
+def run(name: str, windows: int = 6, **kwargs) -> tuple[dict, dict]:
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import byte_tokenizer, tiny_model
 
     model = tiny_model("llama")
     loaded = LoadedModel(model, byte_tokenizer(), "tiny", None)
     run_options = RunOptions(device="cpu", progress=False)
-    result = prune(loaded, calibration=windows(), run=run_options, **kwargs)
+    result = prune(loaded, calibration=calibration(windows), run=run_options, **kwargs)
     layers = {k: v for k, v in result.report["layers"].items()}
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, layers
 

@@ -32,7 +32,9 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 # Adam's normalised steps (block re-fit, on by default for SDS) turn last-bit differences of
 # tiny gradients, summed in another order across ranks, into weight differences up to ~2e-5
 # (weights ~0.08); how large depends on the CPU's kernels (1.2e-5 for kd on an AVX-512 host).
-ATOL = {"sds-block": 5e-5, "sds-kd": 5e-5}
+# The distillation's steps are Adam's too, on gradients that reach the tiny model's last k/v
+# projections through attention and the vocabulary (near zero): up to ~1.1e-4 (weights ~0.08).
+ATOL = {"sds-block": 5e-5, "sds-kd": 5e-5, "sds-distill": 3e-4}
 
 
 def assert_same(single: dict, multi: dict, label: str) -> None:

@@ -99,6 +99,29 @@ def test_killed_block_refit_run_resumes_to_the_uninterrupted_result(
         assert torch.equal(expected[name], got[name]), name
 
 
+def test_run_killed_before_its_distillation_resumes_to_the_uninterrupted_result(
+    tiny_model_dir, corpus, tmp_path
+):
+    """Killed after the last block: the saved state is the distillation's start, and the
+    resumed run distils from it to the same model (a kill during the stage resumes the same
+    way: the state holds every block, the stage runs again from its seeded start)."""
+    distill = ["--sparsity", "2:4", "--block-epochs", "0", "--distill-epochs", "1"]
+    args = common(tiny_model_dir, corpus, "sds") + distill
+    full = cli(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    state = tmp_path / "state"
+    killed = cli(
+        *args, "--out", str(tmp_path / "resumed"), "--state-dir", str(state),
+        env={"SDSPRUNE_FAULT": "kill@1", "SDSPRUNE_FAULT_FILE": str(tmp_path / "fault")},
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    resumed = cli(*args, "--out", str(tmp_path / "resumed"), "--state-dir", str(state), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
 def test_resume_refuses_state_of_another_run(tiny_model_dir, tmp_path):
     from conftest import byte_tokenizer, tiny_model
 

@@ -151,7 +151,8 @@ class SDS(SDSConfig):
 
     def plan_terms(self) -> MethodTerms:
         """Its base's solver, the re-dense's, Grams (the dense model's too for dd/kd), the
-        dense stream, the block re-fit and the staged schedule's passes and copies."""
+        dense stream, the block re-fit, the staged schedule's passes and copies, and the
+        distillation stage."""
         return MethodTerms(
             statistics="gram",
             factors_hessian=self.base.plan_terms().factors_hessian,
@@ -166,6 +167,7 @@ class SDS(SDSConfig):
             block_windows=self.block_windows,
             block_batch=self.block_batch,
             staged=self.schedule == "staged",
+            distill_epochs=self.distill_epochs,
         )
 
 

@@ -53,6 +53,7 @@ class MethodTerms:
     block_windows: int = 0  # ... on this many of this process's windows (0: all of them) ...
     block_batch: int = 1  # ... this many windows a step
     staged: bool = False  # three passes over the model, with dense copies of every block
+    distill_epochs: int = 0  # a last stage trains the whole model against a dense copy
 
 
 @dataclass(frozen=True)
@@ -238,9 +239,33 @@ def plan_run(
     plan.device_peak = sum(size for _, size, where in plan.items if where == device)
     plan.host_extra = sum(size for _, size, where in plan.items if where == host)
     plan.flops = shapes.blocks * _block_flops(shapes, request, tokens, dense_stream)
+    if terms.distill_epochs:  # after the blocks: its peak replaces theirs, it does not add
+        need, flops = _distillation(net, request)
+        plan.items.append(("distillation stage (after the blocks; whole model)", need, device))
+        plan.device_peak = max(plan.device_peak, need)
+        plan.flops += flops
     if measure:
         plan.flops_per_second = _matmul_rate(compute)
     return plan
+
+
+def _distillation(net: nn.Module, request: PlanRequest) -> tuple[int, float]:
+    """Bytes and FLOPs of the distillation stage: the dense copy (model dtype), the model in
+    fp32 with its linears' gradients and Adam moments, and one window's activations and
+    logits with their gradients (fp32); per training window a dense forward and a forward
+    and backward of the pruned model, plus the held-out forwards each epoch."""
+    parameters = sum(p.numel() for p in net.parameters())
+    dtype_bytes = next(net.parameters()).element_size()
+    shapes = _shapes(net)
+    linears = shapes.blocks * shapes.linear_params
+    vocab = int(getattr(net.config, "vocab_size", 0) or 0)
+    window = 4 * request.seqlen * vocab * 4 + shapes.blocks * _block_forward(
+        shapes, 1, request.seqlen, 4
+    )
+    need = parameters * (dtype_bytes + 4) + 3 * linears * 4 + window
+    tokens = request.windows * request.seqlen
+    flops = request.terms.distill_epochs * 2 * parameters * tokens * (4 + 2 / 8)
+    return need, flops
 
 
 def _forward_scratch(shapes: _Shapes, batch: int, seqlen: int, kept_inputs: bool) -> int:

@@ -18,9 +18,7 @@ across ranks, so every rank takes the same steps (and the same decisions).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +28,14 @@ from sdsprune.engine import ActivationStream
 from sdsprune.engine.distributed import Distributed
 from sdsprune.errors import SdspruneError
 from sdsprune.sds.config import SDSConfig
+from sdsprune.sds.training import (
+    restore,
+    snapshot,
+    sum_gradients_over_ranks,
+    sum_over_ranks,
+    trainable,
+    weight_rms,
+)
 
 
 @dataclass
@@ -78,19 +84,19 @@ def _fit_fp32(problem, config, chosen, owned, rows, keep_outputs, reference) -> 
     """The re-fit of an fp32 block: what trains is what runs, so the fp32 measurements
     decide, and the kept weights' outputs (measured anyway) feed the next block."""
     weights = problem.weights
-    with _trainable(problem.block, weights):
+    with trainable(problem.block, weights):
         error, outputs = problem.error(rows, keep_outputs)
         fit = BlockFit(start_error=error / reference, final_error=error / reference)
-        kept = (error, _snapshot(weights), outputs)
+        kept = (error, snapshot(weights), outputs)
         epoch = _Epoch(problem, config, reference)
         for number in range(1, config.block_epochs + 1):
             epoch.run(number, chosen, owned)
             error, outputs = problem.error(rows, keep_outputs)
             fit.epoch_errors.append(error / reference)
             if error < kept[0]:
-                kept = (error, _snapshot(weights), outputs)
+                kept = (error, snapshot(weights), outputs)
                 fit.kept_epoch = number
-        _restore(weights, kept[1])
+        restore(weights, kept[1])
     fit.final_error = kept[0] / reference
     fit.outputs = kept[2]
     return fit
@@ -107,10 +113,10 @@ def _fit_and_round(problem, config, chosen, owned, rows, keep_outputs, reference
     """
     weights = problem.weights
     dtype = _model_dtype(problem.block)
-    start_weights = _snapshot(weights)
+    start_weights = snapshot(weights)
     start, _ = problem.error(rows, keep_outputs=False, dtype=dtype)
     fit = BlockFit(start_error=start / reference, final_error=start / reference)
-    with _trainable(problem.block, weights):
+    with trainable(problem.block, weights):
         best, best_weights = math.inf, None
         epoch = _Epoch(problem, config, reference)
         for number in range(1, config.block_epochs + 1):
@@ -118,14 +124,14 @@ def _fit_and_round(problem, config, chosen, owned, rows, keep_outputs, reference
             error, _ = problem.error(rows, keep_outputs=False)
             fit.epoch_errors.append(error / reference)
             if error < best:
-                best, best_weights, fit.kept_epoch = error, _snapshot(weights), number
+                best, best_weights, fit.kept_epoch = error, snapshot(weights), number
         if best_weights is not None:
-            _restore(weights, best_weights)
+            restore(weights, best_weights)
     if fit.kept_epoch == 0:  # no epoch ran: the weights are the start's
         return fit
     rounded, outputs = problem.error(rows, keep_outputs, dtype=dtype)
     if rounded > start:
-        _restore(weights, start_weights)
+        restore(weights, start_weights)
         fit.kept_epoch = 0
         return fit
     fit.final_error, fit.outputs = rounded / reference, outputs
@@ -135,7 +141,7 @@ def _fit_and_round(problem, config, chosen, owned, rows, keep_outputs, reference
 def _target_energy(index: int, targets: torch.Tensor, rows: torch.Tensor, dist) -> float:
     """Σ‖target‖² over the windows ``rows`` of every rank: the errors' denominator."""
     energy = sum(float(targets[b].float().square().sum()) for b in _batches(rows, 64))
-    energy = _sum_over_ranks(dist, energy)
+    energy = sum_over_ranks(dist, energy)
     if energy <= 0:
         raise SdspruneError(f"decoder block {index} has all-zero target outputs")
     return energy
@@ -143,12 +149,6 @@ def _target_energy(index: int, targets: torch.Tensor, rows: torch.Tensor, dist) 
 
 def _model_dtype(block: nn.Module) -> torch.dtype:
     return next(block.parameters()).dtype
-
-
-@torch.no_grad()
-def _restore(weights: list[nn.Parameter], values: list[torch.Tensor]) -> None:
-    for weight, value in zip(weights, values, strict=True):
-        weight.copy_(value)
 
 
 class _Problem:
@@ -192,7 +192,7 @@ class _Epoch:
     def __init__(self, problem: _Problem, config: SDSConfig, reference: float):
         self.problem, self.config, self.reference = problem, config, reference
         self.optimizer = torch.optim.Adam(
-            [{"params": [w], "lr": config.block_lr * _rms(w)} for w in problem.weights]
+            [{"params": [w], "lr": config.block_lr * weight_rms(w)} for w in problem.weights]
         )
         self.base_rates = [group["lr"] for group in self.optimizer.param_groups]
         self.generator = torch.Generator().manual_seed(problem.index)
@@ -223,38 +223,8 @@ class _Epoch:
         for rows in _batches(picked, problem.stream.batch_size):
             out = _forward(problem.index, problem.block, problem.stream, rows)
             ((out - _on(problem.targets[rows], out)).square().sum() / scale).backward()
-        weights = problem.weights
-        for weight in weights:
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-        if problem.dist is not None:
-            flat = torch.cat([w.grad.reshape(-1) for w in weights])
-            problem.dist.all_reduce_(flat)
-            offset = 0
-            for weight in weights:
-                weight.grad.copy_(flat[offset : offset + weight.numel()].view_as(weight))
-                offset += weight.numel()
+        sum_gradients_over_ranks(problem.weights, problem.dist)
         problem.zero_pruned_({name: la.weight.grad for name, la in problem.linears.items()})
-
-
-@contextlib.contextmanager
-def _trainable(block: nn.Module, weights: list[nn.Parameter]) -> Iterator[None]:
-    """Gradients for ``weights`` only, in fp32 (bf16 Adam steps would mostly round away)."""
-    dtype = next(block.parameters()).dtype
-    flags = {id(p): p.requires_grad for p in block.parameters()}
-    block.float()
-    for parameter in block.parameters():
-        parameter.requires_grad_(False)
-    for weight in weights:
-        weight.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for parameter in block.parameters():
-            parameter.requires_grad_(flags.get(id(parameter), False))
-            parameter.grad = None
-        block.to(dtype)
 
 
 def _forward(
@@ -308,7 +278,7 @@ def _block_error(
         if outputs is not None:
             outputs[batch] = out.to(outputs.device, outputs.dtype)
         error += (out.float() - _on(targets[batch], out)).square().sum().item()
-    return _sum_over_ranks(dist, error), outputs
+    return sum_over_ranks(dist, error), outputs
 
 
 @dataclass
@@ -355,15 +325,3 @@ def _compute_device(block: nn.Module) -> torch.device:
 
 def _on(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device, torch.float32)
-
-
-def _rms(weight: torch.Tensor) -> float:
-    return float(weight.detach().float().square().mean().sqrt())
-
-
-def _snapshot(weights: list[nn.Parameter]) -> list[torch.Tensor]:
-    return [w.detach().clone() for w in weights]
-
-
-def _sum_over_ranks(dist: Distributed | None, value: float) -> float:
-    return value if dist is None else dist.sum_floats([value])[0]

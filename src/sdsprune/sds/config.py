@@ -41,6 +41,8 @@ class SDSConfig:
     and 0 with the staged one, which cannot re-fit. ``block_lr`` is Adam's step as a fraction
     of each layer's weight RMS; ``block_windows`` (0: all) re-fits on a seeded subset of the
     calibration windows, which bounds its cost whatever the calibration size.
+    ``distill_*`` [ours]: a last stage that trains the surviving weights of the whole model to
+    the dense model's next-token distribution (see :mod:`sdsprune.sds.distill`).
     """
 
     schedule: str = setting("fused", "SDS: fused (one pass) or staged (paper order).")
@@ -70,6 +72,13 @@ class SDSConfig:
     block_lr: float = setting(0.01, "SDS block re-fit Adam step, x each layer's weight RMS.")
     block_batch: int = setting(4, "SDS block re-fit windows per optimiser step.")
     block_windows: int = setting(16, "SDS block re-fit on this many calibration windows (0: all).")
+    distill_epochs: int = setting(
+        0,
+        "SDS last stage: epochs distilling the dense model's next-token distribution into the "
+        "pruned model, masks fixed (0: off).",
+    )
+    distill_lr: float = setting(0.003, "SDS distillation Adam step, x each layer's weight RMS.")
+    distill_batch: int = setting(2, "SDS distillation windows per optimiser step.")
     figure_layer: str | None = setting(
         None, "SDS: layer for the weight figure, e.g. 15.mlp.up_proj."
     )
@@ -91,7 +100,7 @@ class SDSConfig:
         if self.solver == "closed" and self.lambda1 > 0:
             raise SdspruneError("the closed-form re-dense has no L1 term: use --solver fista or gd")
         weights = {"lambda1": self.lambda1, "lambda2": self.lambda2, "mu": self.mu}
-        weights.update(lr=self.lr, block_lr=self.block_lr)
+        weights.update(lr=self.lr, block_lr=self.block_lr, distill_lr=self.distill_lr)
         for name, value in weights.items():  # nan passes every comparison below
             if not math.isfinite(value):
                 raise SdspruneError(f"--{name.replace('_', '-')} must be a finite number")
@@ -103,8 +112,10 @@ class SDSConfig:
             raise SdspruneError("group sweeps must be >= 0")
         if min(self.block_epochs, self.block_windows) < 0 or self.block_batch < 1:
             raise SdspruneError("block epochs and windows must be >= 0, block batch >= 1")
-        if self.block_lr <= 0:
-            raise SdspruneError("the block re-fit learning rate must be > 0")
+        if self.block_lr <= 0 or self.distill_lr <= 0:
+            raise SdspruneError("the block re-fit and distillation learning rates must be > 0")
+        if self.distill_epochs < 0 or self.distill_batch < 1:
+            raise SdspruneError("distillation epochs must be >= 0, distillation batch >= 1")
         if self.schedule != "fused" and (self.block_epochs or self.adjust_data == "kd"):
             raise SdspruneError("block re-fit and kd adjustment need the fused schedule")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,12 +16,14 @@ from sdsprune.engine import (
     capture_block_inputs,
     run_blocks,
 )
+from sdsprune.errors import SdspruneError
 from sdsprune.linalg import output_energy
 from sdsprune.models.blocks import model_linears
 from sdsprune.pruners import Pruner, SparsityPattern
 from sdsprune.runinfo import Timer
 from sdsprune.sds.block import fit_block
 from sdsprune.sds.config import SDSConfig
+from sdsprune.sds.distill import distill
 from sdsprune.sds.figures import StageRecorder
 from sdsprune.sds.groups import refine_groups
 from sdsprune.sds.originals import DenseOriginals
@@ -220,6 +223,7 @@ def run_sds(
     """Run SDS over the whole model with the run's ``runtime``; returns per-layer records
     and report extras."""
     parameters = sum(p.numel() for p in net.parameters())
+    teacher = _teacher_for_distillation(net, config, runtime)
     recorder = StageRecorder(config.figure_layer or default_figure_layer(net))
     steps = _SDSSteps(base.pruner(), pattern, config, config.adjusts(parameters), recorder)
     with timer.stage("capture"):
@@ -252,7 +256,38 @@ def run_sds(
     }
     if config.schedule == "staged":
         extras["sds"]["dense_copies_mib"] = round(copies / 2**20, 3)
+    if teacher is not None:
+        with timer.stage("distill"):
+            extras["sds"]["distill"] = _distill_on(
+                net, teacher, windows, config, device, runtime, progress
+            )
     return records, extras
+
+
+def _teacher_for_distillation(net: nn.Module, config: SDSConfig, runtime: Runtime):
+    """A copy of the dense model for the distillation stage (None when it is off): taken
+    before any block is pruned (a resumed run restores its blocks later, in ``run_blocks``)."""
+    if not config.distill_epochs:
+        return None
+    if runtime.store.persists_blocks:
+        raise SdspruneError(
+            "distillation trains the whole model in memory: it cannot run with --low-memory"
+        )
+    return copy.deepcopy(net).eval()
+
+
+def _distill_on(
+    net, teacher, windows, config: SDSConfig, device, runtime: Runtime, progress: bool
+) -> dict:
+    """The distillation stage with both models on the compute device, then back."""
+    home = next(net.parameters()).device
+    net.to(device)
+    teacher.to(device)
+    try:
+        return distill(net, teacher, windows, config, device, runtime.dist, progress).to_dict()
+    finally:
+        net.to(home)
+        del teacher
 
 
 def _run_staged(

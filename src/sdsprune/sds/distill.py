@@ -1,0 +1,238 @@
+"""Whole-model distillation with the masks fixed: SDS's optional last stage.
+
+The block re-fit matches each block's output to the dense model's, one block at a time; what
+a user sees is the model's next-token distribution, and errors the blocks leave still add up
+on the way there. This stage trains the surviving weights of every decoder linear so that
+the pruned model's next-token distribution on the calibration windows matches the dense
+model's: the loss is KL(dense ‖ pruned) per token, Adam with a cosine-decayed step size
+proportional to each layer's weight RMS (as the block re-fit), pruned weights never move
+(their gradients are zeroed and the weights re-zeroed after each step, so the pattern and
+the sparsity stay exact). Embeddings, norms and the output head do not train.
+
+Every ``DISTILL_HELD_OUT``-th window is held out: the KL on those windows is measured before
+training and after each epoch, and the best weights are kept, so the stage never leaves the
+model worse on text it did not train on (the start included). The model trains in fp32 and is
+judged as it will run (in its dtype): a bf16 model's kept weights are the rounded ones.
+
+The cost: per training window one forward of the dense model and a forward and backward of
+the pruned one (about 4/3 of a training step), plus the held-out forwards; the dense model is
+a copy held in memory for the stage, so low-memory runs cannot use it. With several processes
+each rank holds a slice of the windows, gradients and held-out sums are summed across ranks,
+and every rank takes the same steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sdsprune.engine.distributed import Distributed
+from sdsprune.errors import SdspruneError
+from sdsprune.models.blocks import model_linears
+from sdsprune.sds.config import SDSConfig
+from sdsprune.sds.training import (
+    restore,
+    snapshot,
+    sum_gradients_over_ranks,
+    sum_over_ranks,
+    trainable,
+    weight_rms,
+)
+
+DISTILL_HELD_OUT = 8  # every 8th window is held out to judge the epochs
+
+
+@dataclass
+class DistillFit:
+    """How the stage went: mean KL per token on the held-out windows (start, each epoch)."""
+
+    start_kl: float
+    final_kl: float
+    epoch_kl: list[float] = field(default_factory=list)
+    train_kl: list[float] = field(default_factory=list)
+    kept_epoch: int = 0  # 0: the start was best (weights unchanged)
+    trained_windows: int = 0
+    held_out_windows: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "start_kl": round(self.start_kl, 5),
+            "final_kl": round(self.final_kl, 5),
+            "epoch_kl": [round(v, 5) for v in self.epoch_kl],
+            "train_kl": [round(v, 5) for v in self.train_kl],
+            "kept_epoch": self.kept_epoch,
+            "trained_windows": self.trained_windows,
+            "held_out_windows": self.held_out_windows,
+        }
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    config: SDSConfig,
+    device: torch.device,
+    dist: Distributed | None = None,
+    progress: bool = False,
+) -> DistillFit:
+    """Fit ``student``'s surviving decoder weights to ``teacher``'s next-token distribution
+    on ``windows`` (this rank's share of the token windows) for ``config.distill_epochs``."""
+    train, held = _split(windows.shape[0], dist)
+    if sum_over_ranks(dist, float(held.numel())) == 0:
+        raise SdspruneError(
+            f"distillation needs at least {DISTILL_HELD_OUT} calibration windows "
+            "(one in eight is held out to judge it)"
+        )
+    linears = model_linears(student)
+    pruned = {name: layer.weight == 0 for name, layer in linears.items()}
+    weights = [layer.weight for layer in linears.values()]
+    dtype = next(student.parameters()).dtype
+    judge = _HeldOut(student, teacher, windows[held], device, dist)
+    fit = DistillFit(start_kl=judge.kl(), final_kl=0.0)
+    fit.final_kl = fit.start_kl
+    fit.trained_windows = int(sum_over_ranks(dist, float(train.numel())))
+    fit.held_out_windows = int(sum_over_ranks(dist, float(held.numel())))
+    start = snapshot(weights)
+    best, best_weights = fit.start_kl, None
+    with trainable(student, weights):
+        optimizer = torch.optim.Adam(
+            [{"params": [w], "lr": config.distill_lr * weight_rms(w)} for w in weights]
+        )
+        steps = _Steps(config, train, dist)
+        bar = tqdm(
+            total=config.distill_epochs,
+            desc=f"distill ({fit.trained_windows} windows)",
+            unit="epoch",
+            disable=not progress or (dist is not None and dist.rank != 0),
+        )
+        for number in range(1, config.distill_epochs + 1):
+            fit.train_kl.append(
+                steps.epoch(number, student, teacher, windows, optimizer, device, pruned, linears)
+            )
+            with _as_model_dtype(student, dtype):
+                fit.epoch_kl.append(judge.kl())
+            if fit.epoch_kl[-1] < best:
+                best, best_weights, fit.kept_epoch = fit.epoch_kl[-1], snapshot(weights), number
+            bar.set_postfix(held_out_kl=f"{fit.epoch_kl[-1]:.4f}", start=f"{fit.start_kl:.4f}")
+            bar.update(1)
+        bar.close()
+    restore(weights, best_weights if best_weights is not None else start)
+    fit.final_kl = best
+    return fit
+
+
+def _split(count: int, dist: Distributed | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's training and held-out windows: global window i is held out when
+    i % DISTILL_HELD_OUT == DISTILL_HELD_OUT - 1 (the same split with any number of ranks)."""
+    first = 0 if dist is None else sum(dist.gather_objects(count)[: dist.rank])
+    positions = torch.arange(first, first + count)
+    held = positions % DISTILL_HELD_OUT == DISTILL_HELD_OUT - 1
+    local = torch.arange(count)
+    return local[~held], local[held]
+
+
+class _Steps:
+    """Mini-batches of ``config.distill_batch`` windows from a seeded global order, so one
+    process and several take the same steps (each rank its share of every batch)."""
+
+    def __init__(self, config: SDSConfig, train: torch.Tensor, dist: Distributed | None):
+        self.config, self.dist = config, dist
+        counts = [train.numel()] if dist is None else dist.gather_objects(train.numel())
+        self.first = 0 if dist is None else sum(counts[: dist.rank])
+        self.total = sum(counts)
+        self.train = train
+        self.generator = torch.Generator().manual_seed(0)
+        self.rates: list[float] | None = None
+
+    def epoch(self, number, student, teacher, windows, optimizer, device, pruned, linears) -> float:
+        """One epoch; returns its mean training KL per token (over all ranks)."""
+        if self.rates is None:
+            self.rates = [group["lr"] for group in optimizer.param_groups]
+        order = torch.randperm(self.total, generator=self.generator)
+        batch = self.config.distill_batch
+        steps = max(1, math.ceil(self.total / batch))
+        total_kl, total_tokens = 0.0, 0.0
+        for step in range(steps):
+            done = ((number - 1) * steps + step) / (steps * self.config.distill_epochs)
+            for group, rate in zip(optimizer.param_groups, self.rates, strict=True):
+                group["lr"] = rate * 0.5 * (1 + math.cos(math.pi * done))
+            picked = order[step * batch : (step + 1) * batch]
+            mine = picked[(picked >= self.first) & (picked < self.first + self.train.numel())]
+            tokens = sum_over_ranks(self.dist, float(mine.numel() * windows.shape[1]))
+            for row in self.train[mine - self.first]:
+                ids = windows[row : row + 1].to(device)
+                loss = _token_kl(student(ids).logits, _teacher_logits(teacher, ids))
+                (loss / tokens).backward()
+                total_kl += float(loss.detach())
+            total_tokens += tokens
+            _reduce_gradients(linears, pruned, self.dist)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for name, layer in linears.items():
+                    layer.weight.masked_fill_(pruned[name], 0)
+        return sum_over_ranks(self.dist, total_kl) / max(total_tokens, 1.0)
+
+
+class _HeldOut:
+    """The mean KL per token on the held-out windows (the teacher's logits are recomputed
+    each time: a window's logits over the vocabulary weigh more than the model's share of
+    work on it)."""
+
+    def __init__(self, student, teacher, windows, device, dist):
+        self.student, self.windows, self.device, self.dist = student, windows, device, dist
+        self.teacher = teacher
+        self.tokens = sum_over_ranks(dist, float(windows.numel()))
+
+    @torch.no_grad()
+    def kl(self) -> float:
+        total = 0.0
+        for row in range(self.windows.shape[0]):
+            ids = self.windows[row : row + 1].to(self.device)
+            total += float(_token_kl(self.student(ids).logits, _teacher_logits(self.teacher, ids)))
+        return sum_over_ranks(self.dist, total) / self.tokens
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return teacher(ids).logits
+
+
+def _token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Σ over tokens of KL(teacher ‖ student), in fp32."""
+    student_log = student_logits.float().log_softmax(-1).flatten(0, 1)
+    teacher_log = teacher_logits.float().log_softmax(-1).flatten(0, 1)
+    return F.kl_div(student_log, teacher_log, log_target=True, reduction="sum")
+
+
+def _reduce_gradients(linears: dict[str, nn.Linear], pruned, dist: Distributed | None) -> None:
+    """Missing gradients as zeros, summed over ranks, pruned entries zeroed (``masked_fill_``:
+    a NaN there would survive a multiplication by the mask)."""
+    sum_gradients_over_ranks([layer.weight for layer in linears.values()], dist)
+    for name, layer in linears.items():
+        if not torch.isfinite(layer.weight.grad).all():
+            raise SdspruneError(f"NaN/Inf gradient in the distillation of layer {name}")
+        layer.weight.grad.masked_fill_(pruned[name], 0)
+
+
+@contextmanager
+def _as_model_dtype(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The model as it will run (weights rounded to ``dtype``) for a measurement, then the
+    fp32 training weights back."""
+    if dtype == torch.float32:
+        yield
+        return
+    saved = snapshot(list(model.parameters()))
+    model.to(dtype)
+    try:
+        yield
+    finally:
+        model.float()
+        restore(list(model.parameters()), saved)
