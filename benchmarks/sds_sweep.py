@@ -4,7 +4,7 @@ Each configuration prunes a fresh copy of the model on the same wiki calibration
 (seed 0) and is evaluated on the wiki and news **validation** splits (1024-token chunks;
 ``--corpora`` changes them): settings are chosen there, and the evaluation splits are read once
 the choice is made; one JSON line per configuration (perplexities, prune seconds, SDS block
-errors). Cheaper than
+errors and, with the distillation stage, its held-out KL per epoch). Cheaper than
 protocol.py's one process per row when exploring, and every row sees the same windows.
 
 The loaded dense model is evaluated first, on the same chunks (its line is labelled
@@ -59,7 +59,7 @@ def run_config(base, windows, sparsity: str, settings: dict) -> dict:
         run=RunOptions(progress=False),
     )
     sds = result.report.get("sds", {})
-    extra = {k: v for k, v in sds.items() if k.startswith("mean")}
+    extra = {k: v for k, v in sds.items() if k.startswith("mean") or k == "distill"}
     return {"model": loaded, "secs": round(result.report["timings"]["prune_total"], 1), **extra}
 
 
