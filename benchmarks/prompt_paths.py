@@ -39,13 +39,23 @@ def layer_paths(weight: torch.Tensor, x: torch.Tensor, ext) -> dict:
     }
 
 
-def block_seconds(tokens: int, sparsity: float, repeats: int, ext) -> dict[str, float]:
+def random_mask(shape: tuple[int, int], sparsity: str, generator) -> torch.Tensor:
+    """Kept entries: each independently with probability 1 - sparsity (``"0.5"``), or N kept
+    of every M consecutive inputs, at random positions (``"2:4"``)."""
+    if ":" not in sparsity:
+        return torch.rand(shape, generator=generator) >= float(sparsity)
+    n, m = (int(v) for v in sparsity.split(":"))
+    kept = torch.rand(shape[0], shape[1] // m, m, generator=generator).argsort(-1) < n
+    return kept.reshape(shape)
+
+
+def block_seconds(tokens: int, sparsity: str, repeats: int, ext) -> dict[str, float]:
     """Seconds for the block's seven layers under each path (sum of per-layer medians)."""
     totals = {"dense": 0.0, "sparse_mm": 0.0, "tiled_mm": 0.0}
     generator = torch.Generator().manual_seed(0)
     for out_features, in_features in BLOCK:
         weight = torch.randn(out_features, in_features, generator=generator)
-        weight *= torch.rand(out_features, in_features, generator=generator) >= sparsity
+        weight *= random_mask((out_features, in_features), sparsity, generator)
         x = torch.randn(tokens, in_features, generator=generator)
         paths = layer_paths(weight, x, ext)
         assert torch.allclose(paths["sparse_mm"](), paths["dense"](), rtol=1e-4, atol=1e-3)
@@ -63,7 +73,7 @@ def block_seconds(tokens: int, sparsity: float, repeats: int, ext) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", default="16,32,64,128,512")
-    parser.add_argument("--sparsities", default="0.5,0.6,0.7")
+    parser.add_argument("--sparsities", default="0.5,0.6,0.7,2:4")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -72,7 +82,7 @@ def main() -> None:
         raise SystemExit(ext)
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
-        for sparsity in (float(s) for s in args.sparsities.split(",")):
+        for sparsity in args.sparsities.split(","):
             seconds = block_seconds(tokens, sparsity, args.repeats, ext)
             row = {
                 "tokens": tokens,
