@@ -83,13 +83,17 @@ def test_killed_block_refit_run_resumes_to_the_uninterrupted_result(
 ):
     """The block re-fit (Adam, seeded mini-batches) continues after a kill exactly."""
     refit = ["--sparsity", "2:4", "--block-epochs", "2", "--block-batch", "3"]
-    args = common(tiny_model_dir, corpus, "sds") + refit
+    assert_killed_run_resumes(common(tiny_model_dir, corpus, "sds") + refit, tmp_path, "kill@0")
+
+
+def assert_killed_run_resumes(args: list[str], tmp_path: Path, fault: str) -> None:
+    """``args`` run whole, then killed at ``fault`` and resumed: the same weights."""
     full = cli(*args, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     state = tmp_path / "state"
     killed = cli(
         *args, "--out", str(tmp_path / "resumed"), "--state-dir", str(state),
-        env={"SDSPRUNE_FAULT": "kill@0", "SDSPRUNE_FAULT_FILE": str(tmp_path / "fault")},
+        env={"SDSPRUNE_FAULT": fault, "SDSPRUNE_FAULT_FILE": str(tmp_path / "fault")},
     )  # fmt: skip
     assert killed.returncode == -9, killed.stderr
     resumed = cli(*args, "--out", str(tmp_path / "resumed"), "--state-dir", str(state), "--resume")
@@ -106,20 +110,7 @@ def test_run_killed_before_its_distillation_resumes_to_the_uninterrupted_result(
     resumed run distils from it to the same model (a kill during the stage resumes the same
     way: the state holds every block, the stage runs again from its seeded start)."""
     distill = ["--sparsity", "2:4", "--block-epochs", "0", "--distill-epochs", "1"]
-    args = common(tiny_model_dir, corpus, "sds") + distill
-    full = cli(*args, "--out", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr
-    state = tmp_path / "state"
-    killed = cli(
-        *args, "--out", str(tmp_path / "resumed"), "--state-dir", str(state),
-        env={"SDSPRUNE_FAULT": "kill@1", "SDSPRUNE_FAULT_FILE": str(tmp_path / "fault")},
-    )  # fmt: skip
-    assert killed.returncode == -9, killed.stderr
-    resumed = cli(*args, "--out", str(tmp_path / "resumed"), "--state-dir", str(state), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    expected, got = weights(tmp_path / "full"), weights(tmp_path / "resumed")
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+    assert_killed_run_resumes(common(tiny_model_dir, corpus, "sds") + distill, tmp_path, "kill@1")
 
 
 def test_resume_refuses_state_of_another_run(tiny_model_dir, tmp_path):
