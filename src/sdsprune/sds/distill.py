@@ -95,8 +95,8 @@ def distill(
     weights = [layer.weight for layer in linears.values()]
     dtype = next(student.parameters()).dtype
     judge = _HeldOut(student, teacher, windows[held], device, dist)
-    fit = DistillFit(start_kl=judge.kl(), final_kl=0.0)
-    fit.final_kl = fit.start_kl
+    start_kl = judge.kl()
+    fit = DistillFit(start_kl=start_kl, final_kl=start_kl)
     fit.trained_windows = int(sum_over_ranks(dist, float(train.numel())))
     fit.held_out_windows = int(sum_over_ranks(dist, float(held.numel())))
     start = snapshot(weights)

@@ -287,7 +287,6 @@ def _distill_on(
         return distill(net, teacher, windows, config, device, runtime.dist, progress).to_dict()
     finally:
         net.to(home)
-        del teacher
 
 
 def _run_staged(
