@@ -15,7 +15,8 @@ from sdsprune.models import LoadedModel
 from sdsprune.models.blocks import model_linears
 from sdsprune.prune import prune
 from sdsprune.sds import SDSConfig
-from sdsprune.sds.distill import DISTILL_HELD_OUT, _split
+from sdsprune.sds.config import AUTO_DISTILL_EPOCHS, DISTILL_HELD_OUT
+from sdsprune.sds.distill import _split
 
 
 def test_distillation_lowers_the_held_out_kl_and_keeps_the_pattern():
@@ -41,7 +42,7 @@ def test_distillation_lowers_the_held_out_kl_and_keeps_the_pattern():
 
 def test_distillation_never_ends_worse_than_its_start():
     """A step size that only diverges: the weights stay those the blocks left."""
-    plain, _ = run_sds(windows=16, block_epochs=0)
+    plain, _ = run_sds(windows=16, block_epochs=0, distill_epochs=0)
     distilled, result = run_sds(windows=16, block_epochs=0, distill_epochs=2, distill_lr=1e4)
     assert result.report["sds"]["distill"]["kept_epoch"] == 0
     for name, layer in model_linears(distilled).items():
@@ -71,17 +72,46 @@ def test_held_out_windows_are_the_same_with_one_process_or_several():
     assert held1.tolist() == [3] and len(train1) == 7  # global window 15
 
 
-def test_distillation_refuses_too_few_windows_and_low_memory(tiny_model_dir):
+def test_distillation_refuses_too_few_windows_and_low_memory(tiny_model_dir, tmp_path):
     with pytest.raises(SdspruneError, match=f"at least {DISTILL_HELD_OUT} calibration windows"):
         run_sds(windows=6, block_epochs=0, distill_epochs=1)
     calib = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(SdspruneError, match="low-memory"):
+    with pytest.raises(SdspruneError, match=r"distillation .* cannot run with --low-memory"):
         prune(
             str(tiny_model_dir),
             SDS(distill_epochs=1),
             calibration=calib,
-            run=cpu_run(low_memory=True),
+            run=cpu_run(low_memory=True, out=tmp_path / "low"),
         )
+    assert not (tmp_path / "low").exists()
+
+
+@pytest.mark.parametrize(
+    ("low_memory", "windows", "epochs"),
+    [
+        (False, DISTILL_HELD_OUT, AUTO_DISTILL_EPOCHS),
+        (True, 64, 0),
+        (False, DISTILL_HELD_OUT - 1, 0),
+    ],
+)
+def test_the_default_distils_where_the_run_can(low_memory, windows, epochs):
+    """By default the stage runs unless the run cannot hold a dense copy or has too few
+    windows to hold some out; a value given is kept (and refused later if impossible)."""
+    assert SDS().for_run(low_memory, windows).distill_epochs == epochs
+    assert SDS(distill_epochs=2).for_run(low_memory, windows).distill_epochs == 2
+    assert SDS(distill_epochs=0).for_run(low_memory, windows).distill_epochs == 0
+
+
+def test_a_default_run_reports_the_distillation_it_decided_on(tiny_model_dir, tmp_path):
+    """The report's settings hold the value the run used; a low-memory run goes without the
+    stage instead of failing."""
+    calib = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(0))
+    result = prune(str(tiny_model_dir), SDS(block_epochs=0), calibration=calib, run=cpu_run())
+    assert result.report["config"]["sds"]["distill_epochs"] == AUTO_DISTILL_EPOCHS
+    assert result.report["sds"]["distill"]["held_out_windows"] == 1
+    low_run = cpu_run(low_memory=True, out=tmp_path / "low")
+    low = prune(str(tiny_model_dir), SDS(block_epochs=0), calibration=calib, run=low_run)
+    assert low.report["config"]["sds"]["distill_epochs"] == 0 and "distill" not in low.report["sds"]
 
 
 @pytest.mark.parametrize(

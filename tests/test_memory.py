@@ -310,7 +310,8 @@ def test_fused_sds_solves_each_layer_on_one_rank_only(monkeypatch):
             solved.append(f"{ctx.index}.{name}") or original(self, ctx, name, dense)
         ),
     )
-    _, result = pruned(SDS(adjust_iters=5, block_epochs=0))
+    # the distillation's steps are shared by every rank: dist_worker.py checks it for real
+    _, result = pruned(SDS(adjust_iters=5, block_epochs=0, distill_epochs=0))
     layers = len(model_linears(tiny_model("llama")))
     assert 0 < len(solved) < layers  # this rank's share, not every layer
     assert set(rank.sources) == {0, 1}  # the rest arrives from rank 0

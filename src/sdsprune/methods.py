@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from sdsprune.engine.memory_plan import MethodTerms
@@ -67,6 +67,10 @@ class BaseMethod:
             return self.pruner_class(**settings_of(self))
         except ValueError as exc:  # the constructor's own check of a value
             raise SdspruneError(f"pruner '{format_method(self)}': {exc}") from None
+
+    def for_run(self, low_memory: bool, windows: int) -> BaseMethod:
+        """Itself: a pruner's defaults do not depend on the run."""
+        return self
 
     def plan_terms(self) -> MethodTerms:
         """What the memory plan counts for it: its statistics, and no solver of its own."""
@@ -167,7 +171,7 @@ class SDS(SDSConfig):
             block_windows=self.block_windows,
             block_batch=self.block_batch,
             staged=self.schedule == "staged",
-            distill_epochs=self.distill_epochs,
+            distill_epochs=self.distill_epochs or 0,  # None: decided by for_run
         )
 
 
@@ -190,6 +194,10 @@ class OWL(OWLConfig):
         super().__post_init__()
         if not isinstance(self.inner, BaseMethod | SDS):
             raise SdspruneError(f"OWL runs a pruner or SDS (got {self.inner!r})")
+
+    def for_run(self, low_memory: bool, windows: int) -> OWL:
+        """Its method's run-dependent defaults decided (see :meth:`SDSConfig.for_run`)."""
+        return replace(self, inner=self.inner.for_run(low_memory, windows))
 
     def plan_terms(self) -> MethodTerms:
         """Its method's (the statistics pass runs before, with the method's memory free)."""

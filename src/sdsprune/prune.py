@@ -231,6 +231,9 @@ def _prune(model, options: PruneOptions, dist, timer: Timer) -> PruneResult:
                 sampling.seed,
             )
         windows = with_bos(calibration, net, loaded.tokenizer)
+    # defaults that depend on the run are decided once: the plan, the run and the report agree
+    resolved = opts.method.for_run(low_memory=opts.run.low_memory, windows=int(windows.shape[0]))
+    opts = replace(opts, method=resolved)
     method = report_settings(opts.method)
     config = {
         "model": loaded.spec,

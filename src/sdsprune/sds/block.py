@@ -29,6 +29,7 @@ from sdsprune.engine.distributed import Distributed
 from sdsprune.errors import SdspruneError
 from sdsprune.sds.config import SDSConfig
 from sdsprune.sds.training import (
+    FixedMasks,
     restore,
     snapshot,
     sum_gradients_over_ranks,
@@ -157,7 +158,7 @@ class _Problem:
     def __init__(self, index, block, linears, stream, targets, dist):
         self.index, self.block, self.linears = index, block, linears
         self.stream, self.targets, self.dist = stream, targets, dist
-        self.pruned = {name: layer.weight == 0 for name, layer in linears.items()}
+        self.masks = FixedMasks(linears)
 
     @property
     def weights(self) -> list[nn.Parameter]:
@@ -170,16 +171,6 @@ class _Problem:
         return _block_error(
             self.index, self.block, self.stream, self.targets, rows, self.dist, keep_outputs, dtype
         )
-
-    def zero_pruned_(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Pruned entries of each layer's ``tensors`` (weights or gradients) set to zero.
-
-        ``masked_fill_``, not a multiplication by the mask: NaN x 0 and Inf x 0 are NaN, so a
-        non-finite value at a pruned entry would survive a ``mul_`` (and, in a gradient, reach
-        Adam's moments and from there the weight).
-        """
-        for name, tensor in tensors.items():
-            tensor.masked_fill_(self.pruned[name], 0)
 
 
 class _Epoch:
@@ -211,9 +202,7 @@ class _Epoch:
             self._accumulate_gradients(owned.local(order[step * batch : (step + 1) * batch]), scale)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                linears = self.problem.linears
-                self.problem.zero_pruned_({name: la.weight for name, la in linears.items()})
+            self.problem.masks.zero_weights_()
 
     def _accumulate_gradients(self, picked: torch.Tensor, scale: float) -> None:
         """This step's squared error over all ranks' windows, divided by ``scale``; pruned
@@ -224,7 +213,7 @@ class _Epoch:
             out = _forward(problem.index, problem.block, problem.stream, rows)
             ((out - _on(problem.targets[rows], out)).square().sum() / scale).backward()
         sum_gradients_over_ranks(problem.weights, problem.dist)
-        problem.zero_pruned_({name: la.weight.grad for name, la in problem.linears.items()})
+        problem.masks.zero_gradients_()
 
 
 def _forward(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sdsprune.errors import SdspruneError
 from sdsprune.settings import setting
@@ -16,6 +16,8 @@ ADJUST_RULES = ("auto", "always", "never")
 ADJUST_DATA = ("sd", "kd")
 EARLY_EXIT_PARAMS = 3_000_000_000  # the paper skips the adjustment above ~3B parameters
 FUSED_BLOCK_EPOCHS = 2  # the block re-fit's default with the fused schedule (README ablation)
+AUTO_DISTILL_EPOCHS = 1  # the distillation's default where it can run (docs/results.md)
+DISTILL_HELD_OUT = 8  # one calibration window in this many judges the distillation
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class SDSConfig:
     calibration windows, which bounds its cost whatever the calibration size.
     ``distill_*`` [ours]: a last stage that trains the surviving weights of the whole model to
     the dense model's next-token distribution (see :mod:`sdsprune.sds.distill`).
+    ``distill_epochs`` None (the default) is decided per run by :meth:`for_run`: it needs a
+    dense copy of the model in memory and windows to hold out, so a low-memory run or one
+    with too few windows goes without it; asked for explicitly there, it is an error.
     """
 
     schedule: str = setting("fused", "SDS: fused (one pass) or staged (paper order).")
@@ -72,10 +77,11 @@ class SDSConfig:
     block_lr: float = setting(0.01, "SDS block re-fit Adam step, x each layer's weight RMS.")
     block_batch: int = setting(4, "SDS block re-fit windows per optimiser step.")
     block_windows: int = setting(16, "SDS block re-fit on this many calibration windows (0: all).")
-    distill_epochs: int = setting(
-        0,
+    distill_epochs: int | None = setting(
+        None,
         "SDS last stage: epochs distilling the dense model's next-token distribution into the "
-        "pruned model, masks fixed (0: off).",
+        f"pruned model, masks fixed (0: off; default {AUTO_DISTILL_EPOCHS}, or 0 with "
+        f"--low-memory or fewer than {DISTILL_HELD_OUT} calibration windows).",
     )
     distill_lr: float = setting(0.003, "SDS distillation Adam step, x each layer's weight RMS.")
     distill_batch: int = setting(2, "SDS distillation windows per optimiser step.")
@@ -114,10 +120,18 @@ class SDSConfig:
             raise SdspruneError("block epochs and windows must be >= 0, block batch >= 1")
         if self.block_lr <= 0 or self.distill_lr <= 0:
             raise SdspruneError("the block re-fit and distillation learning rates must be > 0")
-        if self.distill_epochs < 0 or self.distill_batch < 1:
+        if (self.distill_epochs or 0) < 0 or self.distill_batch < 1:
             raise SdspruneError("distillation epochs must be >= 0, distillation batch >= 1")
         if self.schedule != "fused" and (self.block_epochs or self.adjust_data == "kd"):
             raise SdspruneError("block re-fit and kd adjustment need the fused schedule")
+
+    def for_run(self, low_memory: bool, windows: int) -> SDSConfig:
+        """This config with the run-dependent defaults decided (``distill_epochs`` None):
+        every later step, and the report, sees the value the run uses."""
+        if self.distill_epochs is not None:
+            return self
+        possible = not low_memory and windows >= DISTILL_HELD_OUT
+        return replace(self, distill_epochs=AUTO_DISTILL_EPOCHS if possible else 0)
 
     @property
     def dense_stream(self) -> bool:

@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 from sdsprune.engine.distributed import Distributed
 from sdsprune.errors import SdspruneError
 from sdsprune.models.blocks import model_linears
-from sdsprune.sds.config import SDSConfig
+from sdsprune.sds.config import DISTILL_HELD_OUT, SDSConfig
 from sdsprune.sds.training import (
+    FixedMasks,
     restore,
     snapshot,
     sum_gradients_over_ranks,
@@ -45,8 +46,6 @@ from sdsprune.sds.training import (
     trainable,
     weight_rms,
 )
-
-DISTILL_HELD_OUT = 8  # every 8th window is held out to judge the epochs
 
 
 @dataclass
@@ -85,27 +84,28 @@ def distill(
     """Fit ``student``'s surviving decoder weights to ``teacher``'s next-token distribution
     on ``windows`` (this rank's share of the token windows) for ``config.distill_epochs``."""
     train, held = _split(windows.shape[0], dist)
-    if sum_over_ranks(dist, float(held.numel())) == 0:
+    held_out_windows = int(sum_over_ranks(dist, float(held.numel())))
+    if held_out_windows == 0:
         raise SdspruneError(
             f"distillation needs at least {DISTILL_HELD_OUT} calibration windows "
             "(one in eight is held out to judge it)"
         )
     linears = model_linears(student)
-    pruned = {name: layer.weight == 0 for name, layer in linears.items()}
+    masks = FixedMasks(linears)
     weights = [layer.weight for layer in linears.values()]
     dtype = next(student.parameters()).dtype
     judge = _HeldOut(student, teacher, windows[held], device, dist)
     start_kl = judge.kl()
     fit = DistillFit(start_kl=start_kl, final_kl=start_kl)
     fit.trained_windows = int(sum_over_ranks(dist, float(train.numel())))
-    fit.held_out_windows = int(sum_over_ranks(dist, float(held.numel())))
+    fit.held_out_windows = held_out_windows
     start = snapshot(weights)
     best, best_weights = fit.start_kl, None
     with trainable(student, weights):
         optimizer = torch.optim.Adam(
             [{"params": [w], "lr": config.distill_lr * weight_rms(w)} for w in weights]
         )
-        steps = _Steps(config, train, dist)
+        steps = _Steps(config, train, optimizer, dist)
         bar = tqdm(
             total=config.distill_epochs,
             desc=f"distill ({fit.trained_windows} windows)",
@@ -113,9 +113,7 @@ def distill(
             disable=not progress or (dist is not None and dist.rank != 0),
         )
         for number in range(1, config.distill_epochs + 1):
-            fit.train_kl.append(
-                steps.epoch(number, student, teacher, windows, optimizer, device, pruned, linears)
-            )
+            fit.train_kl.append(steps.epoch(number, student, teacher, windows, device, masks))
             with _as_model_dtype(student, dtype):
                 fit.epoch_kl.append(judge.kl())
             if fit.epoch_kl[-1] < best:
@@ -142,19 +140,24 @@ class _Steps:
     """Mini-batches of ``config.distill_batch`` windows from a seeded global order, so one
     process and several take the same steps (each rank its share of every batch)."""
 
-    def __init__(self, config: SDSConfig, train: torch.Tensor, dist: Distributed | None):
-        self.config, self.dist = config, dist
+    def __init__(
+        self,
+        config: SDSConfig,
+        train: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        dist: Distributed | None,
+    ):
+        self.config, self.optimizer, self.dist = config, optimizer, dist
+        self.rates = [group["lr"] for group in optimizer.param_groups]
         counts = [train.numel()] if dist is None else dist.gather_objects(train.numel())
         self.first = 0 if dist is None else sum(counts[: dist.rank])
         self.total = sum(counts)
         self.train = train
         self.generator = torch.Generator().manual_seed(0)
-        self.rates: list[float] | None = None
 
-    def epoch(self, number, student, teacher, windows, optimizer, device, pruned, linears) -> float:
+    def epoch(self, number, student, teacher, windows, device, masks: FixedMasks) -> float:
         """One epoch; returns its mean training KL per token (over all ranks)."""
-        if self.rates is None:
-            self.rates = [group["lr"] for group in optimizer.param_groups]
+        optimizer = self.optimizer
         order = torch.randperm(self.total, generator=self.generator)
         batch = self.config.distill_batch
         steps = max(1, math.ceil(self.total / batch))
@@ -172,12 +175,10 @@ class _Steps:
                 (loss / tokens).backward()
                 total_kl += float(loss.detach())
             total_tokens += tokens
-            _reduce_gradients(linears, pruned, self.dist)
+            _reduce_gradients(masks, self.dist)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for name, layer in linears.items():
-                    layer.weight.masked_fill_(pruned[name], 0)
+            masks.zero_weights_()
         return sum_over_ranks(self.dist, total_kl) / max(total_tokens, 1.0)
 
 
@@ -212,14 +213,13 @@ def _token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
     return F.kl_div(student_log, teacher_log, log_target=True, reduction="sum")
 
 
-def _reduce_gradients(linears: dict[str, nn.Linear], pruned, dist: Distributed | None) -> None:
-    """Missing gradients as zeros, summed over ranks, pruned entries zeroed (``masked_fill_``:
-    a NaN there would survive a multiplication by the mask)."""
-    sum_gradients_over_ranks([layer.weight for layer in linears.values()], dist)
-    for name, layer in linears.items():
+def _reduce_gradients(masks: FixedMasks, dist: Distributed | None) -> None:
+    """Missing gradients as zeros, summed over ranks, pruned entries zeroed."""
+    sum_gradients_over_ranks([layer.weight for layer in masks.linears.values()], dist)
+    for name, layer in masks.linears.items():
         if not torch.isfinite(layer.weight.grad).all():
             raise SdspruneError(f"NaN/Inf gradient in the distillation of layer {name}")
-        layer.weight.grad.masked_fill_(pruned[name], 0)
+    masks.zero_gradients_()
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from sdsprune.sds.figures import StageRecorder
 from sdsprune.sds.groups import refine_groups
 from sdsprune.sds.originals import DenseOriginals
 from sdsprune.sds.solver import adjust, redense
+from sdsprune.sds.training import sum_over_ranks
 
 if TYPE_CHECKING:  # methods imports this package: SDS's settings are its config
     from sdsprune.methods import BaseMethod
@@ -223,6 +224,9 @@ def run_sds(
     """Run SDS over the whole model with the run's ``runtime``; returns per-layer records
     and report extras."""
     parameters = sum(p.numel() for p in net.parameters())
+    if config.distill_epochs is None:  # called directly, not through prune()
+        total_windows = int(sum_over_ranks(runtime.dist, float(windows.shape[0])))
+        config = config.for_run(runtime.store.persists_blocks, total_windows)
     teacher = _teacher_for_distillation(net, config, runtime)
     recorder = StageRecorder(config.figure_layer or default_figure_layer(net))
     steps = _SDSSteps(base.pruner(), pattern, config, config.adjusts(parameters), recorder)

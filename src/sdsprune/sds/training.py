@@ -49,6 +49,29 @@ def sum_gradients_over_ranks(weights: list[nn.Parameter], dist: Distributed | No
         offset += weight.numel()
 
 
+class FixedMasks:
+    """The pruned entries of some layers, fixed when a training stage starts, so that the
+    stage keeps the pattern (and the sparsity) exact.
+
+    ``masked_fill_``, not a multiplication by the mask: NaN x 0 and Inf x 0 are NaN, so a
+    non-finite value at a pruned entry would survive a ``mul_`` (and, in a gradient, reach
+    Adam's moments and from there the weight).
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.linears = linears
+        self.pruned = {name: layer.weight == 0 for name, layer in linears.items()}
+
+    @torch.no_grad()
+    def zero_weights_(self) -> None:
+        for name, layer in self.linears.items():
+            layer.weight.masked_fill_(self.pruned[name], 0)
+
+    def zero_gradients_(self) -> None:
+        for name, layer in self.linears.items():
+            layer.weight.grad.masked_fill_(self.pruned[name], 0)
+
+
 def weight_rms(weight: torch.Tensor) -> float:
     """A layer's weight RMS: step sizes are given as a fraction of it (any model width)."""
     return float(weight.detach().float().square().mean().sqrt())
