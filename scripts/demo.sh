@@ -7,7 +7,8 @@
 # (SDS against SparseGPT, each against dense) from runs/demo/results.md (table, plots and run
 # files in runs/demo; extra arguments go to `compare`).
 # SDS runs a shortened schedule here (--sds: 20 adjustment steps, a 1-epoch block re-fit on 8
-# windows; the defaults are 50 steps and 2 epochs on 16 windows), which keeps most of its gain.
+# windows; the defaults are 50 steps and 2 epochs on 16 windows), then its default
+# distillation epoch (14 of the 16 windows; 2 held out), which keeps most of its gain.
 # The full `cpu-small` protocol (docs/evaluation.md) with default SDS settings, the setting of
 # the README's headline table, takes about half an hour on 2 cores:
 #   sdsprune compare smollm2-135m --methods dense,sparsegpt,sds:sparsegpt --sparsity 2:4 \
