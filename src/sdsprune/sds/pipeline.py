@@ -28,7 +28,6 @@ from sdsprune.sds.figures import StageRecorder
 from sdsprune.sds.groups import refine_groups
 from sdsprune.sds.originals import DenseOriginals
 from sdsprune.sds.solver import adjust, redense
-from sdsprune.sds.training import sum_over_ranks
 
 if TYPE_CHECKING:  # methods imports this package: SDS's settings are its config
     from sdsprune.methods import BaseMethod
@@ -222,11 +221,12 @@ def run_sds(
     runtime: Runtime,
 ) -> tuple[dict[str, dict], dict]:
     """Run SDS over the whole model with the run's ``runtime``; returns per-layer records
-    and report extras."""
+    and report extras. ``config`` has its run-dependent defaults decided
+    (:meth:`SDSConfig.for_run`, which :func:`sdsprune.prune` calls once for the plan, the run
+    and the report)."""
     parameters = sum(p.numel() for p in net.parameters())
-    if config.distill_epochs is None:  # called directly, not through prune()
-        total_windows = int(sum_over_ranks(runtime.dist, float(windows.shape[0])))
-        config = config.for_run(runtime.store.persists_blocks, total_windows)
+    if config.distill_epochs is None:
+        raise ValueError("run_sds takes a config decided for its run: config.for_run(...)")
     teacher = _teacher_for_distillation(net, config, runtime)
     recorder = StageRecorder(config.figure_layer or default_figure_layer(net))
     steps = _SDSSteps(base.pruner(), pattern, config, config.adjusts(parameters), recorder)
