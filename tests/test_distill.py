@@ -4,6 +4,8 @@ refuses what it cannot do."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import byte_tokenizer, cpu_run, tiny_model
@@ -16,7 +18,7 @@ from sdsprune.models.blocks import model_linears
 from sdsprune.prune import prune
 from sdsprune.sds import SDSConfig
 from sdsprune.sds.config import AUTO_DISTILL_EPOCHS, DISTILL_HELD_OUT
-from sdsprune.sds.distill import _split
+from sdsprune.sds.distill import _split, _token_kl
 
 
 def test_distillation_lowers_the_held_out_kl_and_keeps_the_pattern():
@@ -47,6 +49,29 @@ def test_distillation_never_ends_worse_than_its_start():
     assert result.report["sds"]["distill"]["kept_epoch"] == 0
     for name, layer in model_linears(distilled).items():
         assert torch.equal(layer.weight, model_linears(plain)[name].weight), name
+
+
+def test_the_kl_it_reports_is_the_kl_to_the_dense_models_forward():
+    """The dense logits come from the dense stream through the model's head, with no dense
+    copy: the held-out KL reported at the start equals the KL between a dense copy's forward
+    and the model the stage kept (its start: the step size only diverges)."""
+    dense = tiny_model("llama")
+    with torch.no_grad():  # peaked distributions: a KL the report's 5 decimals resolve
+        for parameter in dense.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(10)
+    model = copy.deepcopy(dense)
+    calib = torch.randint(0, 256, (16, 24), generator=torch.Generator().manual_seed(0))
+    method = SDS(block_epochs=0, distill_epochs=1, distill_lr=1e4)
+    loaded = LoadedModel(model, byte_tokenizer(), "tiny", None)
+    fit = prune(loaded, method, sparsity="2:4", calibration=calib, run=cpu_run()).report
+    fit = fit["sds"]["distill"]
+    assert fit["kept_epoch"] == 0
+    held = calib[DISTILL_HELD_OUT - 1 :: DISTILL_HELD_OUT]
+    with torch.no_grad():
+        kl = _token_kl(model(held).logits, dense(held).logits) / held.numel()
+    assert float(kl) > 0.1
+    assert fit["start_kl"] == pytest.approx(float(kl), abs=1e-5)
 
 
 def test_distillation_of_a_bfloat16_model_keeps_its_dtype_and_pattern():
@@ -84,6 +109,8 @@ def test_distillation_refuses_too_few_windows_and_low_memory(tiny_model_dir, tmp
             run=cpu_run(low_memory=True, out=tmp_path / "low"),
         )
     assert not (tmp_path / "low").exists()
+    with pytest.raises(SdspruneError, match="distillation need the fused schedule"):
+        SDS(schedule="staged", distill_epochs=1)
 
 
 @pytest.mark.parametrize(
@@ -95,9 +122,11 @@ def test_distillation_refuses_too_few_windows_and_low_memory(tiny_model_dir, tmp
     ],
 )
 def test_the_default_distils_where_the_run_can(low_memory, windows, epochs):
-    """By default the stage runs unless the run cannot hold a dense copy or has too few
-    windows to hold some out; a value given is kept (and refused later if impossible)."""
+    """By default the stage runs unless the run cannot train the whole model in memory, has
+    no dense stream (the staged schedule) or too few windows to hold some out; a value given
+    is kept (and refused later if impossible)."""
     assert SDS().for_run(low_memory, windows).distill_epochs == epochs
+    assert SDS(schedule="staged").for_run(low_memory, windows).distill_epochs == 0
     assert SDS(distill_epochs=2).for_run(low_memory, windows).distill_epochs == 2
     assert SDS(distill_epochs=0).for_run(low_memory, windows).distill_epochs == 0
 

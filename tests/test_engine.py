@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import byte_tokenizer, cpu_run, tiny_model
 
-from sdsprune.engine import BlockProcessor, BlockStore, Runtime, capture_block_inputs, run_blocks
+from sdsprune.engine import (
+    BlockProcessor,
+    BlockStore,
+    Runtime,
+    capture,
+    capture_block_inputs,
+    run_blocks,
+)
+from sdsprune.engine.capture import check_head_replay, head_logits
 from sdsprune.engine.distributed import layer_owners
+from sdsprune.errors import SdspruneError
 from sdsprune.models import LoadedModel, model_linears
+from sdsprune.models.blocks import decoder_blocks
 from sdsprune.prune import prune
 from sdsprune.utils import torch_threads
 
@@ -80,3 +92,45 @@ def test_capture_and_run_blocks_honour_the_runtime_they_are_given_and_only_it():
     run_blocks(model, plain, _Untouched(), cpu, progress=False)
     assert runtime.passes == 1
     torch.testing.assert_close(stream.hidden, plain.hidden)
+
+
+def _last_block_outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    seen = {}
+    blocks = decoder_blocks(model)
+    handle = blocks[-1].register_forward_hook(lambda m, i, out: seen.update(out=out))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    return seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
+
+
+def test_the_head_replay_gives_the_dense_models_logits_from_its_last_block(arch):
+    """What the distillation relies on: a pruned model's own head, run on the dense model's
+    last-block outputs, gives the dense model's logits (no block runs, the pruned ones
+    included), on every architecture the tests cover; the check accepts each of them."""
+    dense = tiny_model(arch)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    check_head_replay(dense, ids[:1, :8])
+    outputs = _last_block_outputs(dense, ids)
+    with torch.no_grad():
+        expected = dense(input_ids=ids, use_cache=False).logits
+        pruned = copy.deepcopy(dense)
+        for layer in model_linears(pruned).values():
+            layer.weight.zero_()
+        replayed = head_logits(pruned, ids, outputs)
+    torch.testing.assert_close(replayed, expected, rtol=1e-5, atol=1e-5)
+    assert len(decoder_blocks(pruned)) == len(decoder_blocks(dense))  # the blocks are back
+    assert all(type(block).__name__ != "_Replay" for block in decoder_blocks(pruned))
+
+
+def test_a_model_whose_loop_the_replay_does_not_fit_fails_the_check(monkeypatch):
+    """A loop that reads block outputs otherwise than as the hidden states (simulated: the
+    stand-in hands on one sequence only) is refused with one message, blocks restored."""
+    model = tiny_model("llama")
+    monkeypatch.setattr(capture._Replay, "forward", lambda self, hidden, *a, **k: hidden[:1])
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SdspruneError, match="head"):
+        check_head_replay(model, ids)
+    assert all(type(block).__name__ != "_Replay" for block in decoder_blocks(model))

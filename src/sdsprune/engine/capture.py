@@ -1,8 +1,10 @@
-"""Capture what the decoder blocks receive, so blocks can then be run one at a time."""
+"""Capture what the decoder blocks receive, so blocks can then be run one at a time, and
+replay the model's head (what comes after the blocks) on given last-block outputs."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -17,24 +19,45 @@ class _StopForward(Exception):
     """Raised by the last catcher: nothing after the blocks needs computing."""
 
 
-class _Catcher(nn.Module):
-    """Stands in for a decoder block during capture and records its call.
+class _StandIn(nn.Module):
+    """Takes a decoder block's place in the model's loop without running it.
 
     Attribute reads fall through to the real block, because some model loops read block
     attributes (Gemma 3 picks each block's mask and rotary embedding by its attention type).
     """
 
-    def __init__(self, block: nn.Module, record: dict, last: bool):
+    def __init__(self, block: nn.Module):
         super().__init__()
         object.__setattr__(self, "inner", block)  # not registered: stays where it is
-        self.record = record
-        self.last = last
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "inner"), name)
+
+
+@contextlib.contextmanager
+def _stand_ins(model: nn.Module, make) -> Iterator[None]:
+    """Every decoder block replaced by ``make(index, block)`` for the duration."""
+    blocks = decoder_blocks(model)
+    originals = list(blocks)
+    for index, block in enumerate(originals):
+        blocks[index] = make(index, block)
+    try:
+        yield
+    finally:
+        for index, block in enumerate(originals):
+            blocks[index] = block
+
+
+class _Catcher(_StandIn):
+    """Stands in for a decoder block during capture and records its call."""
+
+    def __init__(self, block: nn.Module, record: dict, last: bool):
+        super().__init__(block)
+        self.record = record
+        self.last = last
 
     def forward(self, hidden_states, *args, **kwargs):
         self.record.setdefault("hidden", []).append(hidden_states.detach())
@@ -112,33 +135,33 @@ def capture_block_inputs(
     if batch_size is None:
         batch_size = pick_batch_size(*windows.shape, runtime.tokens_per_batch)
     offload = runtime.offload_activations
-    blocks = decoder_blocks(model)
-    originals = list(blocks)
-    records = [{} for _ in originals]
-    for index, block in enumerate(originals):
-        blocks[index] = _Catcher(block, records[index], last=index == len(originals) - 1)
+    count = len(decoder_blocks(model))
+    records = [{} for _ in range(count)]
     home = _module_device(model)
     hidden = None
-    try:
-        model.to(device)
-        for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start : start + batch_size].to(device)
-            with contextlib.suppress(_StopForward):
-                model(input_ids=batch, use_cache=False)
-            captured = records[0].pop("hidden")[0]
-            if hidden is None:  # one buffer for all windows: no list of batches to concatenate
-                hidden = torch.empty(
-                    (windows.shape[0], *captured.shape[1:]),
-                    dtype=captured.dtype,
-                    device="cpu" if offload else captured.device,
-                )
-            hidden[start : start + batch_size] = captured
-            for record in records[1:]:
-                record.pop("hidden", None)  # only block 0's inputs are kept
-    finally:
-        model.to(home)  # while the catchers stand in: blocks never move (they may be meta)
-        for index, block in enumerate(originals):
-            blocks[index] = block
+
+    def catcher(index: int, block: nn.Module) -> _Catcher:
+        return _Catcher(block, records[index], last=index == count - 1)
+
+    with _stand_ins(model, catcher):
+        try:
+            model.to(device)
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start : start + batch_size].to(device)
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=batch, use_cache=False)
+                captured = records[0].pop("hidden")[0]
+                if hidden is None:  # one buffer for all windows: no list of batches to join
+                    hidden = torch.empty(
+                        (windows.shape[0], *captured.shape[1:]),
+                        dtype=captured.dtype,
+                        device="cpu" if offload else captured.device,
+                    )
+                hidden[start : start + batch_size] = captured
+                for record in records[1:]:
+                    record.pop("hidden", None)  # only block 0's inputs are kept
+        finally:
+            model.to(home)  # while the catchers stand in: blocks never move (they may be meta)
     if not torch.isfinite(hidden).all():
         raise SdspruneError("the embeddings produce NaN/Inf activations (corrupt weights?)")
     return ActivationStream(
@@ -148,6 +171,66 @@ def capture_block_inputs(
         block_kwargs=[_to(record["kwargs"], device) for record in records],
         compute=device if offload else None,
     )
+
+
+class _Replay(_StandIn):
+    """Stands in for a decoder block in a head replay: hands its input on, or, standing in
+    for the last block, returns the given last-block outputs."""
+
+    def __init__(self, block: nn.Module, outputs: torch.Tensor | None):
+        super().__init__(block)
+        self.outputs = outputs
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.outputs is None else self.outputs
+
+
+def head_logits(model: nn.Module, ids: torch.Tensor, last_outputs: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``ids`` given its last decoder block's outputs on them.
+
+    It is the model's own forward with every block stood in for: whatever the architecture
+    puts after the blocks (final norm, output projection, logit scaling or capping) applies
+    as the model defines it, and no block runs. :func:`check_head_replay` verifies a model.
+    """
+    last = len(decoder_blocks(model)) - 1
+    outputs = last_outputs.to(next(model.parameters()).dtype)
+
+    def replay(index: int, block: nn.Module) -> _Replay:
+        return _Replay(block, outputs if index == last else None)
+
+    with _stand_ins(model, replay):
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def check_head_replay(model: nn.Module, ids: torch.Tensor) -> None:
+    """Fail unless :func:`head_logits` on the model's own last-block outputs gives its
+    forward's logits on ``ids`` (a model whose loop the stand-ins do not fit fails here)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module, inputs, output) -> None:
+        seen["outputs"] = output[0] if isinstance(output, tuple | list) else output
+
+    handle = decoder_blocks(model)[-1].register_forward_hook(keep)
+    try:
+        expected = model(input_ids=ids, use_cache=False).logits
+    finally:
+        handle.remove()
+    try:
+        replayed = head_logits(model, ids, seen["outputs"])
+        same = replayed.shape == expected.shape and torch.allclose(
+            replayed, expected, rtol=1e-4, atol=1e-4
+        )
+    except Exception as exc:  # the model's own code, with stand-ins it does not expect
+        raise SdspruneError(
+            f"{type(model).__name__}'s head cannot be run on its last block's outputs "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if not same:
+        raise SdspruneError(
+            f"{type(model).__name__}'s head, run on its last block's outputs, does not give "
+            "its forward's logits"
+        )
 
 
 def _module_device(model: nn.Module) -> torch.device:

@@ -53,7 +53,7 @@ class MethodTerms:
     block_windows: int = 0  # ... on this many of this process's windows (0: all of them) ...
     block_batch: int = 1  # ... this many windows a step
     staged: bool = False  # three passes over the model, with dense copies of every block
-    distill_epochs: int = 0  # a last stage trains the whole model against a dense copy
+    distill_epochs: int = 0  # a last stage trains the whole model against the dense logits
 
 
 @dataclass(frozen=True)
@@ -250,10 +250,11 @@ def plan_run(
 
 
 def _distillation(net: nn.Module, request: PlanRequest) -> tuple[int, float]:
-    """Bytes and FLOPs of the distillation stage: the dense copy (model dtype), the model in
-    fp32 with its linears' gradients and Adam moments, and one window's activations and
-    logits with their gradients (fp32); per training window a dense forward and a forward
-    and backward of the pruned model, plus the held-out forwards each epoch."""
+    """Bytes and FLOPs of the distillation stage: the model in fp32 with its linears'
+    gradients and Adam moments, the dense stream's last-block outputs (model dtype), and one
+    window's activations and logits with their gradients (fp32); per training window a
+    forward and backward of the pruned model and the head once more (the dense logits), plus
+    the held-out forwards each epoch."""
     parameters = sum(p.numel() for p in net.parameters())
     dtype_bytes = next(net.parameters()).element_size()
     shapes = _shapes(net)
@@ -262,9 +263,10 @@ def _distillation(net: nn.Module, request: PlanRequest) -> tuple[int, float]:
     window = 4 * request.seqlen * vocab * 4 + shapes.blocks * _block_forward(
         shapes, 1, request.seqlen, 4
     )
-    need = parameters * (dtype_bytes + 4) + 3 * linears * 4 + window
     tokens = request.windows * request.seqlen
-    flops = request.terms.distill_epochs * 2 * parameters * tokens * (4 + 2 / 8)
+    dense_outputs = tokens * shapes.hidden * dtype_bytes
+    need = parameters * 4 + 3 * linears * 4 + window + dense_outputs
+    flops = request.terms.distill_epochs * 2 * parameters * tokens * (3 + 1 / 8)
     return need, flops
 
 

@@ -45,9 +45,10 @@ class SDSConfig:
     calibration windows, which bounds its cost whatever the calibration size.
     ``distill_*`` [ours]: a last stage that trains the surviving weights of the whole model to
     the dense model's next-token distribution (see :mod:`sdsprune.sds.distill`).
-    ``distill_epochs`` None (the default) is decided per run by :meth:`for_run`: it needs a
-    dense copy of the model in memory and windows to hold out, so a low-memory run or one
-    with too few windows goes without it; asked for explicitly there, it is an error.
+    ``distill_epochs`` None (the default) is decided per run by :meth:`for_run`: it trains
+    the whole model in memory, reads the dense logits from the fused schedule's dense stream
+    and needs windows to hold out, so a low-memory run, a staged one or one with too few
+    windows goes without it; asked for explicitly there, it is an error.
     """
 
     schedule: str = setting("fused", "SDS: fused (one pass) or staged (paper order).")
@@ -81,7 +82,8 @@ class SDSConfig:
         None,
         "SDS last stage: epochs distilling the dense model's next-token distribution into the "
         f"pruned model, masks fixed (0: off; default {AUTO_DISTILL_EPOCHS}, or 0 with "
-        f"--low-memory or fewer than {DISTILL_HELD_OUT} calibration windows).",
+        f"--low-memory, the staged schedule or fewer than {DISTILL_HELD_OUT} calibration "
+        "windows).",
     )
     distill_lr: float = setting(0.003, "SDS distillation Adam step, x each layer's weight RMS.")
     distill_batch: int = setting(2, "SDS distillation windows per optimiser step.")
@@ -122,21 +124,26 @@ class SDSConfig:
             raise SdspruneError("the block re-fit and distillation learning rates must be > 0")
         if (self.distill_epochs or 0) < 0 or self.distill_batch < 1:
             raise SdspruneError("distillation epochs must be >= 0, distillation batch >= 1")
-        if self.schedule != "fused" and (self.block_epochs or self.adjust_data == "kd"):
-            raise SdspruneError("block re-fit and kd adjustment need the fused schedule")
+        if self.schedule != "fused" and (
+            self.block_epochs or self.adjust_data == "kd" or self.distill_epochs
+        ):
+            raise SdspruneError(
+                "block re-fit, kd adjustment and distillation need the fused schedule"
+            )
 
     def for_run(self, low_memory: bool, windows: int) -> SDSConfig:
         """This config with the run-dependent defaults decided (``distill_epochs`` None):
         every later step, and the report, sees the value the run uses."""
         if self.distill_epochs is not None:
             return self
-        possible = not low_memory and windows >= DISTILL_HELD_OUT
+        possible = self.schedule == "fused" and not low_memory and windows >= DISTILL_HELD_OUT
         return replace(self, distill_epochs=AUTO_DISTILL_EPOCHS if possible else 0)
 
     @property
     def dense_stream(self) -> bool:
-        """Whether the dense model must run alongside (dense inputs or dense block targets)."""
-        return self.dense_statistics or self.block_epochs > 0
+        """Whether the dense model must run alongside (dense inputs, dense block targets, or
+        the last block's dense outputs, from which the distillation reads the dense logits)."""
+        return self.dense_statistics or self.block_epochs > 0 or bool(self.distill_epochs)
 
     @property
     def dense_statistics(self) -> bool:

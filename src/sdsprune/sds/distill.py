@@ -14,11 +14,14 @@ training and after each epoch, and the best weights are kept, so the stage never
 model worse on text it did not train on (the start included). The model trains in fp32 and is
 judged as it will run (in its dtype): a bf16 model's kept weights are the rounded ones.
 
-The cost: per training window one forward of the dense model and a forward and backward of
-the pruned one (about 4/3 of a training step), plus the held-out forwards; the dense model is
-a copy held in memory for the stage, so low-memory runs cannot use it. With several processes
-each rank holds a slice of the windows, gradients and held-out sums are summed across ranks,
-and every rank takes the same steps.
+The dense model's logits come from the dense stream the blocks leave behind: its last
+block's outputs on every window, through the model's own head (final norm and output
+projection, which SDS does not change; :func:`sdsprune.engine.capture.head_logits`), so no
+dense copy is held and no dense forward runs. The cost: per training window a forward and
+backward of the pruned model and the head once more, plus the held-out forwards; the whole
+model trains in memory, so low-memory runs cannot use it. With several processes each rank
+holds a slice of the windows, gradients and held-out sums are summed across ranks, and every
+rank takes the same steps.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sdsprune.engine.capture import head_logits
 from sdsprune.engine.distributed import Distributed
 from sdsprune.errors import SdspruneError
 from sdsprune.models.blocks import model_linears
@@ -74,15 +78,16 @@ class DistillFit:
 
 def distill(
     student: nn.Module,
-    teacher: nn.Module,
     windows: torch.Tensor,
+    dense_outputs: torch.Tensor,
     config: SDSConfig,
     device: torch.device,
     dist: Distributed | None = None,
     progress: bool = False,
 ) -> DistillFit:
-    """Fit ``student``'s surviving decoder weights to ``teacher``'s next-token distribution
-    on ``windows`` (this rank's share of the token windows) for ``config.distill_epochs``."""
+    """Fit ``student``'s surviving decoder weights to the dense model's next-token
+    distribution on ``windows`` (this rank's share of the token windows), given the dense
+    model's last-block outputs on them, for ``config.distill_epochs``."""
     train, held = _split(windows.shape[0], dist)
     held_out_windows = int(sum_over_ranks(dist, float(held.numel())))
     if held_out_windows == 0:
@@ -94,7 +99,8 @@ def distill(
     masks = FixedMasks(linears)
     weights = [layer.weight for layer in linears.values()]
     dtype = next(student.parameters()).dtype
-    judge = _HeldOut(student, teacher, windows[held], device, dist)
+    teacher = _Teacher(student, windows, dense_outputs, device)
+    judge = _HeldOut(student, teacher, held, dist)
     start_kl = judge.kl()
     fit = DistillFit(start_kl=start_kl, final_kl=start_kl)
     fit.trained_windows = int(sum_over_ranks(dist, float(train.numel())))
@@ -113,7 +119,7 @@ def distill(
             disable=not progress or (dist is not None and dist.rank != 0),
         )
         for number in range(1, config.distill_epochs + 1):
-            fit.train_kl.append(steps.epoch(number, student, teacher, windows, device, masks))
+            fit.train_kl.append(steps.epoch(number, student, teacher, masks))
             with _as_model_dtype(student, dtype):
                 fit.epoch_kl.append(judge.kl())
             if fit.epoch_kl[-1] < best:
@@ -155,7 +161,7 @@ class _Steps:
         self.train = train
         self.generator = torch.Generator().manual_seed(0)
 
-    def epoch(self, number, student, teacher, windows, device, masks: FixedMasks) -> float:
+    def epoch(self, number, student, teacher: _Teacher, masks: FixedMasks) -> float:
         """One epoch; returns its mean training KL per token (over all ranks)."""
         optimizer = self.optimizer
         order = torch.randperm(self.total, generator=self.generator)
@@ -168,10 +174,10 @@ class _Steps:
                 group["lr"] = rate * 0.5 * (1 + math.cos(math.pi * done))
             picked = order[step * batch : (step + 1) * batch]
             mine = picked[(picked >= self.first) & (picked < self.first + self.train.numel())]
-            tokens = sum_over_ranks(self.dist, float(mine.numel() * windows.shape[1]))
-            for row in self.train[mine - self.first]:
-                ids = windows[row : row + 1].to(device)
-                loss = _token_kl(student(ids).logits, _teacher_logits(teacher, ids))
+            tokens = sum_over_ranks(self.dist, float(mine.numel() * teacher.seqlen))
+            for row in self.train[mine - self.first].tolist():
+                ids, target = teacher.window(row)
+                loss = _token_kl(student(ids).logits, target)
                 (loss / tokens).backward()
                 total_kl += float(loss.detach())
             total_tokens += tokens
@@ -182,28 +188,35 @@ class _Steps:
         return sum_over_ranks(self.dist, total_kl) / max(total_tokens, 1.0)
 
 
-class _HeldOut:
-    """The mean KL per token on the held-out windows (the teacher's logits are recomputed
-    each time: a window's logits over the vocabulary weigh more than the model's share of
-    work on it)."""
+class _Teacher:
+    """A window's token ids and the dense model's logits on it: the model's head on the
+    dense last-block outputs (recomputed each time: a window's logits over the vocabulary
+    weigh more than the head's work on it)."""
 
-    def __init__(self, student, teacher, windows, device, dist):
-        self.student, self.windows, self.device, self.dist = student, windows, device, dist
-        self.teacher = teacher
-        self.tokens = sum_over_ranks(dist, float(windows.numel()))
+    def __init__(self, model: nn.Module, windows, dense_outputs, device: torch.device):
+        self.model, self.windows, self.outputs, self.device = model, windows, dense_outputs, device
+        self.seqlen = windows.shape[1]
+
+    @torch.no_grad()
+    def window(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.windows[row : row + 1].to(self.device)
+        return ids, head_logits(self.model, ids, self.outputs[row : row + 1].to(self.device))
+
+
+class _HeldOut:
+    """The mean KL per token on the held-out windows."""
+
+    def __init__(self, student, teacher: _Teacher, rows: torch.Tensor, dist):
+        self.student, self.teacher, self.rows, self.dist = student, teacher, rows.tolist(), dist
+        self.tokens = sum_over_ranks(dist, float(len(self.rows) * teacher.seqlen))
 
     @torch.no_grad()
     def kl(self) -> float:
         total = 0.0
-        for row in range(self.windows.shape[0]):
-            ids = self.windows[row : row + 1].to(self.device)
-            total += float(_token_kl(self.student(ids).logits, _teacher_logits(self.teacher, ids)))
+        for row in self.rows:
+            ids, target = self.teacher.window(row)
+            total += float(_token_kl(self.student(ids).logits, target))
         return sum_over_ranks(self.dist, total) / self.tokens
-
-
-@torch.no_grad()
-def _teacher_logits(teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return teacher(ids).logits
 
 
 def _token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +15,7 @@ from sdsprune.engine import (
     capture_block_inputs,
     run_blocks,
 )
+from sdsprune.engine.capture import check_head_replay
 from sdsprune.errors import SdspruneError
 from sdsprune.linalg import output_energy
 from sdsprune.models.blocks import model_linears
@@ -32,6 +32,7 @@ from sdsprune.sds.solver import adjust, redense
 if TYPE_CHECKING:  # methods imports this package: SDS's settings are its config
     from sdsprune.methods import BaseMethod
 
+HEAD_CHECK_TOKENS = 8  # tokens of the one window on which the head replay is checked
 STAGES = ("first_prune", "redense", "second_prune", "adjusted", "final")
 
 
@@ -227,7 +228,7 @@ def run_sds(
     parameters = sum(p.numel() for p in net.parameters())
     if config.distill_epochs is None:
         raise ValueError("run_sds takes a config decided for its run: config.for_run(...)")
-    teacher = _teacher_for_distillation(net, config, runtime)
+    _check_distillation(net, windows, config, runtime)
     recorder = StageRecorder(config.figure_layer or default_figure_layer(net))
     steps = _SDSSteps(base.pruner(), pattern, config, config.adjusts(parameters), recorder)
     with timer.stage("capture"):
@@ -260,35 +261,42 @@ def run_sds(
     }
     if config.schedule == "staged":
         extras["sds"]["dense_copies_mib"] = round(copies / 2**20, 3)
-    if teacher is not None:
+    if config.distill_epochs:  # the dense stream now holds the last block's dense outputs
         with timer.stage("distill"):
             extras["sds"]["distill"] = _distill_on(
-                net, teacher, windows, config, device, runtime, progress
+                net, windows, dense.hidden, config, device, runtime, progress
             )
     return records, extras
 
 
-def _teacher_for_distillation(net: nn.Module, config: SDSConfig, runtime: Runtime):
-    """A copy of the dense model for the distillation stage (None when it is off): taken
-    before any block is pruned (a resumed run restores its blocks later, in ``run_blocks``)."""
+def _check_distillation(
+    net: nn.Module, windows: torch.Tensor, config: SDSConfig, runtime: Runtime
+) -> None:
+    """Refuse a distillation the run cannot do before any block is pruned: it trains the
+    whole model in memory, and reads the dense logits through the model's head (checked on
+    a few tokens of one window)."""
     if not config.distill_epochs:
-        return None
+        return
     if runtime.store.persists_blocks:
         raise SdspruneError(
             "distillation trains the whole model in memory: it cannot run with --low-memory"
         )
-    return copy.deepcopy(net).eval()
+    try:
+        check_head_replay(net, windows[:1, :HEAD_CHECK_TOKENS].to(next(net.parameters()).device))
+    except SdspruneError as exc:
+        raise SdspruneError(f"distillation: {exc}; run SDS with --distill-epochs 0") from exc
 
 
 def _distill_on(
-    net, teacher, windows, config: SDSConfig, device, runtime: Runtime, progress: bool
+    net, windows, dense_outputs, config: SDSConfig, device, runtime: Runtime, progress: bool
 ) -> dict:
-    """The distillation stage with both models on the compute device, then back."""
+    """The distillation stage with the model on the compute device, then back."""
     home = next(net.parameters()).device
     net.to(device)
-    teacher.to(device)
     try:
-        return distill(net, teacher, windows, config, device, runtime.dist, progress).to_dict()
+        return distill(
+            net, windows, dense_outputs, config, device, runtime.dist, progress
+        ).to_dict()
     finally:
         net.to(home)
 
