@@ -16,7 +16,11 @@ from sdsprune.engine import (
     capture_block_inputs,
     run_blocks,
 )
-from sdsprune.engine.capture import check_head_replay, head_logits
+from sdsprune.engine.capture import (
+    check_head_replay,
+    head_logits,
+    logits_and_last_block_outputs,
+)
 from sdsprune.engine.distributed import layer_owners
 from sdsprune.errors import SdspruneError
 from sdsprune.models import LoadedModel, model_linears
@@ -94,18 +98,6 @@ def test_capture_and_run_blocks_honour_the_runtime_they_are_given_and_only_it():
     torch.testing.assert_close(stream.hidden, plain.hidden)
 
 
-def _last_block_outputs(model, ids: torch.Tensor) -> torch.Tensor:
-    seen = {}
-    blocks = decoder_blocks(model)
-    handle = blocks[-1].register_forward_hook(lambda m, i, out: seen.update(out=out))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        handle.remove()
-    return seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
-
-
 def test_the_head_replay_gives_the_dense_models_logits_from_its_last_block(arch):
     """What the distillation relies on: a pruned model's own head, run on the dense model's
     last-block outputs, gives the dense model's logits (no block runs, the pruned ones
@@ -113,9 +105,8 @@ def test_the_head_replay_gives_the_dense_models_logits_from_its_last_block(arch)
     dense = tiny_model(arch)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     check_head_replay(dense, ids[:1, :8])
-    outputs = _last_block_outputs(dense, ids)
+    expected, outputs = logits_and_last_block_outputs(dense, ids)
     with torch.no_grad():
-        expected = dense(input_ids=ids, use_cache=False).logits
         pruned = copy.deepcopy(dense)
         for layer in model_linears(pruned).values():
             layer.weight.zero_()

@@ -203,9 +203,10 @@ def head_logits(model: nn.Module, ids: torch.Tensor, last_outputs: torch.Tensor)
 
 
 @torch.no_grad()
-def check_head_replay(model: nn.Module, ids: torch.Tensor) -> None:
-    """Fail unless :func:`head_logits` on the model's own last-block outputs gives its
-    forward's logits on ``ids`` (a model whose loop the stand-ins do not fit fails here)."""
+def logits_and_last_block_outputs(
+    model: nn.Module, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits on ``ids`` and its last decoder block's outputs on the way."""
     seen: dict[str, torch.Tensor] = {}
 
     def keep(module, inputs, output) -> None:
@@ -213,11 +214,19 @@ def check_head_replay(model: nn.Module, ids: torch.Tensor) -> None:
 
     handle = decoder_blocks(model)[-1].register_forward_hook(keep)
     try:
-        expected = model(input_ids=ids, use_cache=False).logits
+        logits = model(input_ids=ids, use_cache=False).logits
     finally:
         handle.remove()
+    return logits, seen["outputs"]
+
+
+@torch.no_grad()
+def check_head_replay(model: nn.Module, ids: torch.Tensor) -> None:
+    """Fail unless :func:`head_logits` on the model's own last-block outputs gives its
+    forward's logits on ``ids`` (a model whose loop the stand-ins do not fit fails here)."""
+    expected, outputs = logits_and_last_block_outputs(model, ids)
     try:
-        replayed = head_logits(model, ids, seen["outputs"])
+        replayed = head_logits(model, ids, outputs)
         same = replayed.shape == expected.shape and torch.allclose(
             replayed, expected, rtol=1e-4, atol=1e-4
         )
