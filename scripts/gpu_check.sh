@@ -5,6 +5,8 @@
 # perplexity with a CPU float32 run, check activation offloading, bench the 2:4
 # semi-structured backend, and report peak GPU memory (scripts/gpu_check.py says what passes).
 # Results: runs/gpu-check/ (gpu_check.json, bench.json, the pruned checkpoints).
+# A short lease: pass --cpu-reference benchmarks/results/gpu-check/cpu-reference.json (the CPU
+# float32 reference written beforehand by gpu_check.py --write-cpu-reference) to skip it there.
 # On a machine without an NVIDIA GPU it says so and exits 0, before installing anything.
 # torch must be a CUDA build: setup.sh installs one from a PyTorch wheel index when
 #   SDSPRUNE_TORCH_INDEX=https://download.pytorch.org/whl/cu128 bash scripts/gpu_check.sh
@@ -21,13 +23,18 @@ nvidia-smi -L
 if [ -z "${SDSPRUNE_SKIP_SETUP:-}" ]; then
   bash scripts/setup.sh
 fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
+if [ -x .venv/bin/python ]; then
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+else  # SDSPRUNE_SKIP_SETUP on a machine whose python3 already holds the dependencies
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
 status=0
-python scripts/gpu_check.py "$@" || status=$?
+python3 scripts/gpu_check.py "$@" || status=$?
 if [ "$status" -eq 3 ]; then  # torch cannot use the GPU: gpu_check.py printed why
   exit "$status"
 fi
-# the GPU-only unit test of the 2:4 kernels (skipped everywhere else)
-python -m pytest -q tests/test_inference.py -k semi_structured || status=$?
+# the GPU-only unit tests (skipped everywhere else): every method on tiny models, 2:4 kernels
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_inference.py \
+  -k "cuda or semi_structured" || status=$?
 exit "$status"

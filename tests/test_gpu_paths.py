@@ -27,11 +27,15 @@ class FakeCuda:
     def __init__(self, monkeypatch):
         self.current = 0
         self.peaks = {0: 0, 1: 0}
+        self.resident = {0: 0, 1: 0}  # what memory_allocated reads: set by a test
         for name in ("is_available", "is_initialized"):
             monkeypatch.setattr(torch.cuda, name, lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: len(self.peaks))
         monkeypatch.setattr(torch.cuda, "max_memory_allocated", self.max_memory_allocated)
+        monkeypatch.setattr(
+            torch.cuda, "memory_allocated", lambda device=None: self.resident[self._index(device)]
+        )
         monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self.reset)
         monkeypatch.setattr(torch.cuda, "device", self.made_current)
         # the folded peaks are process state: this test's go to a copy, dropped after it
@@ -80,8 +84,25 @@ def test_a_run_on_cuda_1_reports_the_peaks_of_cuda_1(monkeypatch):
     assert stages["solve"]["peak_cuda_mib"] == 700
     assert stages["refine"]["peak_cuda_mib"] == 300
     assert report["peak_cuda_mib"] == 700
+    assert stages["solve"]["entry_cuda_mib"] == 0
     assert runinfo.peak_memory(torch.device("cuda", 0))["peak_cuda_mib"] == 0
     assert "peak_cuda_mib" not in runinfo.peak_memory(torch.device("cpu"))
+
+
+def test_each_stage_records_what_was_allocated_when_it_began(monkeypatch):
+    """A stage's peak includes what earlier stages left resident: the reading at entry says
+    how much, so a plan for the stage alone can be checked (the largest over its entries)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cuda = FakeCuda(monkeypatch)
+    timer = Timer()
+    with distributed_from_env(torch.device("cuda", 0)):
+        for resident in (120, 90):
+            cuda.resident[0] = resident * MIB
+            with timer.stage("solve"):
+                cuda.allocate(0, (resident + 200) * MIB)
+    stages = timer.stage_peaks()
+    assert stages["solve"]["entry_cuda_mib"] == 120
+    assert stages["solve"]["peak_cuda_mib"] == 320
 
 
 def gpu_check_module():
@@ -102,7 +123,7 @@ def fake_prune_report() -> dict:
             "stages": {
                 "load": {"peak_rss_mib": 500.0, "peak_cuda_mib": 0.0},
                 "capture": {"peak_rss_mib": 500.0, "peak_cuda_mib": 250.0},
-                "solve": {"peak_rss_mib": 500.0, "peak_cuda_mib": 800.0},
+                "solve": {"peak_rss_mib": 500.0, "peak_cuda_mib": 800.0, "entry_cuda_mib": 150.0},
                 "refine": {"peak_rss_mib": 500.0, "peak_cuda_mib": 400.0},
             },
         },
@@ -125,6 +146,7 @@ def test_gpu_check_reports_the_runs_peak_and_each_stages_next_to_its_time(monkey
     assert row["stages"]["solve"] == {
         "seconds": 3.0,
         "peak_gpu_mib": 800.0,
+        "at_entry_gpu_mib": 150.0,
         "planned_peak_mib": 900.0,
     }
     assert row["stages"]["capture"]["peak_gpu_mib"] == 250.0
@@ -140,6 +162,7 @@ def test_gpu_check_prints_every_stage_with_its_peak_and_the_plan(capsys):
     lines = capsys.readouterr().out.splitlines()
     solve = next(line for line in lines if line.strip().startswith("solve"))
     assert "3.00 s" in solve and "800.0 MiB" in solve and "plan 900.0 MiB" in solve
+    assert "at entry 150.0" in solve
 
 
 def test_a_run_on_a_cuda_device_the_machine_lacks_is_refused_in_one_line(monkeypatch):

@@ -114,6 +114,7 @@ class _StagePeaks:
         cuda_device = self._cuda_device()
         if cuda_device is not None:
             torch.cuda.reset_peak_memory_stats(cuda_device)
+            self._record_entry(name, torch.cuda.memory_allocated(cuda_device))
         if self.sampler is None and sampled:
             self.stop = threading.Event()
             self.sampler = threading.Thread(target=self._run, daemon=True, name="stage-memory")
@@ -159,12 +160,25 @@ class _StagePeaks:
                 stage = self.peaks.setdefault(name, {})
                 stage[kind] = max(stage.get(kind, 0), size)
 
+    def _record_entry(self, name: str, size: int) -> None:
+        """CUDA memory already allocated when ``name`` began (the largest over its entries):
+        a stage's peak less this is what the stage itself added, the figure a memory plan
+        for that stage is checked against."""
+        with self.lock:
+            stage = self.peaks.setdefault(name, {})
+            stage["entry_cuda"] = max(stage.get("entry_cuda", 0), size)
+
     def mib(self) -> dict[str, dict[str, float]]:
         with self.lock:
             return {
-                name: {f"peak_{kind}_mib": round(size / 2**20, 1) for kind, size in sizes.items()}
+                name: {_mib_key(kind): round(size / 2**20, 1) for kind, size in sizes.items()}
                 for name, sizes in self.peaks.items()
             }
+
+
+def _mib_key(kind: str) -> str:
+    """The report's key of a stage reading: ``entry_cuda_mib``, else ``peak_<kind>_mib``."""
+    return f"{kind}_mib" if kind.startswith("entry_") else f"peak_{kind}_mib"
 
 
 @dataclass
