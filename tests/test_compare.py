@@ -319,6 +319,29 @@ def test_tasks_are_validated_before_any_pruning(tiny_model_dir, corpus, tmp_path
     assert fake_prune == []
 
 
+def test_rows_of_one_method_with_other_options_are_named_apart():
+    runs = [
+        {
+            "run": {"method": "sds", "base": "sparsegpt", "sparsity": "2:4"},
+            "label": label,
+            "key": label,
+            "settings": {"tasks": []},
+            "perplexity": {"wiki": ppl},
+            "tasks": [],
+            "prune": {},
+            "figures": [],
+            "seconds": {"prune": 1.0, "total": 2.0},
+        }
+        for label, ppl in [
+            ("sds:sparsegpt", 30.0),
+            ("sds[adjust=never;distill_epochs=0]:sparsegpt", 31.0),
+        ]
+    ]
+    table = results_markdown({"settings": {**WIKI_SETTINGS, "tasks": []}, "runs": runs})
+    assert "| SDS (SparseGPT) | 2:4 | **30.00** |" in table
+    assert "| SDS (SparseGPT) [adjust=never;distill_epochs=0] | 2:4 | 31.00 |" in table
+
+
 def test_markdown_table_with_tasks_marks_best_and_chance():
     runs = []
     for method, sparsity, ppl, acc in [

@@ -135,7 +135,15 @@ def _method_name(run: dict) -> str:
         "pruner-zero": "Pruner-Zero",
     }
     name = f"SDS ({names.get(base, base)})" if method == "sds" else names.get(method, method)
-    return name + (" + OWL" if run["run"].get("owl") else "")
+    options = _method_options(run.get("label", ""))
+    return name + (f" [{options}]" if options else "") + (" + OWL" if run["run"].get("owl") else "")
+
+
+def _method_options(label: str) -> str:
+    """The options a method string sets (``sds[adjust=never]:sparsegpt`` -> ``adjust=never``):
+    two rows of one method with other settings must not read alike in the tables."""
+    start, end = label.find("["), label.find("]")
+    return label[start + 1 : end] if 0 <= start < end else ""
 
 
 def _short_task(task: str) -> str:
