@@ -96,7 +96,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="JSON",
         help="only compute the CPU float32 reference and write it to this file",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.cpu_reference and not Path(args.cpu_reference).is_file():
+        parser.error(f"--cpu-reference {args.cpu_reference}: no such file")
+    return args
 
 
 def calibration(args) -> torch.Tensor:

@@ -114,7 +114,9 @@ class _StagePeaks:
         cuda_device = self._cuda_device()
         if cuda_device is not None:
             torch.cuda.reset_peak_memory_stats(cuda_device)
-            self._record_entry(name, torch.cuda.memory_allocated(cuda_device))
+            # what is already allocated as the stage begins: its peak less this is what the
+            # stage itself added, the figure a memory plan for it is checked against
+            self._record("entry_cuda", torch.cuda.memory_allocated(cuda_device), [name])
         if self.sampler is None and sampled:
             self.stop = threading.Event()
             self.sampler = threading.Thread(target=self._run, daemon=True, name="stage-memory")
@@ -154,19 +156,12 @@ class _StagePeaks:
             _CUDA_PEAK[cuda_device] = max(_CUDA_PEAK.get(cuda_device, 0), size)
             self._record("cuda", size)
 
-    def _record(self, kind: str, size: int) -> None:
+    def _record(self, kind: str, size: int, stages: list[str] | None = None) -> None:
+        """The largest ``size`` of ``kind`` seen in ``stages`` (default: every open one)."""
         with self.lock:
-            for name in self.open:
+            for name in self.open if stages is None else stages:
                 stage = self.peaks.setdefault(name, {})
                 stage[kind] = max(stage.get(kind, 0), size)
-
-    def _record_entry(self, name: str, size: int) -> None:
-        """CUDA memory already allocated when ``name`` began (the largest over its entries):
-        a stage's peak less this is what the stage itself added, the figure a memory plan
-        for that stage is checked against."""
-        with self.lock:
-            stage = self.peaks.setdefault(name, {})
-            stage["entry_cuda"] = max(stage.get("entry_cuda", 0), size)
 
     def mib(self) -> dict[str, dict[str, float]]:
         with self.lock:
