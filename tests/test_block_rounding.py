@@ -111,3 +111,19 @@ def test_nan_in_the_gradient_of_pruned_weights_does_not_survive():
         assert torch.isfinite(layer.weight).all(), name
         assert (layer.weight[pruned[name]] == 0).all(), name
     assert fit.final_error <= fit.start_error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_refit_on_a_subset_judges_the_subset_and_returns_every_windows_outputs(dtype):
+    """On a subset of the windows the error is the subset's, and the last measurement runs
+    every window: its outputs are the kept block's on all of them (the output pass's)."""
+    block, linears, stream, targets = pruned_block(dtype)
+    config = SDSConfig(block_epochs=2, block_batch=2, block_windows=3)
+    chosen = refit._OwnedWindows(total=6, first=0, count=6).choose(3, seed=0)
+    fit = fit_block(0, block, linears, stream, targets, config)
+    assert fit.kept_epoch == 2  # judged on the windows it trains on: the last epoch is best
+    saved = block_outputs(block, stream)
+    assert torch.equal(fit.outputs, saved)
+    subset = relative_error(saved[chosen], targets[chosen], stream.batch_size)
+    assert fit.final_error == pytest.approx(subset, rel=1e-5)
+    assert fit.final_error < fit.start_error

@@ -51,10 +51,13 @@ def test_distillation_never_ends_worse_than_its_start():
         assert torch.equal(layer.weight, model_linears(plain)[name].weight), name
 
 
-def test_the_kl_it_reports_is_the_kl_to_the_dense_models_forward():
+@pytest.mark.parametrize("block_epochs", [0, 1])
+def test_the_kl_it_reports_is_the_kl_to_the_dense_models_forward(block_epochs):
     """The dense logits come from the dense stream through the model's head, with no dense
-    copy: the held-out KL reported at the start equals the KL between a dense copy's forward
-    and the model the stage kept (its start: the step size only diverges)."""
+    copy, and the start's from the pruned stream (left by the output pass, or by the
+    re-fit's last measurement on a window subset): the held-out KL reported at the start
+    equals the KL between a dense copy's forward and the model the stage kept (its start:
+    the step size only diverges)."""
     dense = tiny_model("llama")
     with torch.no_grad():  # peaked distributions: a KL the report's 5 decimals resolve
         for parameter in dense.parameters():
@@ -62,7 +65,7 @@ def test_the_kl_it_reports_is_the_kl_to_the_dense_models_forward():
                 parameter.mul_(10)
     model = copy.deepcopy(dense)
     calib = torch.randint(0, 256, (16, 24), generator=torch.Generator().manual_seed(0))
-    method = SDS(block_epochs=0, distill_epochs=1, distill_lr=1e4)
+    method = SDS(block_epochs=block_epochs, block_windows=4, distill_epochs=1, distill_lr=1e4)
     loaded = LoadedModel(model, byte_tokenizer(), "tiny", None)
     fit = prune(loaded, method, sparsity="2:4", calibration=calib, run=cpu_run()).report
     fit = fit["sds"]["distill"]

@@ -330,9 +330,10 @@ def test_plan_time_counts_the_block_refit_on_its_windows(monkeypatch):
     without = flops()
     shapes = mp._shapes(net)
     one_pass = mp._forward_flops(shapes, 16 * 2048, 2048)  # a forward over 16 windows
-    # 2 epochs of forward + backward (3 passes each) and 4 error measurements (the start,
-    # each epoch, and the bf16 block after the cast back), per block
-    expected = shapes.blocks * (2 * 3 + 4) * one_pass
+    # 2 epochs of forward + backward (3 passes each) and 3 error measurements on the 16
+    # windows (the start and each epoch in fp32); the bf16 block's after the cast back runs
+    # every window in place of the output pass, per block
+    expected = shapes.blocks * (2 * 3 + 3) * one_pass
     assert flops(block_epochs=2, block_windows=16) - without == pytest.approx(expected)
     assert flops(block_epochs=2, block_windows=0) > flops(block_epochs=2, block_windows=16)
     assert flops(block_windows=16) == without  # no epochs, no re-fit
@@ -481,17 +482,19 @@ def planned_items(net, request) -> dict[str, int]:
     return {what.split(" (")[0]: size for what, size, _ in plan.items}
 
 
-def test_plan_counts_refit_output_buffers_only_where_the_refit_keeps_outputs(monkeypatch):
-    """The re-fit on a window subset (the default) keeps no outputs; on every window a bf16
-    block keeps one stream-sized buffer (its rounded block's outputs), an fp32 block two
-    (the kept and the latest measurement's)."""
+def test_plan_counts_the_refits_output_buffers(monkeypatch):
+    """A bf16 block keeps one stream-sized buffer (its rounded block's outputs) on a window
+    subset or all windows; an fp32 block one on a subset (the last measurement's, which
+    runs every window) and two on every window (the kept and the latest measurement's)."""
     monkeypatch.setattr(mp, "_free_memory", lambda compute: (None, None))
     stream = 128 * 2048 * 4096  # values in one stream buffer
     bf16 = llama_8b_shaped()
-    assert planned_items(bf16, refit_request(block_windows=16))["activations"] == 2 * stream * 2
+    assert planned_items(bf16, refit_request(block_windows=16))["activations"] == 3 * stream * 2
     assert planned_items(bf16, refit_request(block_windows=0))["activations"] == 3 * stream * 2
     assert planned_items(bf16, refit_request(block_windows=128))["activations"] == 3 * stream * 2
+    assert planned_items(bf16, refit_request(block_epochs=0))["activations"] == 2 * stream * 2
     fp32 = llama_8b_shaped().float()
+    assert planned_items(fp32, refit_request(block_windows=16))["activations"] == 3 * stream * 4
     assert planned_items(fp32, refit_request(block_windows=0))["activations"] == 4 * stream * 4
 
 

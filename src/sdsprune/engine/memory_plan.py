@@ -82,8 +82,8 @@ class PlanRequest:
 
     @property
     def refit_on_every_window(self) -> bool:
-        """Whether the re-fit runs on all windows: only then does it keep its outputs (the
-        next block's inputs); on a subset (the default) it allocates no output buffer."""
+        """Whether the re-fit trains on all windows: then every measurement keeps its outputs
+        (the next block's inputs); on a subset (the default) only the last one does."""
         return self.block_refit and not 0 < self.terms.block_windows < self.windows
 
     @property
@@ -328,12 +328,13 @@ def _autograd_saved(shapes: _Shapes, tokens: int) -> int:
 
 
 def _refit_output_buffers(shapes: _Shapes, request: PlanRequest) -> int:
-    """Stream-sized buffers the re-fit holds: none on a window subset (it keeps no outputs);
-    on every window, the kept and the latest measurement's outputs for an fp32 block, and
-    only the rounded block's outputs for a bf16/fp16 one (its fp32 measurements keep none)."""
-    if not request.refit_on_every_window:
+    """Stream-sized buffers the re-fit holds: on every window, the kept and the latest
+    measurement's outputs for an fp32 block; on a subset, only the last measurement's (the
+    earlier ones run the subset alone); for a bf16/fp16 block only the rounded block's (its
+    fp32 measurements keep none)."""
+    if not request.block_refit:
         return 0
-    return 2 if shapes.dtype_bytes >= 4 else 1
+    return 2 if shapes.dtype_bytes >= 4 and request.refit_on_every_window else 1
 
 
 def _solver_scratch(shapes: _Shapes, terms: MethodTerms) -> tuple[int, int]:
@@ -382,11 +383,12 @@ def _block_flops(shapes: _Shapes, request: PlanRequest, tokens: int, dense: bool
 def _refit_flops(shapes: _Shapes, request: PlanRequest) -> float:
     """The block re-fit: per epoch a forward and a backward (about twice the forward) over
     its windows, and the block error measured before the first epoch and after each (a
-    bf16/fp16 block's once more: after the cast back)."""
+    bf16/fp16 block's once more: after the cast back); the last measurement runs every
+    window in place of the output pass, counted in the block's passes."""
     if not request.block_refit:
         return 0.0
     epochs = request.terms.block_epochs
-    measurements = epochs + 1 + (shapes.dtype_bytes < 4)
+    measurements = epochs + (shapes.dtype_bytes < 4)
     return (3 * epochs + measurements) * _forward_flops(
         shapes, request.refit_tokens, request.seqlen
     )

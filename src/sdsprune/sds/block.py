@@ -67,32 +67,37 @@ def fit_block(
     """Optimise the non-zero weights of ``linears`` so ``block(stream) ≈ targets``.
 
     With ``config.block_windows`` set, a seeded subset of the windows is used (and the error
-    is judged on it); otherwise all windows, and the kept weights' outputs come back in
-    ``BlockFit.outputs`` so the caller need not run the block again.
+    is judged on it); otherwise all windows. The last measurement runs the block on every
+    window, so when its weights are the kept ones their outputs come back in
+    ``BlockFit.outputs`` and the caller need not run the block again (the output pass).
     """
     fit_problem = _Problem(index, block, linears, stream, targets, dist)
     owned = _owned_windows(stream, dist)
     chosen = owned.choose(config.block_windows, seed=index)
     rows = owned.local(chosen)
-    keep_outputs = chosen.numel() == owned.total
+    every_window = chosen.numel() == owned.total
     reference = _target_energy(index, targets, rows, dist)
     if _model_dtype(block) == torch.float32:
-        return _fit_fp32(fit_problem, config, chosen, owned, rows, keep_outputs, reference)
-    return _fit_and_round(fit_problem, config, chosen, owned, rows, keep_outputs, reference)
+        return _fit_fp32(fit_problem, config, chosen, owned, rows, every_window, reference)
+    return _fit_and_round(fit_problem, config, chosen, owned, rows, reference)
 
 
-def _fit_fp32(problem, config, chosen, owned, rows, keep_outputs, reference) -> BlockFit:
+def _fit_fp32(problem, config, chosen, owned, rows, every_window, reference) -> BlockFit:
     """The re-fit of an fp32 block: what trains is what runs, so the fp32 measurements
-    decide, and the kept weights' outputs (measured anyway) feed the next block."""
+    decide, and the kept weights' outputs (measured anyway) feed the next block. On a
+    subset of the windows only the last measurement runs them all: it is the kept one
+    almost always (the error is judged on the windows it trains on), and then it stands in
+    for the output pass."""
     weights = problem.weights
     with trainable(problem.block, weights):
-        error, outputs = problem.error(rows, keep_outputs)
+        error, outputs = problem.error(rows, keep_outputs=every_window)
         fit = BlockFit(start_error=error / reference, final_error=error / reference)
         kept = (error, snapshot(weights), outputs)
         epoch = _Epoch(problem, config, reference)
         for number in range(1, config.block_epochs + 1):
             epoch.run(number, chosen, owned)
-            error, outputs = problem.error(rows, keep_outputs)
+            last = number == config.block_epochs
+            error, outputs = problem.error(rows, keep_outputs=every_window or last)
             fit.epoch_errors.append(error / reference)
             if error < kept[0]:
                 kept = (error, snapshot(weights), outputs)
@@ -103,7 +108,7 @@ def _fit_fp32(problem, config, chosen, owned, rows, keep_outputs, reference) -> 
     return fit
 
 
-def _fit_and_round(problem, config, chosen, owned, rows, keep_outputs, reference) -> BlockFit:
+def _fit_and_round(problem, config, chosen, owned, rows, reference) -> BlockFit:
     """The re-fit of a bf16/fp16 block: trained in fp32, the best epoch's weights cast back,
     then judged against the start as the model runs both (in its dtype).
 
@@ -130,7 +135,7 @@ def _fit_and_round(problem, config, chosen, owned, rows, keep_outputs, reference
             restore(weights, best_weights)
     if fit.kept_epoch == 0:  # no epoch ran: the weights are the start's
         return fit
-    rounded, outputs = problem.error(rows, keep_outputs, dtype=dtype)
+    rounded, outputs = problem.error(rows, keep_outputs=True, dtype=dtype)
     if rounded > start:
         restore(weights, start_weights)
         fit.kept_epoch = 0
@@ -167,7 +172,8 @@ class _Problem:
     def error(
         self, rows: torch.Tensor, keep_outputs: bool, dtype: torch.dtype = torch.float32
     ) -> tuple[float, torch.Tensor | None]:
-        """The block's squared error on ``rows``, computed in ``dtype`` (fp32: training)."""
+        """The block's squared error on ``rows``, computed in ``dtype`` (fp32: training);
+        with ``keep_outputs`` the block runs every window and their outputs come back."""
         return _block_error(
             self.index, self.block, self.stream, self.targets, rows, self.dist, keep_outputs, dtype
         )
@@ -259,14 +265,21 @@ def _block_error(
     index, block, stream, targets, rows: torch.Tensor, dist, keep_outputs: bool, dtype
 ) -> tuple[float, torch.Tensor | None]:
     """Σ‖block(x) − target‖² (in fp32) over the windows ``rows`` of every rank, the block run
-    in ``dtype``, and (when asked, for all windows) this rank's outputs."""
+    in ``dtype``, and (when asked) this rank's outputs on all its windows: the block then
+    runs every window, the error still summed over ``rows`` alone."""
+    count = stream.hidden.shape[0]
     outputs = torch.empty_like(stream.hidden) if keep_outputs else None
+    judged = torch.zeros(count, dtype=torch.bool)
+    judged[rows] = True
     error = 0.0
-    for batch in _batches(rows, stream.batch_size):
+    for batch in _batches(torch.arange(count) if keep_outputs else rows, stream.batch_size):
         out = _forward(index, block, stream, batch, dtype)
         if outputs is not None:
             outputs[batch] = out.to(outputs.device, outputs.dtype)
-        error += (out.float() - _on(targets[batch], out)).square().sum().item()
+        scored = judged[batch]
+        if scored.any():
+            target = _on(targets[batch[scored]], out)
+            error += (out[scored.to(out.device)].float() - target).square().sum().item()
     return sum_over_ranks(dist, error), outputs
 
 

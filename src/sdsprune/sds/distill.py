@@ -17,8 +17,10 @@ judged as it will run (in its dtype): a bf16 model's kept weights are the rounde
 The dense model's logits come from the dense stream the blocks leave behind: its last
 block's outputs on every window, through the model's own head (final norm and output
 projection, which SDS does not change; :func:`sdsprune.engine.capture.head_logits`), so no
-dense copy is held and no dense forward runs. The cost: per training window a forward and
-backward of the pruned model and the head once more, plus the held-out forwards; the whole
+dense copy is held and no dense forward runs. The pruned model's start logits come the same
+way from the pruned stream (the last block's outputs the pruning left), so the start is
+judged without a forward. The cost: per training window a forward and backward of the
+pruned model and the head once more, plus one forward per held-out window; the whole
 model trains in memory, so low-memory runs cannot use it. With several processes each rank
 holds a slice of the windows, gradients and held-out sums are summed across ranks, and every
 rank takes the same steps.
@@ -84,10 +86,13 @@ def distill(
     device: torch.device,
     dist: Distributed | None = None,
     progress: bool = False,
+    student_outputs: torch.Tensor | None = None,
 ) -> DistillFit:
     """Fit ``student``'s surviving decoder weights to the dense model's next-token
     distribution on ``windows`` (this rank's share of the token windows), given the dense
-    model's last-block outputs on them, for ``config.distill_epochs``."""
+    model's last-block outputs on them, for ``config.distill_epochs``. ``student_outputs``,
+    the student's own last-block outputs on the windows when known, spare the forwards that
+    judge the start."""
     train, held = _split(windows.shape[0], dist)
     held_out_windows = int(sum_over_ranks(dist, float(held.numel())))
     if held_out_windows == 0:
@@ -101,7 +106,7 @@ def distill(
     dtype = next(student.parameters()).dtype
     teacher = _Teacher(student, windows, dense_outputs, device)
     judge = _HeldOut(student, teacher, held, dist)
-    start_kl = judge.kl()
+    start_kl = judge.kl(student_outputs)
     fit = DistillFit(start_kl=start_kl, final_kl=start_kl)
     fit.trained_windows = int(sum_over_ranks(dist, float(train.numel())))
     fit.held_out_windows = held_out_windows
@@ -200,7 +205,12 @@ class _Teacher:
     @torch.no_grad()
     def window(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.windows[row : row + 1].to(self.device)
-        return ids, head_logits(self.model, ids, self.outputs[row : row + 1].to(self.device))
+        return ids, self.through_head(ids, self.outputs, row)
+
+    @torch.no_grad()
+    def through_head(self, ids: torch.Tensor, outputs: torch.Tensor, row: int) -> torch.Tensor:
+        """The model's logits on window ``row`` from last-block ``outputs`` on every window."""
+        return head_logits(self.model, ids, outputs[row : row + 1].to(self.device))
 
 
 class _HeldOut:
@@ -211,11 +221,16 @@ class _HeldOut:
         self.tokens = sum_over_ranks(dist, float(len(self.rows) * teacher.seqlen))
 
     @torch.no_grad()
-    def kl(self) -> float:
+    def kl(self, student_outputs: torch.Tensor | None = None) -> float:
+        """The student's KL, from its forward or from its last-block outputs when given."""
         total = 0.0
         for row in self.rows:
             ids, target = self.teacher.window(row)
-            total += float(_token_kl(self.student(ids).logits, target))
+            if student_outputs is None:
+                logits = self.student(ids).logits
+            else:
+                logits = self.teacher.through_head(ids, student_outputs, row)
+            total += float(_token_kl(logits, target))
         return sum_over_ranks(self.dist, total) / self.tokens
 
 

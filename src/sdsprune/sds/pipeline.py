@@ -261,10 +261,10 @@ def run_sds(
     }
     if config.schedule == "staged":
         extras["sds"]["dense_copies_mib"] = round(copies / 2**20, 3)
-    if config.distill_epochs:  # the dense stream now holds the last block's dense outputs
+    if config.distill_epochs:  # the streams now hold the last block's outputs, dense and pruned
         with timer.stage("distill"):
             extras["sds"]["distill"] = _distill_on(
-                net, windows, dense.hidden, config, device, runtime, progress
+                net, windows, (dense.hidden, stream.hidden), config, device, runtime, progress
             )
     return records, extras
 
@@ -288,14 +288,23 @@ def _check_distillation(
 
 
 def _distill_on(
-    net, windows, dense_outputs, config: SDSConfig, device, runtime: Runtime, progress: bool
+    net, windows, last_outputs, config: SDSConfig, device, runtime: Runtime, progress: bool
 ) -> dict:
-    """The distillation stage with the model on the compute device, then back."""
+    """The distillation stage with the model on the compute device, then back;
+    ``last_outputs``: the dense and the pruned model's last-block outputs on the windows."""
     home = next(net.parameters()).device
     net.to(device)
+    dense_outputs, pruned_outputs = last_outputs
     try:
         return distill(
-            net, windows, dense_outputs, config, device, runtime.dist, progress
+            net,
+            windows,
+            dense_outputs,
+            config,
+            device,
+            runtime.dist,
+            progress,
+            student_outputs=pruned_outputs,
         ).to_dict()
     finally:
         net.to(home)
