@@ -336,6 +336,8 @@ def test_settings_text_parses_each_field_type():
         ("mu=high", "mu=high: expected a float"),
         ("residual_start=maybe", "expected a bool"),
         ("schedule=weekly", "unknown schedule"),
+        ("block_epochs=2,block_redense=2", "below --block-epochs"),
+        ("block_redense=-1", "below --block-epochs"),
     ],
 )
 def test_settings_text_rejects_bad_settings(text, message):
@@ -369,6 +371,37 @@ def test_block_refit_never_ends_worse_than_its_start():
     for record in result.report["layers"].values():
         assert record["block_kept_epoch"] == 0
         assert record["block_error_final"] == record["block_error_start"]
+
+
+@pytest.mark.parametrize(
+    "sparsity, dtype", [("2:4", "float32"), ("2:4", "bfloat16"), ("0.5", "float32")]
+)
+def test_block_redense_moves_masks_keeps_the_exact_pattern_and_never_ends_worse(sparsity, dtype):
+    """SDS at block level: the masks move, the pattern stays exact, the error falls below
+    the start's; and with a step size that only diverges the start comes back unchanged."""
+    model, result = run_sds(
+        sparsity=sparsity, dtype=dtype, block_epochs=2, block_redense=1, block_batch=2
+    )
+    linears = model_linears(model)
+    if sparsity == "2:4":
+        assert_two_of_four(model)
+    else:
+        assert sum(int((layer.weight == 0).sum()) for layer in linears.values()) == sum(
+            layer.weight.numel() // 2 for layer in linears.values()
+        )
+    records = [r for r in result.report["layers"].values() if "block_masks_changed" in r]
+    assert len(records) == len(linears)
+    assert all(r["block_error_final"] <= r["block_error_start"] for r in records)
+    kept = [r for r in records if r["block_kept_epoch"] > 0]
+    assert kept and all(r["block_kept_epoch"] == 2 for r in kept)
+    assert all(0 < r["block_masks_changed"] < 1 for r in records)
+    plain, _ = run_sds(sparsity=sparsity, dtype=dtype, block_epochs=0)
+    diverged, result = run_sds(
+        sparsity=sparsity, dtype=dtype, block_epochs=2, block_redense=1, block_lr=30
+    )
+    for name, layer in model_linears(diverged).items():
+        assert torch.equal(layer.weight, model_linears(plain)[name].weight), name
+    assert all(r["block_kept_epoch"] == 0 for r in result.report["layers"].values())
 
 
 def test_block_refit_in_bfloat16_trains_in_float32_and_keeps_the_dtype():

@@ -19,7 +19,8 @@ across ranks, so every rank takes the same steps (and the same decisions).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -53,6 +54,11 @@ class BlockFit:
     epoch_errors: list[float] = field(default_factory=list)
     kept_epoch: int = 0  # 0: the start was best (weights unchanged)
     outputs: torch.Tensor | None = None  # the kept weights' outputs on the stream
+    masks_changed: float | None = None  # block_redense: share of the pruned entries that moved
+
+
+# A layer's weights pruned again: (layer name, its fp32 weights) -> the pruned weights
+Reprune = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def fit_block(
@@ -63,8 +69,10 @@ def fit_block(
     targets: torch.Tensor,
     config: SDSConfig,
     dist: Distributed | None = None,
+    reprune: Reprune | None = None,
 ) -> BlockFit:
-    """Optimise the non-zero weights of ``linears`` so ``block(stream) ≈ targets``.
+    """Optimise the non-zero weights of ``linears`` so ``block(stream) ≈ targets``; with
+    ``config.block_redense`` every weight first, then the masks ``reprune`` chooses.
 
     With ``config.block_windows`` set, a seeded subset of the windows is used (and the error
     is judged on it); otherwise all windows. The last measurement runs the block on every
@@ -77,9 +85,62 @@ def fit_block(
     rows = owned.local(chosen)
     every_window = chosen.numel() == owned.total
     reference = _target_energy(index, targets, rows, dist)
-    if _model_dtype(block) == torch.float32:
-        return _fit_fp32(fit_problem, config, chosen, owned, rows, every_window, reference)
-    return _fit_and_round(fit_problem, config, chosen, owned, rows, reference)
+    args = (chosen, owned, rows, every_window, reference)
+    if config.block_redense:
+        if reprune is None:
+            raise ValueError("a block re-dense prunes again: fit_block needs reprune")
+        return _fit_new_masks(fit_problem, config, *args, reprune)
+    return _fit_masks(fit_problem, config, *args)
+
+
+def _fit_masks(problem, config, chosen, owned, rows, every_window, reference) -> BlockFit:
+    """The re-fit of the block's surviving weights, its masks fixed."""
+    if _model_dtype(problem.block) == torch.float32:
+        return _fit_fp32(problem, config, chosen, owned, rows, every_window, reference)
+    return _fit_and_round(problem, config, chosen, owned, rows, reference)
+
+
+def _fit_new_masks(
+    problem, config, chosen, owned, rows, every_window, reference, reprune: Reprune
+) -> BlockFit:
+    """SDS at block level: every weight trains for ``block_redense`` epochs, each layer is
+    pruned again by ``reprune``, and the remaining epochs re-fit the new survivors. The
+    block as it came is judged first (as the model runs it) and comes back when the new
+    masks end worse; ``kept_epoch`` counts the re-dense epochs."""
+    weights, dtype = problem.weights, _model_dtype(problem.block)
+    start_weights = snapshot(weights)
+    start_pruned = {name: layer.weight == 0 for name, layer in problem.linears.items()}
+    start, _ = problem.error(rows, keep_outputs=False, dtype=dtype)
+    free = _Problem(*problem.parts, masks=FixedMasks({}))  # nothing held at zero
+    with trainable(problem.block, weights):
+        epoch = _Epoch(
+            free, replace(config, block_epochs=config.block_redense, block_redense=0), reference
+        )
+        for number in range(1, config.block_redense + 1):
+            epoch.run(number, chosen, owned)
+    with torch.no_grad():
+        for name, layer in problem.linears.items():
+            layer.weight.copy_(reprune(name, layer.weight.detach().float()))
+    remaining = replace(
+        config, block_epochs=config.block_epochs - config.block_redense, block_redense=0
+    )
+    fit = _fit_masks(
+        _Problem(*problem.parts), remaining, chosen, owned, rows, every_window, reference
+    )
+    fit.masks_changed = _masks_changed(start_pruned, problem.linears)
+    fit.start_error = start / reference
+    if fit.final_error > fit.start_error:
+        restore(weights, start_weights)
+        fit.final_error, fit.kept_epoch, fit.outputs = fit.start_error, 0, None
+    else:
+        fit.kept_epoch += config.block_redense
+    return fit
+
+
+def _masks_changed(before: dict[str, torch.Tensor], linears: dict[str, nn.Linear]) -> float:
+    """The share of the pruned entries that the new masks keep (as many came back)."""
+    moved = sum(int((mask & (linears[name].weight != 0)).sum()) for name, mask in before.items())
+    return moved / max(sum(int(mask.sum()) for mask in before.values()), 1)
 
 
 def _fit_fp32(problem, config, chosen, owned, rows, every_window, reference) -> BlockFit:
@@ -160,10 +221,15 @@ def _model_dtype(block: nn.Module) -> torch.dtype:
 class _Problem:
     """One block's re-fit: its layers (with their fixed masks), inputs and dense targets."""
 
-    def __init__(self, index, block, linears, stream, targets, dist):
+    def __init__(self, index, block, linears, stream, targets, dist, masks=None):
         self.index, self.block, self.linears = index, block, linears
         self.stream, self.targets, self.dist = stream, targets, dist
-        self.masks = FixedMasks(linears)
+        self.masks = FixedMasks(linears) if masks is None else masks
+
+    @property
+    def parts(self) -> tuple:
+        """What makes the problem, for one with other masks."""
+        return self.index, self.block, self.linears, self.stream, self.targets, self.dist
 
     @property
     def weights(self) -> list[nn.Parameter]:

@@ -43,6 +43,12 @@ class SDSConfig:
     and 0 with the staged one, which cannot re-fit. ``block_lr`` is Adam's step as a fraction
     of each layer's weight RMS; ``block_windows`` (0: all) re-fits on a seeded subset of the
     calibration windows, which bounds its cost whatever the calibration size.
+    ``block_redense`` [ours]: SDS itself at block level, masks that move inside the re-fit:
+    the first ``block_redense`` of the ``block_epochs`` train every weight of the block (its
+    re-dense, toward the dense block's outputs), each layer is then pruned again by the base
+    pruner on its statistics, and the remaining epochs re-fit the new masks' survivors. The
+    block is still never left worse than it started (the start is judged first and kept when
+    the new masks do worse).
     ``distill_*`` [ours]: a last stage that trains the surviving weights of the whole model to
     the dense model's next-token distribution (see :mod:`sdsprune.sds.distill`).
     ``distill_epochs`` None (the default) is decided per run by :meth:`for_run`: it trains
@@ -78,6 +84,11 @@ class SDSConfig:
     block_lr: float = setting(0.01, "SDS block re-fit Adam step, x each layer's weight RMS.")
     block_batch: int = setting(4, "SDS block re-fit windows per optimiser step.")
     block_windows: int = setting(16, "SDS block re-fit on this many calibration windows (0: all).")
+    block_redense: int = setting(
+        0,
+        "SDS block re-fit: its first epochs that train every weight (the block's re-dense), "
+        "after which each layer is pruned again by the base pruner (0: masks fixed).",
+    )
     distill_epochs: int | None = setting(
         None,
         "SDS last stage: epochs distilling the dense model's next-token distribution into the "
@@ -120,6 +131,11 @@ class SDSConfig:
             raise SdspruneError("group sweeps must be >= 0")
         if min(self.block_epochs, self.block_windows) < 0 or self.block_batch < 1:
             raise SdspruneError("block epochs and windows must be >= 0, block batch >= 1")
+        if self.block_redense and not 0 < self.block_redense < self.block_epochs:
+            raise SdspruneError(
+                "--block-redense must be >= 0 and below --block-epochs (the new masks need "
+                "at least one epoch of re-fit)"
+            )
         if self.block_lr <= 0 or self.distill_lr <= 0:
             raise SdspruneError("the block re-fit and distillation learning rates must be > 0")
         if (self.distill_epochs or 0) < 0 or self.distill_batch < 1:

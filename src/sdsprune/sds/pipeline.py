@@ -113,8 +113,20 @@ class _SDSSteps:
 
     def refit_block(self, ctx: BlockContext) -> None:
         """Block-level re-fit of the block's surviving weights (``block_epochs`` > 0)."""
+        pattern = self.pattern.for_block(ctx.index)
+
+        def reprune(name: str, weight: torch.Tensor) -> torch.Tensor:
+            return self.pruner.prune(weight, ctx.stats.for_layer(name), pattern).weight
+
         fit = fit_block(
-            ctx.index, ctx.block, ctx.linears, ctx.stream, ctx.dense_targets, self.config, ctx.dist
+            ctx.index,
+            ctx.block,
+            ctx.linears,
+            ctx.stream,
+            ctx.dense_targets,
+            self.config,
+            ctx.dist,
+            reprune=reprune,
         )
         ctx.outputs = fit.outputs
         block_record = {
@@ -123,6 +135,8 @@ class _SDSSteps:
             "block_epoch_errors": fit.epoch_errors,
             "block_kept_epoch": fit.kept_epoch,
         }
+        if fit.masks_changed is not None:
+            block_record["block_masks_changed"] = fit.masks_changed
         for name, layer in ctx.linears.items():
             ctx.records.setdefault(name, {}).update(block_record)
             weight = layer.weight.detach().float()
