@@ -338,6 +338,7 @@ def test_settings_text_parses_each_field_type():
         ("schedule=weekly", "unknown schedule"),
         ("block_epochs=2,block_redense=2", "below --block-epochs"),
         ("block_redense=-1", "below --block-epochs"),
+        ("block_redense_lr=0", "learning rates must be > 0"),
     ],
 )
 def test_settings_text_rejects_bad_settings(text, message):
@@ -395,6 +396,7 @@ def test_block_redense_moves_masks_keeps_the_exact_pattern_and_never_ends_worse(
     kept = [r for r in records if r["block_kept_epoch"] > 0]
     assert kept and all(r["block_kept_epoch"] == 2 for r in kept)
     assert all(0 < r["block_masks_changed"] < 1 for r in records)
+    assert 0 < result.report["sds"]["mean_block_masks_changed"] < 1
     plain, _ = run_sds(sparsity=sparsity, dtype=dtype, block_epochs=0)
     diverged, result = run_sds(
         sparsity=sparsity, dtype=dtype, block_epochs=2, block_redense=1, block_lr=30

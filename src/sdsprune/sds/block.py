@@ -114,7 +114,14 @@ def _fit_new_masks(
     free = _Problem(*problem.parts, masks=FixedMasks({}))  # nothing held at zero
     with trainable(problem.block, weights):
         epoch = _Epoch(
-            free, replace(config, block_epochs=config.block_redense, block_redense=0), reference
+            free,
+            replace(
+                config,
+                block_epochs=config.block_redense,
+                block_redense=0,
+                block_lr=config.block_redense_lr,
+            ),
+            reference,
         )
         for number in range(1, config.block_redense + 1):
             epoch.run(number, chosen, owned)

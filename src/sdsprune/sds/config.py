@@ -89,6 +89,11 @@ class SDSConfig:
         "SDS block re-fit: its first epochs that train every weight (the block's re-dense), "
         "after which each layer is pruned again by the base pruner (0: masks fixed).",
     )
+    block_redense_lr: float = setting(
+        0.05,
+        "SDS block re-dense Adam step, x each layer's weight RMS (pruned weights start at 0: "
+        "they need a larger step than the re-fit's to matter).",
+    )
     distill_epochs: int | None = setting(
         None,
         "SDS last stage: epochs distilling the dense model's next-token distribution into the "
@@ -120,6 +125,7 @@ class SDSConfig:
             raise SdspruneError("the closed-form re-dense has no L1 term: use --solver fista or gd")
         weights = {"lambda1": self.lambda1, "lambda2": self.lambda2, "mu": self.mu}
         weights.update(lr=self.lr, block_lr=self.block_lr, distill_lr=self.distill_lr)
+        weights.update(block_redense_lr=self.block_redense_lr)
         for name, value in weights.items():  # nan passes every comparison below
             if not math.isfinite(value):
                 raise SdspruneError(f"--{name.replace('_', '-')} must be a finite number")
@@ -136,7 +142,7 @@ class SDSConfig:
                 "--block-redense must be >= 0 and below --block-epochs (the new masks need "
                 "at least one epoch of re-fit)"
             )
-        if self.block_lr <= 0 or self.distill_lr <= 0:
+        if min(self.block_lr, self.block_redense_lr, self.distill_lr) <= 0:
             raise SdspruneError("the block re-fit and distillation learning rates must be > 0")
         if (self.distill_epochs or 0) < 0 or self.distill_batch < 1:
             raise SdspruneError("distillation epochs must be >= 0, distillation batch >= 1")

@@ -371,16 +371,17 @@ def _stage_means(records: dict[str, dict]) -> dict[str, float]:
 
 
 def _block_means(records: dict[str, dict]) -> dict[str, float]:
-    """Mean block output error before and after the block re-fit (one value per block)."""
+    """Mean block output error before and after the block re-fit, and with a block re-dense
+    the share of pruned entries that came back (one value per block)."""
     blocks = {
         name.split(".")[0]: rec for name, rec in records.items() if "block_error_start" in rec
     }
     if not blocks:
         return {}
-    return {
-        f"mean_{key}": sum(rec[key] for rec in blocks.values()) / len(blocks)
-        for key in ("block_error_start", "block_error_final")
-    }
+    keys = ["block_error_start", "block_error_final"]
+    if all("block_masks_changed" in rec for rec in blocks.values()):
+        keys.append("block_masks_changed")
+    return {f"mean_{key}": sum(rec[key] for rec in blocks.values()) / len(blocks) for key in keys}
 
 
 def default_figure_layer(net: nn.Module) -> str:
