@@ -18,6 +18,9 @@ CONFIGS = {
     "sparsegpt-2of4": dict(method="sparsegpt", sparsity="2:4"),
     "sds-kd": dict(method="sds[data_mode=kd]:wanda"),
     "sds-block": dict(method="sds[block_epochs=2;block_batch=4]", sparsity="2:4"),
+    "sds-block-redense": dict(
+        method="sds[block_epochs=2;block_redense=1;block_batch=4]", sparsity="2:4"
+    ),
     "sds-distill": dict(
         method="sds[block_epochs=0;distill_epochs=2;distill_batch=4]", sparsity="2:4", windows=16
     ),

@@ -23,7 +23,8 @@ def test_breakdown_is_non_negative_and_sums_to_the_step(decode_profile):
     parts = row["breakdown_ms"]
     assert set(parts) == set(decode_profile.CATEGORIES)
     assert all(value >= 0 for value in parts.values()), parts
-    assert sum(parts.values()) == pytest.approx(row["profiled_ms"], rel=1e-3, abs=1e-3)
+    rounding = 0.0005 * (len(parts) + 1)  # every part and the total are rounded to 1 us
+    assert sum(parts.values()) == pytest.approx(row["profiled_ms"], abs=rounding)
     assert parts["linears"] > 0 and parts["attention"] > 0 and parts["head_embeddings"] > 0
     assert step.cache.get_seq_length() == 12  # every step is cropped back to the prompt
 

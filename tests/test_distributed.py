@@ -34,7 +34,9 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 # (weights ~0.08); how large depends on the CPU's kernels (1.2e-5 for kd on an AVX-512 host).
 # The distillation's steps are Adam's too, on gradients that reach the tiny model's last k/v
 # projections through attention and the vocabulary (near zero): up to ~1.1e-4 (weights ~0.08).
-ATOL = {"sds-block": 5e-5, "sds-kd": 5e-5, "sds-distill": 3e-4}
+# The block re-dense adds Adam steps on every weight and SparseGPT's updates of the second
+# pruning on top: up to ~1.5e-4 (weights ~0.08), masks equal.
+ATOL = {"sds-block": 5e-5, "sds-block-redense": 3e-4, "sds-kd": 5e-5, "sds-distill": 3e-4}
 
 
 def assert_same(single: dict, multi: dict, label: str) -> None:

@@ -78,11 +78,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
     assert not state.exists()  # a finished run leaves no state behind
 
 
+@pytest.mark.parametrize("redense", ["0", "1"])
 def test_killed_block_refit_run_resumes_to_the_uninterrupted_result(
-    tiny_model_dir, corpus, tmp_path
+    tiny_model_dir, corpus, tmp_path, redense
 ):
-    """The block re-fit (Adam, seeded mini-batches) continues after a kill exactly."""
+    """The block re-fit (Adam, seeded mini-batches; with a block re-dense, masks chosen
+    again) continues after a kill exactly."""
     refit = ["--sparsity", "2:4", "--block-epochs", "2", "--block-batch", "3"]
+    refit += ["--block-redense", redense]
     assert_killed_run_resumes(common(tiny_model_dir, corpus, "sds") + refit, tmp_path, "kill@0")
 
 

@@ -379,7 +379,7 @@ def test_block_refit_never_ends_worse_than_its_start():
 )
 def test_block_redense_moves_masks_keeps_the_exact_pattern_and_never_ends_worse(sparsity, dtype):
     """SDS at block level: the masks move, the pattern stays exact, the error falls below
-    the start's; and with a step size that only diverges the start comes back unchanged."""
+    the start's; and with step sizes that only diverge the start comes back unchanged."""
     model, result = run_sds(
         sparsity=sparsity, dtype=dtype, block_epochs=2, block_redense=1, block_batch=2
     )
@@ -399,7 +399,12 @@ def test_block_redense_moves_masks_keeps_the_exact_pattern_and_never_ends_worse(
     assert 0 < result.report["sds"]["mean_block_masks_changed"] < 1
     plain, _ = run_sds(sparsity=sparsity, dtype=dtype, block_epochs=0)
     diverged, result = run_sds(
-        sparsity=sparsity, dtype=dtype, block_epochs=2, block_redense=1, block_lr=30
+        sparsity=sparsity,
+        dtype=dtype,
+        block_epochs=2,
+        block_redense=1,
+        block_lr=30,
+        block_redense_lr=30,
     )
     for name, layer in model_linears(diverged).items():
         assert torch.equal(layer.weight, model_linears(plain)[name].weight), name

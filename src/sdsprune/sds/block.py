@@ -54,7 +54,7 @@ class BlockFit:
     epoch_errors: list[float] = field(default_factory=list)
     kept_epoch: int = 0  # 0: the start was best (weights unchanged)
     outputs: torch.Tensor | None = None  # the kept weights' outputs on the stream
-    masks_changed: float | None = None  # block_redense: share of the pruned entries that moved
+    masks_changed: float | None = None  # block_redense: share of pruned entries now kept
 
 
 # A layer's weights pruned again: (layer name, its fp32 weights) -> the pruned weights
@@ -145,7 +145,8 @@ def _fit_new_masks(
 
 
 def _masks_changed(before: dict[str, torch.Tensor], linears: dict[str, nn.Linear]) -> float:
-    """The share of the pruned entries that the new masks keep (as many came back)."""
+    """The share of the block's pruned entries that the new masks keep (as many entries
+    kept before are pruned in their place: the sparsity is the same)."""
     moved = sum(int((mask & (linears[name].weight != 0)).sum()) for name, mask in before.items())
     return moved / max(sum(int(mask.sum()) for mask in before.values()), 1)
 
