@@ -20,7 +20,8 @@ weight, one broadcast and one multiply-add per 16 tokens against the activations
 so a prompt's work shrinks with the weights pruned (``benchmarks/prompt_paths.py`` times it
 against torch's GEMM on the default model's layers). Other layers (bfloat16, whose dense GEMM
 runs on the CPU's bf16 dot products; denser ones) are expanded tile by tile into one scratch
-buffer that feeds torch's dense GEMM (``tiled_mm``): either way the layer holds only its
+buffer that feeds torch's dense GEMM (``tiled_mm``; bfloat16 rows are spread two chunks per
+``vpexpandw`` on CPUs with AVX512-VBMI2): either way the layer holds only its
 packed form, and no weight stays expanded (the scratch buffer, one per thread and dtype, is
 kept for the next call: a few MiB, not a copy of the model). Tiles are about ``TILE_BYTES``
 and at least ``MIN_TILE_ROWS`` rows: on the default model's layers (50%, 128 tokens, 2
@@ -362,6 +363,44 @@ static void expand_rows(const V* values, const int64_t* offsets, const uint16_t*
   });
 }
 
+#if defined(__AVX512F__)
+// Rows [begin, end) of bfloat16 values written densely (rows from r0), two chunks a vpexpandw
+// (as dp_pair spreads them): half the instructions of the widening expand.
+BF16DP static void expand_pairs(const uint16_t* values, const int64_t* offsets,
+                                const uint16_t* masks, int64_t chunks, int64_t r0, int64_t begin,
+                                int64_t end, uint16_t* dst) {
+  for (int64_t o = begin; o < end; ++o) {
+    const uint16_t* v = values + offsets[o];
+    const uint16_t* m = masks + o * chunks;
+    uint16_t* row = dst + (o - r0) * chunks * CHUNK;
+    int64_t c = 0;
+    for (; c + 2 <= chunks; c += 2) {
+      const uint32_t bits = m[c] | (uint32_t(m[c + 1]) << 16);
+      _mm512_storeu_si512(row + c * CHUNK, _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v)));
+      v += _mm_popcnt_u32(bits);
+    }
+    if (c < chunks)  // an odd last chunk: its 16 lanes (the values are padded as for dp_pair)
+      _mm256_storeu_si256((__m256i*)(row + c * CHUNK),
+                          _mm512_castsi512_si256(_mm512_maskz_expand_epi16(m[c], _mm512_loadu_si512(v))));
+  }
+}
+#endif
+
+// bfloat16 rows [r0, r1) written densely: by expand_pairs where the CPU has vpexpandw.
+static void expand_rows_bf16(const uint16_t* values, const int64_t* offsets,
+                             const uint16_t* masks, int64_t chunks, int64_t r0, int64_t r1,
+                             uint16_t* dst) {
+#if defined(__AVX512F__)
+  if (has_bf16dp()) {
+    at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+      expand_pairs(values, offsets, masks, chunks, r0, begin, end, dst);
+    });
+    return;
+  }
+#endif
+  expand_rows(values, offsets, masks, chunks, r0, r1, dst);
+}
+
 template <typename V>
 static V* ptr(torch::Tensor& t) { return reinterpret_cast<V*>(t.data_ptr()); }
 
@@ -388,7 +427,7 @@ torch::Tensor tiled_mm(const torch::Tensor& x, torch::Tensor values, torch::Tens
   for (int64_t r0 = 0; r0 < out; r0 += tile_rows) {
     const int64_t r1 = std::min(out, r0 + tile_rows);
     if (values.scalar_type() == torch::kBFloat16)
-      expand_rows(ptr<uint16_t>(values), off, m, chunks, r0, r1, ptr<uint16_t>(scratch));
+      expand_rows_bf16(ptr<uint16_t>(values), off, m, chunks, r0, r1, ptr<uint16_t>(scratch));
     else
       expand_rows(ptr<float>(values), off, m, chunks, r0, r1, ptr<float>(scratch));
     auto tile = scratch.narrow(0, 0, (r1 - r0) * stride).view({r1 - r0, stride}).narrow(1, 0, in);
