@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from sparse_cpu import cpu_name
 
-from sdsprune.inference.bitmask import extension, pack_bitmask, tile_rows
+from sdsprune.inference.bitmask import extension, pack_bitmask
+from sdsprune.inference.tiled import tile_rows
 
 BLOCK = [(576, 576)] * 2 + [(192, 576)] * 2 + [(1536, 576)] * 2 + [(576, 1536)]
 

@@ -125,13 +125,20 @@ def test_both_prompt_paths_match_dense_for_every_shape_density_and_token_count(
             )
 
 
-@pytest.mark.parametrize(("kept", "path"), [(0.3, "sparse_mm"), (0.6, "sparse_mm"), (0.7, "tiled")])
-def test_a_float32_prompt_takes_the_packed_product_where_enough_weights_are_pruned(ext, kept, path):
+@pytest.mark.parametrize(
+    ("kept", "tokens", "path"),
+    [(0.3, 40, "sparse_mm"), (0.6, 32, "sparse_mm"), (0.7, 40, "tiled"), (0.3, 31, "tiled")],
+)
+def test_a_float32_prompt_takes_the_packed_product_where_enough_weights_are_pruned(
+    ext, kept, tokens, path
+):
+    """From the packed form with at most 60% kept and at least 32 tokens; shorter prompts
+    and denser layers through the tiled GEMM."""
     from sdsprune.inference.bitmask import BitmaskLinear
 
     linear = sparse_linear(64, 96, kept, bias=False)
     module = BitmaskLinear(linear)
-    x = torch.randn(20, 96)
+    x = torch.randn(tokens, 96)
     packed = (module.values, module.offsets, module.masks, 96)
     tiled = ext.tiled_mm(x, *packed, module._tile_rows)
     chosen = ext.sparse_mm(x, *packed) if path == "sparse_mm" else tiled
@@ -152,6 +159,28 @@ def test_prompts_expand_tile_by_tile_with_a_last_partial_tile(ext, dtype):
     x = torch.randn(3, 11, 37).to(dtype)
     with torch.no_grad():
         assert_matches(module(x), dense_product(linear, x), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_each_thread_expands_and_multiplies_its_own_rows_in_inference_mode(ext, dtype, threads):
+    """The tiled prompt path splits the rows over the threads (whole chunks of 16, the last
+    thread takes the rest: 100 rows over 3 threads are 32, 32 and 36) and runs a GEMM on
+    every worker thread; under ``torch.inference_mode`` those GEMMs must see the caller's
+    mode (a worker without it refuses to write the inference tensor)."""
+    from sdsprune.inference.bitmask import pack_bitmask
+
+    linear = sparse_linear(100, 48, 0.5, dtype, bias=False)
+    packed = pack_bitmask(linear.weight)
+    x = torch.randn(24, 48).to(dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            actual = ext.tiled_mm(x, *packed, 48, 7)
+    finally:
+        torch.set_num_threads(before)
+    assert_matches(actual, dense_product(linear, x), dtype)
 
 
 def test_kernel_gives_the_same_bits_whatever_the_thread_count(ext):

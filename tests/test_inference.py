@@ -489,17 +489,23 @@ def test_nm24_backend_on_a_model_matches_dense(nm24_ext, dtype):
     torch.testing.assert_close(step, reference, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_nm24_splits_every_layer_shape_over_the_threads(nm24_ext, threads):
-    """Same outputs whatever the thread count (the row split leaves no row out)."""
+    """Same outputs whatever the thread count (the row split leaves no row out), for a
+    decode call (3 tokens: the kernel) and a prompt (20 tokens: each thread rebuilds its own
+    rows, here in tiles of 7 rows, and runs its GEMM under the caller's inference mode)."""
     from sdsprune.inference.nm24 import Nm24Linear
 
     for out_features, in_features in SMOLLM2_SHAPES:
         linear = pruned_linear(out_features, in_features)
         module = Nm24Linear(linear)
-        x = torch.randn(3, in_features)
-        with torch_threads(threads), torch.no_grad():
-            torch.testing.assert_close(module(x), linear(x), rtol=1e-5, atol=1e-5)
+        module._tile_rows = 7
+        for tokens in (3, 20):
+            x = torch.randn(tokens, in_features)
+            with torch_threads(threads), torch.inference_mode():
+                actual = module(x)
+            with torch.no_grad():
+                torch.testing.assert_close(actual, linear(x), rtol=1e-5, atol=1e-5)
 
 
 def test_nm24_build_failure_keeps_layers_dense_with_a_reason(monkeypatch, fresh_builds):

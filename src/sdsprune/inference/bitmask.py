@@ -19,15 +19,14 @@ most 60% of its weights kept is multiplied from the packed form too (``sparse_mm
 weight, one broadcast and one multiply-add per 16 tokens against the activations transposed,
 so a prompt's work shrinks with the weights pruned (``benchmarks/prompt_paths.py`` times it
 against torch's GEMM on the default model's layers). Other layers (bfloat16, whose dense GEMM
-runs on the CPU's bf16 dot products; denser ones) are expanded tile by tile into one scratch
-buffer that feeds torch's dense GEMM (``tiled_mm``; bfloat16 rows are spread two chunks per
-``vpexpandw`` on CPUs with AVX512-VBMI2): either way the layer holds only its
-packed form, and no weight stays expanded (the scratch buffer, one per thread and dtype, is
-kept for the next call: a few MiB, not a copy of the model). Tiles are about ``TILE_BYTES``
-and at least ``MIN_TILE_ROWS`` rows: on the default model's layers (50%, 128 tokens, 2
-threads) 64 KiB tiles ran at 0.63x dense's speed, 256 KiB at 0.90x, 1 MiB at 0.99x and 4 MiB
-(a whole layer there) at 1.14x, as the GEMM on each tile needs enough rows to run at full
-speed.
+runs on the CPU's bf16 dot products; denser ones) are rebuilt dense for the call, each
+thread its own rows, tile by tile, for torch's dense GEMM (``tiled_mm``, see
+:mod:`~sdsprune.inference.tiled`; bfloat16 rows are spread two chunks per ``vpexpandw`` on
+CPUs with AVX512-VBMI2): either way the layer holds only its packed form. Tiles are about
+``TILE_BYTES`` and at least ``MIN_TILE_ROWS`` rows: on the default model's layers (50%, 128
+tokens, 2 threads, one rebuild pass for all threads) 64 KiB tiles ran at 0.63x dense's speed,
+256 KiB at 0.90x, 1 MiB at 0.99x and 4 MiB (a whole layer there) at 1.14x, as the GEMM on
+each tile needs enough rows to run at full speed.
 
 The kernel is registered as the op ``torch.ops.sdsprune.bitmask_linear`` (with a fake for
 tracing), so ``torch.compile`` keeps it in a compiled decode step.
@@ -42,11 +41,18 @@ from torch import nn
 
 from sdsprune.inference.native import NativeLinear, build, build_problem, dtype_problem
 from sdsprune.inference.step_source import STEP_SOURCE
+from sdsprune.inference.tiled import TILED_SOURCE, tile_rows
 
 CHUNK = 16  # inputs per mask
+# A float32 prompt of at least SPARSE_MM_MIN_TOKENS tokens through a layer with at most
+# SPARSE_MM_MAX_KEPT of its weights kept is multiplied from the packed form (sparse_mm); other
+# prompts go through tiled_mm. In benchmarks/results/prompt-paths-split.json (one run of
+# benchmarks/prompt_paths.py, 2 threads), below 32 tokens sparse_mm ran 0.85-0.95x dense's
+# speed at 50% and 2:4 where tiled_mm ran 0.98-1.19x (at 60-70% the two were within a few
+# percent); from 64 tokens sparse_mm led at 60-70% (128 tokens: 1.23-1.34x against 1.09-1.10x).
+SPARSE_MM_MAX_KEPT = 0.6
+SPARSE_MM_MIN_TOKENS = 32
 MAX_KERNEL_TOKENS = 8  # above this, tile expansion + dense GEMM (the kernel re-reads per 4)
-TILE_BYTES = 4 * 2**20  # scratch of the tiled expansion (see the module docstring)
-MIN_TILE_ROWS = 256
 # values are read a full vector at a time and then spread (the bfloat16 dot-product path
 # reads 32), so the flat value array carries this many zeros past its end
 PADDING = 2 * CHUNK
@@ -345,27 +351,25 @@ static void dense_mm(const float* x, int64_t T, int64_t in, const V* weight, int
   rows_mm(x, T, in, out, out * in, [&](int64_t o) { return DenseRow<V>{weight + o * in}; }, y);
 }
 
-// Rows [r0, r1) written densely (row length stride, zero-padded) to dst, in V.
+// Rows [begin, end) written densely (row length stride, zero-padded, rows from r0) to dst.
 template <typename V>
 static void expand_rows(const V* values, const int64_t* offsets, const uint16_t* masks,
-                        int64_t chunks, int64_t r0, int64_t r1, V* dst) {
-  at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const V* v = values + offsets[o];
-      const uint16_t* m = masks + o * chunks;
-      V* row = dst + (o - r0) * chunks * CHUNK;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const uint32_t bits = m[c];
-        store(row + c * CHUNK, expand(v, bits));
-        v += _mm_popcnt_u32(bits);
-      }
+                        int64_t chunks, int64_t r0, int64_t begin, int64_t end, V* dst) {
+  for (int64_t o = begin; o < end; ++o) {
+    const V* v = values + offsets[o];
+    const uint16_t* m = masks + o * chunks;
+    V* row = dst + (o - r0) * chunks * CHUNK;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const uint32_t bits = m[c];
+      store(row + c * CHUNK, expand(v, bits));
+      v += _mm_popcnt_u32(bits);
     }
-  });
+  }
 }
 
 #if defined(__AVX512F__)
-// Rows [begin, end) of bfloat16 values written densely (rows from r0), two chunks a vpexpandw
-// (as dp_pair spreads them): half the instructions of the widening expand.
+// The same for bfloat16 values, two chunks a vpexpandw (as dp_pair spreads them): half the
+// instructions of the widening expand.
 BF16DP static void expand_pairs(const uint16_t* values, const int64_t* offsets,
                                 const uint16_t* masks, int64_t chunks, int64_t r0, int64_t begin,
                                 int64_t end, uint16_t* dst) {
@@ -386,55 +390,38 @@ BF16DP static void expand_pairs(const uint16_t* values, const int64_t* offsets,
 }
 #endif
 
-// bfloat16 rows [r0, r1) written densely: by expand_pairs where the CPU has vpexpandw.
-static void expand_rows_bf16(const uint16_t* values, const int64_t* offsets,
-                             const uint16_t* masks, int64_t chunks, int64_t r0, int64_t r1,
-                             uint16_t* dst) {
-#if defined(__AVX512F__)
-  if (has_bf16dp()) {
-    at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
-      expand_pairs(values, offsets, masks, chunks, r0, begin, end, dst);
-    });
-    return;
-  }
-#endif
-  expand_rows(values, offsets, masks, chunks, r0, r1, dst);
-}
-
 template <typename V>
 static V* ptr(torch::Tensor& t) { return reinterpret_cast<V*>(t.data_ptr()); }
 
-// One scratch buffer per thread and dtype, grown to the largest tile seen and kept: a fresh
-// multi-MiB allocation per call can come from fresh pages, whose faults cost a prompt's
-// layer more than its expansion does. It holds one tile (a few MiB), never a weight copy.
-static torch::Tensor scratch_for(int64_t elements, const torch::TensorOptions& options) {
-  thread_local torch::Tensor buffers[2];
-  torch::Tensor& buffer = buffers[options.dtype() == torch::kBFloat16 ? 1 : 0];
-  if (!buffer.defined() || buffer.numel() < elements) buffer = torch::empty({elements}, options);
-  return buffer;
+// Rows [begin, end) of the packed weight written densely to dst, in its dtype:
+// bfloat16 by expand_pairs where the CPU has vpexpandw.
+static void expand_range(torch::Tensor& values, const int64_t* offsets, const uint16_t* masks,
+                         int64_t chunks, int64_t begin, int64_t end, void* dst) {
+  if (values.scalar_type() == torch::kFloat32) {
+    expand_rows(ptr<float>(values), offsets, masks, chunks, begin, begin, end, static_cast<float*>(dst));
+    return;
+  }
+  uint16_t* rows = static_cast<uint16_t*>(dst);
+#if defined(__AVX512F__)
+  if (has_bf16dp()) {
+    expand_pairs(ptr<uint16_t>(values), offsets, masks, chunks, begin, begin, end, rows);
+    return;
+  }
+#endif
+  expand_rows(ptr<uint16_t>(values), offsets, masks, chunks, begin, begin, end, rows);
 }
 
-// Many tokens: y (T, out) = x W^T, the columns of y tile by tile of rows of W expanded into
-// one scratch buffer (the GEMM writes each tile's columns in place: ldc = out).
+// Many tokens: y (T, out) = x W^T through torch's GEMM, each thread rebuilding its own rows
+// (tiled.py says why).
 torch::Tensor tiled_mm(const torch::Tensor& x, torch::Tensor values, torch::Tensor offsets,
-                              torch::Tensor masks, int64_t in, int64_t tile_rows) {
-  const int64_t out = masks.size(0), chunks = masks.size(1), stride = chunks * CHUNK;
-  auto xw = x.to(values.scalar_type());
-  auto y = torch::empty({x.size(0), out}, xw.options());
-  auto scratch = scratch_for(std::min(tile_rows, out) * stride, values.options());
+                       torch::Tensor masks, int64_t in, int64_t tile_rows) {
+  const int64_t out = masks.size(0), chunks = masks.size(1);
   const int64_t* off = offsets.data_ptr<int64_t>();
   const uint16_t* m = reinterpret_cast<const uint16_t*>(masks.data_ptr());
-  for (int64_t r0 = 0; r0 < out; r0 += tile_rows) {
-    const int64_t r1 = std::min(out, r0 + tile_rows);
-    if (values.scalar_type() == torch::kBFloat16)
-      expand_rows_bf16(ptr<uint16_t>(values), off, m, chunks, r0, r1, ptr<uint16_t>(scratch));
-    else
-      expand_rows(ptr<float>(values), off, m, chunks, r0, r1, ptr<float>(scratch));
-    auto tile = scratch.narrow(0, 0, (r1 - r0) * stride).view({r1 - r0, stride}).narrow(1, 0, in);
-    auto columns = y.narrow(1, r0, r1 - r0);
-    at::mm_out(columns, xw, tile.t());
-  }
-  return y;
+  return rows_by_thread_mm(x, out, in, chunks * CHUNK, tile_rows, CHUNK, values.options(),
+                           [&](int64_t r0, int64_t r1, void* dst) {
+                             expand_range(values, off, m, chunks, r0, r1, dst);
+                           });
 }
 
 // Many tokens straight from the packed form (float32 values), so a prompt's work shrinks
@@ -561,8 +548,10 @@ torch::Tensor sparse_mm(const torch::Tensor& x, const torch::Tensor& values,
   return y;
 }
 
-// Up to this share of weights kept, sparse_mm serves a float32 prompt; above, tiled_mm.
-constexpr double SPARSE_MM_MAX_KEPT = 0.6;
+// sparse_mm serves a float32 prompt of at least this many tokens with at most this share of
+// weights kept; other prompts, tiled_mm (the Python constants of the same names say why)
+constexpr double SPARSE_MM_MAX_KEPT = @SPARSE_MM_MAX_KEPT@;
+constexpr int64_t SPARSE_MM_MIN_TOKENS = @SPARSE_MM_MIN_TOKENS@;
 
 // activations (..., in) times the packed weight -> (..., out) in the activations' dtype. Up to
 // max_kernel_tokens tokens: the kernel (float32 accumulation); more: sparse_mm (float32
@@ -582,7 +571,8 @@ torch::Tensor bitmask_linear(torch::Tensor input, torch::Tensor values, torch::T
   shape.back() = out;
   if (T > max_kernel_tokens) {
     const double kept = double(offsets.data_ptr<int64_t>()[out]) / double(std::max<int64_t>(1, out * in));
-    auto y = values.scalar_type() == torch::kFloat32 && kept <= SPARSE_MM_MAX_KEPT
+    auto y = values.scalar_type() == torch::kFloat32 && kept <= SPARSE_MM_MAX_KEPT &&
+                     T >= SPARSE_MM_MIN_TOKENS
                  ? sparse_mm(x2d.to(torch::kFloat32).contiguous(), values, offsets, masks, in)
                  : tiled_mm(x2d.contiguous(), values, offsets, masks, in, tile_rows);
     return y.view(shape).to(input.scalar_type());
@@ -642,12 +632,19 @@ TORCH_LIBRARY_IMPL(sdsprune, CPU, m) {
 """
 
 
+def kernel_source() -> str:
+    """The kernel's C++ with the path-choice constants of this module filled in."""
+    return _SOURCE.replace("@SPARSE_MM_MAX_KEPT@", repr(SPARSE_MM_MAX_KEPT)).replace(
+        "@SPARSE_MM_MIN_TOKENS@", str(SPARSE_MM_MIN_TOKENS)
+    )
+
+
 @functools.cache
 def extension():
     """The compiled kernel for this CPU, or a string saying why it is unavailable."""
     module = build(
         "bitmask",
-        _SOURCE + STEP_SOURCE,
+        TILED_SOURCE + kernel_source() + STEP_SOURCE,
         ["bitmask_linear", "dense_linear", "sparse_mm", "tiled_mm"],
     )
     if not isinstance(module, str):
@@ -712,12 +709,6 @@ def unpack_bitmask(
     dense = torch.zeros(rows, chunks * CHUNK, dtype=values.dtype)
     dense[kept] = values[: int(offsets[-1])]
     return dense[:, :cols].contiguous()
-
-
-def tile_rows(in_features: int, dtype: torch.dtype) -> int:
-    """Rows per tile of the expansion for many tokens: about TILE_BYTES of scratch."""
-    row_bytes = -(-in_features // CHUNK) * CHUNK * torch.empty((), dtype=dtype).element_size()
-    return max(MIN_TILE_ROWS, TILE_BYTES // row_bytes)
 
 
 class BitmaskLinear(NativeLinear):

@@ -167,8 +167,8 @@ class SwitchedLinear(nn.Module):
     What ``auto`` keeps where a kernel wins only for few tokens (decode) and its prompt path
     for many: the token count of each call picks the path at run time. Above the limit the
     kernel's ``dense_forward`` serves the call from the packed weight (bitmask: multiplied
-    from the packed form, or its dense weight rebuilt tile by tile for that call only; nm24:
-    rebuilt whole), so the layer holds one copy of its weights: the packed one.
+    from the packed form, or its dense rows rebuilt tile by tile for that call only; nm24:
+    rebuilt likewise), so the layer holds one copy of its weights: the packed one.
     """
 
     def __init__(self, sparse: nn.Module, max_tokens: int) -> None:

@@ -8,14 +8,14 @@ activations are picked from two registers with one ``permutex2var`` (no gathers)
 a blend pick them (a block at 8 tokens: 1.59x dense speed, against 0.95x with two cross-lane
 ``permutevar8x32`` on the inputs as given; two runs under load). That reads 5 bytes per
 kept value (3 in bfloat16) instead of 8 (4) bytes per 2 dense weights, and pays off for a
-handful of tokens (decode); for more tokens the row is expanded back to dense and multiplied
-with MKL (``auto`` instead keeps the dense layer for those calls).
+handful of tokens (decode); for more tokens the rows are rebuilt dense for that call, each
+thread its own, and multiplied by torch's GEMM (:mod:`~sdsprune.inference.tiled`).
 
 The extension is built by :mod:`sdsprune.inference.native` (needs a C++ compiler; about 45 s
 once, then cached), with the code path of torch's CPU capability. Anything that prevents it
 (no compiler, neither AVX-512 nor AVX2) makes the layer ineligible with a reason, never an
 error. Its functions are also registered as the ops ``torch.ops.sdsprune.nm24_mm`` and
-``nm24_dense`` (with fake implementations for tracing), so that ``torch.compile`` keeps the
+``nm24_tiled_mm`` (with fake implementations for tracing), so that ``torch.compile`` keeps the
 kernel in its graph instead of failing on an unknown extension function.
 """
 
@@ -24,11 +24,11 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sdsprune.export.packing import nm_pattern
 from sdsprune.inference.native import NativeLinear, build, build_problem, dtype_problem
+from sdsprune.inference.tiled import TILED_SOURCE, tile_rows
 
 MAX_KERNEL_TOKENS = 8  # above this, expanding to dense and using MKL is faster
 # Rows per parallel task: at least ROW_GRAIN, and enough rows for MIN_TASK_PRODUCTS kept
@@ -207,45 +207,53 @@ torch::Tensor nm24_mm(torch::Tensor input, torch::Tensor values, torch::Tensor p
   return y.view(shape).to(input.scalar_type());
 }
 
+// Rows [begin, end) of the 2:4 weight written densely to dst (row length 2 * half).
 template <typename V>
-static void expand(const V* values, const uint8_t* pos, V* w, int64_t out, int64_t half) {
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const V* v = values + o * half;
-      const uint8_t* p = pos + o * half;
-      V* row = w + o * 2 * half;
-      for (int64_t g = 0; g < half / 2; ++g) {  // one pass: each group of 4 written once
-        V group[4] = {0, 0, 0, 0};
-        group[p[2 * g]] = v[2 * g];
-        group[p[2 * g + 1]] = v[2 * g + 1];
-        std::memcpy(row + 4 * g, group, sizeof group);
-      }
+static void expand_rows(const V* values, const uint8_t* pos, int64_t half, int64_t begin,
+                        int64_t end, V* dst) {
+  for (int64_t o = begin; o < end; ++o) {
+    const V* v = values + o * half;
+    const uint8_t* p = pos + o * half;
+    V* row = dst + (o - begin) * 2 * half;
+    for (int64_t g = 0; g < half / 2; ++g) {  // one pass: each group of 4 written once
+      V group[4] = {0, 0, 0, 0};
+      group[p[2 * g]] = v[2 * g];
+      group[p[2 * g + 1]] = v[2 * g + 1];
+      std::memcpy(row + 4 * g, group, sizeof group);
     }
-  });
+  }
 }
 
-// the dense weight again, in the values' dtype (for calls with many tokens)
-torch::Tensor nm24_dense(torch::Tensor values, torch::Tensor pos) {
-  const int64_t out = values.size(0), half = values.size(1);
-  auto w = torch::empty({out, 2 * half}, values.options());
+// Many tokens: activations (..., in) times the weight through torch's GEMM, each thread
+// rebuilding its own rows (tiled.py says why), in the activations' dtype.
+torch::Tensor nm24_tiled_mm(torch::Tensor input, torch::Tensor values, torch::Tensor pos,
+                            int64_t tile_rows) {
+  const int64_t out = values.size(0), half = values.size(1), in = 2 * half;
+  TORCH_CHECK(input.size(-1) == in, "shape mismatch");
   const uint8_t* pp = pos.data_ptr<uint8_t>();
-  if (values.element_size() == 2)
-    expand(static_cast<const uint16_t*>(values.data_ptr()), pp,
-           static_cast<uint16_t*>(w.data_ptr()), out, half);
-  else
-    expand(values.data_ptr<float>(), pp, w.data_ptr<float>(), out, half);
-  return w;
+  auto y = rows_by_thread_mm(input.reshape({-1, in}), out, in, in, tile_rows, 1, values.options(),
+                             [&](int64_t r0, int64_t r1, void* dst) {
+                               if (values.element_size() == 2)
+                                 expand_rows(static_cast<const uint16_t*>(values.data_ptr()), pp,
+                                             half, r0, r1, static_cast<uint16_t*>(dst));
+                               else
+                                 expand_rows(values.data_ptr<float>(), pp, half, r0, r1,
+                                             static_cast<float*>(dst));
+                             });
+  auto shape = input.sizes().vec();
+  shape.back() = out;
+  return y.view(shape).to(input.scalar_type());
 }
 
 // The same two functions as dispatcher ops, so that torch.compile can keep them in its graph
 // (their fake implementations, for tracing, are registered from Python).
 TORCH_LIBRARY(sdsprune, m) {
   m.def("nm24_mm(Tensor input, Tensor values, Tensor pos, int grain) -> Tensor");
-  m.def("nm24_dense(Tensor values, Tensor pos) -> Tensor");
+  m.def("nm24_tiled_mm(Tensor input, Tensor values, Tensor pos, int tile_rows) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(sdsprune, CPU, m) {
   m.impl("nm24_mm", &nm24_mm);
-  m.impl("nm24_dense", &nm24_dense);
+  m.impl("nm24_tiled_mm", &nm24_tiled_mm);
 }
 """
 
@@ -253,7 +261,7 @@ TORCH_LIBRARY_IMPL(sdsprune, CPU, m) {
 @functools.cache
 def extension():
     """The compiled 2:4 kernels for this CPU, or a string saying why they are unavailable."""
-    module = build("nm24", _SOURCE, ["nm24_mm", "nm24_dense"])
+    module = build("nm24", TILED_SOURCE + _SOURCE, ["nm24_mm", "nm24_tiled_mm"])
     if not isinstance(module, str):
         _register_fakes()
     return module
@@ -265,7 +273,7 @@ def _register_fakes() -> None:
     Registered once the extension has defined the ops (torch refuses fakes of unknown ops).
     """
     torch.library.register_fake("sdsprune::nm24_mm", _nm24_mm_fake)
-    torch.library.register_fake("sdsprune::nm24_dense", _nm24_dense_fake)
+    torch.library.register_fake("sdsprune::nm24_tiled_mm", _nm24_tiled_mm_fake)
 
 
 def _nm24_mm_fake(
@@ -274,8 +282,10 @@ def _nm24_mm_fake(
     return input.new_empty((*input.shape[:-1], values.shape[0]))
 
 
-def _nm24_dense_fake(values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    return values.new_empty((values.shape[0], 2 * values.shape[1]))
+def _nm24_tiled_mm_fake(
+    input: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, tile_rows: int
+) -> torch.Tensor:
+    return input.new_empty((*input.shape[:-1], values.shape[0]))
 
 
 def nm24_problem(linear: nn.Linear) -> str | None:
@@ -326,6 +336,7 @@ class Nm24Linear(NativeLinear):
         self.register_buffer("positions", positions, persistent=False)
         kept = values.shape[1]
         self._grains = [rows_per_task(kept, t) for t in range(MAX_KERNEL_TOKENS + 1)]
+        self._tile_rows = tile_rows(self.in_features, values.dtype, align=4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # few Python-level tensor calls: at decode each costs a noticeable part of the product.
@@ -341,7 +352,8 @@ class Nm24Linear(NativeLinear):
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The product through the dense weight, rebuilt for this call only (many tokens)."""
         ops = torch.ops.sdsprune if torch.compiler.is_compiling() else self._ext
-        return F.linear(x, ops.nm24_dense(self.values, self.positions), self.bias)
+        y = ops.nm24_tiled_mm(x, self.values, self.positions, self._tile_rows)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=nm24"
