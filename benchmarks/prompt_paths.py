@@ -2,13 +2,15 @@
 
 A call with more tokens than the decode kernel takes (a prompt) is multiplied either straight
 from the packed form (``sparse_mm``: float32, work proportional to the weights kept) or by
-rebuilding the dense weight tile by tile for torch's GEMM (``tiled_mm``). This times both
-against ``torch.mm`` on the dense weight, on the seven linears of one decoder block of the
-default model (SmolLM2-135M: q and o 576x576, k and v 192x576, gate and up 1536x576, down
-576x1536) with random weights at each sparsity, the three paths interleaved in every round
-(medians; ratios > 1: faster than dense). It is what ``bitmask_linear`` chooses between.
+rebuilding the dense rows for torch's GEMM, each thread its own (``tiled_mm``). This times
+both against ``torch.mm`` on the dense weight, on the seven linears of one decoder block of
+the default model (SmolLM2-135M: q and o 576x576, k and v 192x576, gate and up 1536x576,
+down 576x1536) with random weights at each sparsity, the three paths interleaved in every
+round (medians; ratios > 1: faster than dense). It is what ``bitmask_linear`` chooses
+between (``SPARSE_MM_MAX_KEPT``, ``SPARSE_MM_MIN_TOKENS``).
 
-    python benchmarks/prompt_paths.py --out benchmarks/results/prompt-paths.json
+    python benchmarks/prompt_paths.py --tokens 9,12,16,20,24,28,32,64,128,512 \
+        --out benchmarks/results/prompt-paths-split.json
 """
 
 from __future__ import annotations

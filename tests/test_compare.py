@@ -335,11 +335,15 @@ def test_rows_of_one_method_with_other_options_are_named_apart():
         for label, ppl in [
             ("sds:sparsegpt", 30.0),
             ("sds[adjust=never;distill_epochs=0]:sparsegpt", 31.0),
+            ("sds:sparsegpt[blocksize=64]", 32.0),
+            ("sds[adjust=never]:sparsegpt[blocksize=64]", 33.0),
         ]
     ]
     table = results_markdown({"settings": {**WIKI_SETTINGS, "tasks": []}, "runs": runs})
     assert "| SDS (SparseGPT) | 2:4 | **30.00** |" in table
     assert "| SDS (SparseGPT) [adjust=never;distill_epochs=0] | 2:4 | 31.00 |" in table
+    assert "| SDS (SparseGPT) [sparsegpt: blocksize=64] | 2:4 | 32.00 |" in table
+    assert "| SDS (SparseGPT) [adjust=never; sparsegpt: blocksize=64] | 2:4 | 33.00 |" in table
 
 
 def test_markdown_table_with_tasks_marks_best_and_chance():

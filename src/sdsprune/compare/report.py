@@ -4,6 +4,7 @@ and the cost of each run."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,9 @@ METRICS = {
     "acc_norm": "lm-evaluation-harness acc_norm: answer log-likelihood per byte",
     "acc": "lm-evaluation-harness acc: total answer log-likelihood",
 }
+
+
+_OPTIONED_PART = re.compile(r"([\w-]+)\[([^\]]*)\]")  # a method-string part with options
 
 
 def task_columns(results: dict) -> list[str]:
@@ -140,10 +144,13 @@ def _method_name(run: dict) -> str:
 
 
 def _method_options(label: str) -> str:
-    """The options a method string sets (``sds[adjust=never]:sparsegpt`` -> ``adjust=never``):
-    two rows of one method with other settings must not read alike in the tables."""
-    start, end = label.find("["), label.find("]")
-    return label[start + 1 : end] if 0 <= start < end else ""
+    """The options every part of a method string sets, the outer method's plain and the
+    others' after their name (``sds[adjust=never]:wanda[alpha=2]+owl[lam=0.1]`` ->
+    ``adjust=never; wanda: alpha=2; owl: lam=0.1``): two rows of one method with other
+    settings must not read alike in the tables."""
+    parts = _OPTIONED_PART.findall(label)
+    outer = label.split(":", 1)[0].split("+", 1)[0].split("[", 1)[0]
+    return "; ".join(options if name == outer else f"{name}: {options}" for name, options in parts)
 
 
 def _short_task(task: str) -> str:

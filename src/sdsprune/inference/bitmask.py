@@ -47,7 +47,7 @@ CHUNK = 16  # inputs per mask
 # A float32 prompt of at least SPARSE_MM_MIN_TOKENS tokens through a layer with at most
 # SPARSE_MM_MAX_KEPT of its weights kept is multiplied from the packed form (sparse_mm); other
 # prompts go through tiled_mm. In benchmarks/results/prompt-paths-split.json (one run of
-# benchmarks/prompt_paths.py, 2 threads), below 32 tokens sparse_mm ran 0.85-0.95x dense's
+# benchmarks/prompt_paths.py, 2 threads), below 32 tokens sparse_mm ran 0.85-0.99x dense's
 # speed at 50% and 2:4 where tiled_mm ran 0.98-1.19x (at 60-70% the two were within a few
 # percent); from 64 tokens sparse_mm led at 60-70% (128 tokens: 1.23-1.34x against 1.09-1.10x).
 SPARSE_MM_MAX_KEPT = 0.6
@@ -716,8 +716,8 @@ class BitmaskLinear(NativeLinear):
 
     Up to ``MAX_KERNEL_TOKENS`` tokens per call the kernel multiplies from the packed form
     (float32 accumulation; bfloat16 weights stay bfloat16, bit-exact); more tokens go through
-    ``sparse_mm`` (float32, up to 60% kept) or the tiled expansion into torch's dense GEMM in
-    the weight's dtype (see the module docstring).
+    ``sparse_mm`` (float32, up to 60% kept, at least 32 tokens) or the rows rebuilt by each
+    thread for torch's dense GEMM in the weight's dtype (see the module docstring).
     """
 
     kernel = "bitmask"

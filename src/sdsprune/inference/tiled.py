@@ -8,10 +8,10 @@ rebuild the dense rows for that call only and hand them to the GEMM, with two ru
 - the rows are split over the threads and each thread rebuilds *its own* rows into its own
   scratch buffer and multiplies them, single-threaded, into its columns of the output. A
   single rebuild pass feeding torch's threaded GEMM has every core read rows another core
-  has just written; on the 2-vCPU machines measured that made bfloat16 prompts 0.87-0.89x
-  dense torch's speed in some runs and 1.00-1.03x in others (the cores' placement differs
-  from run to run), against 1.02-1.09x for the split here in the same runs
-  (``benchmarks/prompt_split.py``);
+  has just written; on the 2-vCPU machine measured that made bfloat16 prompts 0.86-0.91x
+  dense torch's speed in some groups of rounds and 0.94-1.05x in others (the cores'
+  placement differs over time), against 0.95-1.12x for the split here in the same rounds
+  (``benchmarks/prompt_split.py``, ``benchmarks/results/prompt-split/``);
 - each thread rebuilds at most ``tile_rows`` rows at a time (about ``TILE_BYTES``), so no
   weight is ever held expanded; the scratch buffer is kept for the next call (a fresh
   multi-MiB allocation can come from fresh pages, whose faults cost more than the rebuild).
