@@ -149,18 +149,19 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="append", required=True, help="LABEL=FOLDER")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1, help="prompts per forward")
     parser.add_argument("--groups", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    ids = torch.randint(
-        0, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
-    )
+    shape = (args.batch, args.prompt_tokens)
+    ids = torch.randint(0, 1000, shape, generator=torch.Generator().manual_seed(0))
     report = {
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "prompt_tokens": args.prompt_tokens,
+        "batch": args.batch,
         "rounds_per_group": args.rounds,
         "checkpoints": {},
     }

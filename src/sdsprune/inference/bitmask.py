@@ -518,33 +518,64 @@ static void spmm_rows(const float* xt, int64_t width, const float* values, const
   }
 }
 
+// Tokens [t0, t0 + tokens) of y (T, out) = x W^T from the packed form (float32 values): x's
+// block transposed into its own contiguous xt (one strided xt would put the rows in few
+// cache sets), rows [0, out) multiplied into yt (split over the threads if split_rows), yt
+// transposed back into y.
+static void spmm_pass(const torch::Tensor& x, int64_t t0, int64_t tokens, const float* V,
+                      const int64_t* off, const uint16_t* m, int64_t chunks, int64_t in,
+                      int64_t out, bool split_rows, torch::Tensor& y) {
+  const int64_t width = (tokens + CHUNK - 1) / CHUNK * CHUNK;
+  // only the padding (inputs past in, tokens past this pass) zeroed
+  auto xt = torch::empty({chunks * CHUNK, width}, x.options());
+  xt.narrow(0, 0, in).narrow(1, 0, tokens).copy_(x.narrow(0, t0, tokens).t());
+  xt.narrow(0, in, chunks * CHUNK - in).zero_();
+  xt.narrow(1, tokens, width - tokens).zero_();
+  auto yt = torch::empty({out, width}, x.options());
+  const float* X = xt.data_ptr<float>();
+  float* Y = yt.data_ptr<float>();
+  if (split_rows)
+    at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+      spmm_rows(X, width, V, off, m, chunks, begin, end, Y);
+    });
+  else
+    spmm_rows(X, width, V, off, m, chunks, 0, out, Y);
+  y.narrow(0, t0, tokens).copy_(yt.narrow(1, 0, tokens).t());
+}
+
 // Many tokens, float32 values: y (T, out) = x W^T from the packed form (see above), in
-// passes of up to SPMM_PASS tokens, each with its own contiguous block of xt and yt (one
-// strided xt would put a pass's rows in few cache sets).
+// passes of up to SPMM_PASS tokens. One pass splits its rows over the threads; several are
+// split over the threads whole (their count a multiple of the thread count), each thread
+// transposing, multiplying and writing back its own passes: row-split passes have every
+// core read the xt another core wrote and write the yt another core reads: 8 prompts of 128
+// tokens at once ran 0.83-0.98x dense's speed that way at 50%, 1.13-1.20x split by passes
+// (benchmarks/results/prompt-split/README.md).
+// Each output is summed over the same kept weights in the same order either way, so the
+// bits do not depend on the split.
 constexpr int64_t SPMM_PASS = 128;  // a pass's xt block of SPMM_CHUNKS x 16 inputs: 32 KiB
 torch::Tensor sparse_mm(const torch::Tensor& x, const torch::Tensor& values,
-                               const torch::Tensor& offsets, const torch::Tensor& masks, int64_t in) {
+                        const torch::Tensor& offsets, const torch::Tensor& masks, int64_t in) {
   const int64_t T = x.size(0), out = masks.size(0), chunks = masks.size(1);
   auto y = torch::empty({T, out}, x.options());
   const float* V = values.data_ptr<float>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const uint16_t* m = reinterpret_cast<const uint16_t*>(masks.data_ptr());
-  for (int64_t t0 = 0; t0 < T; t0 += SPMM_PASS) {
-    const int64_t tokens = std::min(SPMM_PASS, T - t0);
-    const int64_t width = (tokens + CHUNK - 1) / CHUNK * CHUNK;
-    // x's block transposed; only the padding (inputs past in, tokens past this pass) zeroed
-    auto xt = torch::empty({chunks * CHUNK, width}, x.options());
-    xt.narrow(0, 0, in).narrow(1, 0, tokens).copy_(x.narrow(0, t0, tokens).t());
-    xt.narrow(0, in, chunks * CHUNK - in).zero_();
-    xt.narrow(1, tokens, width - tokens).zero_();
-    auto yt = torch::empty({out, width}, x.options());
-    const float* X = xt.data_ptr<float>();
-    float* Y = yt.data_ptr<float>();
-    at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-      spmm_rows(X, width, V, off, m, chunks, begin, end, Y);
-    });
-    y.narrow(0, t0, tokens).copy_(yt.narrow(1, 0, tokens).t());
+  const int64_t threads = at::get_num_threads();
+  if (T <= SPMM_PASS || threads == 1) {
+    for (int64_t t0 = 0; t0 < T; t0 += SPMM_PASS)
+      spmm_pass(x, t0, std::min(SPMM_PASS, T - t0), V, off, m, chunks, in, out, true, y);
+    return y;
   }
+  const int64_t passes = ((T + SPMM_PASS - 1) / SPMM_PASS + threads - 1) / threads * threads;
+  const int64_t per_pass = (T + passes - 1) / passes;
+  const at::ThreadLocalState state;  // the caller's inference mode, for writing y
+  at::parallel_for(0, passes, 1, [&](int64_t first, int64_t last) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t p = first; p < last; ++p) {
+      const int64_t t0 = p * per_pass;
+      if (t0 < T) spmm_pass(x, t0, std::min(per_pass, T - t0), V, off, m, chunks, in, out, false, y);
+    }
+  });
   return y;
 }
 
