@@ -84,12 +84,7 @@ def one_pass_prompts(model: torch.nn.Module) -> None:
 
     def bitmask_prompt(self, x: torch.Tensor, max_kernel_tokens: int) -> torch.Tensor:
         tokens = x.numel() // self.in_features
-        kept = int(self.offsets[-1]) / (self.in_features * self.out_features)
-        from_packed = (
-            self.values.dtype == torch.float32
-            and kept <= bitmask.SPARSE_MM_MAX_KEPT
-            and tokens >= bitmask.SPARSE_MM_MIN_TOKENS
-        )
+        from_packed = self.sparse_mm_layer and tokens >= bitmask.SPARSE_MM_MIN_TOKENS
         if tokens <= max_kernel_tokens or from_packed:
             return bitmask.BitmaskLinear._linear(self, x, max_kernel_tokens)
         flat = x.reshape(-1, self.in_features)
@@ -104,6 +99,11 @@ def one_pass_prompts(model: torch.nn.Module) -> None:
 
     for layer in model.modules():
         if isinstance(layer, bitmask.BitmaskLinear):
+            kept = int(layer.offsets[-1]) / (layer.in_features * layer.out_features)
+            # the library multiplies these from the packed form (read once, not per call)
+            layer.sparse_mm_layer = (
+                layer.values.dtype == torch.float32 and kept <= bitmask.SPARSE_MM_MAX_KEPT
+            )
             layer._linear = types.MethodType(bitmask_prompt, layer)
         elif isinstance(layer, nm24.Nm24Linear):
             layer.dense_forward = types.MethodType(nm24_prompt, layer)
@@ -166,6 +166,8 @@ def main() -> None:
         "checkpoints": {},
     }
     for spec in args.checkpoint:
+        if "=" not in spec:
+            parser.error(f"--checkpoint takes LABEL=FOLDER, got '{spec}'")
         label, folder = spec.split("=", 1)
         print(label, flush=True)
         models = load_variants(folder, args.dtype)

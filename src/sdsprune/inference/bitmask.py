@@ -351,14 +351,14 @@ static void dense_mm(const float* x, int64_t T, int64_t in, const V* weight, int
   rows_mm(x, T, in, out, out * in, [&](int64_t o) { return DenseRow<V>{weight + o * in}; }, y);
 }
 
-// Rows [begin, end) written densely (row length stride, zero-padded, rows from r0) to dst.
+// Rows [begin, end) written densely (row length stride, zero-padded) to dst, row begin first.
 template <typename V>
 static void expand_rows(const V* values, const int64_t* offsets, const uint16_t* masks,
-                        int64_t chunks, int64_t r0, int64_t begin, int64_t end, V* dst) {
+                        int64_t chunks, int64_t begin, int64_t end, V* dst) {
   for (int64_t o = begin; o < end; ++o) {
     const V* v = values + offsets[o];
     const uint16_t* m = masks + o * chunks;
-    V* row = dst + (o - r0) * chunks * CHUNK;
+    V* row = dst + (o - begin) * chunks * CHUNK;
     for (int64_t c = 0; c < chunks; ++c) {
       const uint32_t bits = m[c];
       store(row + c * CHUNK, expand(v, bits));
@@ -371,12 +371,12 @@ static void expand_rows(const V* values, const int64_t* offsets, const uint16_t*
 // The same for bfloat16 values, two chunks a vpexpandw (as dp_pair spreads them): half the
 // instructions of the widening expand.
 BF16DP static void expand_pairs(const uint16_t* values, const int64_t* offsets,
-                                const uint16_t* masks, int64_t chunks, int64_t r0, int64_t begin,
-                                int64_t end, uint16_t* dst) {
+                                const uint16_t* masks, int64_t chunks, int64_t begin, int64_t end,
+                                uint16_t* dst) {
   for (int64_t o = begin; o < end; ++o) {
     const uint16_t* v = values + offsets[o];
     const uint16_t* m = masks + o * chunks;
-    uint16_t* row = dst + (o - r0) * chunks * CHUNK;
+    uint16_t* row = dst + (o - begin) * chunks * CHUNK;
     int64_t c = 0;
     for (; c + 2 <= chunks; c += 2) {
       const uint32_t bits = m[c] | (uint32_t(m[c + 1]) << 16);
@@ -398,17 +398,17 @@ static V* ptr(torch::Tensor& t) { return reinterpret_cast<V*>(t.data_ptr()); }
 static void expand_range(torch::Tensor& values, const int64_t* offsets, const uint16_t* masks,
                          int64_t chunks, int64_t begin, int64_t end, void* dst) {
   if (values.scalar_type() == torch::kFloat32) {
-    expand_rows(ptr<float>(values), offsets, masks, chunks, begin, begin, end, static_cast<float*>(dst));
+    expand_rows(ptr<float>(values), offsets, masks, chunks, begin, end, static_cast<float*>(dst));
     return;
   }
   uint16_t* rows = static_cast<uint16_t*>(dst);
 #if defined(__AVX512F__)
   if (has_bf16dp()) {
-    expand_pairs(ptr<uint16_t>(values), offsets, masks, chunks, begin, begin, end, rows);
+    expand_pairs(ptr<uint16_t>(values), offsets, masks, chunks, begin, end, rows);
     return;
   }
 #endif
-  expand_rows(ptr<uint16_t>(values), offsets, masks, chunks, begin, begin, end, rows);
+  expand_rows(ptr<uint16_t>(values), offsets, masks, chunks, begin, end, rows);
 }
 
 // Many tokens: y (T, out) = x W^T through torch's GEMM, each thread rebuilding its own rows
@@ -568,9 +568,7 @@ torch::Tensor sparse_mm(const torch::Tensor& x, const torch::Tensor& values,
   }
   const int64_t passes = ((T + SPMM_PASS - 1) / SPMM_PASS + threads - 1) / threads * threads;
   const int64_t per_pass = (T + passes - 1) / passes;
-  const at::ThreadLocalState state;  // the caller's inference mode, for writing y
-  at::parallel_for(0, passes, 1, [&](int64_t first, int64_t last) {
-    const at::ThreadLocalStateGuard guard(state);
+  parallel_with_state(passes, [&](int64_t first, int64_t last) {
     for (int64_t p = first; p < last; ++p) {
       const int64_t t0 = p * per_pass;
       if (t0 < T) spmm_pass(x, t0, std::min(per_pass, T - t0), V, off, m, chunks, in, out, false, y);

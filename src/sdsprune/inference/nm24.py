@@ -30,7 +30,7 @@ from sdsprune.export.packing import nm_pattern
 from sdsprune.inference.native import NativeLinear, build, build_problem, dtype_problem
 from sdsprune.inference.tiled import TILED_SOURCE, tile_rows
 
-MAX_KERNEL_TOKENS = 8  # above this, expanding to dense and using MKL is faster
+MAX_KERNEL_TOKENS = 8  # above this, rows rebuilt dense for torch's GEMM are faster
 # Rows per parallel task: at least ROW_GRAIN, and enough rows for MIN_TASK_PRODUCTS kept
 # values x tokens (at one token 320 KB of packed float32 weights, ~30 us of one core's
 # memory traffic: less is not worth waking a thread for). So a decode token's k/v

@@ -16,7 +16,8 @@ rebuild the dense rows for that call only and hand them to the GEMM, with two ru
   weight is ever held expanded; the scratch buffer is kept for the next call (a fresh
   multi-MiB allocation can come from fresh pages, whose faults cost more than the rebuild).
 
-``TILED_SOURCE`` is the C++ both kernels compile in; ``tile_rows`` sizes the tiles.
+``TILED_SOURCE`` is the C++ both kernels compile in (also ``parallel_with_state``, which
+the bitmask kernel's float32 prompt passes use); ``tile_rows`` sizes the tiles.
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ static torch::Tensor scratch_for(int64_t elements, const torch::TensorOptions& o
   return buffer;
 }
 
+// f(first, last) over [0, count) on torch's threads (one item at least per task), each
+// thread with the caller's thread-local state: its inference mode, which the tensors it
+// writes (torch ops on worker threads) must see.
+template <typename F>
+static void parallel_with_state(int64_t count, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
+    const at::ThreadLocalStateGuard guard(state);
+    f(first, last);
+  });
+}
+
 // y (T, out) = x (T, in) W^T, W's rows rebuilt by expand(r0, r1, dst) (rows [r0, r1) written
 // densely to dst, row length stride >= in, in the dtype of options). The rows are split over
 // the threads in whole multiples of row_align; each thread expands its rows tile by tile and
@@ -53,9 +66,7 @@ static torch::Tensor rows_by_thread_mm(const torch::Tensor& x, int64_t out, int6
   auto y = torch::empty({xw.size(0), out}, xw.options());
   const int64_t blocks = out / row_align;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  const at::ThreadLocalState state;  // the caller's inference mode etc., for the workers' GEMMs
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
-    const at::ThreadLocalStateGuard guard(state);
+  parallel_with_state(threads, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) {
       const int64_t begin = blocks * t / threads * row_align;
       const int64_t end = t + 1 == threads ? out : blocks * (t + 1) / threads * row_align;
